@@ -1,0 +1,47 @@
+"""``python -m kvcore``: every experiment of the lab, headless, results to CSV.
+
+Each experiment module exposes ``add_cli(subparsers, parent)``, which registers one subcommand
+whose ``run(args)`` returns the same DataFrame the page shows. This file only wires them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+import pandas as pd
+
+# Modules registering a subcommand, imported when the CLI starts (each imports only what it needs).
+EXPERIMENTS: tuple[str, ...] = ("kvcore.calculator",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subcommand per experiment."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--csv", metavar="PATH", help="also write the result table to this CSV file")
+    parent.add_argument("--seed", type=int, default=0, help="random seed (same seed, same numbers)")
+    parser = argparse.ArgumentParser(prog="python -m kvcore",
+                                     description="KV Cache Lab experiments, headless.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in EXPERIMENTS:
+        importlib.import_module(name).add_cli(sub, parent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand, print its table, optionally write it as CSV; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        table: pd.DataFrame = args.run(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.max_columns", 30, "display.width", 200, "display.max_rows", 60):
+        print(table.to_string(index=False))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {len(table)} rows to {args.csv}")
+    return 0

@@ -1,0 +1,71 @@
+"""Home: what the KV cache is, and a calculator of how much memory it takes."""
+
+import streamlit as st
+
+from kvcore.calculator import kv_curve, memory_table
+from kvcore.shapes import GPU_PRESETS, KV_BITS, PRESETS, custom_shape, kv_bytes, weight_bytes
+from ui import figures, params, tables
+from ui.format import bytes_str, count_str
+from ui.guard import user_errors
+
+st.title("KV Cache Lab")
+st.markdown(
+    "An LLM generates in two phases. **Prefill** runs the whole prompt at once and writes a key and a "
+    "value vector per token, per layer, per KV head: the **KV cache**. **Decode** then makes one token per "
+    "step: it reads the entire cache to attend over the past and appends one more entry. The cache grows "
+    "with every token of every sequence in the batch, so at long contexts and large batches it, not the "
+    "weights, decides how much fits on a GPU. The pages on the left show how serving systems page, "
+    "schedule, evict, quantize, share and offload it, measured on real tensors and a real model."
+)
+ref = PRESETS["llama-2-7b"]
+st.caption(
+    f"Example: {ref.name} keeps {bytes_str(kv_bytes(ref, 1))} of KV per token at 16 bits; 32 sequences of "
+    f"4,096 tokens hold {bytes_str(kv_bytes(ref, 4096, 32))} of cache next to {bytes_str(weight_bytes(ref))} "
+    "of weights."
+)
+
+st.header("KV memory calculator")
+left, right = st.columns([1, 2], gap="large")
+with left:
+    names = params.widget(st.multiselect, "Models", key="models", options=[*PRESETS, "custom"],
+                          default=["llama-2-7b", "llama-3-8b", "mistral-7b"])
+    tokens = params.widget(st.number_input, "Context length (tokens)", key="tokens", min_value=1,
+                           max_value=10_000_000, value=10_000, step=1024)
+    batch = params.widget(st.number_input, "Batch size (sequences)", key="batch", min_value=1,
+                          max_value=4096, value=1)
+    bits = params.widget(st.segmented_control, "KV precision (bits)", key="bits", options=list(KV_BITS),
+                         default=16, required=True)
+    gpu = params.widget(st.selectbox, "GPU", key="gpu", options=list(GPU_PRESETS))
+    shapes = [PRESETS[n] for n in names if n in PRESETS]
+    if "custom" in names:
+        with st.expander("Custom shape", expanded=True):
+            c1, c2 = st.columns(2)
+            layers = params.widget(c1.number_input, "Layers", key="c_layers", min_value=1, max_value=512, value=32)
+            q_heads = params.widget(c2.number_input, "Query heads", key="c_q", min_value=1, max_value=512, value=32)
+            kv_heads = params.widget(c1.number_input, "KV heads", key="c_kv", min_value=1, max_value=512, value=8)
+            head_dim = params.widget(c2.number_input, "Head dim", key="c_d", min_value=1, max_value=1024, value=128)
+            billions = params.widget(st.number_input, "Parameters (billions)", key="c_params", min_value=0.001,
+                                     max_value=2000.0, value=8.0, step=0.5)
+            with user_errors("Custom shape", stop=False):
+                shapes.append(custom_shape(layers, q_heads, kv_heads, head_dim, int(billions * 1e9)))
+
+if not shapes:
+    st.info("Pick at least one model.")
+    st.stop()
+with user_errors("Calculator"):
+    table = memory_table(shapes, tokens, batch, bits, GPU_PRESETS[gpu])
+    curve = kv_curve(shapes, tokens, batch, bits)
+
+with right:
+    first = table.iloc[0]
+    m1, m2, m3 = st.columns(3)
+    m1.metric(f"KV per token ({first.model})", bytes_str(first.kv_bytes_per_token))
+    m2.metric(f"KV for {tokens:,} tokens x {batch}", bytes_str(first.kv_bytes_total))
+    m3.metric(f"Tokens that fit on {gpu} after weights", count_str(first.tokens_fit_after_weights))
+    figures.show(figures.line_chart(curve, "tokens", "kv_GB", "model", markers=False,
+                                    title=f"KV cache vs context (batch {batch}, {bits}-bit)",
+                                    x_title="context length (tokens)", y_title="KV cache (GB)"))
+settings = {"tokens": tokens, "batch": batch, "bits": bits}
+tables.show_table(table, "home", "kv-memory", settings,
+                  caption="KV bytes = 2 x layers x KV heads x head dim x tokens x batch x bits / 8. "
+                          "Weights counted at 16 bits; 'tokens fit' = (HBM - weights) / KV bytes per token.")

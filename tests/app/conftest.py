@@ -1,0 +1,40 @@
+"""AppTest helpers: open a page of the real app (through app.py's navigation) with URL params."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import ROOT
+
+# torch and transformers import slowly on a 2-core machine; a page's first run may take a while.
+TIMEOUT = 180
+
+
+def open_page(page: str, query: Mapping[str, str] | None = None, timeout: float = TIMEOUT) -> AppTest:
+    """Run ``app.py``, switch to ``pages/<page>.py`` with the given query params, return the AppTest."""
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    at.run()
+    if page != "home":
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception element and no uncaught error on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+
+
+@pytest.fixture
+def page() -> Callable[..., AppTest]:
+    """``page("home", {"tokens": "4096"})`` -> a rendered AppTest, asserted exception-free."""
+    def _open(name: str, query: Mapping[str, str] | None = None) -> AppTest:
+        at = open_page(name, query)
+        assert_clean(at)
+        return at
+    return _open

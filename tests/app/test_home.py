@@ -1,0 +1,44 @@
+"""Home page: the KV memory calculator renders, reruns on a widget change, and restores from the URL."""
+
+from kvcore.shapes import PRESETS, kv_bytes
+
+
+def metric_values(at):
+    return [m.value for m in at.metric]
+
+
+def test_defaults_show_the_hf_blog_anchor(page):
+    at = page("home")
+    # llama-2-7b, 10,000 tokens, fp16: 5.24 GB (Hugging Face's KV-quantization blog: "about 5 GB").
+    assert metric_values(at)[1] == "5.24 GB"
+    assert at.dataframe[0].value["model"].tolist() == ["llama-2-7b", "llama-3-8b", "mistral-7b"]
+
+
+def test_changing_bits_reruns_with_new_numbers(page):
+    at = page("home")
+    at.segmented_control(key="bits").set_value(4).run()
+    table = at.dataframe[0].value
+    expected = kv_bytes(PRESETS["llama-2-7b"], 10_000, bits=4)
+    assert table.loc[0, "kv_bytes_total"] == expected
+    assert metric_values(at)[1] == "1.31 GB"
+
+
+def test_url_restores_the_view(page):
+    at = page("home", {"models": ["llama-3-70b"], "tokens": "8192", "batch": "4", "bits": "8"})
+    table = at.dataframe[0].value
+    assert table["model"].tolist() == ["llama-3-70b"]
+    assert table.loc[0, "kv_bytes_total"] == kv_bytes(PRESETS["llama-3-70b"], 8192, 4, 8)
+    assert at.number_input(key="tokens").value == 8192
+
+
+def test_garbage_url_falls_back_to_defaults(page):
+    at = page("home", {"tokens": "-5", "batch": "lots", "bits": "7", "gpu": "TPU", "models": "nope"})
+    assert at.number_input(key="tokens").value == 10_000
+    assert at.number_input(key="batch").value == 1
+    assert at.segmented_control(key="bits").value == 16
+    assert metric_values(at)[1] == "5.24 GB"
+
+
+def test_custom_shape_with_bad_heads_explains_itself(page):
+    at = page("home", {"models": "custom", "c_q": "32", "c_kv": "5"})
+    assert any("multiple of num_kv_heads" in e.value for e in at.error)

@@ -1,0 +1,127 @@
+"""A real browser opens every page of the running app, and a widget change reaches the URL.
+
+Starts ``streamlit run app.py`` on a free port, drives Debian's chromium through Playwright and
+saves one screenshot per page under ``artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+CHROMIUM = os.environ.get("KVLAB_CHROMIUM", "/usr/bin/chromium")
+SHOTS = ROOT / "artifacts" / "screenshots"
+# url path (from the page file name) -> a heading the page must show once it has run
+PAGES = {
+    "": "KV Cache Lab",
+    "paged_blocks": "Paged blocks",
+    "continuous_batching": "Continuous batching",
+    "eviction": "Eviction",
+    "quantization": "Quantization",
+    "sharing": "Sharing",
+    "memory_hierarchy": "Memory hierarchy",
+    "live_model": "Live model",
+}
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no browser at {CHROMIUM} (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless=true",
+           f"--server.port={port}", "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not become healthy within 90 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        yield b
+        b.close()
+
+
+def settle(page, timeout_ms: int = 240_000) -> None:
+    """Wait until the app's script has run to the end (the first run imports torch: be patient)."""
+    page.wait_for_selector("[data-testid='stMain']", timeout=timeout_ms)
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+    page.wait_for_timeout(500)
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+
+
+@pytest.mark.parametrize(("path", "heading"), PAGES.items(), ids=[p or "home" for p in PAGES])
+def test_every_page_renders_without_exception(server, browser, path, heading):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/{path}")
+    settle(page)
+    page.get_by_role("heading", name=heading).first.wait_for(timeout=60_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{path or 'home'}.png"), full_page=True)
+    page.close()
+
+
+def test_widget_change_is_written_to_the_url(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server)
+    settle(page)
+    box = page.get_by_label("Context length (tokens)")
+    box.fill("4096")
+    box.press("Enter")
+    page.wait_for_url("**tokens=4096**", timeout=30_000)
+    settle(page)
+    # llama-2-7b, 4,096 tokens, fp16: 2 x 32 x 32 x 128 x 4096 x 2 bytes = 2.15 GB
+    assert "2.15 GB" in page.inner_text("[data-testid='stMain']")
+    # The shared link restores the view in a fresh tab.
+    fresh = browser.new_page()
+    fresh.goto(page.url)
+    settle(fresh)
+    assert fresh.get_by_label("Context length (tokens)").input_value() == "4096"
+    fresh.close()
+    page.close()
+

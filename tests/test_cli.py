@@ -1,0 +1,30 @@
+"""python -m kvcore: subcommands print a table and write the same table as CSV."""
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from kvcore.cli import main
+from kvcore.shapes import PRESETS, kv_bytes
+from tests.conftest import ROOT
+
+
+def test_memory_subcommand_writes_csv(tmp_path, capsys):
+    out = tmp_path / "kv.csv"
+    assert main(["memory", "--model", "llama-3-8b", "--tokens", "8192", "--batch", "2", "--csv", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert table.loc[0, "kv_bytes_total"] == kv_bytes(PRESETS["llama-3-8b"], 8192, 2)
+    assert "llama-3-8b" in capsys.readouterr().out
+
+
+def test_bad_value_is_an_error_message_not_a_traceback(capsys):
+    assert main(["memory", "--tokens", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_module_entry_point_lists_subcommands():
+    done = subprocess.run([sys.executable, "-m", "kvcore", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    assert "memory" in done.stdout

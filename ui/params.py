@@ -1,0 +1,50 @@
+"""Widgets bound two-way to the URL, and the one parser for URL state that is not a widget.
+
+Every widget goes through :func:`widget` so that it carries ``bind="query-params"``: its key is
+the query parameter, Streamlit validates the value and drops a bad one, and the default is left
+out of the URL. State that is not a widget (a list of actions, say) is read with
+:func:`query_value`, which warns and falls back to the default on a bad value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import streamlit as st
+
+T = TypeVar("T")
+
+
+def widget(factory: Callable[..., T], label: str, *, key: str, **kwargs: Any) -> T:
+    """Call a Streamlit widget factory (``st.slider``, ``st.sidebar.selectbox``...) bound to the URL.
+
+    key: the query-parameter name, short and unique on its page.
+    """
+    return factory(label, key=key, bind="query-params", **kwargs)
+
+
+def query_value(name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
+    """Read a non-widget query parameter; on a bad value warn (naming it and what is allowed) and
+    return ``default``. Never raises.
+
+    parse: turns the raw string into a value, raising ValueError (or TypeError) when it is bad.
+    allowed: a short human description of the valid values, shown in the warning.
+    """
+    raw = st.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return parse(raw)
+    except (ValueError, TypeError, OverflowError):
+        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        st.warning(f"URL parameter `{name}={shown}` was ignored: expected {allowed}. Using the default.")
+        return default
+
+
+def set_query_value(name: str, value: str | None) -> None:
+    """Write (or with None, remove) a non-widget query parameter so the URL keeps the view."""
+    if value is None or value == "":
+        st.query_params.pop(name, None)
+    else:
+        st.query_params[name] = value
