@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import pandas as pd
 
 # Modules registering a subcommand, imported when the CLI starts (each imports only what it needs).
-EXPERIMENTS: tuple[str, ...] = ("kvcore.calculator",)
+EXPERIMENTS: tuple[str, ...] = (
+    "kvcore.calculator",
+    "kvcore.paged.cli",
+    "kvcore.hierarchy.cli",
+    "kvcore.sched.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

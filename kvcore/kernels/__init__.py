@@ -1,0 +1,13 @@
+"""Attention kernels over the KV cache: contiguous reference and paged decode attention."""
+
+from kvcore.kernels.attention import contiguous_decode_attention, paged_decode_attention
+from kvcore.kernels.check import AttentionCheckConfig, check_paged_attention, make_paged_problem, ragged_lengths
+
+__all__ = [
+    "AttentionCheckConfig",
+    "check_paged_attention",
+    "contiguous_decode_attention",
+    "make_paged_problem",
+    "paged_decode_attention",
+    "ragged_lengths",
+]

@@ -1,0 +1,86 @@
+"""Several schedulers on the same workload, side by side: the experiment behind the page and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import pandas as pd
+
+from kvcore.sched.config import POLICIES, POLICY_LABELS, SimConfig
+from kvcore.sched.metrics import SimResult
+from kvcore.sched.simulate import simulate
+from kvcore.sched.workload import Workload
+
+# Budgets in tokens per step: vLLM's max_num_batched_tokens when prompts go whole, Sarathi-Serve's
+# token budget for chunked prefill (it uses 512 and 2048 in its evaluation).
+DEFAULT_BUDGETS = {"static": 8192, "continuous": 8192, "chunked": 512}
+
+
+@dataclass(slots=True)
+class Comparison:
+    """The results of each scheduler and their tables stacked with a ``scheduler`` column.
+
+    summary: one row per scheduler. timeline / requests / phases: every run's table, concatenated.
+    """
+
+    results: tuple[SimResult, ...]
+    summary: pd.DataFrame
+    timeline: pd.DataFrame
+    requests: pd.DataFrame
+    phases: pd.DataFrame
+
+
+def engine_configs(base: SimConfig, policies: Sequence[str] = POLICIES, *, budget: int | None = None,
+                   chunk_budget: int | None = None) -> list[SimConfig]:
+    """One config per policy, alike except for the policy and its token budget.
+
+    budget: max_num_batched_tokens of static / continuous; chunk_budget: that of chunked prefill
+    (defaults: ``DEFAULT_BUDGETS``).
+    """
+    if not policies:
+        raise ValueError(f"pick at least one scheduler from {POLICIES}")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown scheduler(s) {unknown}; allowed: {POLICIES}")
+    budgets = {"static": budget, "continuous": budget, "chunked": chunk_budget}
+    return [replace(base, policy=p, max_num_batched_tokens=budgets[p] or DEFAULT_BUDGETS[p])
+            for p in dict.fromkeys(policies)]
+
+
+def compare(workload: Workload, configs: Sequence[SimConfig],
+            progress: Callable[[float], None] | None = None) -> Comparison:
+    """``simulate`` each config on ``workload``; progress gets the overall fraction done."""
+    results = []
+    for i, config in enumerate(configs):
+        def part(fraction: float, i: int = i) -> None:
+            if progress is not None:
+                progress((i + fraction) / len(configs))
+        results.append(simulate(workload, config, part))
+
+    def stacked(table: str) -> pd.DataFrame:
+        frames = [getattr(r, table).assign(scheduler=r.label) for r in results]
+        return pd.concat(frames, ignore_index=True)
+    summary = pd.concat([r.summary for r in results], ignore_index=True)
+    return Comparison(tuple(results), summary, stacked("timeline"), stacked("requests"), stacked("phases"))
+
+
+def takeaways(summary: pd.DataFrame) -> list[str]:
+    """Sentences comparing the schedulers of a ``Comparison.summary``, computed from its numbers."""
+    s = summary.set_index("scheduler")
+    static, cont, chunk = (POLICY_LABELS[p] for p in POLICIES)
+    lines = []
+    if static in s.index and cont in s.index:
+        ratio = s.loc[cont, "output_tok_per_s"] / s.loc[static, "output_tok_per_s"]
+        lines.append(f"Continuous batching delivers {ratio:.2f}x the output tokens/s of static batching "
+                     f"(TTFT p50 {s.loc[cont, 'ttft_ms_p50']:,.0f} ms vs {s.loc[static, 'ttft_ms_p50']:,.0f} ms).")
+    if cont in s.index and chunk in s.index:
+        c, k = s.loc[cont], s.loc[chunk]
+        lines.append(f"Chunked prefill: TTFT p50 {k.ttft_ms_p50:,.1f} ms vs {c.ttft_ms_p50:,.1f} ms, TPOT p99 "
+                     f"{k.tpot_ms_p99:.2f} ms vs {c.tpot_ms_p99:.2f} ms, ITL p99 {k.itl_ms_p99:.1f} ms vs "
+                     f"{c.itl_ms_p99:.1f} ms (chunked vs continuous).")
+    preempted = s[s["preemptions"] > 0]
+    if len(preempted):
+        lines.append("Preemptions: " + ", ".join(f"{name} {int(v)}" for name, v in preempted["preemptions"].items())
+                     + " (the KV pool ran out of blocks).")
+    return lines

@@ -1,0 +1,78 @@
+"""Settings of one simulated serving engine: the scheduler policy, its limits, the KV pool and the cost model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcore.sched.cost import CostModel
+
+POLICIES = ("static", "continuous", "chunked")
+PREEMPTION = ("recompute", "swap")
+POLICY_LABELS = {
+    "static": "static batching",
+    "continuous": "continuous batching",
+    "chunked": "chunked prefill",
+}
+
+
+@dataclass(slots=True)
+class SimConfig:
+    """One engine configuration (vLLM names where vLLM has the knob).
+
+    policy: 'static' (request-level batches, FasterTransformer-style), 'continuous' (iteration-level,
+    Orca / vLLM, whole prompts) or 'chunked' (Sarathi-Serve chunked prefill, decodes first).
+    max_num_seqs: most requests running at once (static: the batch size).
+    max_num_batched_tokens: token budget of one step (chunked: the chunk budget; static: unused, a batch is
+    prefilled in one pass).
+    preemption: 'recompute' (vLLM v1 default: free the blocks, recompute later) or 'swap' (copy the KV to
+    host memory over the host link and back). host_kv_blocks: size of the host swap pool in blocks; None =
+    unbounded. When a sized pool is full, the victim is recomputed instead.
+    enable_prefix_caching: vLLM automatic prefix caching in the block manager.
+    block_size: tokens per KV block. num_blocks: KV pool size in blocks; None = what fits on the GPU after
+    weights and a ``reserve_fraction`` of HBM (``CostModel.kv_capacity_blocks``).
+    """
+
+    cost: CostModel
+    policy: str = "continuous"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    preemption: str = "recompute"
+    host_kv_blocks: int | None = None
+    enable_prefix_caching: bool = False
+    block_size: int = 16
+    num_blocks: int | None = None
+    reserve_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.preemption not in PREEMPTION:
+            raise ValueError(f"preemption must be one of {PREEMPTION}, got {self.preemption!r}")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens must be an integer >= max_num_seqs ({self.max_num_seqs}), "
+                             f"got {self.max_num_batched_tokens!r}: every running request needs a token per step")
+        if self.host_kv_blocks is not None and self.host_kv_blocks < 0:
+            raise ValueError(f"host_kv_blocks must be None (unbounded) or >= 0, got {self.host_kv_blocks}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks must be None (fit the GPU) or an integer >= 1, got {self.num_blocks!r}")
+        if not 0 <= self.reserve_fraction < 1:
+            raise ValueError(f"reserve_fraction must be in [0, 1), got {self.reserve_fraction}")
+
+    @property
+    def label(self) -> str:
+        """Human name of the policy."""
+        return POLICY_LABELS[self.policy]
+
+    @property
+    def chunked(self) -> bool:
+        return self.policy == "chunked"
+
+    def pool_blocks(self) -> int:
+        """KV blocks of the pool: the override, else what fits on the GPU."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return self.cost.kv_capacity_blocks(self.block_size, self.reserve_fraction)

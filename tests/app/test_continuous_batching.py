@@ -1,0 +1,62 @@
+"""Continuous batching page: renders with defaults, reruns on a widget change, restores from the URL."""
+
+
+def summary(at):
+    """The metrics table (the first dataframe on the page), indexed by scheduler."""
+    return at.dataframe[0].value.set_index("scheduler")
+
+
+def test_defaults_show_continuous_beating_static_and_chunked_trading_ttft_for_tpot(page):
+    at = page("continuous_batching")
+    s = summary(at)
+    assert list(s.index) == ["static batching", "continuous batching", "chunked prefill"]
+    assert (s["output_tokens"] == s["output_tokens"].iloc[0]).all()  # the same workload for each
+    static, cont, chunk = s.loc["static batching"], s.loc["continuous batching"], s.loc["chunked prefill"]
+    assert cont.output_tok_per_s > static.output_tok_per_s
+    assert chunk.ttft_ms_p50 > cont.ttft_ms_p50
+    assert chunk.tpot_ms_p99 < cont.tpot_ms_p99
+    assert len(at.metric) == 3
+    assert "Continuous batching delivers" in at.caption[0].value
+
+
+def test_fewer_blocks_rerun_with_preemptions(page):
+    at = page("continuous_batching")
+    assert summary(at)["preemptions"].sum() == 0
+    at.number_input(key="blk").set_value(2500).run()
+    assert not at.exception
+    s = summary(at)
+    assert s.loc["continuous batching", "preemptions"] > 0
+    assert (s["kv_blocks"] == 2500).all()
+
+
+def test_url_restores_the_view(page):
+    at = page("continuous_batching", {"n": "60", "rate": "12", "sch": ["continuous", "chunked"], "pre": "swap",
+                                      "blk": "1200", "apc": "true", "shr": "0.5"})
+    assert at.number_input(key="n").value == 60
+    assert at.segmented_control(key="pre").value == "swap"
+    s = summary(at)
+    assert list(s.index) == ["continuous batching", "chunked prefill"]
+    assert (s["requests"] == 60).all()
+    assert (s["kv_blocks"] == 1200).all()
+    assert (s["prefix_hit_rate"] > 0).all()
+
+
+def test_garbage_url_falls_back_to_defaults(page):
+    at = page("continuous_batching", {"n": "-3", "rate": "fast", "sch": "nope", "pre": "drop", "len": "zipf",
+                                      "bs": "7", "model": "gpt-9"})
+    assert at.number_input(key="n").value == 200
+    assert at.segmented_control(key="pre").value == "recompute"
+    assert at.segmented_control(key="len").value == "lognormal"
+    assert at.segmented_control(key="bs").value == 16
+    assert at.selectbox(key="model").value == "llama-3-8b"
+
+
+def test_a_pool_too_small_for_one_request_explains_itself(page):
+    at = page("continuous_batching", {"blk": "10"})
+    assert any("KV blocks" in e.value and "pool has 10" in e.value for e in at.error)
+
+
+def test_trace_source_asks_for_a_file(page):
+    at = page("continuous_batching", {"src": "trace"})
+    assert any("Upload a trace CSV" in i.value for i in at.info)
+    assert not at.dataframe

@@ -1,0 +1,69 @@
+"""Paged blocks page: renders with defaults, buttons step the pool, the URL replays it, garbage falls back."""
+
+from tests.app.conftest import assert_clean
+
+
+def click(at, label):
+    next(b for b in at.button if b.label == label).click().run()
+    assert_clean(at)
+    return at
+
+
+def table(at, column):
+    """The first table on the page that has ``column``."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def test_defaults_render_every_section(page):
+    at = page("paged_blocks")
+    assert [h.value for h in at.header] == ["Step through prefill and decode", "Storage is not attention",
+                                            "Fragmentation: contiguous vs paged", "Paged attention check"]
+    assert "steps" not in at.query_params
+    assert len(table(at, "block_table")) == 0  # nothing allocated yet
+    frag = table(at, "waste_pct")
+    assert frag["allocator"].tolist() == ["contiguous, max length", "contiguous, exact length", "paged"]
+    assert float(table(at, "max_abs_diff").loc[0, "max_abs_diff"]) < 1e-5
+
+
+def test_buttons_step_the_pool_and_write_the_url(page):
+    at = page("paged_blocks")
+    click(at, "Prefill")
+    assert at.query_params["steps"] == "P0"
+    assert table(at, "block_table")["request"].tolist() == ["r0"]
+    click(at, "Decode step")
+    click(at, "Fork")
+    assert at.query_params["steps"] == "P0.D.C0"
+    assert table(at, "block_table")["forked_from"].tolist() == ["", "r0"]
+    click(at, "Finish")
+    assert table(at, "block_table")["request"].tolist() == ["r1"]
+    click(at, "Reset")
+    assert "steps" not in at.query_params
+    assert len(table(at, "block_table")) == 0
+
+
+def test_url_replays_the_same_pool(page):
+    at = page("paged_blocks", {"steps": "P0.P1.D.C1", "bs": "8", "blocks": "32", "apc": "true"})
+    assert at.segmented_control(key="bs").value == 8
+    assert at.slider(key="blocks").value == 32
+    tables = table(at, "block_table")
+    assert tables["request"].tolist() == ["r0", "r1", "r2"]
+    assert tables["num_cached_tokens"].tolist() == [0, 0, 0]  # block size 8: prompts share only 6 words
+    assert any("Step 4: r2: fork of r1" in i.value for i in at.info)
+    events = table(at, "event")
+    assert events["action"].max() == 4
+    assert (events["event"] == "fork").sum() == 2
+
+
+def test_garbage_steps_fall_back_with_a_warning(page):
+    for bad in ("P9.zz", "P0.X7"):
+        at = page("paged_blocks", {"steps": bad})
+        assert any("steps" in w.value for w in at.warning), bad
+        assert len(table(at, "block_table")) == 0
+
+
+def test_garbage_widget_values_fall_back_to_defaults(page):
+    at = page("paged_blocks", {"bs": "7", "blocks": "999", "dist": "zipf", "kdt": "float64"})
+    assert at.segmented_control(key="bs").value == 4
+    assert at.slider(key="blocks").value == 16
+    assert at.segmented_control(key="dist").value == "lognormal"
+    assert not at.error

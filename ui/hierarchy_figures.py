@@ -1,0 +1,90 @@
+"""Figures of the Memory hierarchy page: chunk map, TTFT ECDFs, bandwidth bars, PD, roofline."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ui.figures import PALETTE, style
+
+TIER_COLORS = ("#0072B2", "#009E73", "#E69F00", "#CC79A7", "#999999")
+MAX_MAP_CHUNKS = 400
+
+
+def chunk_map(residency: pd.DataFrame, tiers: Sequence[str], title: str | None = None) -> go.Figure:
+    """Chunk id (rows) x snapshot (columns), coloured by the fastest tier holding the chunk; blank = gone.
+
+    At most ``MAX_MAP_CHUNKS`` rows are drawn, evenly spaced over the chunk ids.
+    """
+    rank = {name: i for i, name in enumerate(tiers)}
+    best = (residency.assign(rank=residency["tier"].map(rank))
+            .groupby(["chunk", "request"], sort=True)["rank"].min().unstack("request"))
+    if len(best) > MAX_MAP_CHUNKS:
+        best = best.iloc[np.linspace(0, len(best) - 1, MAX_MAP_CHUNKS).astype(int)]
+    n = len(tiers)
+    scale = []
+    for i, color in enumerate(TIER_COLORS[:n]):
+        scale += [[i / n, color], [(i + 1) / n, color]]
+    text = np.vectorize(lambda v: "" if np.isnan(v) else tiers[int(v)], otypes=[str])(best.to_numpy(dtype=float))
+    fig = go.Figure(go.Heatmap(
+        z=best.to_numpy(dtype=float), x=[f"r{c}" for c in best.columns], y=best.index, text=text,
+        colorscale=scale, zmin=-0.5, zmax=n - 0.5, hovertemplate="chunk %{y}<br>after %{x}<br>%{text}<extra></extra>",
+        colorbar={"tickvals": list(range(n)), "ticktext": list(tiers), "title": {"text": "fastest tier"}}))
+    fig.update_yaxes(autorange="reversed")
+    return style(fig, title, x="after request", y="chunk id (order of first write)", height=460, legend=False)
+
+
+def ecdf(df: pd.DataFrame, value: str, group: str, *, title: str | None = None, x_title: str | None = None,
+         log_x: bool = True) -> go.Figure:
+    """One empirical CDF line per group: share of rows with ``value`` at most x."""
+    fig = go.Figure()
+    for i, (name, part) in enumerate(df.groupby(group, sort=False)):
+        xs = np.sort(part[value].to_numpy())
+        fig.add_trace(go.Scatter(x=xs, y=np.arange(1, len(xs) + 1) / len(xs), name=str(name), mode="lines",
+                                 line={"color": PALETTE[i % len(PALETTE)], "shape": "hv"}))
+    if log_x:
+        fig.update_xaxes(type="log")
+    return style(fig, title, x=x_title or value, y="share of requests")
+
+
+def bandwidth_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Measured vs nominal GB/s per transfer path (log scale); unmeasured paths show only the nominal bar."""
+    fig = go.Figure([
+        go.Bar(x=df["path"], y=df["measured_GBps"], name="measured here", marker_color=PALETTE[0],
+               text=[f"{v:.2f}" if v == v else "n/a" for v in df["measured_GBps"]], textposition="outside"),
+        go.Bar(x=df["path"], y=df["nominal_GBps"], name="preset (datasheet)", marker_color=PALETTE[8],
+               customdata=df["nominal_from"], hovertemplate="%{y:.1f} GB/s (%{customdata})<extra></extra>"),
+    ])
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(type="log")
+    return style(fig, title, y="GB/s")
+
+
+def attention_note(attention: pd.DataFrame, ridge: float) -> str:
+    """One paragraph reading the first two rows of ``kvcore.hierarchy.attention_io`` (standard vs FlashAttention)."""
+    std, flash = attention.iloc[0], attention.iloc[1]
+    t = int(std.context)
+    return (f"**FlashAttention at {t:,} tokens.** Standard attention writes the {t:,} x {t:,} scores S = QK^T and "
+            f"probabilities P of each head to HBM, then reads them ({std.score_bytes / 1e9:,.1f} GB, vs "
+            f"{flash.bytes / 1e9:,.2f} GB for Q, K, V and O). Tiled in SRAM, S and P never reach HBM: attention goes "
+            f"from {std.intensity:,.0f} to {flash.intensity:,.0f} FLOP/B ({std.bound}- to {flash.bound}-bound; "
+            f"ridge {ridge:,.0f}).")
+
+
+def roofline(points: pd.DataFrame, roof: pd.DataFrame, ridge: float, title: str | None = None) -> go.Figure:
+    """Log-log roofline: the roof, the ridge point and one marker per prefill / decode point."""
+    fig = go.Figure(go.Scatter(x=roof["intensity"], y=roof["attainable_tflops"], name="roof", mode="lines",
+                               line={"color": PALETTE[7]}))
+    for i, (phase, part) in enumerate(points.groupby("phase", sort=False)):
+        fig.add_trace(go.Scatter(
+            x=part["intensity"], y=part["attainable_tflops"], name=phase, mode="markers",
+            marker={"size": 10, "color": PALETTE[i + 1], "symbol": "diamond" if phase == "prefill" else "circle"},
+            text=part["label"], hovertemplate="%{text}<br>%{x:.1f} FLOP/byte<br>%{y:.0f} TFLOP/s<extra></extra>"))
+    fig.add_vline(x=ridge, line_dash="dot", line_color=PALETTE[3],
+                  annotation_text=f"ridge {ridge:.0f} FLOP/B", annotation_position="bottom right")
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return style(fig, title, x="arithmetic intensity (FLOPs / HBM byte)", y="attainable TFLOP/s", height=440)
