@@ -2,6 +2,8 @@
 
 import streamlit as st
 
+from ui.params import forget_other_pages
+
 st.set_page_config(page_title="KV Cache Lab", page_icon=":material/memory:", layout="wide")
 
 PAGES = [
@@ -15,4 +17,6 @@ PAGES = [
     st.Page("pages/live_model.py", title="Live model", icon=":material/smart_toy:"),
 ]
 
-st.navigation(PAGES).run()
+page = st.navigation(PAGES)
+forget_other_pages(page.url_path)
+page.run()

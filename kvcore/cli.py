@@ -19,6 +19,9 @@ EXPERIMENTS: tuple[str, ...] = (
     "kvcore.paged.cli",
     "kvcore.hierarchy.cli",
     "kvcore.sched.cli",
+    "kvcore.quant.cli",
+    "kvcore.models.cli",
+    "kvcore.eviction.cli",
 )
 
 

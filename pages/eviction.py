@@ -1,13 +1,118 @@
-"""Eviction page (not built yet)."""
+"""Eviction: KV cache policies compared on a real model (perplexity, attention kept, memory held)."""
 
 import streamlit as st
 
+from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, make_policy
+from kvcore.eviction.evaluate import EvictionConfig, sample_text, summarize
+from kvcore.eviction.runner import reference_pass, run_policy, text_ids
+from kvcore.models.loader import load_model
+from ui import eviction_figures, figures, params, tables
+from ui.format import bytes_str
+from ui.guard import user_errors
+
+TOKEN_BUDGETS = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+SHARE_BUDGETS = [0.05, 0.1, 0.125, 0.25, 0.5, 0.75]
+POSITIONS = {"original": "Original positions: each new token is fed at its true position and kept keys keep "
+                         "their rotation (works with every model).",
+             "rerotate": "Re-rotated inside the cache (StreamingLLM): kept keys are rotated to compact positions "
+                         "0..budget-1 and each new token comes at the cache length (RoPE models only)."}
+VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning, "not measured": st.info}
+
+
+@st.cache_resource(show_spinner="Loading the model...")
+def load(name: str):
+    return load_model(None if name.strip() in ("", "bundled") else name)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Full-cache reference pass...")
+def reference(name: str, text: str, max_tokens: int):
+    model, tokenizer = load(name)
+    return reference_pass(model, text_ids(model, tokenizer, text, max_tokens))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def run(name: str, text: str, max_tokens: int, policy: str, hyper: tuple, budget, positions: str, mode: str):
+    return run_policy(load(name)[0], reference(name, text, max_tokens), make_policy(policy, **dict(hyper)), budget,
+                      positions, mode)
+
+
 st.title("Eviction")
-st.info(
-    (
-        "StreamingLLM, H2O, SnapKV, TOVA, Knorm, sliding window, LRU and random compared on a real model: "
-        "perplexity and attention mass kept."
-    ),
-    icon=":material/construction:",
-)
-st.caption("This page is not built yet: it arrives with its own issue.")
+st.markdown("When the KV cache outgrows its memory, a policy decides which tokens to drop. Here every policy runs "
+            "on a real model, token by token with the cache **held at the budget** (StreamingLLM's streaming "
+            "perplexity), or compressing the prompt **once** (kvpress). Each is measured against the full cache: "
+            "perplexity, the share of full-cache attention that still lands on readable tokens, the error of each "
+            "layer's attention output, cache hits and misses, speed and the bytes the cache really holds.")
+with st.sidebar:
+    model_name = params.widget(st.text_input, "Model (bundled, Hub name or folder)", key="model", value="bundled")
+    source = params.widget(st.segmented_control, "Text", key="src", options=["bundled sample", "your text"],
+                           default="bundled sample", required=True)
+    own = params.widget(st.text_area, "Your text", key="text", value="") if source == "your text" else ""
+    max_tokens = params.widget(st.slider, "Tokens streamed", key="ntok", min_value=32, max_value=1024,
+                               value=256, step=32)
+    mode = params.widget(st.segmented_control, "Mode", key="mode", options=["decode", "prefill"], default="decode",
+                         required=True, help="decode: hold the cache at the budget while streaming; "
+                                             "prefill: compress the first half once, score the second half")
+    positions = params.widget(st.segmented_control, "Positions after eviction", key="pos", options=list(POSITIONS),
+                              default="original", required=True)
+    unit = params.widget(st.segmented_control, "Budget unit", key="unit", options=["tokens", "share"],
+                         default="tokens", required=True)
+    budgets = (params.widget(st.multiselect, "Budgets (tokens kept)", key="budgets", options=TOKEN_BUDGETS,
+                             default=list(DEFAULT_BUDGETS)) if unit == "tokens" else
+               params.widget(st.multiselect, "Budgets (share of the tokens)", key="shares", options=SHARE_BUDGETS,
+                             default=[0.125, 0.25]))
+    chosen = params.widget(st.multiselect, "Policies", key="policies", options=[p for p in POLICIES if p != "full"],
+                           default=list(DEFAULT_POLICIES))
+    with st.expander("Hyperparameters"):
+        hyper = {p: eviction_figures.hyperparameter_widgets(p, POLICIES[p]) for p in chosen}
+
+if not chosen or not budgets:
+    st.info("Pick at least one policy and one budget.")
+    st.stop()
+with user_errors("Settings"):
+    config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens)
+    text = own if source == "your text" else sample_text()
+    model, tokenizer = load(model_name)
+    ref = reference(model_name, text, max_tokens)
+    todo, runs = config.runs(), []
+    bar = st.progress(0.0, text="Running policies...")
+    for i, (policy, budget) in enumerate(todo):
+        bar.progress(i / len(todo), text=f"{policy.label()} at budget {budget} ({i + 1}/{len(todo)})")
+        runs.append(run(model_name, text, max_tokens, policy.name, tuple(policy.hyperparameters().items()), budget,
+                        positions, mode))
+    bar.empty()
+    results = summarize(ref, runs, config, tokenizer)
+table = results.table
+
+st.caption(f"{POSITIONS[positions]} {ref.num_fed} tokens fed; the full cache holds {bytes_str(ref.kv_bytes)}.")
+for row in results.verdicts.itertuples():
+    VERDICT_BOX[row.verdict](f"**{row.claim}**: {row.verdict} on this model ({row.held} of {row.compared} "
+                             f"comparisons). Perplexities: {row.evidence}.")
+left, right = st.columns(2)
+with left:
+    figures.show(eviction_figures.perplexity_vs_budget(table), key="ppl")
+sizes = sorted(table.loc[table["policy"] != "full", "budget_tokens"].unique().tolist())
+at = params.widget(st.selectbox, "Budget shown below (tokens)", key="at", options=sizes)
+shown = table[(table["budget_tokens"] == at) | (table["policy"] == "full")]
+with right:
+    figures.show(figures.bar_chart(shown, "policy", "kv_bytes_held", title=f"KV bytes held at budget {at}",
+                                   y_title="bytes (real tensors)"), key="bytes")
+maps = {key.split("@")[0]: m for key, m in results.visible.items() if key.endswith(f"@{at}") and "full" not in key}
+figures.show(eviction_figures.visibility_maps(maps, f"What each query could read at budget {at} (decode: "
+                                              "after each step's eviction)"), key="maps")
+layers = results.layers[(results.layers["budget_tokens"] == at) | (results.layers["policy"] == "full")]
+c1, c2 = st.columns(2)
+with c1:
+    figures.show(eviction_figures.per_layer(layers, "mass_retained", "Full-cache attention still readable",
+                                            "attention mass retained"), key="mass")
+with c2:
+    figures.show(eviction_figures.per_layer(layers, "output_error", "Attention output error vs full cache",
+                                            "relative L2 error"), key="err")
+figures.show(eviction_figures.token_strip(results.tokens), key="strip")
+settings = {"mode": mode, "pos": positions, "tokens": max_tokens}
+tables.show_table(table, "eviction", "results", settings,
+                  caption="One row per policy and budget. hits/misses: full-cache lookups (attention >= uniform "
+                          "share) still readable or evicted; evictions: KV entries (token x layer x KV head) freed; "
+                          "kv_bytes_held: bytes of the cache's tensors at the end (attention_window frees nothing).")
+with st.expander("Per-layer and per-token tables"):
+    tables.show_table(results.layers, "eviction", "layers", settings)
+    tables.show_table(results.tokens, "eviction", "tokens", settings)

@@ -1,13 +1,126 @@
-"""Live model page (not built yet)."""
+"""Live model: a real transformers model generating token by token, its attention, sinks, heavy hitters and KV bytes."""
+
+import threading
+from collections import OrderedDict
 
 import streamlit as st
 
+from kvcore.models.attention import AttentionPatterns
+from kvcore.models.generate import GenerationSettings, compare_to_full, timing_summary
+from kvcore.models.live import attention_map, kv_curves, make_plan, patterns_table, run_live, stream_run
+from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
+from kvcore.models.policy import cache_plans
+from ui import figures, params, tables
+from ui import live_figures as lf
+from ui.format import bytes_str
+from ui.guard import user_errors
+
+OTHER = "other (type a Hub name)"
+MAX_RUNS = 24  # finished runs kept per model: reruns and other sessions reuse them
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def model_bundle(name: str) -> dict:
+    """One shared copy of the model, a lock that serialises its use, and finished runs by settings."""
+    from kvcore.models.loader import load_model
+
+    model, tokenizer = load_model(name)
+    return {"model": model, "tokenizer": tokenizer, "lock": threading.Lock(), "runs": OrderedDict()}
+
+
 st.title("Live model")
-st.info(
-    (
-        "A real transformers model generating, with its attention, sinks, heavy hitters and the cache policy "
-        "shown live."
-    ),
-    icon=":material/construction:",
-)
-st.caption("This page is not built yet: it arrives with its own issue.")
+st.markdown("A real causal LM writes one token per step: **prefill** puts the prompt's keys and values in the KV "
+            "cache in one pass, each **decode** step reads the whole cache and appends one entry. **Attention sinks** "
+            "(StreamingLLM) and **heavy hitters** (H2O), marked on the map, are what eviction policies keep.")
+with st.sidebar:
+    choice = params.widget(st.selectbox, "Model", key="lm_model", options=[BUNDLED_NAME, *HUB_MODELS, OTHER])
+    hub = params.widget(st.text_input, "Hub name", key="lm_hub", value="", max_chars=96) if choice == OTHER else ""
+    prompt = params.widget(st.text_area, "Prompt", key="lm_prompt", value="The import statement", max_chars=1000)
+    new = params.widget(st.number_input, "New tokens", key="lm_new", min_value=1, max_value=128, value=40)
+    temp = params.widget(st.slider, "Temperature (0 = greedy)", key="lm_temp", min_value=0.0, max_value=2.0,
+                         value=0.0, step=0.1)
+    seed = params.widget(st.number_input, "Seed", key="lm_seed", min_value=0, max_value=10_000, value=0)
+    plan_name = params.widget(st.selectbox, "Cache policy", key="lm_plan", options=list(cache_plans()))
+    evicting = plan_name.startswith("evict:")
+    budget = params.widget(st.number_input, "Eviction budget (entries per layer and head)", key="lm_budget",
+                           min_value=4, max_value=1024, value=32, disabled=not evicting)
+    positions = params.widget(st.segmented_control, "Positions after eviction", key="lm_pos", disabled=not evicting,
+                              options=["original", "rerotate"], default="original", required=True)
+
+if (name := (hub.strip() or None) if choice == OTHER else choice) is None:
+    st.info("Type a Hugging Face Hub name (a causal LM with at most 1.5 GB of weights), or pick the bundled model.")
+    st.stop()
+with st.status(f"Loading {name}...") as status, user_errors(f"Loading {name}"):
+    bundle = model_bundle(name)
+    status.update(label=f"Model: {name}", state="complete")
+model, tokenizer, runs, lock = bundle["model"], bundle["tokenizer"], bundle["runs"], bundle["lock"]
+with user_errors("Settings"):
+    settings = GenerationSettings(max_new_tokens=new, temperature=temp, seed=seed)
+    plan, full_plan = make_plan(plan_name, budget, positions), make_plan("full", budget, positions)
+base_key = (prompt, new, temp, seed)
+key = (*base_key, plan_name, budget if evicting else 0, positions if evicting else "original")
+
+st.subheader(f"Generated with the {plan.name} cache")
+if key in runs:
+    st.markdown(runs[key].text)
+else:
+    with lock, user_errors("Generation"):
+        sink = []
+        st.write_stream(stream_run(model, tokenizer, prompt, settings, plan, sink))
+        runs[key] = sink[0]
+full_key = (*base_key, "full", 0, "original")
+if full_key not in runs:
+    with lock, user_errors("Generation with the full cache"):
+        runs[full_key] = run_live(model, tokenizer, prompt, settings, full_plan)
+while len(runs) > MAX_RUNS:
+    runs.popitem(last=False)
+run, full = runs[key], runs[full_key]
+
+timing, last = timing_summary(run.table), run.table.iloc[-1]
+for col, label, value, why in zip(st.columns(4), ["Prefill", "Decode, per token", "KV cache now", "Mean log-prob"], [
+        f"{timing['prefill_ms']:.1f} ms", f"{timing['decode_ms_mean']:.1f} ms", bytes_str(int(last.kv_bytes)),
+        f"{run.table['logprob'].mean():.2f}"], [f"{run.prompt_len} prompt tokens in one pass", "mean of one-token "
+        "steps", f"{int(last.kv_tokens)} entries per layer", "nats, generated tokens"], strict=True):
+    col.metric(label, value, help=why)
+left, right = st.columns(2)
+with left:
+    figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
+                                    title="KV bytes after each step"), key="lm_kv")
+with right:
+    figures.show(figures.bar_chart(run.table, "step", "ms", "phase", title="Time per step: prefill vs decode"),
+                 key="lm_ms")
+csv_settings = {"model": name, "plan": plan_name, "new": new, "seed": seed}
+tables.show_table(run.table, "live", "tokens", csv_settings, height=260,
+                  caption="One row per generated token: its log-prob, the wall time of the step that made it, and "
+                          "what the cache holds afterwards (entries of layer 0, bytes of all layers).")
+
+st.subheader("Attention over the generated sequence")
+cfg, c = model.config.get_text_config(decoder=True), st.columns(5)
+layer = params.widget(c[0].number_input, "Layer", key="lm_layer", min_value=0, max_value=cfg.num_hidden_layers - 1,
+                      value=min(1, cfg.num_hidden_layers - 1))
+head = params.widget(c[1].selectbox, "Head", key="lm_head", options=["mean", *range(cfg.num_attention_heads)])
+sink_ratio = params.widget(c[2].number_input, "Sink: x uniform share", key="lm_sink", min_value=1.5,
+                           max_value=100.0, value=5.0, step=0.5)
+heavy = params.widget(c[3].slider, "Heavy hitters: top share of keys", key="lm_heavy", min_value=0.01,
+                      max_value=0.5, value=0.05, step=0.01)
+log_color = params.widget(c[4].toggle, "Log colour", key="lm_log", value=True)
+with lock, user_errors("Attention"):
+    attn = attention_map(model, run, layer, None if head == "mean" else int(head))
+    patterns = patterns_table(attn, run.tokens, AttentionPatterns(sink_ratio, heavy, min(32, len(run.ids) // 4)))
+title = f"Layer {layer}, head {head}: full cache, eager attention (dotted line: generation starts)"
+figures.show(lf.attention_heatmap(attn, run.tokens, patterns, title, log_color, run.prompt_len), key="lm_map")
+figures.show(lf.pattern_bars(patterns, run.tokens, "Attention each key receives from later queries"), key="lm_bars")
+tables.show_table(patterns, "live", "patterns", {**csv_settings, "layer": layer, "head": head}, height=240,
+                  caption="received_vs_uniform: mean attention from queries at or past min_query over the uniform "
+                          "share 1/(t+1); a sink reaches the threshold. accumulated: the column sum (H2O).")
+
+if plan_name != "full":
+    st.subheader(f"{plan.name} vs the full cache")
+    for col, label, text in zip(st.columns(2), ["Full cache", plan.name], [full.text, run.text], strict=True):
+        col.markdown(f"**{label}**\n\n{text}")
+    if ("vs", *key) not in runs:
+        with lock, user_errors("Comparison"):
+            runs[("vs", *key)] = compare_to_full(model, tokenizer, prompt, settings, plan, full.table)
+    tables.show_table(runs[("vs", *key)], "live", "vs-full", csv_settings, height=240,
+                      caption="The full cache's tokens scored through both caches (teacher forcing), so each row "
+                              "compares the same token; delta < 0: the policy finds it less likely.")

@@ -1,13 +1,128 @@
-"""Quantization page (not built yet)."""
+"""Quantization: store the KV cache in 8/4/3/2 bits (per token, per channel, KIVI, outliers, FP8, SVD), measured."""
 
 import streamlit as st
 
-st.title("Quantization")
-st.info(
-    (
-        "int8/4/3/2 KV quantization (per-token, per-channel, grouped, KIVI, fp16 outliers) with exact bytes "
-        "and measured error."
-    ),
-    icon=":material/construction:",
+from kvcore.quant import evaluate as qe
+from kvcore.quant.methods import METHODS, custom_method
+from ui import figures, params, quant_figures, tables
+from ui.guard import user_errors
+
+st.title("KV cache quantization")
+st.markdown(
+    "Storing keys and values in fewer bits shrinks the cache, but every code is a rounded value. **Keys** have a "
+    "few channels with large magnitudes in every token (bright columns below), so one scale per *token* wastes "
+    "levels on them; **values** have no such channels. KIVI therefore quantizes keys per **channel** and values "
+    "per **token**, and keeps the most recent tokens in fp16. Every number below is measured on the bundled "
+    "model: exact bytes of the packed codes, scales and zeros, the error of K, V and attention outputs, and the "
+    "perplexity of decoding token by token through the quantized cache."
 )
-st.caption("This page is not built yet: it arrives with its own issue.")
+
+
+@st.cache_resource(show_spinner="Loading the bundled model...")
+def model():
+    return qe.load_model(None)
+
+
+def method_of(name, bits, scheme, group, residual, sinks, outliers):
+    return METHODS[name] if name != "custom" else custom_method(bits, scheme, group, residual, sinks, outliers / 100)
+
+
+@st.cache_resource(show_spinner="Capturing queries, keys and values...")
+def captured(tokens, seed, windows):
+    return qe.capture_qkv(model()[0], qe.text_ids(model()[1], tokens, seed, windows)[0])
+
+
+@st.cache_data(show_spinner="Decoding the text through every method's cache...")
+def measure(tokens, seed, windows, *settings):
+    methods = METHODS if not settings else {"fp16": METHODS["fp16"], "custom": method_of(*settings)}
+    return qe.evaluate(model()[0], qe.text_ids(model()[1], tokens, seed, windows), methods)
+
+
+@st.cache_data(show_spinner=False)
+def maps(tokens, seed, windows, layer, head, *settings):
+    cap = captured(tokens, seed, windows)
+    k_hat, v_hat, _ = qe.reconstruct(cap, method_of(*settings), layer)
+    k, v = cap.keys[layer], cap.values[layer]
+    return [qe.channel_magnitudes(t, head).numpy() for t in (k, v, k_hat - k, v_hat - v)]
+
+
+@st.cache_data(show_spinner="Generating with both caches...")
+def texts(tokens, seed, windows, new_tokens, *settings):
+    m, tok = model()
+    prompt = qe.text_ids(tok, tokens, seed, windows)[0, : tokens // 2]
+    return [tok.decode(prompt, skip_special_tokens=True)] + [
+        qe.generate_text(m, tok, prompt, method, new_tokens) for method in (METHODS["fp16"], method_of(*settings))]
+
+
+with user_errors("Loading the bundled model"):
+    cfg = model()[0].config
+side = st.sidebar
+name = params.widget(side.selectbox, "Method", key="qmethod", options=[*METHODS, "custom"],
+                     index=list(METHODS).index("kivi-2"))
+with side.expander("Custom method (method = custom)", expanded=name == "custom"):
+    bits = params.widget(st.segmented_control, "Bits", key="qbits", options=[2, 3, 4, 8], default=2, required=True)
+    scheme = params.widget(st.selectbox, "Scales shared along", key="qaxis", help="kivi: K per channel, V per token",
+                           options=["kivi", "per-token", "per-channel"])
+    group = params.widget(st.selectbox, "Group size (channels per-token, tokens per-channel)", key="qgroup",
+                          options=[16, 32, 64, 128], index=1)
+    residual = params.widget(st.number_input, "Recent tokens kept fp16", key="qresidual", min_value=0,
+                             max_value=512, value=32)
+    sinks = params.widget(st.number_input, "First tokens kept fp16 (sinks)", key="qsinks", min_value=0,
+                          max_value=64, value=0)
+    outliers = params.widget(st.slider, "Outliers kept as sparse fp16 (%)", key="qoutliers", min_value=0.0,
+                             max_value=5.0, value=0.0, step=0.5)
+tokens = params.widget(side.select_slider, "Text length (tokens)", key="qtokens", options=[64, 128, 192, 256, 384],
+                       value=128, help="the first half is the prompt; the second half is decoded and scored")
+windows = params.widget(side.number_input, "Text windows", key="qwindows", min_value=1, max_value=8, value=1,
+                        help="perplexity averages over this many consecutive windows: more = steadier, slower")
+seed = params.widget(side.number_input, "Which windows (seed)", key="qseed", min_value=0, max_value=999, value=0)
+layer = params.widget(side.slider, "Layer (heatmaps)", key="qlayer", min_value=0, max_value=cfg.num_hidden_layers - 1,
+                      value=0)
+head = params.widget(side.selectbox, "Head (heatmaps)", key="qhead",
+                     options=["all", *map(str, range(cfg.num_key_value_heads))])
+new_tokens = params.widget(side.number_input, "Generated tokens", key="qgen", min_value=8, max_value=128, value=32)
+
+settings = (name, bits, scheme, group, residual, sinks, outliers)
+with user_errors("Quantization"):
+    method = method_of(*settings)
+    result = measure(tokens, seed, windows)
+    if name == "custom":
+        result = qe.combine(result, measure(tokens, seed, windows, *settings))
+    grid = maps(tokens, seed, windows, layer, None if head == "all" else int(head), *settings)
+row = result.summary.set_index("method").loc[name]
+st.caption(f"**{name}**: {method.describe()}. Follows {method.paper}.")
+c1, c2, c3, c4, c5 = st.columns(5)
+c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x")
+c2.metric("Key error (rel. L2)", f"{row.k_rel_err:.3f}")
+c3.metric("Value error (rel. L2)", f"{row.v_rel_err:.3f}")
+c4.metric("Attention error (rel. L2)", f"{row.attn_rel_err:.3f}")
+c5.metric("Perplexity", f"{row.perplexity:.2f}", f"{row.ppl_vs_fp16 - 1:+.2%} vs fp16", delta_color="inverse")
+
+tab_maps, tab_layers, tab_pareto, tab_text, tab_table = st.tabs(
+    ["K/V magnitudes", "Error by layer", "Memory vs perplexity", "Generated text", "Results"])
+with tab_maps:
+    heads = cfg.num_key_value_heads if head == "all" else None
+    titles = ("|K|", "|V|", f"|K̂ - K| ({name})", f"|V̂ - V| ({name})")
+    for col, z, title in zip(st.columns(2) * 2, grid, titles, strict=True):
+        with col:
+            figures.show(quant_figures.magnitude_map(z, f"{title}, layer {layer}", heads))
+with tab_layers:
+    figures.show(quant_figures.layer_errors(result.by_layer, name))
+with tab_pareto:
+    figures.show(quant_figures.pareto(result.summary, name))
+with tab_text:
+    with user_errors("Generation"):
+        prompt, fp16_text, method_text = texts(tokens, seed, windows, new_tokens, *settings)
+    st.caption(f"Greedy continuation of the first {tokens // 2} tokens of window 1 (last 400 characters shown):")
+    st.code(prompt[-400:], language=None, wrap_lines=True)
+    for col, label, text in zip(st.columns(2), ("fp16", name), (fp16_text, method_text), strict=True):
+        col.markdown(f"**{label} cache**")
+        col.code(text, language=None, wrap_lines=True)
+with tab_table:
+    shown = {"qtokens": tokens, "qseed": seed}
+    tables.show_table(result.summary, "quantization", "methods", shown, caption=(
+        f"{tokens} tokens, the first {tokens // 2} prefilled, the rest decoded one by one and scored. bytes: what "
+        "the cache holds at the end (all layers); errors: means over layers; tokens_per_s: shared batched model "
+        "step + this method's own cache time."))
+    tables.show_table(result.by_layer, "quantization", "by-layer", shown)
+    tables.show_table(qe.methods_table(), "quantization", "registry", caption="Every method and its paper.")

@@ -48,3 +48,22 @@ def set_query_value(name: str, value: str | None) -> None:
         st.query_params.pop(name, None)
     else:
         st.query_params[name] = value
+
+
+PAGE_KEY = "_kvlab_page"
+
+
+def forget_other_pages(url_path: str) -> None:
+    """On a page switch, drop the previous page's widget state.
+
+    Pages reuse short keys (``model``, ``gpu``) for widgets with different options; session state
+    is shared across pages, so a stale value would leak into the new page. Every setting lives in
+    the URL, so nothing is lost: bound widgets restore from the query string or their default.
+    Keys starting with ``_`` (caches a page keeps on purpose) survive.
+    """
+    if st.session_state.get(PAGE_KEY) == url_path:
+        return
+    for key in list(st.session_state.keys()):
+        if not str(key).startswith("_"):
+            del st.session_state[key]
+    st.session_state[PAGE_KEY] = url_path

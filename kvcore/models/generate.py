@@ -1,0 +1,166 @@
+"""Token-by-token generation as a Python generator, timed, with the KV bytes after every step.
+
+Each yielded :class:`TokenEvent` carries the token, its log-probability under the model, the time of
+the step that produced it (the first token comes from the prefill, the rest from one-token decode
+steps, the split every serving system reports as TTFT vs TPOT) and the cache size after the step.
+Generation runs through a :class:`~kvcore.models.policy.CachePlan`, so an eviction or quantization plan
+changes what the model sees exactly as it would in :func:`~kvcore.models.perplexity.streaming_nll`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+
+from kvcore.models.policy import FULL, CachePlan, run_step
+
+
+@dataclass(slots=True)
+class GenerationSettings:
+    """How to pick tokens.
+
+    max_new_tokens: tokens to generate (1-2048). temperature: 0 = greedy (argmax), else sampling
+    from softmax(logits / temperature). top_k: sample among the k most likely tokens (0 = all).
+    seed: sampling seed. stop_at_eos: stop after the model emits its end-of-sequence token.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_new_tokens <= 2048:
+            raise ValueError(f"max_new_tokens must be in 1..2048, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature must be in [0, 5] (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token. ms: wall time of the step that produced it (prefill for step 0), in milliseconds.
+
+    kv_tokens / kv_bytes: entries (layer 0) and bytes the cache holds after the step.
+    position: the token's position in the full sequence (prompt included).
+    """
+
+    step: int
+    token_id: int
+    text: str
+    logprob: float
+    ms: float
+    phase: str
+    kv_tokens: int
+    kv_bytes: int
+    position: int
+
+
+def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
+    """Prompt ids ``[1, T]`` with the tokenizer's special tokens (the bundled model's ``<bos>``)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, T]
+    if ids.shape[1] == 0:
+        if tokenizer.bos_token_id is None:
+            raise ValueError("the prompt is empty and this tokenizer has no <bos> token to start from")
+        ids = torch.tensor([[tokenizer.bos_token_id]])
+    return ids
+
+
+def _pick(logits: torch.Tensor, settings: GenerationSettings, gen: torch.Generator) -> int:
+    if settings.temperature == 0.0:
+        return int(logits.argmax())
+    scaled = logits / settings.temperature  # [V]
+    if settings.top_k:
+        kth = scaled.topk(min(settings.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return int(torch.multinomial(scaled.softmax(-1), 1, generator=gen))
+
+
+@torch.inference_mode()
+def generate_stream(model, tokenizer, prompt: str | torch.Tensor, settings: GenerationSettings | None = None,
+                    plan: CachePlan = FULL) -> Iterator[TokenEvent]:
+    """Yield one :class:`TokenEvent` per generated token (greedy or sampled), through ``plan``'s cache.
+
+    prompt: text (encoded with the tokenizer's special tokens) or ids ``[T]`` / ``[1, T]``.
+    """
+    settings = settings or GenerationSettings()
+    ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).reshape(1, -1)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    gen = torch.Generator().manual_seed(settings.seed)
+    cache = plan.new_cache(model)
+    generated: list[int] = []
+    text_so_far, step_input = "", ids
+    for step in range(settings.max_new_tokens):
+        t0 = time.perf_counter()
+        logits = run_step(model, cache, step_input, plan)[0, -1].float().cpu()  # [V]
+        token = _pick(logits, settings, gen)
+        ms = (time.perf_counter() - t0) * 1e3
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        piece = "" if text.endswith("\ufffd") else text[len(text_so_far):]  # hold back a partial UTF-8 character
+        text_so_far = text_so_far if text.endswith("\ufffd") else text
+        yield TokenEvent(step, token, piece, float(logits.log_softmax(-1)[token]), ms,
+                         "prefill" if step == 0 else "decode", cache.num_tokens(0), cache.nbytes(),
+                         ids.shape[1] + step)
+        if settings.stop_at_eos and token == tokenizer.eos_token_id:
+            break
+        step_input = torch.tensor([[token]], device=device)
+
+
+def events_table(events: Sequence[TokenEvent], tokenizer=None) -> pd.DataFrame:
+    """The per-token table (the page's table, the CLI's output and CSV): one row per event.
+
+    With ``tokenizer``, adds ``token`` (the vocabulary entry, readable even for partial UTF-8 pieces).
+    """
+    df = pd.DataFrame([asdict(e) for e in events])
+    if df.empty:
+        return pd.DataFrame(columns=["step", "token_id", "text", "logprob", "ms", "phase", "kv_tokens", "kv_bytes",
+                                     "position"])
+    if tokenizer is not None:
+        df.insert(2, "token", tokenizer.convert_ids_to_tokens(df["token_id"].tolist()))
+    return df
+
+
+def generate_table(model, tokenizer, prompt: str | torch.Tensor, settings: GenerationSettings | None = None,
+             plan: CachePlan = FULL) -> pd.DataFrame:
+    """Run :func:`generate_stream` to the end and return :func:`events_table`."""
+    return events_table(list(generate_stream(model, tokenizer, prompt, settings, plan)), tokenizer)
+
+
+def compare_to_full(model, tokenizer, prompt: str, settings: GenerationSettings, plan: CachePlan,
+                    full: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per generated token: the full-cache continuation's log-prob, and the same token's log-prob under ``plan``.
+
+    Teacher-forced (the plan reads the full cache's tokens), so the two columns score the same text
+    even after the plan's own free-running text has diverged. full: the full-cache
+    :func:`generate_table` of the same prompt and settings, if already computed.
+    """
+    from kvcore.models.perplexity import streaming_nll
+
+    full = generate_table(model, tokenizer, prompt, settings, FULL) if full is None else full
+    prompt_ids = encode_prompt(tokenizer, prompt)[0]
+    ids = torch.cat([prompt_ids, torch.tensor(full["token_id"].tolist())])
+    if len(full) < 2 and len(prompt_ids) < 2:
+        raise ValueError("generate at least 2 tokens (or use a longer prompt) to compare log-probs")
+    nll = streaming_nll(model, ids[:len(prompt_ids) + len(full)], plan, prefill=len(prompt_ids))
+    plan_lp = (-nll[len(prompt_ids) - 1:]).tolist()
+    return pd.DataFrame({"step": full["step"], "token": full["token"], "text": full["text"],
+                         "logprob_full": full["logprob"], f"logprob_{plan.name}": plan_lp,
+                         "delta": [p - f for p, f in zip(plan_lp, full["logprob"], strict=True)]})
+
+
+def timing_summary(table: pd.DataFrame) -> dict[str, float]:
+    """Prefill ms, mean and median decode ms per token, and tokens/s of decoding."""
+    decode = table.loc[table["phase"] == "decode", "ms"]
+    prefill = float(table.loc[table["phase"] == "prefill", "ms"].sum())
+    mean = float(decode.mean()) if len(decode) else float("nan")
+    return {"prefill_ms": prefill, "decode_ms_mean": mean,
+            "decode_ms_median": float(decode.median()) if len(decode) else float("nan"),
+            "decode_tokens_per_s": 1e3 / mean if len(decode) and mean > 0 else float("nan")}

@@ -1,0 +1,230 @@
+"""Measure every KV quantization method on a real model's cache: bytes, reconstruction, attention, perplexity.
+
+For one text: exact bytes vs fp16; per layer, K and V reconstruction error (MSE, relative L2) and the
+relative error of attention outputs when the model's real queries attend over dequantized instead of
+original K/V; perplexity of teacher-forced decoding through the quantized cache (every scored token
+reads its past from the cache, as in generation); decode speed. ``python -m kvcore quant`` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from kvcore.quant.hf_cache import QuantizedKVCache
+from kvcore.quant.methods import METHODS, QuantMethod
+from kvcore.quant.model_kv import (
+    CapturedKV,
+    DecodeRun,
+    capture_qkv,
+    decode_through_cache,
+    greedy_generate,
+    one_thread,
+)
+from kvcore.quant.stream import QuantizedKV
+
+
+def load_model(name_or_path: str | None = None):
+    """``(model, tokenizer)`` from :func:`kvcore.models.load_model` (``None`` = the bundled model)."""
+    from kvcore.models import load_model as load
+
+    return load(name_or_path)
+
+
+def text_ids(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:
+    """``windows`` consecutive windows of ``num_tokens`` token ids of ``text``, ``<bos>`` first: ``[W, T]``.
+
+    text: default the bundled model's validation split. seed: which group of windows (group ``seed``
+    of consecutive ones, wrapping around), so the same seed always reads the same tokens.
+    """
+    if num_tokens < 2 or windows < 1:
+        raise ValueError(f"need num_tokens >= 2 and windows >= 1, got {num_tokens} and {windows}")
+    if text is None:
+        from kvcore.models import bundled_text
+
+        text = bundled_text("validation")
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    need = num_tokens - len(bos)
+    if len(body) < need * windows:
+        raise ValueError(f"the text holds {len(body)} tokens, fewer than the {need * windows} asked for")
+    start = (seed * need * windows) % (len(body) - need * windows + 1)
+    rows = [bos + body[start + w * need:start + (w + 1) * need] for w in range(windows)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(err.norm() / ref.norm().clamp_min(1e-30))
+
+
+def reconstruct(captured: CapturedKV, method: QuantMethod, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Store one layer's whole K/V with ``method`` (the state after prefilling the text) and read it back:
+    (keys, values, exact bytes)."""
+    store = QuantizedKV(method)
+    store.append(captured.keys[layer], captured.values[layer])
+    return store.keys(), store.values(), store.nbytes
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of queries ``[B, Hq, T, D]`` over ``[B, Hkv, T, D]`` (GQA by head groups)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+def layer_errors(captured: CapturedKV, method: QuantMethod) -> pd.DataFrame:
+    """Per layer: bytes, K/V MSE and relative L2 error, and relative error of the attention output."""
+    rows = []
+    for layer in range(captured.num_layers):
+        q, k, v = captured.queries[layer], captured.keys[layer], captured.values[layer]
+        k_hat, v_hat, nbytes = reconstruct(captured, method, layer)
+        out, out_hat = attention(q, k, v, captured.scaling), attention(q, k_hat, v_hat, captured.scaling)
+        rows.append({
+            "method": method.name, "layer": layer, "bytes": nbytes, "fp16_bytes": 2 * (k.numel() + v.numel()),
+            "k_mse": float((k_hat - k).pow(2).mean()), "k_rel_err": _rel(k_hat - k, k),
+            "v_mse": float((v_hat - v).pow(2).mean()), "v_rel_err": _rel(v_hat - v, v),
+            "attn_rel_err": _rel(out_hat - out, out),
+        })
+    return pd.DataFrame(rows)
+
+
+def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
+                 batched: bool) -> list[dict]:
+    """Perplexity, bytes held and speed of each method decoding every window (one batched run, or one run
+    per method with one row per window)."""
+    W, M = windows.shape[0], len(methods)
+    if batched:  # row r decodes window r // M with method r % M
+        cache = QuantizedKVCache.for_model([m for _ in range(W) for m in methods], model)
+        run = decode_through_cache(model, windows.repeat_interleave(M, dim=0), cache, prompt_tokens)
+        return [_method_row(cache, run, list(range(i, W * M, M))) for i in range(M)]
+    rows = []
+    for method in methods:
+        cache = QuantizedKVCache.for_model([method] * W, model)
+        rows.append(_method_row(cache, decode_through_cache(model, windows, cache, prompt_tokens), list(range(W))))
+    return rows
+
+
+def _method_row(cache: QuantizedKVCache, run: DecodeRun, rows: list[int]) -> dict:
+    """One method's row of a decode run over batch ``rows`` (its windows).
+
+    tokens_per_s: its tokens over the model's step time, shared pro rata between rows, plus its own
+    measured cache time (exactly the wall time when the run decoded this method alone).
+    """
+    seconds = cache.seconds_per_row()
+    model_seconds = max(run.decode_seconds - sum(seconds), 0.0) * len(rows) / len(seconds)
+    cache_seconds = sum(seconds[r] for r in rows)
+    wall = model_seconds + cache_seconds
+    first = cache.layers[0].stores[rows[0]]
+    return {
+        "method": cache.methods[rows[0]].name,
+        "perplexity": float(torch.exp(run.nll[rows].double().mean())),
+        "cache_bytes": cache.nbytes_per_row()[rows[0]], "cache_fp16_bytes": cache.fp16_nbytes_per_row()[rows[0]],
+        "tokens_per_s": len(rows) * run.decode_tokens / wall if wall > 0 else float("nan"),
+        "cache_ms_per_token": 1e3 * cache_seconds / (len(rows) * run.decode_tokens),
+        "k_fp16_tokens": first.k.num_sink + first.k.num_recent,
+        "v_fp16_tokens": first.v.num_sink + first.v.num_recent,
+    }
+
+
+@dataclass(slots=True)
+class QuantEval:
+    """What :func:`evaluate` measured.
+
+    summary: one row per method (bytes_ratio, mean K/V/attention errors over layers, perplexity,
+    ppl_vs_fp16, tokens_per_s...). by_layer: one row per method and layer. num_tokens/prompt_tokens:
+    each window's length and how much of it was prefilled before scoring; windows: how many.
+    """
+
+    summary: pd.DataFrame
+    by_layer: pd.DataFrame
+    num_tokens: int
+    prompt_tokens: int
+    windows: int = 1
+
+
+SUMMARY_COLUMNS = ("method", "family", "bytes_ratio", "bytes", "fp16_bytes", "k_rel_err", "v_rel_err",
+                   "attn_rel_err", "perplexity", "ppl_vs_fp16", "pareto", "tokens_per_s", "cache_ms_per_token",
+                   "k_mse", "v_mse", "k_fp16_tokens", "v_fp16_tokens")
+
+
+def pareto_front(df: pd.DataFrame, x: str = "bytes_ratio", y: str = "perplexity") -> pd.Series:
+    """True for rows no other row beats: none has both ``x`` <= and ``y`` <= with one strictly lower."""
+    xs, ys = df[x].to_numpy(), df[y].to_numpy()
+    beaten = [bool(((xs <= a) & (ys <= b) & ((xs < a) | (ys < b))).any()) for a, b in zip(xs, ys, strict=True)]
+    return pd.Series([not b for b in beaten], index=df.index, name="pareto")
+
+
+def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] | None = None,
+             prompt_tokens: int | None = None, batched: bool = True) -> QuantEval:
+    """Measure each method on ``model``'s KV cache over ``input_ids``: ``[T]`` or ``[W, T]`` (W windows).
+
+    methods: name -> method (default every method of :data:`METHODS`). prompt_tokens: tokens of each
+    window prefilled exactly before teacher-forced one-token decoding scores the rest (default T/2);
+    perplexity is exp of the mean NLL over all scored tokens of all windows. batched: decode every
+    (method, window) pair in one batched pass, one row each (same numbers as separate runs, far faster
+    on a CPU). bytes: exact bytes one window's cache holds at the end (all layers, K and V);
+    fp16_bytes: the same tokens at 2 bytes; errors: means over layers (and windows) of each window's
+    whole K/V stored in one go.
+    """
+    methods = dict(METHODS if methods is None else methods)
+    if not methods:
+        raise ValueError("give at least one method")
+    windows = input_ids.reshape(-1, input_ids.shape[-1])  # [W, T]
+    prompt = windows.shape[1] // 2 if prompt_tokens is None else prompt_tokens
+    with one_thread():
+        errors = [layer_errors(capture_qkv(model, w), m) for w in windows for m in methods.values()]
+        decode = pd.DataFrame(_decode_rows(model, windows, list(methods.values()), prompt, batched))
+    by_layer = pd.concat(errors).groupby(["method", "layer"], sort=False).mean().reset_index()
+    means = by_layer.groupby("method", sort=False)[["k_mse", "k_rel_err", "v_mse", "v_rel_err",
+                                                    "attn_rel_err"]].mean().reset_index()
+    summary = decode.merge(means, on="method")
+    summary["family"] = [methods[n].family for n in summary["method"]]
+    summary["bytes"], summary["fp16_bytes"] = summary.pop("cache_bytes"), summary.pop("cache_fp16_bytes")
+    summary["bytes_ratio"] = summary["bytes"] / summary["fp16_bytes"]
+    base = summary.loc[summary["method"] == "fp16", "perplexity"]
+    summary["ppl_vs_fp16"] = summary["perplexity"] / base.iloc[0] if len(base) else float("nan")
+    summary["pareto"] = pareto_front(summary)
+    return QuantEval(summary[list(SUMMARY_COLUMNS)], by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]))
+
+
+def combine(first: QuantEval, second: QuantEval) -> QuantEval:
+    """Rows of ``second`` added to ``first`` (methods already in ``first`` are not repeated); the Pareto
+    front is recomputed over all of them. Both must come from the same text."""
+    if (first.num_tokens, first.prompt_tokens, first.windows) != (second.num_tokens, second.prompt_tokens,
+                                                                   second.windows):
+        raise ValueError("combine results measured on the same windows and prompt length")
+    new = ~second.summary["method"].isin(first.summary["method"])
+    summary = pd.concat([first.summary, second.summary[new]], ignore_index=True)
+    summary["pareto"] = pareto_front(summary)
+    by_layer = pd.concat([first.by_layer, second.by_layer[second.by_layer["method"].isin(
+        second.summary.loc[new, "method"])]], ignore_index=True)
+    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows)
+
+
+def methods_table(methods: Mapping[str, QuantMethod] | None = None) -> pd.DataFrame:
+    """One row per method: family, how K and V are stored, fp16 sinks/window, and the paper it follows."""
+    methods = METHODS if methods is None else methods
+    return pd.DataFrame([{"method": n, "family": m.family, "keys": m.key.describe(), "values": m.value.describe(),
+                          "fp16_sink_tokens": m.n_sink, "fp16_recent_tokens": m.residual, "paper": m.paper}
+                         for n, m in methods.items()])
+
+
+def generate_text(model, tokenizer, prompt_ids: torch.Tensor, method: QuantMethod, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt_ids`` ``[T]`` with the KV cache stored by ``method``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    with one_thread():
+        new = greedy_generate(model, prompt_ids, QuantizedKVCache.for_model(method, model), max_new_tokens)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def channel_magnitudes(x: torch.Tensor, head: int | None = None) -> torch.Tensor:
+    """``|x|`` of a ``[1, H, T, D]`` cache as a token x channel map ``[T, D]`` (one head) or ``[T, H*D]`` (all heads,
+    head-major), the view in which KIVI shows that keys have fixed outlier channels and values do not."""
+    if head is not None:
+        if not 0 <= head < x.shape[1]:
+            raise ValueError(f"head must be in [0, {x.shape[1]}), got {head}")
+        return x[0, head].abs()
+    return x[0].abs().permute(1, 0, 2).reshape(x.shape[2], -1)  # [T, H * D]

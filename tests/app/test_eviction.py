@@ -1,0 +1,65 @@
+"""Eviction page: renders with defaults, reruns on a widget change, restores from the URL, ignores garbage."""
+
+import pytest
+
+from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES
+from kvcore.models.loader import BUNDLED_DIR
+
+needs_bundled = pytest.mark.skipif(
+    not ((BUNDLED_DIR / "model.safetensors").is_file() and (BUNDLED_DIR / "validation.jsonl").is_file()),
+    reason="the bundled model is not trained yet")
+SMALL = {"ntok": "64", "budgets": ["16"]}  # a short sweep keeps each test to seconds
+
+
+def results(at):
+    return at.dataframe[0].value
+
+
+def test_defaults_render_without_exception(page):
+    at = page("eviction")
+    assert at.title[0].value == "Eviction"
+
+
+@needs_bundled
+def test_defaults_compare_the_default_policies_and_check_the_claims(page):
+    at = page("eviction")
+    table = results(at)
+    assert table["policy"].tolist() == ["full"] + [p for p in DEFAULT_POLICIES for _ in DEFAULT_BUDGETS]
+    assert sorted(table.loc[table["policy"] != "full", "budget_tokens"].unique()) == list(DEFAULT_BUDGETS)
+    boxes = [b.value for b in (*at.success, *at.warning, *at.info)]
+    assert any("StreamingLLM beats a sliding window" in b for b in boxes)
+    assert any("attention-based policies beat random" in b for b in boxes)
+
+
+@needs_bundled
+def test_changing_positions_reruns_with_rerotated_keys(page):
+    at = page("eviction", SMALL)
+    assert set(results(at)["positions"]) == {"original"}
+    at.segmented_control(key="pos").set_value("rerotate").run()
+    assert not at.exception
+    assert set(results(at)["positions"]) == {"rerotate"}
+    assert any("Re-rotated inside the cache" in c.value for c in at.caption)
+
+
+@needs_bundled
+def test_url_restores_the_view(page):
+    at = page("eviction", {"ntok": "64", "mode": "prefill", "policies": ["tova", "attention_window"],
+                           "budgets": ["8", "16"], "tova_per_head": "true"})
+    assert at.slider(key="ntok").value == 64
+    assert at.toggle(key="tova_per_head").value is True
+    table = results(at)
+    assert table["policy"].tolist() == ["full", "tova", "tova", "attention_window", "attention_window"]
+    assert set(table["mode"]) == {"prefill"}
+    assert "tova(per_head=True)" in table["label"].tolist()
+    window = table[table["policy"] == "attention_window"]
+    assert (window["kv_bytes_held"] == window["kv_bytes_full"]).all()  # attention-only: memory unchanged
+
+
+def test_garbage_url_falls_back_to_defaults(page):
+    at = page("eviction", {"ntok": "-5", "mode": "sideways", "pos": "absolute", "budgets": "lots",
+                           "policies": "nope", "h2o_recent_fraction": "7", "unit": "kg"})
+    assert at.slider(key="ntok").value == 256
+    assert at.segmented_control(key="mode").value == "decode"
+    assert at.segmented_control(key="pos").value == "original"
+    assert at.multiselect(key="policies").value == list(DEFAULT_POLICIES)
+    assert at.number_input(key="h2o_recent_fraction").value == 0.5

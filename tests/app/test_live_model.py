@@ -1,0 +1,75 @@
+"""Live model page: renders with the bundled model, reruns on a widget change, restores from the URL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcore.models.policy import cache_plans
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The bundled model's one-token steps gain nothing from threads, and on a shared CPU they thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def token_table(at):
+    return at.dataframe[0].value
+
+
+def test_defaults_generate_and_show_attention(page):
+    at = page("live_model")
+    table = token_table(at)
+    assert len(table) >= 1
+    assert {"token", "logprob", "ms", "kv_bytes", "phase"} <= set(table.columns)
+    assert table["phase"].iloc[0] == "prefill"
+    assert [m.label for m in at.metric] == ["Prefill", "Decode, per token", "KV cache now", "Mean log-prob"]
+    patterns = at.dataframe[1].value
+    assert {"sink", "heavy_hitter", "received_vs_uniform"} <= set(patterns.columns)
+    assert not at.error
+
+
+def test_changing_new_tokens_reruns(page):
+    at = page("live_model")
+    at.number_input(key="lm_new").set_value(5).run()
+    assert not at.exception
+    assert len(token_table(at)) <= 5
+
+
+def test_url_restores_the_view(page):
+    at = page("live_model", {"lm_new": "6", "lm_layer": "0", "lm_head": "3", "lm_prompt": "The with statement",
+                             "lm_log": "false"})
+    assert at.number_input(key="lm_new").value == 6
+    assert at.number_input(key="lm_layer").value == 0
+    assert at.selectbox(key="lm_head").value == 3
+    assert at.text_area(key="lm_prompt").value == "The with statement"
+    assert at.toggle(key="lm_log").value is False
+    assert len(token_table(at)) <= 6
+
+
+def test_garbage_url_falls_back_to_defaults(page):
+    at = page("live_model", {"lm_new": "-5", "lm_model": "nope", "lm_temp": "hot", "lm_plan": "magic",
+                             "lm_layer": "99", "lm_sink": "NaN"})
+    assert at.number_input(key="lm_new").value == 40
+    assert at.selectbox(key="lm_model").value == "bundled"
+    assert at.slider(key="lm_temp").value == 0.0
+    assert at.selectbox(key="lm_plan").value == "full"
+    assert at.number_input(key="lm_layer").value == 1
+
+
+def test_hub_model_without_network_shows_a_message(page):
+    at = page("live_model", {"lm_model": "other (type a Hub name)", "lm_hub": "gpt2"})
+    assert any("works offline" in e.value for e in at.error)
+
+
+@pytest.mark.skipif("evict:streaming_llm" not in cache_plans(), reason="kvcore.eviction offers no streaming_llm")
+def test_an_eviction_plan_is_compared_with_the_full_cache(page):
+    at = page("live_model", {"lm_plan": "evict:streaming_llm", "lm_budget": "8", "lm_new": "12"})
+    policy = token_table(at)
+    assert policy["kv_tokens"].max() <= 8
+    comparison = at.dataframe[-1].value
+    assert {"logprob_full", "delta"} <= set(comparison.columns)

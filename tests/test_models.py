@@ -1,0 +1,265 @@
+"""kvcore.models: the bundled model, the cache adapter (keep, re-rotation, bytes), perplexity, generation, loading.
+
+The bundled model is loaded once per module, offline (tests/conftest.py sets HF_HUB_OFFLINE=1).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from kvcore.cli import main as cli_main
+from kvcore.models import loader
+from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns, layer_summary
+from kvcore.models.cache import LabCache, new_cache
+from kvcore.models.generate import GenerationSettings, compare_to_full, generate_table
+from kvcore.models.perplexity import bits_per_byte, perplexity, streaming_nll, token_nll
+from kvcore.models.policy import CachePlan, EvictionHook, cache_plans, run_step
+from kvcore.models.rope import rope_inv_freq, rotate
+from kvcore.shapes import kv_bytes
+
+PROMPT = "The import statement"
+UNCACHED = "kv-cache-lab-tests/no-such-model"  # never in a local Hugging Face cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One-token steps of a 6M-parameter model gain nothing from threads, and on a shared CPU they thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bundled(one_thread):
+    torch.manual_seed(0)
+    return loader.load_model(None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def text_ids(bundled):
+    _, tokenizer = bundled
+    return tokenizer(loader.bundled_text(max_chars=4000))["input_ids"][:160]
+
+
+def test_bundled_model_is_a_small_offline_llama_with_eight_kv_heads(bundled, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = bundled
+    cfg = model.config
+    assert cfg.model_type == "llama"
+    assert cfg.num_attention_heads == cfg.num_key_value_heads == 8  # MHA, so GQA/MQA can be derived from it
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert model.config._attn_implementation == "eager"
+    assert 4e6 <= sum(p.numel() for p in model.parameters()) <= 7e6
+    assert (loader.BUNDLED_DIR / "model.safetensors").stat().st_size < 20e6
+    assert tokenizer(PROMPT)["input_ids"][0] == tokenizer.bos_token_id  # <bos> first, as in training
+
+
+def test_greedy_generation_is_deterministic(bundled):
+    model, tokenizer = bundled
+    settings = GenerationSettings(max_new_tokens=12, stop_at_eos=False)
+    first = generate_table(model, tokenizer, PROMPT, settings)
+    again = generate_table(model, tokenizer, PROMPT, settings)
+    assert first["token_id"].tolist() == again["token_id"].tolist()
+    assert first["phase"].tolist() == ["prefill"] + ["decode"] * 11
+
+
+def test_adapter_generates_exactly_the_tokens_of_transformers_generate(bundled):
+    model, tokenizer = bundled
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    reference = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = generate_table(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=16, stop_at_eos=False))
+    assert ours["token_id"].tolist() == reference[0, ids.shape[1]:].tolist()
+    # transformers' own generate also runs on a LabCache (it is a DynamicCache).
+    through_lab = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 cache=new_cache(model))
+    assert through_lab.tolist() == reference.tolist()
+
+
+def test_kv_bytes_follow_the_one_memory_formula(bundled):
+    model, tokenizer = bundled
+    table = generate_table(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=5, stop_at_eos=False))
+    shape = loader.model_shape(model)
+    # The cache holds every fed token: the prompt, then one more per decode step (fp32 = 32 bits).
+    assert table["kv_bytes"].tolist() == [kv_bytes(shape, int(n), bits=32) for n in table["kv_tokens"]]
+    assert table["kv_tokens"].diff().iloc[1:].eq(1).all()
+
+
+def _filled_cache(model, ids: list[int], positions: str = "original") -> LabCache:
+    cache = new_cache(model, positions=positions)
+    with torch.inference_mode():
+        run_step(model, cache, torch.tensor([ids]))
+    return cache
+
+
+def test_keep_keeps_exactly_the_requested_entries(bundled, text_ids):
+    model, _ = bundled
+    cache = _filled_cache(model, text_ids[:20])
+    keys, values = cache.layers[1].keys.clone(), cache.layers[1].values.clone()  # [1, 8, 20, D]
+    per_head = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(h))[:6] for h in range(8)])
+    cache.keep(1, per_head[None])  # [1, Hkv, 6], unsorted on purpose
+    expected = per_head.sort(dim=-1).values[None]  # kept in original order
+    gather = expected[..., None].expand(-1, -1, -1, keys.shape[-1])
+    assert torch.equal(cache.layers[1].keys, keys.gather(2, gather))
+    assert torch.equal(cache.layers[1].values, values.gather(2, gather))
+    assert torch.equal(cache.positions[1], expected)
+    cache.keep(0, torch.tensor([0, 1, 19]))  # one index list for every head
+    assert cache.num_tokens(0) == 3
+    assert cache.positions[0][0, 0].tolist() == [0, 1, 19]
+    assert cache.next_position_ids(1).tolist() == [[20]]  # original positions continue after eviction
+    for bad in (torch.tensor([0, 0, 1]), torch.tensor([0, 25]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="keep_idx"):
+            cache.keep(1, bad)
+
+
+def test_rerotated_key_equals_the_key_rotated_directly(bundled):
+    model, _ = bundled
+    inv_freq = rope_inv_freq(model)
+    key = torch.randn(1, 8, 5, 2 * inv_freq.numel(), generator=torch.Generator().manual_seed(0))
+    p, q = torch.tensor([3, 17, 40, 100, 511]), torch.tensor([0, 1, 2, 3, 4])
+    rerotated = rotate(rotate(key, p, inv_freq), q - p, inv_freq)
+    torch.testing.assert_close(rerotated, rotate(key, q, inv_freq), rtol=1e-5, atol=1e-5)
+
+
+def test_rerotate_cache_matches_the_model_keys_at_compact_positions(bundled, text_ids):
+    model, _ = bundled
+    ids = text_ids[:12]
+    cache = _filled_cache(model, ids, positions="rerotate")
+    kept = [0, 1, 9, 10, 11]
+    cache.keep(0, torch.tensor(kept))
+    # The same tokens fed at positions 0..4 give the keys the re-rotated cache must hold (pre-RoPE keys of a
+    # token depend on its context only through layer 0's input, which is the token embedding).
+    direct = new_cache(model)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[ids[i] for i in kept]]), cache=direct, use_cache=True)
+    torch.testing.assert_close(cache.layers[0].keys, direct.layers[0].keys, rtol=1e-4, atol=1e-5)
+    assert cache.next_position_ids(1).tolist() == [[5]]
+
+
+def test_rerotation_needs_rope():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="rotary"):
+        rope_inv_freq(gpt2)
+
+
+def test_streaming_with_the_full_cache_equals_full_context(bundled, text_ids):
+    model, tokenizer = bundled
+    full = token_nll(model, text_ids)
+    chunked = token_nll(model, text_ids, chunk_size=37)
+    streamed = streaming_nll(model, text_ids)
+    assert full.shape == streamed.shape == (len(text_ids) - 1,)
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(streamed, full, rtol=1e-4, atol=1e-4)
+    assert perplexity(streamed) == pytest.approx(perplexity(full), rel=1e-4)
+    text = tokenizer.decode(text_ids, skip_special_tokens=True)
+    assert 0 < bits_per_byte(full, text) < 8
+
+
+class KeepSinksAndRecent:
+    """A compress-only policy (the kvpress contract): the first 2 tokens and the most recent ones."""
+
+    def compress(self, keys, values, queries, budget):
+        T = keys.shape[2]
+        idx = torch.cat([torch.arange(2), torch.arange(T - budget + 2, T)])
+        return keys[:, :, idx], values[:, :, idx], idx
+
+
+@pytest.mark.parametrize("positions", ["original", "rerotate"])
+def test_eviction_hook_holds_the_cache_at_its_budget(bundled, text_ids, positions):
+    model, tokenizer = bundled
+    plan = CachePlan("sinks+recent", hook=EvictionHook(KeepSinksAndRecent(), budget=16), positions=positions)
+    table = generate_table(model, tokenizer, text_ids[:24], GenerationSettings(max_new_tokens=8), plan)
+    assert table["kv_tokens"].max() <= 16
+    nll = streaming_nll(model, text_ids[:64], plan)
+    assert torch.isfinite(nll).all()
+    assert nll.shape == (63,)
+    diff = compare_to_full(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=6), plan)
+    assert list(diff.columns) == ["step", "token", "text", "logprob_full", "logprob_sinks+recent", "delta"]
+
+
+def test_cache_plans_always_offer_full():
+    plans = cache_plans()
+    assert "full" in plans
+    assert plans["full"]().name == "full"
+    with pytest.raises(ValueError, match="positions"):
+        CachePlan(positions="compact")
+
+
+def test_attention_capture_is_causal_and_normalised(bundled, text_ids):
+    model, _ = bundled
+    attn = capture_attention(model, torch.tensor(text_ids[:40]))
+    assert attn.shape == (model.config.num_hidden_layers, 8, 40, 40)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]), rtol=1e-4, atol=1e-4)
+    assert attn.triu(diagonal=1).abs().max() == 0
+    summary = layer_summary(attn, min_query=8)
+    assert summary["uniform_share"].iloc[0] == pytest.approx(sum(1 / (t + 1) for t in range(8, 40)) / 32)
+
+
+def test_detect_patterns_flags_a_planted_sink():
+    T = 64
+    attn = torch.tril(torch.ones(T, T))
+    attn[:, 0] += 20.0  # every query looks at key 0
+    attn = attn / attn.sum(-1, keepdim=True)
+    table = detect_patterns(attn, AttentionPatterns(sink_ratio=5.0, heavy_fraction=0.05, min_query=16))
+    assert table.loc[table["sink"], "position"].tolist() == [0]
+    assert table.loc[0, "heavy_hitter"]
+    assert table["heavy_hitter"].sum() == math.ceil(0.05 * T)
+    with pytest.raises(ValueError, match="sink_ratio"):
+        AttentionPatterns(sink_ratio=0.5)
+
+
+def test_bundled_text_ships_the_validation_split():
+    docs = loader.bundled_documents("validation")
+    assert len(docs) > 5
+    assert all(docs)
+    assert loader.bundled_text(max_chars=100) == "\n\n".join(docs)[:100]
+    with pytest.raises(ValueError, match="split"):
+        loader.bundled_text("test")
+
+
+def test_hub_model_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="bundled model works offline"):
+        loader.load_model(UNCACHED)
+    with pytest.raises(ValueError, match="neither a local folder nor"):
+        loader.load_model("not a model name!")
+
+
+def test_hub_model_without_network_or_too_big_is_refused_before_download(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(loader, "hub_offline", lambda: False)
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    with pytest.raises(OSError, match="cannot reach the Hugging Face Hub to download 'gpt2': no network"):
+        loader.load_model("gpt2")
+
+    def huge(*args, **kwargs):
+        files = [SimpleNamespace(rfilename="model.safetensors", size=3_000_000_000)]
+        return SimpleNamespace(siblings=files, config={"model_type": "llama"})
+
+    monkeypatch.setattr(huggingface_hub, "model_info", huge)
+    with pytest.raises(ValueError, match=r"3\.00 GB of weights, over this lab's limit of 1\.50 GB"):
+        loader.load_model("someone/big-model")
+
+
+def test_cli_generate_prints_and_writes_the_per_token_table(tmp_path, capsys):
+    out = tmp_path / "gen.csv"
+    assert cli_main(["generate", "--prompt", PROMPT, "--max-new-tokens", "4", "--csv", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) <= 4
+    assert {"token", "logprob", "ms", "kv_bytes"} <= set(table.columns)
+    assert "kv_bytes" in capsys.readouterr().out
+    assert cli_main(["generate", "--prompt", "x", "--model", UNCACHED]) == 2  # offline: a message, not a traceback
