@@ -1,0 +1,87 @@
+"""Many users at once: 8 AppTest sessions on different pages, run in threads, see their own numbers.
+
+Sessions share the process-wide caches (the bundled model, cached results), as they do on one
+Streamlit server. Each concurrent session must show exactly what the same page shows when it runs
+alone: no cross-talk through shared state. Wall-clock measurements (timings, bandwidth) are left
+out of the comparison because they are not meant to repeat.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from unittest.mock import MagicMock
+
+import pandas as pd
+import pytest
+from streamlit.runtime import Runtime
+from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheStorageManager
+from streamlit.runtime.media_file_manager import MediaFileManager
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import app_test
+
+from tests.app.conftest import assert_clean, open_page
+
+# Each session opens a page with its own non-default settings, so a leak would show.
+SESSIONS = [
+    ("home", {"tokens": "2048", "batch": "3"}),
+    ("home", {"tokens": "65536", "bits": "4"}),
+    ("paged_blocks", {}),
+    ("continuous_batching", {}),
+    ("eviction", {}),
+    ("quantization", {}),
+    ("memory_hierarchy", {}),
+    ("live_model", {}),
+]
+# Columns and metrics that hold wall-clock measurements.
+TIMED = re.compile(r"(^|_)(ms|s|us|sec|secs|seconds|time|timing|latency_measured|tok_s|tokens_per_s|tps|GB_s|"
+                   r"gbps|bandwidth|measured|elapsed|wall)($|_)|/s|per_s|speed|throughput_measured", re.I)
+
+
+def snapshot(at) -> dict[str, object]:
+    """What a user reads on the page: metric values and table contents, minus wall-clock columns."""
+    tables = []
+    for frame in at.dataframe:
+        df = frame.value
+        if isinstance(df, pd.DataFrame):
+            keep = [c for c in df.columns if not TIMED.search(str(c))]
+            tables.append(df[keep].to_csv(index=False))
+    metrics = [(m.label, m.value) for m in at.metric if not TIMED.search(m.label)]
+    return {"metrics": metrics, "tables": tables, "markdown": [m.value for m in at.markdown]}
+
+
+def render(page: str, query: dict[str, str]) -> dict[str, object]:
+    at = open_page(page, query)
+    assert_clean(at)
+    return snapshot(at)
+
+
+class _PerRunRuntime:
+    """Stands in for ``Runtime`` inside AppTest so concurrent runs don't reset the one shared runtime.
+
+    AppTest installs a fresh mock runtime before each run and removes it after, a process-wide
+    singleton; a real server has one runtime for all sessions, which is what this test needs.
+    """
+
+    _instance = None
+
+
+@pytest.fixture
+def one_runtime(monkeypatch):
+    shared = MagicMock(spec=Runtime)
+    shared.media_file_mgr = MediaFileManager(MemoryMediaFileStorage("/mock/media"))
+    shared.cache_storage_manager = MemoryCacheStorageManager()
+    monkeypatch.setattr(app_test, "Runtime", _PerRunRuntime)
+    monkeypatch.setattr(Runtime, "_instance", shared)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_runtime")
+def test_eight_concurrent_sessions_match_their_single_session_runs():
+    alone = [render(page, query) for page, query in SESSIONS]  # also warms the shared caches
+    with ThreadPoolExecutor(max_workers=len(SESSIONS)) as pool:
+        together = list(pool.map(lambda s: render(*s), SESSIONS))
+    for (page, query), a, b in zip(SESSIONS, alone, together, strict=True):
+        assert a["metrics"] == b["metrics"], (page, query)
+        assert a["tables"] == b["tables"], (page, query)
+    assert alone[0]["metrics"] != alone[1]["metrics"]  # the two Home sessions differ, and stayed apart
