@@ -82,13 +82,9 @@ for col, label, value, why in zip(st.columns(4), ["Prefill", "Decode, per token"
         f"{run.table['logprob'].mean():.2f}"], [f"{run.prompt_len} prompt tokens in one pass", "mean of one-token "
         "steps", f"{int(last.kv_tokens)} entries per layer", "nats, generated tokens"], strict=True):
     col.metric(label, value, help=why)
-left, right = st.columns(2)
-with left:
-    figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
-                                    title="KV bytes after each step"), key="lm_kv")
-with right:
-    figures.show(figures.bar_chart(run.table, "step", "ms", "phase", title="Time per step: prefill vs decode"),
-                 key="lm_ms")
+figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
+                                title="KV bytes after each step"), key="lm_kv")
+figures.show(figures.bar_chart(run.table, "step", "ms", "phase", title="Time per step: prefill vs decode"), key="lm_ms")
 csv_settings = {"model": name, "plan": plan_name, "new": new, "seed": seed}
 tables.show_table(run.table, "live", "tokens", csv_settings, height=260,
                   caption="One row per generated token: its log-prob, the wall time of the step that made it, and "

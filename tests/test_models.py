@@ -203,6 +203,15 @@ def test_attention_capture_is_causal_and_normalised(bundled, text_ids):
     assert summary["uniform_share"].iloc[0] == pytest.approx(sum(1 / (t + 1) for t in range(8, 40)) / 32)
 
 
+def test_uniform_attention_scores_as_its_own_baseline():
+    T = 80
+    uniform = (torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).unsqueeze(1)).expand(2, 3, T, T)
+    summary = layer_summary(uniform, min_query=16)
+    assert summary["pos0_vs_uniform"].tolist() == pytest.approx([1.0, 1.0])
+    assert summary["top_keys_share"].tolist() == pytest.approx(summary["top_keys_uniform"].tolist())
+    assert summary["accumulated_top_share"].tolist() == pytest.approx(summary["accumulated_top_uniform"].tolist())
+
+
 def test_detect_patterns_flags_a_planted_sink():
     T = 64
     attn = torch.tril(torch.ones(T, T))

@@ -8,6 +8,7 @@ out of the URL. State that is not a widget (a list of actions, say) is read with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,7 +22,39 @@ def widget(factory: Callable[..., T], label: str, *, key: str, **kwargs: Any) ->
 
     key: the query-parameter name, short and unique on its page.
     """
+    if getattr(factory, "__name__", "") in NUMERIC_WIDGETS:
+        _drop_non_finite(key)
     return factory(label, key=key, bind="query-params", **kwargs)
+
+
+NUMERIC_WIDGETS = {"number_input", "slider"}
+
+
+def _drop_non_finite(key: str) -> None:
+    """Forget a URL value like ``inf`` or ``1e400`` before a numeric widget reads it.
+
+    Streamlit rejects out-of-range numbers itself, but converting an infinite value to an int
+    raises OverflowError inside the widget. Streamlit keeps the URL it was opened with in the
+    session's query-parameter store; the bad entry is removed there (a private structure, so any
+    change in it is tolerated: the widget then sees the value as before).
+    """
+    try:
+        from streamlit.runtime.state.session_state_proxy import get_session_state
+
+        store = get_session_state()._state.query_params
+        raw = store.get_initial_value(key)
+    except (AttributeError, RuntimeError):
+        return
+    if raw is None:
+        return
+    finite = True
+    for value in raw if isinstance(raw, list) else [raw]:
+        try:
+            finite &= math.isfinite(float(value))
+        except ValueError:
+            continue  # not a number at all: Streamlit drops it
+    if not finite:
+        store._initial_query_params.pop(key, None)
 
 
 def query_value(name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:

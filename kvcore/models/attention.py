@@ -132,11 +132,31 @@ def detect_patterns(attn: torch.Tensor, patterns: AttentionPatterns) -> pd.DataF
     })
 
 
+def accumulated_top_share(attn: torch.Tensor, fraction: float = 0.05, min_query: int = 32) -> torch.Tensor:
+    """Share of the attention summed over queries >= min_query that the top ``fraction`` of keys collect (H2O).
+
+    attn: ``[..., T, T]``. Keys are ranked by that sum (H2O's accumulated attention score); ``[...]``.
+    """
+    rows, _ = _queries(attn, min_query)  # [..., Tq, T]
+    accumulated = rows.sum(dim=-2)  # [..., T]
+    k = max(1, math.ceil(fraction * accumulated.shape[-1]))
+    return accumulated.topk(k, dim=-1).values.sum(dim=-1) / accumulated.sum(dim=-1).clamp_min(1e-12)
+
+
 def layer_summary(attn: torch.Tensor, min_query: int = 32, fraction: float = 0.05) -> pd.DataFrame:
-    """Per layer of ``[L, H, T, T]``: attention on position 0 vs uniform, and top-``fraction`` key share."""
+    """Per layer of ``[L, H, T, T]``: attention on position 0 vs uniform, and how concentrated attention is.
+
+    top_keys_share: per query, the share on its top ``fraction`` of keys (uniform: top_keys_uniform).
+    accumulated_top_share: the share of attention summed over queries that the top ``fraction`` of keys
+    collect (H2O's heavy hitters); accumulated_top_uniform: the same for uniform causal attention
+    (above ``fraction``, since early keys are seen by more queries).
+    """
     sink, uniform = sink_share(attn, min_query)  # [L, H]
     top, top_uniform = top_share(attn, fraction, min_query)  # [L, H]
     top_ns, _ = top_share(attn, fraction, min_query, skip_first=True)
+    accumulated = accumulated_top_share(attn, fraction, min_query)  # [L, H]
+    T = attn.shape[-1]
+    flat = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1).unsqueeze(1)  # uniform causal [T, T]
     return pd.DataFrame({
         "layer": range(attn.shape[0]),
         "attn_on_pos0": sink.mean(dim=1).tolist(),
@@ -146,4 +166,6 @@ def layer_summary(attn: torch.Tensor, min_query: int = 32, fraction: float = 0.0
         "top_keys_share": top.mean(dim=1).tolist(),
         "top_keys_share_without_pos0": top_ns.mean(dim=1).tolist(),
         "top_keys_uniform": top_uniform,
+        "accumulated_top_share": accumulated.mean(dim=1).tolist(),
+        "accumulated_top_uniform": float(accumulated_top_share(flat, fraction, min_query)),
     })

@@ -150,9 +150,19 @@ def _from_folder(source: str | Path, device: torch.device, attn_implementation: 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device).eval()
-    with torch.inference_mode():  # warm-up: the first forward pays one-off costs that would inflate a timing
-        model(input_ids=torch.tensor([[tokenizer.bos_token_id or 0, 0]], device=device))
+    _warm_up(model, tokenizer.bos_token_id or 0)
     return model, tokenizer
+
+
+@torch.inference_mode()
+def _warm_up(model, token: int) -> None:
+    """A prefill and a decode step through a cache: first calls pay one-off costs that would inflate timings."""
+    from kvcore.models.policy import FULL, run_step
+
+    cache = FULL.new_cache(model)
+    device = next(model.parameters()).device
+    run_step(model, cache, torch.tensor([[token, token]], device=device))
+    run_step(model, cache, torch.tensor([[token]], device=device))
 
 
 def model_shape(model) -> ModelShape:

@@ -25,7 +25,8 @@ CASES_RUN: dict[str, int] = {}
 
 NASTY = st.one_of(
     st.sampled_from(["", " ", "abc", "NaN", "nan", "inf", "-inf", "-1", "-5", "0", "1e308", "-1e308",
-                     "99999999999999999999", "3.5", "true", "None", "null", "[]", "{}", "%00", "../../etc/passwd",
+                     "99999999999999999999", "1e400", "Infinity", "3.5", "true", "None", "null", "[]", "{}", "%00",
+                     "../../etc/passwd",
                      "<script>alert(1)</script>", "😀" * 50, "x" * 5000]),
     st.text(max_size=30),
 )
@@ -94,3 +95,15 @@ def test_hostile_query_strings_never_raise(name, defaults):
     run()
     print(f"URL fuzz: {CASES_RUN.get(name, 0)} hostile query strings on page {name!r}")
     assert CASES_RUN.get(name, 0) >= 1
+
+
+@pytest.mark.parametrize("name", PAGES)
+@pytest.mark.parametrize("value", ["inf", "-1e400", "nan"])
+def test_non_finite_numbers_fall_back_to_defaults(name, value, defaults):
+    numeric = {k: w for k, (w, _) in defaults[name].items() if getattr(w, "max", None) is not None}
+    at = open_page(name, dict.fromkeys(numeric, value))
+    assert_clean(at)
+    shown = bound_widgets(at)
+    for key in numeric:
+        if key in shown:
+            assert shown[key].value == defaults[name][key][1], key
