@@ -5,10 +5,10 @@ import streamlit as st
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, make_policy
 from kvcore.eviction.evaluate import EvictionConfig, sample_text, summarize
 from kvcore.eviction.runner import reference_pass, run_policy, text_ids
-from kvcore.models.loader import load_model
 from ui import eviction_figures, figures, params, tables
 from ui.format import bytes_str
 from ui.guard import user_errors
+from ui.models import shared_model
 
 TOKEN_BUDGETS = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 SHARE_BUDGETS = [0.05, 0.1, 0.125, 0.25, 0.5, 0.75]
@@ -19,21 +19,19 @@ POSITIONS = {"original": "Original positions: each new token is fed at its true 
 VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning, "not measured": st.info}
 
 
-@st.cache_resource(show_spinner="Loading the model...")
-def load(name: str):
-    return load_model(None if name.strip() in ("", "bundled") else name)
-
-
 @st.cache_resource(max_entries=4, show_spinner="Full-cache reference pass...")
 def reference(name: str, text: str, max_tokens: int):
-    model, tokenizer = load(name)
-    return reference_pass(model, text_ids(model, tokenizer, text, max_tokens))
+    shared = shared_model(name)
+    with shared.lock:
+        return reference_pass(shared.model, text_ids(shared.model, shared.tokenizer, text, max_tokens))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def run(name: str, text: str, max_tokens: int, policy: str, hyper: tuple, budget, positions: str, mode: str):
-    return run_policy(load(name)[0], reference(name, text, max_tokens), make_policy(policy, **dict(hyper)), budget,
-                      positions, mode)
+    shared = shared_model(name)
+    with shared.lock:
+        return run_policy(shared.model, reference(name, text, max_tokens), make_policy(policy, **dict(hyper)),
+                          budget, positions, mode)
 
 
 st.title("Eviction")
@@ -71,7 +69,7 @@ if not chosen or not budgets:
 with user_errors("Settings"):
     config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens)
     text = own if source == "your text" else sample_text()
-    model, tokenizer = load(model_name)
+    tokenizer = shared_model(model_name).tokenizer
     ref = reference(model_name, text, max_tokens)
     todo, runs = config.runs(), []
     bar = st.progress(0.0, text="Running policies...")

@@ -1,6 +1,5 @@
 """Live model: a real transformers model generating token by token, its attention, sinks, heavy hitters and KV bytes."""
 
-import threading
 from collections import OrderedDict
 
 import streamlit as st
@@ -14,18 +13,16 @@ from ui import figures, params, tables
 from ui import live_figures as lf
 from ui.format import bytes_str
 from ui.guard import user_errors
+from ui.models import shared_model
 
 OTHER = "other (type a Hub name)"
 MAX_RUNS = 24  # finished runs kept per model: reruns and other sessions reuse them
 
 
-@st.cache_resource(max_entries=1, show_spinner=False)
-def model_bundle(name: str) -> dict:
-    """One shared copy of the model, a lock that serialises its use, and finished runs by settings."""
-    from kvcore.models.loader import load_model
-
-    model, tokenizer = load_model(name)
-    return {"model": model, "tokenizer": tokenizer, "lock": threading.Lock(), "runs": OrderedDict()}
+@st.cache_resource(max_entries=2, show_spinner=False)
+def finished_runs(name: str) -> OrderedDict:
+    """Finished generations by settings, per model: reruns and other sessions reuse them."""
+    return OrderedDict()
 
 
 st.title("Live model")
@@ -51,9 +48,9 @@ if (name := (hub.strip() or None) if choice == OTHER else choice) is None:
     st.info("Type a Hugging Face Hub name (a causal LM with at most 1.5 GB of weights), or pick the bundled model.")
     st.stop()
 with st.status(f"Loading {name}...") as status, user_errors(f"Loading {name}"):
-    bundle = model_bundle(name)
+    shared = shared_model(name)
     status.update(label=f"Model: {name}", state="complete")
-model, tokenizer, runs, lock = bundle["model"], bundle["tokenizer"], bundle["runs"], bundle["lock"]
+model, tokenizer, runs, lock = shared.model, shared.tokenizer, finished_runs(name), shared.lock
 with user_errors("Settings"):
     settings = GenerationSettings(max_new_tokens=new, temperature=temp, seed=seed)
     plan, full_plan = make_plan(plan_name, budget, positions), make_plan("full", budget, positions)

@@ -6,6 +6,7 @@ from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, custom_method
 from ui import figures, params, quant_figures, tables
 from ui.guard import user_errors
+from ui.models import shared_model
 
 st.title("KV cache quantization")
 st.markdown(
@@ -18,9 +19,10 @@ st.markdown(
 )
 
 
-@st.cache_resource(show_spinner="Loading the bundled model...")
 def model():
-    return qe.load_model(None)
+    """The bundled model and its tokenizer, shared by every page and session."""
+    shared = shared_model()
+    return shared.model, shared.tokenizer
 
 
 def method_of(name, bits, scheme, group, residual, sinks, outliers):
@@ -29,13 +31,15 @@ def method_of(name, bits, scheme, group, residual, sinks, outliers):
 
 @st.cache_resource(show_spinner="Capturing queries, keys and values...")
 def captured(tokens, seed, windows):
-    return qe.capture_qkv(model()[0], qe.text_ids(model()[1], tokens, seed, windows)[0])
+    with shared_model().lock:
+        return qe.capture_qkv(model()[0], qe.text_ids(model()[1], tokens, seed, windows)[0])
 
 
 @st.cache_data(show_spinner="Decoding the text through every method's cache...")
 def measure(tokens, seed, windows, *settings):
     methods = METHODS if not settings else {"fp16": METHODS["fp16"], "custom": method_of(*settings)}
-    return qe.evaluate(model()[0], qe.text_ids(model()[1], tokens, seed, windows), methods)
+    with shared_model().lock:
+        return qe.evaluate(model()[0], qe.text_ids(model()[1], tokens, seed, windows), methods)
 
 
 @st.cache_data(show_spinner=False)
@@ -50,8 +54,9 @@ def maps(tokens, seed, windows, layer, head, *settings):
 def texts(tokens, seed, windows, new_tokens, *settings):
     m, tok = model()
     prompt = qe.text_ids(tok, tokens, seed, windows)[0, : tokens // 2]
-    return [tok.decode(prompt, skip_special_tokens=True)] + [
-        qe.generate_text(m, tok, prompt, method, new_tokens) for method in (METHODS["fp16"], method_of(*settings))]
+    with shared_model().lock:
+        return [tok.decode(prompt, skip_special_tokens=True)] + [
+            qe.generate_text(m, tok, prompt, method, new_tokens) for method in (METHODS["fp16"], method_of(*settings))]
 
 
 with user_errors("Loading the bundled model"):
