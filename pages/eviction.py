@@ -41,10 +41,12 @@ st.markdown("When the KV cache outgrows its memory, a policy decides which token
             "perplexity, the share of full-cache attention that still lands on readable tokens, the error of each "
             "layer's attention output, cache hits and misses, speed and the bytes the cache really holds.")
 with st.sidebar:
-    model_name = params.widget(st.text_input, "Model (bundled, Hub name or folder)", key="model", value="bundled")
+    model_name = params.widget(st.text_input, "Model (bundled, Hub name or folder)", key="model", value="bundled",
+                               max_chars=96)
     source = params.widget(st.segmented_control, "Text", key="src", options=["bundled sample", "your text"],
                            default="bundled sample", required=True)
-    own = params.widget(st.text_area, "Your text", key="text", value="") if source == "your text" else ""
+    own = (params.widget(st.text_area, "Your text", key="text", value="", max_chars=20_000)
+           if source == "your text" else "")
     max_tokens = params.widget(st.slider, "Tokens streamed", key="ntok", min_value=32, max_value=1024,
                                value=256, step=32)
     mode = params.widget(st.segmented_control, "Mode", key="mode", options=["decode", "prefill"], default="decode",

@@ -47,7 +47,7 @@ with st.sidebar:
                                default=4, required=True)
     caching = params.widget(st.toggle, "Prefix caching", key="apc", value=True)
     text = params.widget(st.text_area, "Prompts (one per line, up to 4)", key="prompts",
-                         value="\n".join(stepper.DEFAULT_PROMPTS), height=150)
+                         value="\n".join(stepper.DEFAULT_PROMPTS), height=150, max_chars=4000)
 with user_errors("Stepper settings"):
     config = stepper.StepperConfig(tuple(t for t in text.splitlines() if t.strip()), num_blocks, block_size, caching)
 actions = params.query_value("steps", [], lambda raw: stepper.load_actions(raw, config),

@@ -25,6 +25,8 @@ _SPLITS = {"validation": "validation.jsonl", "train": "train_sample.jsonl"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _NO_NETWORK = "The bundled model works offline."
+PUBLIC_ENV = "KVLAB_PUBLIC"
+MODEL_DIRS_ENV = "KVLAB_MODEL_DIRS"
 
 
 def load_model(name_or_path: str | None = None, device: str | torch.device | None = None, *,
@@ -47,8 +49,8 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
             raise OSError(f"the bundled model is missing from {folder}; run scripts/train_bundled_model.py")
         return _from_folder(folder, dev, attn_implementation)
     name = name_or_path.strip()
-    local = Path(name).expanduser()
-    if local.is_dir():
+    local = local_folder(name)
+    if local is not None:
         _check_local(local, max_weight_bytes)
         return _from_folder(local, dev, attn_implementation)
     if not _HUB_NAME.match(name):
@@ -59,6 +61,37 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
         return _from_folder(folder, dev, attn_implementation)
     check_hub_model(name, max_weight_bytes, timeout_s)
     return _from_folder(name, dev, attn_implementation)
+
+
+def public_deployment() -> bool:
+    """True on a public deployment: ``KVLAB_PUBLIC=1``, or running from Community Cloud's /mount/src."""
+    flag = os.environ.get(PUBLIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or Path.cwd().resolve().is_relative_to("/mount/src")
+
+
+def allowed_model_dirs() -> list[Path]:
+    """Folders a public deployment may load local models from (``KVLAB_MODEL_DIRS``, os.pathsep-separated)."""
+    raw = os.environ.get(MODEL_DIRS_ENV, "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def local_folder(name: str) -> Path | None:
+    """The local model folder ``name`` names, or None when it is to be read as a Hub name.
+
+    On a public deployment only folders under :func:`allowed_model_dirs` are looked at (so a URL
+    cannot make the server read or probe arbitrary paths); a path-like name elsewhere is refused.
+    """
+    path = Path(name).expanduser()
+    if not public_deployment():
+        return path if path.is_dir() else None
+    resolved = path.resolve()
+    for root in allowed_model_dirs():
+        if resolved.is_relative_to(root) and resolved.is_dir():
+            return resolved
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        raise ValueError(f"local model folders are turned off on this public deployment; use a Hub name like "
+                         f"'gpt2' (an operator can allow folders with {MODEL_DIRS_ENV})")
+    return None
 
 
 def hub_offline() -> bool:
