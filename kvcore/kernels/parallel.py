@@ -1,0 +1,85 @@
+"""Split-K work items (a sequence's run of chunks) and how the CPU kernels run them: one intra-op thread.
+
+Follows vLLM PagedAttention V2, whose grid is (sequence, head, partition): here a work item is a span of
+one sequence's chunks. A chunk's ops are small (tens of microseconds). With several intra-op threads each
+op is an OpenMP parallel region ending in a barrier, and on a shared, loaded machine a descheduled
+thread stalls every barrier for a scheduler slice: the chunk loop then runs many times slower than on
+one thread (benchmarks/RESULTS.md). So the CPU kernels run their loop on one intra-op thread by default;
+``workers > 1`` runs spans on that many single-threaded Python threads instead, which pays off only
+when cores are idle (the threads share the GIL between ops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+DEFAULT_WORKERS = 1
+SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Chunks ``[first, stop)`` of sequence ``seq``: one work item."""
+
+    seq: int
+    first: int
+    stop: int
+
+
+@cache
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """Run the block (or, as a decorator, the function) on one intra-op thread, then restore the count.
+
+    With the OpenMP backend ``torch.set_num_threads`` changes this thread's OpenMP and MKL settings and
+    the default that threads started meanwhile inherit; other running threads are unaffected. Other
+    backends cannot change the count once work has started, so the block runs as it is.
+    """
+    before = torch.get_num_threads()
+    if before == 1 or not _openmp_backend():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def plan_spans(num_chunks: list[int], workers: int) -> list[Span]:
+    """Cut each sequence's ``num_chunks[b]`` chunks into spans, biggest first.
+
+    One span per sequence for one worker; for several, spans of at most
+    ``ceil(total / (SPANS_PER_WORKER * workers))`` chunks, so one long sequence is split across workers
+    (flash-decoding's point) and many short ones are not split at all.
+    """
+    total = sum(num_chunks)
+    size = max(num_chunks, default=1) if workers <= 1 else max(1, -(-total // (SPANS_PER_WORKER * workers)))
+    spans = [Span(b, i, min(i + size, n)) for b, n in enumerate(num_chunks) for i in range(0, n, size)]
+    return sorted(spans, key=lambda s: s.first - s.stop)  # longest first: a greedy balanced schedule
+
+
+def run_spans(spans: list[Span], work: Callable[[Span], None], workers: int = DEFAULT_WORKERS) -> None:
+    """Call ``work(span)`` for every span on one intra-op thread: inline, or on ``workers`` threads.
+
+    ``work`` must write disjoint outputs per span. Worker threads start while the intra-op count is 1,
+    so they inherit it.
+    """
+    with one_intra_op_thread():
+        if workers <= 1 or len(spans) <= 1:
+            for span in spans:
+                work(span)
+            return
+        with ThreadPoolExecutor(max_workers=min(workers, len(spans))) as pool:
+            for _ in pool.map(work, spans):
+                pass  # re-raises a worker's exception here
