@@ -8,8 +8,9 @@ starts fast.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
+
+from kvcore.checks import positive_ints, positive_numbers
 
 GB = 1e9
 GIB = 1024**3
@@ -36,10 +37,7 @@ class ModelShape:
     source: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "num_params"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        positive_ints(self, "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "num_params")
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
@@ -79,10 +77,7 @@ class GpuSpec:
     host_link: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("hbm_bytes", "hbm_bandwidth", "bf16_flops", "host_link_bandwidth"):
-            value = getattr(self, field)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{field} must be a positive number, got {value!r}")
+        positive_numbers(self, "hbm_bytes", "hbm_bandwidth", "bf16_flops", "host_link_bandwidth")
 
     @property
     def ridge_point(self) -> float:

@@ -62,7 +62,7 @@ def test_tokens_that_fit_after_weights():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"num_q_heads": 32, "num_kv_heads": 5}, "multiple of num_kv_heads"),
-    ({"num_layers": 0}, "num_layers must be a positive integer"),
+    ({"num_layers": 0}, "num_layers must be an integer >= 1"),
 ])
 def test_bad_shapes_say_what_is_wrong(kwargs, message):
     base = {"name": "x", "num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 8, "num_params": 10}

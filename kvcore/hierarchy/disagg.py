@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from kvcore.checks import positive_numbers
 from kvcore.sched.cost import CostModel, prefill_pairs
 from kvcore.shapes import kv_bytes
 
@@ -66,10 +67,7 @@ class ServingWorkload:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_requests", "rate", "prompt_tokens", "output_tokens"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"ServingWorkload.{name} must be a positive number, got {value!r}")
+        positive_numbers(self, "num_requests", "rate", "prompt_tokens", "output_tokens")
 
     def generate(self) -> list[ServeRequest]:
         """The requests in arrival order."""

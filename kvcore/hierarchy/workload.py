@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvcore.checks import positive_numbers
+
 Segment = tuple[int, int]  # (segment id, tokens)
 SYSTEM_SEGMENT = 0
 
@@ -74,13 +76,6 @@ def _tokens(rng: np.random.Generator, mean: int, size: int | None = None) -> np.
     return np.maximum(1, rng.integers(mean // 2, mean + mean // 2 + 1, size=size))
 
 
-def _check_positive(owner: object, *names: str) -> None:
-    for name in names:
-        value = getattr(owner, name)
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{type(owner).__name__}.{name} must be a positive number, got {value!r}")
-
-
 @dataclass(slots=True)
 class ChatWorkload:
     """Multi-turn chat: sessions reuse their earlier turns, all share one system prompt.
@@ -101,7 +96,7 @@ class ChatWorkload:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive(self, "num_requests", "session_rate", "think_time_s", "user_tokens", "output_tokens")
+        positive_numbers(self, "num_requests", "session_rate", "think_time_s", "user_tokens", "output_tokens")
         if self.mean_turns < 1:
             raise ValueError(f"ChatWorkload.mean_turns must be >= 1, got {self.mean_turns}")
         if self.system_tokens < 0:
@@ -161,7 +156,7 @@ class RagWorkload:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_positive(self, "num_requests", "request_rate", "num_docs", "zipf_alpha", "docs_per_request",
+        positive_numbers(self, "num_requests", "request_rate", "num_docs", "zipf_alpha", "docs_per_request",
                         "doc_tokens", "query_tokens", "output_tokens")
         if self.docs_per_request > self.num_docs:
             raise ValueError(f"docs_per_request ({self.docs_per_request}) must be <= num_docs ({self.num_docs})")

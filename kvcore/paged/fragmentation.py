@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from kvcore.checks import positive_ints
 from kvcore.paged.contiguous import FirstFitAllocator
 from kvcore.paged.manager import KVCacheManager
 from kvcore.paged.workload import LengthDistribution, generate_workload
@@ -54,10 +55,7 @@ class FragmentationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_requests", "max_seq_len", "block_size", "num_blocks", "max_num_seqs"):
-            value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_ints(self, "num_requests", "max_seq_len", "block_size", "num_blocks", "max_num_seqs")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.max_seq_len > self.capacity:

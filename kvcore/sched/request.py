@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvcore.checks import positive_ints
+
 # Output token ids start above the prompt vocabulary, so a generated block never collides with a prompt
 # block by accident; the chained block hash still makes them unique per request.
 VOCAB_SIZE = 32_000
@@ -36,10 +38,7 @@ class Request:
     def __post_init__(self) -> None:
         if not (isinstance(self.arrival_s, int | float) and math.isfinite(self.arrival_s) and self.arrival_s >= 0):
             raise ValueError(f"arrival_s must be a finite number of seconds >= 0, got {self.arrival_s!r}")
-        for name in ("prompt_tokens", "output_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        positive_ints(self, "prompt_tokens", "output_tokens")
         if self.prefix_id is not None and (not isinstance(self.prefix_id, int) or self.prefix_id < 0):
             raise ValueError(f"prefix_id must be None or an integer >= 0, got {self.prefix_id!r}")
 
