@@ -22,6 +22,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "kvcore.quant.cli",
     "kvcore.models.cli",
     "kvcore.eviction.cli",
+    "kvcore.sharing.cli",
 )
 
 

@@ -1,13 +1,128 @@
-"""Sharing (GQA/MQA/cross-layer) page (not built yet)."""
+"""Sharing: fewer KV heads (MHA / GQA / MQA) and fewer KV layers (cross-layer), in bytes and in perplexity."""
 
 import streamlit as st
 
-st.title("Sharing (GQA/MQA/cross-layer)")
-st.info(
-    (
-        "MHA vs GQA vs MQA vs cross-layer sharing: the memory each saves, converting a trained model, and "
-        "tiny models trained with different KV heads."
-    ),
-    icon=":material/construction:",
-)
-st.caption("This page is not built yet: it arrives with its own issue.")
+from kvcore import sharing
+from kvcore.shapes import GPU_PRESETS, KV_BITS, PRESETS
+from ui import figures, params, tables
+from ui import sharing_figures as sf
+from ui.guard import user_errors
+from ui.models import shared_model
+
+
+@st.cache_resource(show_spinner="Loading the bundled model...")
+def bundled():
+    """The shared bundled model, its tokenizer, the evaluation streams and the cross-layer windows."""
+    shared = shared_model()
+    streams = sharing.eval_streams(shared.tokenizer)
+    return shared.model, shared.tokenizer, streams, sharing.text_windows(streams[1], shared.tokenizer.bos_token_id,
+                                                                         4, 128)
+
+
+@st.cache_data(show_spinner="Pooling K/V heads and scoring each model...", max_entries=16)
+def convert(windows: int, steps: int, seed: int):
+    model, tok, streams, _ = bundled()
+    s = sharing.ConvertSettings(eval_windows=windows, uptrain_steps=steps, seed=seed)
+    with shared_model().lock:
+        return sf.with_progress("Converting...", lambda cb: sharing.convert_experiment(model, tok, s, cb, streams))
+
+
+@st.cache_data(show_spinner="Decoding the text through each shared cache...", max_entries=16)
+def crosslayer(mode: str, t: float):
+    with shared_model().lock:
+        return sharing.crosslayer_sweep(bundled()[0], bundled()[3], mode, t)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def live(steps: int, seed: int):
+    return sf.with_progress("Training...", lambda cb: sharing.train_variants(sharing.live_settings(steps, seed),
+                                                                             progress=cb))
+
+
+st.title("Sharing KV across heads and layers")
+st.markdown(
+    "The cache holds K and V for every **KV head** of every **layer**. **GQA** lets a group of query heads read one "
+    "KV head (**MQA**: all of them read one), so the cache shrinks by the group size (Ainslie et al. 2023). "
+    "**Cross-layer** sharing lets adjacent layers keep one K/V between them (CLA, Brandon et al. 2024; MiniCache, "
+    "Liu et al. 2024). Below: the memory each saves on real model shapes, then what it costs on the bundled model, "
+    "converted after training or trained that way from scratch.")
+with st.sidebar:
+    preset = params.widget(st.selectbox, "Model preset", key="sh_model", options=list(PRESETS), index=2)
+    shape, options = PRESETS[preset], sharing.divisors(PRESETS[preset].num_q_heads)
+    kv = params.widget(st.selectbox, "KV heads", key="sh_kv", options=options, index=options.index(shape.num_kv_heads))
+    tokens = params.widget(st.number_input, "Context (tokens)", key="sh_tokens", min_value=1, max_value=2_000_000,
+                           value=8192, step=1024)
+    batch = params.widget(st.number_input, "Batch (sequences)", key="sh_batch", min_value=1, max_value=4096, value=8)
+    bits = params.widget(st.segmented_control, "KV bits", key="sh_bits", options=list(KV_BITS), default=16,
+                         required=True)
+    gpu = params.widget(st.selectbox, "GPU", key="sh_gpu", options=list(GPU_PRESETS))
+    seed = params.widget(st.number_input, "Seed (training runs)", key="sh_seed", min_value=0, max_value=9999, value=0)
+
+tab_heads, tab_layers, tab_convert, tab_scratch = st.tabs(
+    ["Heads: MHA/GQA/MQA", "Layers: cross-layer", "Convert a trained model", "Trained from scratch"])
+with tab_heads, user_errors("Calculator"):
+    table = sharing.kv_heads_table(shape, tokens, batch, bits, GPU_PRESETS[gpu])
+    row = table.set_index("kv_heads").loc[kv]
+    figures.show(sf.head_groups(shape.num_q_heads, kv, f"{preset} with {kv} KV heads: {row.attention}, "
+                                f"{row.q_heads_per_kv_head} query head(s) per KV head"), key="groups")
+    sf.head_metrics(row, tokens, batch, gpu)
+    sf.side_by_side([figures.bar_chart(table.assign(kv=table.kv_heads.astype(str)), "kv", "kv_bytes_per_token",
+                                       title=f"KV bytes per token ({bits}-bit)", x_title="KV heads",
+                                       y_title="bytes per token", log_y=True),
+                     sf.capacity(sharing.fit_table(shape, GPU_PRESETS[gpu], bits), tokens)], "calc")
+    tables.show_table(table, "sharing", "kv-heads", {"model": preset, "tokens": tokens, "batch": batch, "bits": bits},
+                      caption="The same model with each divisor of its query heads as KV heads. Weights at 16 bits "
+                              "with the K/V projections resized; 'fit' = (HBM - weights) / KV bytes.")
+
+with tab_layers:
+    with user_errors("Loading the bundled model"):
+        n_layers, ids = bundled()[0].config.num_hidden_layers, bundled()[3]
+    c1, c2, c3 = st.columns(3)
+    mode = params.widget(c1.segmented_control, "Mode", key="sh_mode", options=list(sharing.MODES), default="share",
+                         required=True)
+    start = params.widget(c2.slider, "First shared layer", key="sh_start", min_value=0, max_value=n_layers - 2,
+                          value=min(2, n_layers - 2))
+    t = params.widget(c3.slider, "Merge weight t of the upper layer", key="sh_t", min_value=0.0, max_value=1.0,
+                      value=0.5, step=0.1, disabled=mode == "share")
+    with user_errors("Cross-layer sharing"):
+        cl = crosslayer(mode, t if mode != "share" else 0.5).table
+    st.caption(sf.MODE_TEXT[mode])
+    left, right = st.columns([3, 2])
+    with left:
+        figures.show(sf.crosslayer(cl, start), key="cl")
+    with right:
+        tables.show_table(sharing.layer_roles(sharing.CrossLayerSettings(mode, start, t), n_layers), "sharing",
+                          "layer-roles", {"mode": mode, "start": start})
+    tables.show_table(cl, "sharing", "cross-layer", {"mode": mode, "t": t}, caption=(
+        f"Bundled model, {ids.shape[0]} windows of {ids.shape[1]} validation tokens; one row per first shared layer. "
+        "Bytes measured from the cache tensors (fp32) at the end."))
+
+with tab_convert:
+    c1, c2, c3 = st.columns(3)
+    windows = params.widget(c1.number_input, "Validation windows (256 tokens)", key="sh_windows", min_value=1,
+                            max_value=64, value=4)
+    uptrain = params.widget(c2.toggle, "Uptrain each converted model", key="sh_uptrain", value=False)
+    steps = params.widget(c3.slider, "Uptraining steps", key="sh_usteps", min_value=5, max_value=60, value=10,
+                          step=5, disabled=not uptrain)
+    up = steps if uptrain else 0
+    with user_errors("Conversion"):
+        conv = convert(windows, up, seed if up else 0)  # the seed only orders uptraining batches
+    st.caption(sf.convert_caption(conv.table, up))
+    figures.show(sf.conversion(conv.table), key="conv")
+    tables.show_table(conv.table, "sharing", "convert", {"windows": windows, "uptrain": up})
+
+with tab_scratch:
+    shipped = sharing.shipped_results()
+    if shipped is None:
+        st.info("No shipped results: run `python scripts/train_kv_head_variants.py`.")
+    else:
+        st.caption(sf.shipped_caption(shipped.summary))
+        sf.side_by_side(sf.curves(shipped.curves, "Shipped run"), "shipped")
+        tables.show_table(shipped.summary, "sharing", "kv-heads-shipped")
+    if params.widget(st.toggle, "Re-run a short version here", key="sh_live", value=False):
+        lsteps = params.widget(st.slider, "Steps per variant", key="sh_lsteps", min_value=10, max_value=60, value=30,
+                               step=10)
+        with user_errors("Training"):
+            run = live(lsteps, seed)
+        sf.side_by_side(sf.curves(run.curves, "Live run"), "live")
+        tables.show_table(run.summary, "sharing", "kv-heads-live", {"steps": lsteps, "seed": seed})
