@@ -31,6 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from kvcore.models.corpus import CORPUS_LICENSE, build_corpus
 from kvcore.models.stats import attention_summary, unigram_bits_per_byte
+from kvcore.models.training import (
+    ModelSpec,
+    Schedule,
+    batch_at,
+    evaluate,
+    make_optimizer,
+    random_starts,
+    text_bytes,
+    token_stream,
+    train_step,
+)
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 
@@ -77,71 +88,11 @@ def train_tokenizer(docs: list[str], vocab: int):
                                    model_max_length=1_000_000, clean_up_tokenization_spaces=False)
 
 
-def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
-    """All documents' tokens, each document followed by <eos>: one long 1-D stream."""
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def build_model(args: argparse.Namespace, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.ffn,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.max_positions, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, attention_bias=False, mlp_bias=False, initializer_range=0.02,
-    )
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
-
-
-def batch_at(stream: torch.Tensor, starts: torch.Tensor, context: int, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``<bos> s[i] .. s[i+C-2]`` and targets ``s[i] .. s[i+C-1]``: [B, C] each."""
-    rows = torch.stack([stream[s:s + context] for s in starts.tolist()])  # [B, C]
-    inputs = torch.cat([torch.full((len(starts), 1), bos), rows[:, :-1]], dim=1)  # [B, C]
-    return inputs, rows
-
-
-@torch.no_grad()
-def evaluate(model, stream: torch.Tensor, context: int, bos: int, num_bytes: int, batch: int = 16) -> dict:
-    """Validation NLL over consecutive windows (each restarted with <bos>): nats/token and bits/byte."""
-    model.eval()
-    n_win = len(stream) // context
-    total, count = 0.0, 0
-    for w0 in range(0, n_win, batch):
-        starts = torch.arange(w0, min(n_win, w0 + batch)) * context
-        inputs, targets = batch_at(stream, starts, context, bos)
-        logits = model(input_ids=inputs).logits.float()  # [B, C, V]
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        total, count = total + nll.item(), count + targets.numel()
-    model.train()
-    covered_bytes = num_bytes * count / len(stream)  # windows cover all but the stream's tail
-    return {"val_nats_per_token": total / count, "val_bits_per_byte": total / math.log(2) / covered_bytes}
-
-
-def lr_at(step: int, progress: float, args: argparse.Namespace) -> float:
-    """Linear warm-up over ``args.warmup`` steps, then cosine decay to ``min_lr_ratio`` as progress goes 0 -> 1."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, max(0.0, progress))
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def progress_at(step: int, elapsed_s: float, warmup_s: float, args: argparse.Namespace) -> float:
     """Schedule progress after warm-up: by steps, or by wall time with ``--minutes``."""
     if args.minutes is None:
         return (step - args.warmup) / max(1, args.steps - args.warmup)
     return (elapsed_s - warmup_s) / max(1e-9, args.minutes * 60 - warmup_s)
-
-
-def make_optimizer(model, args: argparse.Namespace) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
 
 
 def write_jsonl(path: Path, docs: list[str], sources: list[str]) -> None:
@@ -161,15 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     corpus = build_corpus(seed=args.seed)
     tokenizer = train_tokenizer(corpus.train, args.vocab)
     train_ids, val_ids = token_stream(tokenizer, corpus.train), token_stream(tokenizer, corpus.validation)
-    val_bytes = sum(len(d.encode("utf-8")) for d in corpus.validation)
+    val_bytes = text_bytes(corpus.validation)
     print(f"corpus: {len(corpus.train)} train docs ({len(train_ids):,} tokens), {len(corpus.validation)} validation "
           f"docs ({len(val_ids):,} tokens, {val_bytes:,} bytes); tokenizer {len(tokenizer)} "
           f"[{time.perf_counter() - t0:.1f}s]", flush=True)
 
-    model = build_model(args, tokenizer)
+    model = ModelSpec(args.layers, args.hidden, args.heads, args.heads, args.ffn, args.max_positions).build(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
-    opt = make_optimizer(model, args)
+    opt = make_optimizer(model, args.lr, args.weight_decay)
+    schedule = Schedule(args.lr, args.warmup, args.steps, args.min_lr_ratio)
     bos, log_rows = tokenizer.bos_token_id, []
     t_train, cpu0, tokens_seen, loss_ema = time.perf_counter(), time.process_time(), 0, None
     best = {"val_nats_per_token": math.inf, "step": 0, "state": None}
@@ -179,23 +131,16 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - t_train
         warmup_s = elapsed if step == args.warmup else warmup_s
         progress = progress_at(step, elapsed, warmup_s, args)
-        lr = lr_at(step, progress, args)
+        lr = schedule.lr(step, progress)
         last = step == args.steps - 1 or (args.minutes is not None and step > args.warmup and progress >= 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        starts = torch.tensor([rng.randrange(len(train_ids) - args.context) for _ in range(args.batch)])
-        inputs, targets = batch_at(train_ids, starts, args.context, bos)
-        logits = model(input_ids=inputs).logits  # [B, C, V]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        inputs, targets = batch_at(train_ids, random_starts(rng, len(train_ids), args.context, args.batch),
+                                   args.context, bos)
+        loss = train_step(model, opt, inputs, targets, lr)
         tokens_seen += inputs.numel()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
         if step % 25 == 0 or last:
             el = time.perf_counter() - t_train
-            print(f"step {step:5d} loss {loss.item():.3f} (ema {loss_ema:.3f}) lr {lr:.2e} "
+            print(f"step {step:5d} loss {loss:.3f} (ema {loss_ema:.3f}) lr {lr:.2e} "
                   f"tokens {tokens_seen:,} {tokens_seen / el:,.0f} tok/s elapsed {el / 60:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or last:
             metrics = evaluate(model, val_ids, args.context, bos, val_bytes)

@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,3 +18,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("lab")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: one-token model steps gain nothing from threads, and on a shared
+    CPU the threads thrash (steps swing from milliseconds to tens of milliseconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ PROMPT = "The import statement"
 UNCACHED = "kv-cache-lab-tests/no-such-model"  # never in a local Hugging Face cache
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One-token steps of a 6M-parameter model gain nothing from threads, and on a shared CPU they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

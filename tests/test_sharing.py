@@ -42,13 +42,7 @@ from kvcore.sharing.variants import bundled_tokenizer, data_streams, live_settin
 HEADS, HEAD_DIM, LAYERS, VOCAB = 8, 8, 4, 97
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str = "llama", kv_heads: int = HEADS, layers: int = LAYERS, vocab: int = VOCAB):

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvcore.models.policy import cache_plans
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The bundled model's one-token steps gain nothing from threads, and on a shared CPU they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_table(at):
