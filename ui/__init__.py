@@ -1,4 +1,4 @@
 """Streamlit glue: URL-bound widgets, Plotly figures with one look, tables with CSV downloads.
 
-The only package besides ``pages/`` and ``app.py`` that imports streamlit.
+The only package besides ``app_pages/`` and ``app.py`` that imports streamlit.
 """

@@ -14,13 +14,13 @@ TIMEOUT = 180
 
 
 def open_page(page: str, query: Mapping[str, str] | None = None, timeout: float = TIMEOUT) -> AppTest:
-    """Run ``app.py``, switch to ``pages/<page>.py`` with the given query params, return the AppTest."""
+    """Run ``app.py``, switch to ``app_pages/<page>.py`` with the given query params, return the AppTest."""
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=timeout)
     for key, value in (query or {}).items():
         at.query_params[key] = value
     at.run()
     if page != "home":
-        at.switch_page(f"pages/{page}.py")
+        at.switch_page(f"app_pages/{page}.py")
         at.run()
     return at
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from unittest.mock import MagicMock
 
 import pandas as pd
@@ -19,6 +20,7 @@ from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheSto
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import app_test
+from streamlit.testing.v1.util import patch_config_options
 
 from tests.app.conftest import assert_clean, open_page
 
@@ -66,6 +68,12 @@ class _PerRunRuntime:
     _instance = None
 
 
+@contextmanager
+def _already_patched(options):
+    """AppTest patches global config around each run; the fixture patches it once for all threads."""
+    yield
+
+
 @pytest.fixture
 def one_runtime(monkeypatch):
     shared = MagicMock(spec=Runtime)
@@ -73,6 +81,11 @@ def one_runtime(monkeypatch):
     shared.cache_storage_manager = MemoryCacheStorageManager()
     monkeypatch.setattr(app_test, "Runtime", _PerRunRuntime)
     monkeypatch.setattr(Runtime, "_instance", shared)
+    # Per-run patching of the global config races between threads (one run's exit turns testing
+    # mode off under another); patch it once around the whole test instead.
+    monkeypatch.setattr(app_test, "patch_config_options", _already_patched)
+    with patch_config_options({"global.appTest": True}):
+        yield
 
 
 @pytest.mark.slow

@@ -94,6 +94,19 @@ def settle(page, timeout_ms: int = 240_000) -> None:
     page.wait_for_selector(IDLE, timeout=timeout_ms)
 
 
+def test_a_shared_page_link_is_the_first_request_of_a_fresh_server(server, browser):
+    # Runs first in this module, so the server has never run app.py: the page must still come through
+    # the router (its navigation titles and wide layout), not as a bare script.
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/memory_hierarchy?h_tab=Roofline")
+    settle(page)
+    nav = page.inner_text("[data-testid='stSidebarNav']")
+    assert "Home: KV memory" in nav
+    assert "Sharing (GQA/MQA/cross-layer)" in nav
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.close()
+
+
 @pytest.mark.parametrize(("path", "heading"), PAGES.items(), ids=[p or "home" for p in PAGES])
 def test_every_page_renders_without_exception(server, browser, path, heading):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
