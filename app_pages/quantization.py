@@ -78,8 +78,10 @@ with side.expander("Custom method (method = custom)", expanded=name == "custom")
                              max_value=5.0, value=0.0, step=0.5)
 tokens = params.widget(side.select_slider, "Text length (tokens)", key="qtokens", options=[64, 128, 192, 256, 384],
                        value=128, help="the first half is the prompt; the second half is decoded and scored")
-windows = params.widget(side.number_input, "Text windows", key="qwindows", min_value=1, max_value=8, value=1,
-                        help="perplexity averages over this many consecutive windows: more = steadier, slower")
+windows = params.widget(side.number_input, "Text windows", key="qwindows", min_value=1,
+                        max_value=max(1, qe.PAGE_TOKEN_LIMIT // tokens), value=1,
+                        help="perplexity averages over this many consecutive windows: more = steadier, slower "
+                             f"(up to {qe.PAGE_TOKEN_LIMIT} tokens in all, every method decoding them)")
 seed = params.widget(side.number_input, "Which windows (seed)", key="qseed", min_value=0, max_value=999, value=0)
 layer = params.widget(side.slider, "Layer (heatmaps)", key="qlayer", min_value=0, max_value=cfg.num_hidden_layers - 1,
                       value=0)

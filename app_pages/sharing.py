@@ -100,9 +100,9 @@ with tab_layers:
 with tab_convert:
     c1, c2, c3 = st.columns(3)
     windows = params.widget(c1.number_input, "Validation windows (256 tokens)", key="sh_windows", min_value=1,
-                            max_value=64, value=4)
+                            max_value=16, value=4)
     uptrain = params.widget(c2.toggle, "Uptrain each converted model", key="sh_uptrain", value=False)
-    steps = params.widget(c3.slider, "Uptraining steps", key="sh_usteps", min_value=5, max_value=60, value=10,
+    steps = params.widget(c3.slider, "Uptraining steps", key="sh_usteps", min_value=5, max_value=20, value=10,
                           step=5, disabled=not uptrain)
     up = steps if uptrain else 0
     with user_errors("Conversion"):
@@ -120,7 +120,7 @@ with tab_scratch:
         sf.side_by_side(sf.curves(shipped.curves, "Shipped run"), "shipped")
         tables.show_table(shipped.summary, "sharing", "kv-heads-shipped")
     if params.widget(st.toggle, "Re-run a short version here", key="sh_live", value=False):
-        lsteps = params.widget(st.slider, "Steps per variant", key="sh_lsteps", min_value=10, max_value=60, value=30,
+        lsteps = params.widget(st.slider, "Steps per variant", key="sh_lsteps", min_value=10, max_value=30, value=20,
                                step=10)
         with user_errors("Training"):
             run = live(lsteps, seed)

@@ -34,7 +34,9 @@ def heaviest_query(page: str) -> dict[str, str]:
     query = {}
     for key, widget in bound_widgets(open_page(page)).items():
         hi = getattr(widget, "max", None)
-        if hi is not None:
+        if type(widget).__name__ == "SelectSlider":
+            query[key] = str(widget.options[-1])
+        elif hi is not None:
             query[key] = str(int(hi)) if float(hi).is_integer() else str(hi)
         elif isinstance(widget.value, bool):
             query[key] = "true"

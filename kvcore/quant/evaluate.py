@@ -34,6 +34,11 @@ def load_model(name_or_path: str | None = None):
     return load(name_or_path)
 
 
+# Tokens (windows x length) the page decodes through every method's cache at once. benchmarks/memory.py
+# on a 2-core CPU, all methods: 384 tokens took 14 s and 1.0 GB peak, 1024 tokens 33 s and 1.5 GB.
+# The CLI has no such limit.
+PAGE_TOKEN_LIMIT = 512
+
 def text_ids(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:
     """``windows`` consecutive windows of ``num_tokens`` token ids of ``text``, ``<bos>`` first: ``[W, T]``.
 
