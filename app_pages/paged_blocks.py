@@ -67,6 +67,8 @@ c2.button("Fork", on_click=push, args=(actions, f"C{num}"), disabled=req is None
 c2.button("Finish", on_click=push, args=(actions, f"X{num}"), disabled=req is None, icon=":material/done:")
 c3.button("Decode step", on_click=push, args=(actions, "D"), disabled=not state.running, icon=":material/redo:")
 c3.button("Reset", on_click=push, args=(actions, None), disabled=not actions, icon=":material/restart_alt:")
+c1.button("Example: shared prefix, then a fork", on_click=params.set_query_value, args=("steps", stepper.EXAMPLE),
+          icon=":material/play_arrow:", disabled=bool(actions))
 if state.messages:
     st.info(f"Step {len(actions)}: {state.messages[-1]}")
 manager = state.cache.manager

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from kvcore.paged.cache import PagedKVCache
 from kvcore.paged.tokens import Vocab, sample_word, tokenize
 
+# Prefill prompt 0, then prompt 1 (its first block is a prefix-cache hit), two decode steps, fork r0
+# (parallel sampling shares its blocks; the next write copies the shared partial block), one more step.
+EXAMPLE = "P0.P1.D.D.C0.D"
 DEFAULT_PROMPTS = (
     "the quick brown fox jumps over the lazy dog by the river",
     "the quick brown fox jumps over a sleepy cat",

@@ -67,3 +67,13 @@ def test_garbage_widget_values_fall_back_to_defaults(page):
     assert at.slider(key="blocks").value == 16
     assert at.segmented_control(key="dist").value == "lognormal"
     assert not at.error
+
+
+def test_example_button_replays_the_shared_prefix_and_fork_example(page):
+    at = page("paged_blocks")
+    example = next(b for b in at.button if b.label.startswith("Example"))
+    example.click().run()
+    assert not at.exception
+    assert at.query_params["steps"] == "P0.P1.D.D.C0.D"
+    tables = at.dataframe[0].value.to_csv()
+    assert "r2" in tables  # the fork of r0 holds a block table
