@@ -28,3 +28,12 @@ def test_module_entry_point_lists_subcommands():
                           timeout=120)
     assert done.returncode == 0
     assert "memory" in done.stdout
+
+
+def test_quant_subcommand_measures_bytes_and_perplexity(tmp_path):
+    out = tmp_path / "quant.csv"
+    assert main(["quant", "--methods", "fp16", "int8-token", "--tokens", "64", "--csv", str(out)]) == 0
+    table = pd.read_csv(out).set_index("method")
+    assert table.loc["fp16", "bytes_ratio"] == 1.0
+    assert table.loc["int8-token", "bytes"] < table.loc["fp16", "bytes"]
+    assert abs(table.loc["int8-token", "ppl_vs_fp16"] - 1) < 0.01

@@ -173,7 +173,9 @@ def _check_local(folder: Path, max_weight_bytes: float) -> None:
 
 def _from_folder(source: str | Path, device: torch.device, attn_implementation: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-load progress bar only clutters the CLI and the server log
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False,
