@@ -126,13 +126,9 @@ def text_ids(model, tokenizer, text: str, max_tokens: int) -> torch.Tensor:
     """Token ids ``[1, T]`` of ``text`` (special tokens as the tokenizer adds them), cut to ``max_tokens``."""
     if max_tokens < 4:
         raise ValueError(f"max_tokens must be >= 4, got {max_tokens}")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens]  # [1, T]
-    if ids.shape[1] < 4:
-        raise ValueError(f"the text has {ids.shape[1]} tokens; give at least 4")
-    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if limit and ids.shape[1] > limit:
-        raise ValueError(f"{ids.shape[1]} tokens exceed the model's {limit} positions; lower max_tokens")
-    return ids.to(next(model.parameters()).device)
+    from kvcore.models.perplexity import as_ids
+
+    return as_ids(model, tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens], min_tokens=4)
 
 
 @contextmanager

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from kvcore.models.policy import FULL, CachePlan, run_step
 
 
-def _as_ids(model, input_ids: torch.Tensor | list[int]) -> torch.Tensor:
+def as_ids(model, input_ids: torch.Tensor | list[int], min_tokens: int = 2) -> torch.Tensor:
+    """``input_ids`` as ``[1, T]`` on the model's device; ValueError if under ``min_tokens`` or past its positions."""
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)  # [1, T]
-    if ids.shape[1] < 2:
-        raise ValueError(f"need at least 2 tokens to score a text, got {ids.shape[1]}")
+    if ids.shape[1] < min_tokens:
+        raise ValueError(f"need at least {min_tokens} tokens to score a text, got {ids.shape[1]}")
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     if limit and ids.shape[1] > limit:
         raise ValueError(f"{ids.shape[1]} tokens exceed this model's {limit} positions; use a shorter text")
@@ -40,7 +41,7 @@ def token_nll(model, input_ids: torch.Tensor | list[int], chunk_size: int = 512)
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    ids = _as_ids(model, input_ids)
+    ids = as_ids(model, input_ids)
     cache = FULL.new_cache(model)
     T, parts = ids.shape[1], []
     for start in range(0, T - 1, chunk_size):
@@ -58,7 +59,7 @@ def streaming_nll(model, input_ids: torch.Tensor | list[int], plan: CachePlan = 
     prefill: tokens fed in the first forward (>= 1, e.g. a prompt); the plan's hook runs after it and
     after every later single-token step, so it can evict or requantize before the next prediction.
     """
-    ids = _as_ids(model, input_ids)
+    ids = as_ids(model, input_ids)
     T = ids.shape[1]
     if not 1 <= prefill < T:
         raise ValueError(f"prefill must be in [1, {T - 1}] for a {T}-token text, got {prefill}")
