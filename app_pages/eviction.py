@@ -70,6 +70,7 @@ if not chosen or not budgets:
     st.stop()
 with user_errors("Settings"):
     config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens)
+    config.check_cost()
     text = own if source == "your text" else sample_text()
     tokenizer = shared_model(model_name).tokenizer
     ref = reference(model_name, text, max_tokens)

@@ -182,3 +182,10 @@ def test_cli_writes_the_sweep_as_csv(tmp_path, capsys):
 def test_cli_bad_values_are_messages_not_tracebacks(capsys):
     assert main(["eviction", "--budgets", "0", "--model", "/nonexistent/folder"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_page_refuses_a_sweep_over_its_token_limit():
+    config = EvictionConfig(policies=tuple(p for p in POLICIES if p != "full"), budgets=(16, 32, 64), max_tokens=1024)
+    with pytest.raises(ValueError, match="pick fewer policies"):
+        config.check_cost()
+    EvictionConfig(max_tokens=256).check_cost()  # the page's default sweep fits

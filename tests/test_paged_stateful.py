@@ -9,7 +9,14 @@ everything, nothing leaks. 250 examples of up to 50 steps: over 10,000 operation
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from kvcore.paged.cache import PagedKVCache
 from kvcore.paged.synthetic import synthetic_kv
@@ -20,6 +27,7 @@ PREFIXES = ([0, 1, 2, 3, 0, 1, 2, 3], [3, 2, 1, 0, 3, 2, 1, 0])
 TOKENS = st.builds(lambda prefix, n, tail: prefix[:n] + tail, st.sampled_from(PREFIXES), st.integers(0, 8),
                    st.lists(st.integers(0, 3), max_size=4)).filter(bool)
 NEW_TOKENS = st.lists(st.integers(0, 3), min_size=1, max_size=5)
+CHECKS = {"after_steps": 0}
 
 
 class PagedCacheMachine(RuleBasedStateMachine):
@@ -88,6 +96,7 @@ class PagedCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def blocks_are_consistent_and_hold_the_right_kv(self):
+        CHECKS["after_steps"] += 1  # runs after initialization and after every rule
         assert_consistent(self.manager)
         for rid, (token_ids, keys, values) in self.expected.items():
             assert self.manager.token_ids(rid) == token_ids
@@ -105,5 +114,9 @@ class PagedCacheMachine(RuleBasedStateMachine):
         assert_consistent(self.manager)
 
 
-PagedCacheMachine.TestCase.settings = settings(max_examples=250, stateful_step_count=50, deadline=None)
-TestPagedCache = PagedCacheMachine.TestCase
+def test_random_operations_keep_every_invariant():
+    CHECKS["after_steps"] = 0
+    run_state_machine_as_test(PagedCacheMachine,
+                              settings=settings(max_examples=250, stateful_step_count=50, deadline=None))
+    # Each example runs its initialization and up to 50 operations, checking after each one.
+    assert CHECKS["after_steps"] - 250 >= 10_000

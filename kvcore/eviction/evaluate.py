@@ -39,6 +39,10 @@ ATTENTION_POLICIES = tuple(name for name, cls in POLICIES.items() if cls.needs_a
 Progress = Callable[[int, int, str], None]
 
 
+# Tokens (runs x tokens each) one page view may stream through the model: on a 2-core CPU one run of
+# 1,024 tokens takes about 3 s with the bundled model, so this keeps a view near 30 s. The CLI has no limit.
+PAGE_STREAM_LIMIT = 8192
+
 @dataclass(slots=True)
 class EvictionConfig:
     """One sweep: which policies, at which budgets, in which mode, on how many tokens.
@@ -99,6 +103,15 @@ class EvictionConfig:
         """Every (policy, budget) pair to run; ``full`` once (it ignores the budget)."""
         policies = self.make_policies()
         return [(policies[0], 1.0)] + [(p, b) for p in policies[1:] for b in dict.fromkeys(self.budgets)]
+
+    def check_cost(self, limit: int = PAGE_STREAM_LIMIT) -> None:
+        """Refuse a sweep that would stream more than ``limit`` tokens in all (runs x tokens)."""
+        runs = len(self.runs())
+        if runs * self.max_tokens > limit:
+            raise ValueError(
+                f"this sweep streams {runs * self.max_tokens:,} tokens ({runs} runs x {self.max_tokens:,} tokens); "
+                f"the page allows {limit:,} so one view stays near half a minute of CPU: pick fewer policies "
+                "or budgets, or fewer tokens (`python -m kvcore eviction` has no limit)")
 
 
 @dataclass(slots=True)

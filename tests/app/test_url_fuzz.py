@@ -20,7 +20,7 @@ from tests.app.conftest import assert_clean, open_page
 
 PAGES = ["home", "paged_blocks", "continuous_batching", "eviction", "quantization", "sharing",
          "memory_hierarchy", "live_model"]
-EXAMPLES = int(os.environ.get("KVLAB_FUZZ_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("KVLAB_FUZZ_EXAMPLES", "10"))
 CASES_RUN: dict[str, int] = {}
 
 NASTY = st.one_of(
