@@ -1,0 +1,24 @@
+"""Benchmarks are not tests: CI only checks that each runs at a tiny size and writes its table."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+SMOKE = {
+    "batching.py": ["--requests", "20", "--output-mean", "16", "--runs", "1"],
+    "pages.py": ["--runs", "1", "--pages", "home"],
+    "memory.py": ["--pages", "home"],
+}
+
+
+@pytest.mark.parametrize(("script", "args"), SMOKE.items())
+def test_benchmark_runs_at_smoke_size(script, args, tmp_path):
+    out = tmp_path / "table.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--csv", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(pd.read_csv(out)) >= 1
