@@ -138,3 +138,36 @@ def test_widget_change_is_written_to_the_url(server, browser):
     fresh.close()
     page.close()
 
+
+
+# One setting per page: (label, kind, new value or key press); the URL must carry it afterwards.
+CHANGES = {
+    "paged_blocks": ("Blocks in the pool", "slider", "blocks="),
+    "continuous_batching": ("Requests", "number:150", "n=150"),
+    "eviction": ("Tokens streamed", "slider", "ntok="),
+    "quantization": ("Generated tokens", "number:16", "qgen=16"),
+    "sharing": ("Context (tokens)", "number:4096", "sh_tokens=4096"),
+    "memory_hierarchy": ("Seed", "number:3", "h_seed=3"),
+    "live_model": ("New tokens", "number:12", "lm_new=12"),
+}
+
+
+@pytest.mark.parametrize("path", list(CHANGES))
+def test_each_page_writes_a_changed_setting_to_the_url(server, browser, path):
+    label, kind, expected = CHANGES[path]
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/{path}")
+    settle(page)
+    assert "?" not in page.url  # defaults are left out of the URL
+    if kind == "slider":
+        thumb = page.locator(f"[data-testid='stSlider'] input[type='range'][aria-label='{label}']")
+        thumb.focus()
+        thumb.press("ArrowRight")
+    else:
+        box = page.get_by_label(label, exact=True)
+        box.fill(kind.split(":")[1])
+        box.press("Enter")
+    page.wait_for_url(f"**{expected}**", timeout=30_000)
+    settle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    page.close()
