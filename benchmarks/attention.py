@@ -43,7 +43,7 @@ from kvcore.kernels import (  # noqa: E402
     quantized_paged_decode_attention,
 )
 from kvcore.kernels.paged_cpu import paged_attention_cpu  # noqa: E402
-from kvcore.kernels.parallel import DEFAULT_WORKERS  # noqa: E402
+from kvcore.kernels.parallel import DEFAULT_WORKERS, resolve_workers  # noqa: E402
 from kvcore.kernels.quantized import chunk_workspace_bytes  # noqa: E402
 from kvcore.quant import QuantizedTensor  # noqa: E402
 
@@ -94,10 +94,11 @@ def make_problem(args: argparse.Namespace, length: int, dtype: torch.dtype, devi
                    torch.full((B,), length, dtype=torch.int32, device=device))
 
 
-def methods(p: Problem, workers: int = DEFAULT_WORKERS) -> dict[str, Callable[[], torch.Tensor]]:
-    """The timed calls, by name; ``workers`` > 1 runs the CPU kernels' chunk spans on that many threads."""
+def methods(p: Problem, workers: int | None = DEFAULT_WORKERS) -> dict[str, Callable[[], torch.Tensor]]:
+    """The timed calls, by name; ``workers`` sets how many threads run the CPU kernels' chunk spans
+    (None: the kernels' default, one per torch intra-op thread)."""
     scale = p.query.shape[-1] ** -0.5
-    if workers > 1 and p.query.device.type == "cpu":
+    if workers is not None and p.query.device.type == "cpu":
         paged = partial(paged_attention_cpu, scale=scale, workers=workers)
         int4 = partial(quantized_paged_decode_attention, workers=workers)
     else:
@@ -256,7 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="threads running the CPU kernels' chunk spans (kvcore.kernels.parallel)")
+                        help="threads running the CPU kernels' chunk spans (default: one per torch thread; "
+                             "kvcore.kernels.parallel)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", help="float32 (CPU default), float16 (CUDA default) or bfloat16")
     parser.add_argument("--bandwidth-mib", type=int, default=1024, help="tensor summed for the read bandwidth")
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
     print(f"{machine(torch.get_num_threads())}; device {device}, {dtype}")
     print(f"B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} D={args.head_dim} block_size={args.block_size}, "
-          f"int{args.bits} groups of {args.group_size} channels, kernel workers {args.workers}, "
+          f"int{args.bits} groups of {args.group_size} channels, kernel workers {resolve_workers(args.workers)}, "
           f"median of {args.repeats} interleaved rounds")
     big = torch.ones(args.bandwidth_mib << 18, device=device)  # MiB of fp32
     rows = [row for t in args.lengths for row in rows_for_length(args, t, dtype, device, big)]

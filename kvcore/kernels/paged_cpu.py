@@ -121,7 +121,7 @@ class PagedJob:
 @one_intra_op_thread()
 def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                        chunk_tokens: int = CPU_CHUNK_TOKENS, workers: int = DEFAULT_WORKERS) -> torch.Tensor:
+                        chunk_tokens: int = CPU_CHUNK_TOKENS, workers: int | None = DEFAULT_WORKERS) -> torch.Tensor:
     """Paged decode attention in chunks of one sequence, split-K over worker threads (the CPU kernel).
 
     query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]``; block_tables int

@@ -11,6 +11,7 @@ when cores are idle (the threads share the GIL between ops).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,7 +20,8 @@ from functools import cache
 
 import torch
 
-DEFAULT_WORKERS = 1
+DEFAULT_WORKERS: int | None = None  # None: one worker per torch intra-op thread (resolve_workers)
+_local = threading.local()
 SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
 
 
@@ -46,35 +48,52 @@ def one_intra_op_thread() -> Iterator[None]:
     backends cannot change the count once work has started, so the block runs as it is.
     """
     before = torch.get_num_threads()
-    if before == 1 or not _openmp_backend():
-        yield
-        return
-    torch.set_num_threads(1)
+    outer = getattr(_local, "threads", None)
+    _local.threads = outer or before  # what resolve_workers sees inside the block
     try:
-        yield
+        if before == 1 or not _openmp_backend():
+            yield
+            return
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
     finally:
-        torch.set_num_threads(before)
+        _local.threads = outer
 
 
-def plan_spans(num_chunks: list[int], workers: int) -> list[Span]:
+def resolve_workers(workers: int | None) -> int:
+    """``workers``, or with None one per torch intra-op thread.
+
+    Each worker runs single-threaded torch ops, so there are no OpenMP barriers to stall: on this 2-core
+    machine two workers beat one both idle (2x) and with a core taken by other work (benchmarks/RESULTS.md).
+    """
+    threads = getattr(_local, "threads", None) or torch.get_num_threads()  # the count before one_intra_op_thread
+    return max(1, threads if workers is None else workers)
+
+
+def plan_spans(num_chunks: list[int], workers: int | None) -> list[Span]:
     """Cut each sequence's ``num_chunks[b]`` chunks into spans, biggest first.
 
     One span per sequence for one worker; for several, spans of at most
     ``ceil(total / (SPANS_PER_WORKER * workers))`` chunks, so one long sequence is split across workers
     (flash-decoding's point) and many short ones are not split at all.
     """
+    workers = resolve_workers(workers)
     total = sum(num_chunks)
     size = max(num_chunks, default=1) if workers <= 1 else max(1, -(-total // (SPANS_PER_WORKER * workers)))
     spans = [Span(b, i, min(i + size, n)) for b, n in enumerate(num_chunks) for i in range(0, n, size)]
     return sorted(spans, key=lambda s: s.first - s.stop)  # longest first: a greedy balanced schedule
 
 
-def run_spans(spans: list[Span], work: Callable[[Span], None], workers: int = DEFAULT_WORKERS) -> None:
+def run_spans(spans: list[Span], work: Callable[[Span], None], workers: int | None = DEFAULT_WORKERS) -> None:
     """Call ``work(span)`` for every span on one intra-op thread: inline, or on ``workers`` threads.
 
     ``work`` must write disjoint outputs per span. Worker threads start while the intra-op count is 1,
     so they inherit it.
     """
+    workers = resolve_workers(workers)
     with one_intra_op_thread():
         if workers <= 1 or len(spans) <= 1:
             for span in spans:

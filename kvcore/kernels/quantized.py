@@ -222,7 +222,7 @@ def _check_quantized(query: torch.Tensor, key_cache: QuantizedTensor, value_cach
 def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTensor,
                                      value_cache: QuantizedTensor, block_tables: torch.Tensor,
                                      seq_lens: torch.Tensor, scale: float | None = None,
-                                     chunk_tokens: int = CPU_CHUNK_TOKENS, workers: int = DEFAULT_WORKERS
+                                     chunk_tokens: int = CPU_CHUNK_TOKENS, workers: int | None = DEFAULT_WORKERS
                                      ) -> torch.Tensor:
     """Decode attention over a quantized paged pool, dequantizing one chunk at a time (split-K).
 
