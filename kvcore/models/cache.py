@@ -30,13 +30,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from kvcore.models.rope import rotate
+from kvcore.tensors import tensor_bytes
 
 POSITION_MODES = ("original", "rerotate")
 LayerFactory = Callable[[int], CacheLayerMixin]
-
-
-def _tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
 
 
 class LabLayer(DynamicLayer):
@@ -56,7 +53,7 @@ class LabLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         """Bytes held: keys + values at their storage dtype."""
-        return _tensor_bytes(self.keys) + _tensor_bytes(self.values) if self.is_initialized else 0
+        return tensor_bytes(self.keys, self.values) if self.is_initialized else 0
 
 
 def _default_factory(layer_idx: int) -> CacheLayerMixin:
@@ -141,7 +138,7 @@ class LabCache(DynamicCache):
             if hasattr(layer, "nbytes"):
                 total += layer.nbytes()
             elif getattr(layer, "is_initialized", False):
-                total += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
+                total += tensor_bytes(layer.keys, layer.values)
         return total
 
     def num_tokens(self, layer_idx: int = 0) -> int:

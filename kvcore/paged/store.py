@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kvcore.tensors import tensor_bytes
+
 
 def slot_mapping(block_table: Sequence[int], block_size: int, start: int, num_tokens: int) -> torch.Tensor:
     """Slots (``block_id * block_size + offset``) of token positions ``start .. start + num_tokens - 1``.
@@ -51,7 +53,7 @@ class PagedKVStore:
     @property
     def nbytes(self) -> int:
         """Bytes held by all pools (reserved, whether or not a slot is in use)."""
-        return sum(t.numel() * t.element_size() for t in (*self.key_caches, *self.value_caches))
+        return tensor_bytes(*self.key_caches, *self.value_caches)
 
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write K/V ``[L, T, Hkv, D]`` of T tokens into ``slots`` ``[T]`` of every layer."""

@@ -12,14 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from kvcore.quant.integer import QuantizedTensor
+from kvcore.tensors import tensor_bytes
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-
-
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    """element_size x numel (0 for None)."""
-    return 0 if t is None else t.numel() * t.element_size()
 
 
 @dataclass(slots=True)

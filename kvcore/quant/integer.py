@@ -16,10 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcore.quant.packing import check_bits, pack_codes, unpack_codes, unpack_range
-
-
-def _tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+from kvcore.tensors import tensor_bytes
 
 
 def _groups(xt: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -128,7 +125,7 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes held: packed codes + scales + zeros, at their stored dtypes."""
-        return _tensor_bytes(self.codes) + _tensor_bytes(self.scales) + _tensor_bytes(self.zeros)
+        return tensor_bytes(self.codes, self.scales, self.zeros)
 
     def dequantize(self) -> torch.Tensor:
         """The reconstructed tensor, in the original shape and dtype."""

@@ -18,6 +18,7 @@ import torch
 from kvcore.quant.codecs import Codec, Stored
 from kvcore.quant.formats import HalfTensor
 from kvcore.quant.methods import QuantMethod, kivi
+from kvcore.tensors import tensor_bytes
 
 
 class KVStream:
@@ -60,7 +61,7 @@ class KVStream:
     @property
     def nbytes(self) -> int:
         """Bytes held: fp16 sink and recent tokens plus every stored chunk, exactly."""
-        half = sum(t.numel() * t.element_size() for t in (self.sink, self.recent) if t is not None)
+        half = tensor_bytes(self.sink, self.recent)
         return half + sum(c.nbytes for c in self.chunks)
 
     @property

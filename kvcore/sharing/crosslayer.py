@@ -36,6 +36,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvcore.models.cache import LabLayer
 from kvcore.models.policy import CachePlan
+from kvcore.tensors import tensor_bytes
 
 MODES = ("share", "merge-linear", "merge-slerp")
 
@@ -67,10 +68,6 @@ class CrossLayerSettings:
             raise ValueError(f"start_layer must be in [0, {num_layers}] for a {num_layers}-layer model, "
                              f"got {self.start_layer}")
         return [(lo, lo + 1) for lo in range(self.start_layer, num_layers - 1, 2)]
-
-
-def _nbytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class _NoKeep:
@@ -155,7 +152,7 @@ class PairStore:
         self.k_mag, self.v_mag = cat(self.k_mag, k_mag, -2), cat(self.v_mag, v_mag, -2)
 
     def nbytes(self) -> int:
-        return _nbytes(self.k, self.v, self.k_mag, self.v_mag)
+        return tensor_bytes(self.k, self.v, self.k_mag, self.v_mag)
 
 
 class MergedLayer(_NoKeep, DynamicLayer):
