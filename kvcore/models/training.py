@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvcore.checks import positive_ints
+
 
 def token_stream(tokenizer, docs: Sequence[str]) -> torch.Tensor:
     """All documents' tokens, each followed by ``<eos>``, as one long ``[N]`` long tensor (no ``<bos>``)."""
@@ -161,10 +163,7 @@ class ModelSpec:
     max_positions: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("layers", "hidden", "heads", "kv_heads", "ffn", "max_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_ints(self, "layers", "hidden", "heads", "kv_heads", "ffn", "max_positions")
         if self.hidden % self.heads or (self.hidden // self.heads) % 2:
             raise ValueError(f"hidden ({self.hidden}) must split into {self.heads} heads of an even size (RoPE)")
         if self.heads % self.kv_heads:
@@ -206,10 +205,7 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "context", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_ints(self, "steps", "batch", "context", "eval_every")
         if self.context < 2:
             raise ValueError(f"context must be >= 2 tokens (<bos> + one target), got {self.context}")
         if self.eval_windows is not None and self.eval_windows < 1:
