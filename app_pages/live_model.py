@@ -69,9 +69,10 @@ full_key = (*base_key, "full", 0, "original")
 if full_key not in runs:
     with lock, user_errors("Generation with the full cache"):
         runs[full_key] = run_live(model, tokenizer, prompt, settings, full_plan)
-while len(runs) > MAX_RUNS:
-    runs.popitem(last=False)
-run, full = runs[key], runs[full_key]
+with lock:  # runs are shared by every session: trim and read them together
+    run, full = runs[key], runs[full_key]
+    while len(runs) > MAX_RUNS:
+        runs.popitem(last=False)
 
 timing, last = timing_summary(run.table), run.table.iloc[-1]
 for col, label, value, why in zip(st.columns(4), ["Prefill", "Decode, per token", "KV cache now", "Mean log-prob"], [
