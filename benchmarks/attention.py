@@ -6,7 +6,8 @@
 All methods attend the same query over the same K/V: torch SDPA on the contiguous ``[B, Hkv, T, D]``
 layout (``enable_gqa=True``), :func:`kvcore.kernels.contiguous_decode_attention`,
 :func:`kvcore.kernels.paged_decode_attention` on a vLLM pool ``[num_blocks, block_size, Hkv, D]`` whose
-blocks are shuffled, and :func:`kvcore.kernels.quantized_paged_decode_attention` on that pool quantized
+blocks are shuffled (on CPU also the torch chunk loop it falls back to, ``paged_torch``), and
+:func:`kvcore.kernels.quantized_paged_decode_attention` on that pool quantized
 to int4 per token and head. Calls are timed in interleaved rounds (a random order each round) and the
 median is kept, so machine load drifts hit every method alike; ratios are to SDPA in the same run.
 Effective bandwidth is KV bytes read per call / time, as a fraction of the machine's read bandwidth
@@ -26,7 +27,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -38,11 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from kvcore.kernels import (  # noqa: E402
     contiguous_decode_attention,
+    native,
     paged_decode_attention,
     quantize_paged_cache,
     quantized_paged_decode_attention,
 )
 from kvcore.kernels.paged_cpu import paged_attention_cpu  # noqa: E402
+from kvcore.kernels.paged_native import LIBRARY, paged_attention_native, supports  # noqa: E402
 from kvcore.kernels.parallel import DEFAULT_WORKERS, resolve_workers  # noqa: E402
 from kvcore.kernels.quantized import chunk_workspace_bytes  # noqa: E402
 from kvcore.quant import QuantizedTensor  # noqa: E402
@@ -96,27 +98,42 @@ def make_problem(args: argparse.Namespace, length: int, dtype: torch.dtype, devi
 
 def methods(p: Problem, workers: int | None = DEFAULT_WORKERS) -> dict[str, Callable[[], torch.Tensor]]:
     """The timed calls, by name; ``workers`` sets how many threads run the CPU kernels' chunk spans
-    (None: the kernels' default, one per torch intra-op thread)."""
+    (None: the kernels' default, one per torch intra-op thread). On CPU ``paged`` is the public kernel
+    choice (the fused C kernel when it is built) and ``paged_torch`` the chunk loop of torch ops."""
     scale = p.query.shape[-1] ** -0.5
-    if workers is not None and p.query.device.type == "cpu":
-        paged = partial(paged_attention_cpu, scale=scale, workers=workers)
-        int4 = partial(quantized_paged_decode_attention, workers=workers)
-    else:
-        paged, int4 = paged_decode_attention, quantized_paged_decode_attention
-    return {
+    args = (p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens)
+    calls = {
         "sdpa": lambda: F.scaled_dot_product_attention(p.query[:, :, None], p.keys, p.values,
                                                        enable_gqa=True)[:, :, 0],
         "contiguous": lambda: contiguous_decode_attention(p.query, p.keys, p.values),
-        "paged": lambda: paged(p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens),
-        "paged_int4": lambda: int4(p.query, p.key_int4, p.value_int4, p.block_tables, p.seq_lens),
+        "paged": lambda: paged_decode_attention(*args),
+        "paged_int4": lambda: quantized_paged_decode_attention(p.query, p.key_int4, p.value_int4, p.block_tables,
+                                                               p.seq_lens, workers=workers),
     }
+    if p.query.device.type == "cpu":
+        if workers is not None and supports(*args[:3]):
+            calls["paged"] = lambda: paged_attention_native(*args, scale=scale, workers=workers)
+        elif workers is not None:
+            calls["paged"] = lambda: paged_attention_cpu(*args, scale=scale, workers=workers)
+        calls["paged_torch"] = lambda: paged_attention_cpu(*args, scale=scale, workers=workers)
+    return calls
+
+
+def paged_kernel(p: Problem) -> str:
+    """Which kernel the ``paged`` row ran, and why not the fused one."""
+    if p.query.device.type != "cpu":
+        return "paged: kvcore.kernels.paged_batched"
+    if supports(p.query, p.key_cache, p.value_cache):
+        return "paged: fused C kernel (kvcore.kernels.paged_native)"
+    why = native.unavailable_reason(LIBRARY) or "shape or dtype it does not support"
+    return f"paged: torch chunk loop (kvcore.kernels.paged_cpu); fused kernel not used: {why}"
 
 
 def kv_bytes(p: Problem) -> dict[str, int]:
     """KV bytes each method holds and reads per call (the pool holds exactly the used blocks)."""
     dense = 2 * p.keys.numel() * p.keys.element_size()
     int4 = p.key_int4.nbytes + p.value_int4.nbytes
-    return {"sdpa": dense, "contiguous": dense, "paged": dense, "paged_int4": int4}
+    return {"sdpa": dense, "contiguous": dense, "paged": dense, "paged_torch": dense, "paged_int4": int4}
 
 
 def sync(device: torch.device) -> None:
@@ -287,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} D={args.head_dim} block_size={args.block_size}, "
           f"int{args.bits} groups of {args.group_size} channels, kernel workers {resolve_workers(args.workers)}, "
           f"median of {args.repeats} interleaved rounds")
+    print(paged_kernel(make_problem(args, args.lengths[0], dtype, device)))
     big = torch.ones(args.bandwidth_mib << 18, device=device)  # MiB of fp32
     rows = [row for t in args.lengths for row in rows_for_length(args, t, dtype, device, big)]
     table = pd.DataFrame(rows)

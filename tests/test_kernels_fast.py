@@ -267,5 +267,5 @@ def test_attention_benchmark_smoke_runs_and_writes_its_csv(tmp_path):
                    check=True, capture_output=True, timeout=120)
     with out.open() as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == {"sdpa", "contiguous", "paged", "paged_int4"}
-    assert len(rows) == 8
+    assert {r["method"] for r in rows} == {"sdpa", "contiguous", "paged", "paged_int4", "paged_torch"}
+    assert len(rows) == 10

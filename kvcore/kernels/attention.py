@@ -15,6 +15,7 @@ import torch
 
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, paged_attention_cpu
+from kvcore.kernels.paged_native import paged_attention_native, supports
 from kvcore.kernels.validate import check_paged, check_query
 
 
@@ -87,8 +88,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
     Kernel choice (each reads only the blocks a sequence uses, in chunks, with split-K softmax): on a GPU
     the batch-vectorized kernel (:mod:`kvcore.kernels.paged_batched`: few large launches); on CPU the
-    per-sequence chunk loop on one intra-op thread (:mod:`kvcore.kernels.paged_cpu`), which was faster
-    than the batched kernel and the gather at every size measured, tiny batches included.
+    fused C kernel (:mod:`kvcore.kernels.paged_native`) when it is built and supports the call (fp32,
+    head dim a multiple of 16, 1-16 query heads per KV head), else the per-sequence chunk loop of torch
+    ops (:mod:`kvcore.kernels.paged_cpu`), which was faster than the batched kernel and the gather at
+    every size measured, tiny batches included.
     """
     check_paged(query, key_cache, value_cache, block_tables, seq_lens)
     B, _, D = query.shape
@@ -99,4 +102,6 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     if key_cache.device.type != "cpu":
         chunk = batched_chunk_tokens(B, key_cache.shape[2], D, key_cache.shape[1])
         return paged_attention_batched(*args, chunk_tokens=chunk)
+    if supports(query, key_cache, value_cache):
+        return paged_attention_native(*args, chunk_tokens=CPU_CHUNK_TOKENS)
     return paged_attention_cpu(*args, chunk_tokens=CPU_CHUNK_TOKENS)

@@ -15,6 +15,7 @@ integers, and the scales and zeros are folded into the scores and probabilities,
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from kvcore.kernels.flash import empty_partials, merge_partials
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, ChunkPlan
+from kvcore.kernels.paged_native import GROUPS, check_status, native_function, span_extent
 from kvcore.kernels.parallel import DEFAULT_WORKERS, Span, one_intra_op_thread, plan_spans, run_spans
 from kvcore.kernels.validate import check_block_tables, check_query
 from kvcore.quant import QuantizedTensor, quantize
@@ -143,13 +145,17 @@ def quant_chunk_partial(q_groups: torch.Tensor, q_sums: torch.Tensor, k: QuantCh
     out.view(heads, group, groups, -1).add_(torch.matmul(p, v.zeros.transpose(-1, -2))[..., None])
 
 
+def unpermute(x: torch.Tensor, layout: ChannelLayout) -> torch.Tensor:
+    """``[..., D]`` in unpacking (plane) order -> the channels' real order."""
+    out = torch.empty_like(x)
+    out[..., layout.order] = x
+    return out
+
+
 def finish_output(merged: torch.Tensor, layout: ChannelLayout) -> torch.Tensor:
     """``[..., ng * D]`` merged partials -> ``[..., D]``: group j's row on group j's channels, real order."""
     groups, dim = layout.groups.shape
-    picked = (merged.unflatten(-1, (groups, dim)) * layout.groups).sum(dim=-2)  # [..., D], permuted channels
-    out = torch.empty_like(picked)
-    out[..., layout.order] = picked
-    return out
+    return unpermute((merged.unflatten(-1, (groups, dim)) * layout.groups).sum(dim=-2), layout)  # [..., D]
 
 
 @dataclass(slots=True)
@@ -181,6 +187,53 @@ class QuantJob:
             k = QuantChunk.read(self.key_cache, ids, rows, key_buf)
             v = QuantChunk.read(self.value_cache, ids, rows, value_buf)
             quant_chunk_partial(self.q_groups[b], self.q_sums[b], k, v, m[i, b], l[i, b], o[i, b])
+
+
+def native_supports(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor) -> bool:
+    """True if the fused C kernel (``csrc/paged_decode.c``) can run this validated call and loads.
+
+    It needs CPU tensors, contiguous fp16 scales and zeros (or none), 1-16 query heads per KV head as
+    in :data:`kvcore.kernels.paged_native.GROUPS`, and groups that divide D and cover a multiple of
+    16 bytes of each bit plane (4-bit: group_size 32, 64, 128...).
+    """
+    dim, per_byte = key_cache.shape[3], 8 // key_cache.bits
+    tensors = [t for c in (key_cache, value_cache) for t in (c.codes, c.scales, c.zeros) if t is not None]
+    return (key_cache.codes.device.type == "cpu" and all(t.is_contiguous() for t in tensors)
+            and all(c.scales.dtype == torch.float16 and (c.zeros is None or c.zeros.dtype == torch.float16)
+                    for c in (key_cache, value_cache))
+            and query.shape[1] // key_cache.shape[2] in GROUPS and dim % key_cache.group_size == 0
+            and key_cache.group_size % (16 * per_byte) == 0 and _native_function() is not None)
+
+
+def _native_function() -> ctypes._CFuncPtr | None:
+    return native_function("kvlab_paged_span_quantized", 9, 7, 3)
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@dataclass(slots=True)
+class NativeQuantJob:
+    """One call of the fused C kernel; :meth:`run` fills the partial of one span (slot ``span.first``)."""
+
+    q: torch.Tensor  # [B, Hkv, G, D] scaled, plane order, contiguous
+    q_sums: torch.Tensor  # [B, Hkv, G, ng] contiguous
+    key_cache: QuantizedTensor
+    value_cache: QuantizedTensor
+    tables: torch.Tensor  # [B, max_blocks] int64 contiguous
+    plan: ChunkPlan
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # m, l [P, B, Hkv, G, 1]; o [P, B, Hkv, G, D]
+
+    def run(self, span: Span) -> None:
+        b, (m, l, o), k, v = span.seq, self.partials, self.key_cache, self.value_cache
+        tokens, table = span_extent(self.plan, self.tables, span)
+        _, block_size, heads, dim = k.shape
+        check_status(_native_function()(
+            self.q[b].data_ptr(), self.q_sums[b].data_ptr(), k.codes.data_ptr(), k.scales.data_ptr(),
+            _pointer(k.zeros), v.codes.data_ptr(), v.scales.data_ptr(), _pointer(v.zeros), table.data_ptr(),
+            tokens, block_size, heads, self.q.shape[2], dim, k.bits, k.scales.shape[-1],
+            m[span.first, b].data_ptr(), l[span.first, b].data_ptr(), o[span.first, b].data_ptr()))
 
 
 def chunk_workspace_bytes(cache: QuantizedTensor, num_q_heads: int, chunk_tokens: int = CPU_CHUNK_TOKENS) -> int:
@@ -231,6 +284,9 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     seq_lens int ``[B]`` (tokens); scale defaults to 1/sqrt(D); chunk_tokens: tokens per chunk (whole
     blocks); workers: threads running chunk spans (see :mod:`kvcore.kernels.parallel`). Equals attention
     over ``cache.dequantize()`` up to fp32 rounding. Returns ``[B, Hq, D]`` in the query's dtype.
+
+    Runs the fused C kernel when :func:`native_supports` says it can (it reads the packed codes straight
+    into registers), else the chunk loop of torch ops described in the module docstring.
     """
     _check_quantized(query, key_cache, value_cache, block_tables, seq_lens)
     B, Hq, D = query.shape
@@ -244,9 +300,16 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     q_split = q[:, :, :, None, :] * layout.groups  # [B, Hkv, G, ng, D]
     plan = ChunkPlan(seq_lens.tolist(), max(1, chunk_tokens // block_size), block_size)
     num_chunks = plan.num_chunks()
+    tables = block_tables.to(device=device, dtype=torch.long).contiguous()
+    if native_supports(query, key_cache, value_cache):
+        partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), D, device)
+        job = NativeQuantJob(q.contiguous(), q_split.sum(dim=-1).contiguous(), key_cache, value_cache, tables,
+                             plan, partials)
+        run_spans(plan_spans(num_chunks, workers), job.run, workers)
+        return unpermute(merge_partials(*partials), layout).reshape(B, Hq, D).to(query.dtype)
     partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), layout.groups.numel(), device)
-    job = QuantJob(q_split.flatten(2, 3), q_split.sum(dim=-1), key_cache, value_cache,
-                   block_tables.to(device=device, dtype=torch.long), plan, partials, threading.local())
+    job = QuantJob(q_split.flatten(2, 3), q_split.sum(dim=-1), key_cache, value_cache, tables, plan, partials,
+                   threading.local())
     run_spans(plan_spans(num_chunks, workers), job.run, workers)
     out = finish_output(merge_partials(*partials), layout)  # [B, Hkv, G, D]
     return out.reshape(B, Hq, D).to(query.dtype)  # [B, Hq, D]
