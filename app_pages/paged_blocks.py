@@ -132,6 +132,6 @@ with user_errors("Attention check"):
     check = run_attention_check(model, batch, context, dtype)
 row = check.iloc[0]
 tables.show_table(check, "paged", "attention-check", {"model": model, "dtype": dtype},
-                  caption=f"max |paged - contiguous| = {row.max_abs_diff:.2e}; paged {row.paged_ms:.2f} ms, "
-                          f"contiguous {row.contiguous_ms:.2f} ms per call on {row.device}. Random K/V in shuffled "
-                          "physical blocks, ragged lengths, fp32 accumulation.")
+                  caption=f"max |paged - contiguous| = {row.max_abs_diff:.2e}; paged {row.paged_ms:.2f} ms "
+                          f"({row.kernel}), contiguous {row.contiguous_ms:.2f} ms per call on {row.device}. Random "
+                          "K/V in shuffled physical blocks, ragged lengths, fp32 accumulation.")

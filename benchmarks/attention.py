@@ -43,6 +43,7 @@ from kvcore.kernels import (  # noqa: E402
     quantize_paged_cache,
     quantized_paged_decode_attention,
 )
+from kvcore.kernels.attention import KERNELS, paged_kernel  # noqa: E402
 from kvcore.kernels.paged_cpu import paged_attention_cpu  # noqa: E402
 from kvcore.kernels.paged_native import LIBRARY, paged_attention_native, supports  # noqa: E402
 from kvcore.kernels.parallel import DEFAULT_WORKERS, resolve_workers  # noqa: E402
@@ -119,14 +120,12 @@ def methods(p: Problem, workers: int | None = DEFAULT_WORKERS) -> dict[str, Call
     return calls
 
 
-def paged_kernel(p: Problem) -> str:
-    """Which kernel the ``paged`` row ran, and why not the fused one."""
-    if p.query.device.type != "cpu":
-        return "paged: kvcore.kernels.paged_batched"
-    if supports(p.query, p.key_cache, p.value_cache):
-        return "paged: fused C kernel (kvcore.kernels.paged_native)"
-    why = native.unavailable_reason(LIBRARY) or "shape or dtype it does not support"
-    return f"paged: torch chunk loop (kvcore.kernels.paged_cpu); fused kernel not used: {why}"
+def paged_kernel_line(p: Problem) -> str:
+    """Which kernel the ``paged`` row ran, and why not the fused one on CPU."""
+    kernel = paged_kernel(p.query, p.key_cache, p.value_cache)
+    why = "" if kernel != "torch" else (f"; fused kernel not used: {native.unavailable_reason(LIBRARY)}"
+                                        if native.unavailable_reason(LIBRARY) else "; a shape the fused kernel lacks")
+    return f"paged: {KERNELS[kernel]}{why}"
 
 
 def kv_bytes(p: Problem) -> dict[str, int]:
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} D={args.head_dim} block_size={args.block_size}, "
           f"int{args.bits} groups of {args.group_size} channels, kernel workers {resolve_workers(args.workers)}, "
           f"median of {args.repeats} interleaved rounds")
-    print(paged_kernel(make_problem(args, args.lengths[0], dtype, device)))
+    print(paged_kernel_line(make_problem(args, args.lengths[0], dtype, device)))
     big = torch.ones(args.bandwidth_mib << 18, device=device)  # MiB of fp32
     rows = [row for t in args.lengths for row in rows_for_length(args, t, dtype, device, big)]
     table = pd.DataFrame(rows)

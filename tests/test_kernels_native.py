@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from kvcore.kernels import (
+    AttentionCheckConfig,
+    check_paged_attention,
     make_paged_problem,
     native,
     paged_decode_attention,
     quantize_paged_cache,
     quantized_paged_decode_attention,
 )
-from kvcore.kernels.attention import _paged_decode_attention_gather
+from kvcore.kernels.attention import KERNELS, _paged_decode_attention_gather
 from kvcore.kernels.check import contiguous_reference
 from kvcore.kernels.paged_native import GROUPS, LIBRARY, paged_attention_native, supports
 from kvcore.kernels.quantized import native_supports
@@ -199,3 +201,10 @@ def test_without_a_writable_home_builds_go_to_a_private_temp_folder(monkeypatch,
     folder.chmod(0o777)  # as if another user had made it open to all
     with pytest.raises(OSError, match="not private"):
         native._cache_dir()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_attention_check_names_the_kernel_that_ran(dtype):
+    row = check_paged_attention(AttentionCheckConfig(8, 2, 32, (40, 9), dtype=dtype, repeats=1)).iloc[0]
+    fused = BUILDABLE and dtype == "float32"
+    assert row.kernel == KERNELS["fused" if fused else "torch"]

@@ -76,6 +76,20 @@ def _paged_decode_attention_gather(query: torch.Tensor, key_cache: torch.Tensor,
     return _attend(query.to(device), keys, values, mask, scale)
 
 
+KERNELS = {
+    "batched": "batch-vectorized torch ops (kvcore.kernels.paged_batched)",
+    "fused": "fused C kernel (kvcore.kernels.paged_native)",
+    "torch": "torch chunk loop (kvcore.kernels.paged_cpu)",
+}
+
+
+def paged_kernel(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str:
+    """The key in :data:`KERNELS` of the kernel :func:`paged_decode_attention` runs for these (valid) tensors."""
+    if key_cache.device.type != "cpu":
+        return "batched"
+    return "fused" if supports(query, key_cache, value_cache) else "torch"
+
+
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
@@ -99,9 +113,10 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     if B == 0:
         return query.new_empty(query.shape)
     args = (query, key_cache, value_cache, block_tables, seq_lens, scale)
-    if key_cache.device.type != "cpu":
-        chunk = batched_chunk_tokens(B, key_cache.shape[2], D, key_cache.shape[1])
-        return paged_attention_batched(*args, chunk_tokens=chunk)
-    if supports(query, key_cache, value_cache):
+    kernel = paged_kernel(query, key_cache, value_cache)
+    if kernel == "batched":
+        return paged_attention_batched(*args, chunk_tokens=batched_chunk_tokens(B, key_cache.shape[2], D,
+                                                                                key_cache.shape[1]))
+    if kernel == "fused":
         return paged_attention_native(*args, chunk_tokens=CPU_CHUNK_TOKENS)
     return paged_attention_cpu(*args, chunk_tokens=CPU_CHUNK_TOKENS)

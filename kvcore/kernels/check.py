@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from kvcore.device import get_device
-from kvcore.kernels.attention import contiguous_decode_attention, paged_decode_attention
+from kvcore.kernels.attention import KERNELS, contiguous_decode_attention, paged_decode_attention, paged_kernel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,7 +113,7 @@ def ragged_lengths(batch: int, context: int) -> tuple[int, ...]:
 
 
 def check_paged_attention(config: AttentionCheckConfig) -> pd.DataFrame:
-    """One row: max |paged - contiguous| and the time per call of each (ms), on the config's tensors."""
+    """One row: max |paged - contiguous|, the time per call of each (ms) and the paged kernel that ran."""
     p = make_paged_problem(config.seq_lens, config.num_q_heads, config.num_kv_heads, config.head_dim,
                            config.block_size, DTYPES[config.dtype], config.device, config.seed)
     paged, paged_ms = _time_ms(lambda: paged_decode_attention(p.query, p.key_cache, p.value_cache,
@@ -125,4 +125,5 @@ def check_paged_attention(config: AttentionCheckConfig) -> pd.DataFrame:
         "dtype": config.dtype, "device": config.device,
         "max_abs_diff": float((paged.float() - ref.float()).abs().max()),
         "paged_ms": paged_ms, "contiguous_ms": ref_ms,
+        "kernel": KERNELS[paged_kernel(p.query, p.key_cache, p.value_cache)],
     }])
