@@ -217,6 +217,7 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 class NativeQuantJob:
     """One call of the fused C kernel; :meth:`run` fills the partial of one span (slot ``span.first``)."""
 
+    fn: ctypes._CFuncPtr
     q: torch.Tensor  # [B, Hkv, G, D] scaled, plane order, contiguous
     q_sums: torch.Tensor  # [B, Hkv, G, ng] contiguous
     key_cache: QuantizedTensor
@@ -229,7 +230,7 @@ class NativeQuantJob:
         b, (m, l, o), k, v = span.seq, self.partials, self.key_cache, self.value_cache
         tokens, table = span_extent(self.plan, self.tables, span)
         _, block_size, heads, dim = k.shape
-        check_status(_native_function()(
+        check_status(self.fn(
             self.q[b].data_ptr(), self.q_sums[b].data_ptr(), k.codes.data_ptr(), k.scales.data_ptr(),
             _pointer(k.zeros), v.codes.data_ptr(), v.scales.data_ptr(), _pointer(v.zeros), table.data_ptr(),
             tokens, block_size, heads, self.q.shape[2], dim, k.bits, k.scales.shape[-1],
@@ -303,8 +304,8 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     tables = block_tables.to(device=device, dtype=torch.long).contiguous()
     if native_supports(query, key_cache, value_cache):
         partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), D, device)
-        job = NativeQuantJob(q.contiguous(), q_split.sum(dim=-1).contiguous(), key_cache, value_cache, tables,
-                             plan, partials)
+        job = NativeQuantJob(_native_function(), q.contiguous(), q_split.sum(dim=-1).contiguous(), key_cache,
+                             value_cache, tables, plan, partials)
         run_spans(plan_spans(num_chunks, workers), job.run, workers)
         return unpermute(merge_partials(*partials), layout).reshape(B, Hq, D).to(query.dtype)
     partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), layout.groups.numel(), device)
