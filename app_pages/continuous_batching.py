@@ -5,22 +5,8 @@ import streamlit as st
 from kvcore import sched
 from kvcore.shapes import GPU_PRESETS, PRESETS
 from ui import batching_figures, figures, params, tables
+from ui.batching_runs import run
 from ui.guard import user_errors
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def run(workload: dict, trace: bytes | None, model: str, gpu: str, engine: dict, policies: tuple[str, ...],
-        budget: int, chunk_budget: int) -> sched.Comparison:
-    bar = st.progress(0.0, text="Simulating...")  # created here so a cached result replays it too
-    try:
-        wl = (sched.parse_trace(trace, workload["prefix_tokens"], workload["seed"]) if trace
-              else sched.make_workload(sched.WorkloadConfig(**workload)))
-        base = sched.SimConfig(sched.CostModel(PRESETS[model], GPU_PRESETS[gpu]), **engine)
-        configs = sched.engine_configs(base, policies, budget=budget, chunk_budget=chunk_budget)
-        return sched.compare(wl, configs, lambda f: bar.progress(min(f, 1.0), text="Simulating..."))
-    finally:
-        bar.empty()
-
 
 st.title("Continuous batching")
 st.markdown("A serving engine runs one forward pass per **step** and decides, each step, which requests get how "

@@ -2,13 +2,13 @@
 
 import streamlit as st
 
-from kvcore import hierarchy
 from kvcore.hierarchy import WRITE_MODES, OffloadConfig, PDConfig, ServingWorkload
-from kvcore.hierarchy.experiment import make_workload, run_offload, run_pd, run_roofline, tiers_for
+from kvcore.hierarchy.experiment import make_workload, tiers_for
 from kvcore.shapes import GPU_PRESETS, PRESETS
 from ui import figures, params, tables
 from ui import hierarchy_figures as hf
 from ui.guard import user_errors
+from ui.hierarchy_runs import bandwidth, offload, pd_split, roofline
 
 TABS = ["Offload & prefetch", "Measured bandwidth", "Prefill/decode split", "Roofline"]
 CHOICES = {"Workload": ("h_wl", ["chat", "rag"]), "Eviction (every tier)": ("h_policy", ["lru", "lfu", "fifo"]),
@@ -22,18 +22,6 @@ PD_INPUTS = {  # label: (key, min, max, default) of the prefill/decode tab's num
     "Output tokens": ("h_out", 2, 4096, 256), "Requests": ("h_pd_n", 20, 2000, 300),
     "GPUs in each setup": ("h_gpus", 2, 8, 2), "Prefill GPUs": ("h_pgpus", 1, 7, 1),
     "KV link (GB/s)": ("h_kv_bw", 0.1, 2000.0, 50.0), "Link latency (ms)": ("h_kv_lat", 0.0, 100.0, 0.1)}
-
-
-offload = st.cache_data(run_offload, show_spinner="Replaying the workload through the tiers...")
-pd_split = st.cache_data(run_pd, show_spinner="Simulating both serving setups...")
-roofline = st.cache_data(run_roofline, show_spinner=False)
-
-
-@st.cache_data(ttl=600, show_spinner="Copying KV tensors through memory and a temporary file...")
-def bandwidth(model: str, gpu: str, link: str, size_mb: int):
-    tiers = tiers_for(gpu, link)
-    return hierarchy.measure_bandwidth(PRESETS[model], size_mb, 3, tiers[1], tiers[2])
-
 
 st.title("Memory hierarchy")
 st.markdown("As in LMCache, KV can outlive HBM in CPU DRAM, on local NVMe or in a remote store: prompts are cut into "
@@ -63,10 +51,7 @@ if tab_offload.open:
             tiers, config = tiers_for(gpu, link, *caps, remote_bw), OffloadConfig(chunk, policy, write, prefetch)
             runs = offload(model, gpu, tiers, make_workload(kind, n, seed), config)
         full, ttft = runs.full, runs.ttft_summary()
-        for col, label, value in zip(st.columns(4), ["TTFT p50, recompute all", "TTFT p50, GPU + lower tiers",
-                                                     "Prompt tokens served from a tier", "Chunks dropped"],
-                                     [f"{ttft.p50_ms[0]:.1f} ms", f"{ttft.p50_ms[2]:.1f} ms",
-                                      f"{full.tiers.hit_rate_tokens.sum():.0%}", f"{full.drops:,}"], strict=True):
+        for col, (label, value) in zip(st.columns(4), hf.offload_metrics(runs).items(), strict=True):
             col.metric(label, value)
         figures.show(hf.chunk_map(full.residency, [t.name for t in tiers], f"Where each chunk lives "
                                   f"({full.chunk_bytes / 1e6:.1f} MB each), snapshots over the run"), key="h_fig_map")
@@ -93,10 +78,7 @@ if tab_bw.open:
         with user_errors("Bandwidth measurement"):
             bw = bandwidth(model, gpu, link, size)
         figures.show(hf.bandwidth_bars(bw, f"Copying a {model} KV tensor on this machine vs the tier presets"))
-        tables.show_table(bw, "hierarchy", "bandwidth", {"model": model, "mb": size},
-                          caption="Measured here, best of 3, cached for 10 minutes. The read right after a write "
-                                  "comes from the OS page cache (RAM), not the disk; the cold read bypasses it "
-                                  "with O_DIRECT where the file system allows (see 'method').")
+        tables.show_table(bw, "hierarchy", "bandwidth", {"model": model, "mb": size}, caption=hf.BANDWIDTH_CAPTION)
 
 if tab_pd.open:
     with tab_pd:

@@ -3,31 +3,12 @@
 import streamlit as st
 
 from kvcore import paged
-from kvcore.device import get_device
-from kvcore.kernels import AttentionCheckConfig, check_paged_attention, ragged_lengths
 from kvcore.paged import stepper, views
 from kvcore.shapes import PRESETS
 from ui import figures, paged_figures, params, tables
 from ui.format import bytes_str
 from ui.guard import user_errors
-
-FRAG = paged.FragmentationConfig()  # memory size and max_seq_len of the fragmentation experiment
-
-
-@st.cache_data(show_spinner="Simulating three allocators...")
-def run_fragmentation(kind: str, prompt_mean: float, output_mean: float, spread: float, requests: int, seed: int):
-    config = paged.FragmentationConfig(requests, paged.LengthDistribution(kind, prompt_mean, spread),
-                                       paged.LengthDistribution(kind, output_mean, spread), seed=seed)
-    sampling = paged.parallel_sampling_memory(config.workload(), block_size=config.block_size)
-    return paged.fragmentation_experiment(config), sampling
-
-
-@st.cache_data(show_spinner="Running both attentions...")
-def run_attention_check(model: str, batch: int, context: int, dtype: str):
-    shape = PRESETS[model]
-    return check_paged_attention(AttentionCheckConfig(shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
-                                                      ragged_lengths(batch, context), dtype=dtype,
-                                                      device=get_device().type))
+from ui.paged_runs import run_attention_check, run_fragmentation
 
 
 def push(actions: list[str], action: str | None) -> None:
@@ -114,10 +95,7 @@ with user_errors("Fragmentation"):
 figures.show(figures.bar_chart(paged.waste_breakdown(summary), "allocator", "percent", "part", barmode="stack",
                                title="Where KV memory goes (time-averaged)", y_title="% of memory held"))
 settings = {"dist": kind, "p": p_mean, "o": o_mean, "spread": spread, "n": n_req, "seed": seed}
-tables.show_table(summary, "paged", "fragmentation", settings,
-                  caption=f"{FRAG.capacity:,} token slots ({FRAG.num_blocks:,} blocks of {FRAG.block_size}), "
-                          f"max_seq_len {FRAG.max_seq_len:,}, FCFS. Token counts are averages over steps; the vLLM "
-                          "paper (Fig. 2) reports 60-80% waste before paging.")
+tables.show_table(summary, "paged", "fragmentation", settings, caption=paged_figures.fragmentation_caption())
 figures.show(paged_figures.sampling_figure(sampling), key="sampling")
 tables.show_table(sampling, "paged", "parallel-sampling", settings,
                   caption="n samples per request with the real block manager: n separate copies vs fork().")
@@ -130,8 +108,5 @@ dtype = params.widget(k3.segmented_control, "dtype", key="kdt", options=["float3
                       default="float32", required=True)
 with user_errors("Attention check"):
     check = run_attention_check(model, batch, context, dtype)
-row = check.iloc[0]
 tables.show_table(check, "paged", "attention-check", {"model": model, "dtype": dtype},
-                  caption=f"max |paged - contiguous| = {row.max_abs_diff:.2e}; paged {row.paged_ms:.2f} ms "
-                          f"({row.kernel}), contiguous {row.contiguous_ms:.2f} ms per call on {row.device}. Random "
-                          "K/V in shuffled physical blocks, ragged lengths, fp32 accumulation.")
+                  caption=paged_figures.attention_check_caption(check))

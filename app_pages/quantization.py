@@ -3,10 +3,10 @@
 import streamlit as st
 
 from kvcore.quant import evaluate as qe
-from kvcore.quant.methods import METHODS, custom_method
+from kvcore.quant.methods import METHODS
 from ui import figures, params, quant_figures, tables
 from ui.guard import user_errors
-from ui.models import shared_model
+from ui.quant_runs import maps, measure, method_of, model, texts
 
 st.title("KV cache quantization")
 st.markdown(
@@ -17,47 +17,6 @@ st.markdown(
     "model: exact bytes of the packed codes, scales and zeros, the error of K, V and attention outputs, and the "
     "perplexity of decoding token by token through the quantized cache."
 )
-
-
-def model():
-    """The bundled model and its tokenizer, shared by every page and session."""
-    shared = shared_model()
-    return shared.model, shared.tokenizer
-
-
-def method_of(name, bits, scheme, group, residual, sinks, outliers):
-    return METHODS[name] if name != "custom" else custom_method(bits, scheme, group, residual, sinks, outliers / 100)
-
-
-@st.cache_resource(show_spinner="Capturing queries, keys and values...")
-def captured(tokens, seed, windows):
-    with shared_model().lock:
-        return qe.capture_qkv(model()[0], qe.text_ids(model()[1], tokens, seed, windows)[0])
-
-
-@st.cache_data(show_spinner="Decoding the text through every method's cache...")
-def measure(tokens, seed, windows, *settings):
-    methods = METHODS if not settings else {"fp16": METHODS["fp16"], "custom": method_of(*settings)}
-    with shared_model().lock:
-        return qe.evaluate(model()[0], qe.text_ids(model()[1], tokens, seed, windows), methods)
-
-
-@st.cache_data(show_spinner=False)
-def maps(tokens, seed, windows, layer, head, *settings):
-    cap = captured(tokens, seed, windows)
-    k_hat, v_hat, _ = qe.reconstruct(cap, method_of(*settings), layer)
-    k, v = cap.keys[layer], cap.values[layer]
-    return [qe.channel_magnitudes(t, head).numpy() for t in (k, v, k_hat - k, v_hat - v)]
-
-
-@st.cache_data(show_spinner="Generating with both caches...")
-def texts(tokens, seed, windows, new_tokens, *settings):
-    m, tok = model()
-    prompt = qe.text_ids(tok, tokens, seed, windows)[0, : tokens // 2]
-    with shared_model().lock:
-        return [tok.decode(prompt, skip_special_tokens=True)] + [
-            qe.generate_text(m, tok, prompt, method, new_tokens) for method in (METHODS["fp16"], method_of(*settings))]
-
 
 with user_errors("Loading the bundled model"):
     cfg = model()[0].config

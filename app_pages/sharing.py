@@ -7,37 +7,7 @@ from kvcore.shapes import GPU_PRESETS, KV_BITS, PRESETS
 from ui import figures, params, tables
 from ui import sharing_figures as sf
 from ui.guard import user_errors
-from ui.models import shared_model
-
-
-@st.cache_resource(show_spinner="Loading the bundled model...")
-def bundled():
-    """The shared bundled model, its tokenizer, the evaluation streams and the cross-layer windows."""
-    shared = shared_model()
-    streams = sharing.eval_streams(shared.tokenizer)
-    return shared.model, shared.tokenizer, streams, sharing.text_windows(streams[1], shared.tokenizer.bos_token_id,
-                                                                         4, 128)
-
-
-@st.cache_data(show_spinner="Pooling K/V heads and scoring each model...", max_entries=16)
-def convert(windows: int, steps: int, seed: int):
-    model, tok, streams, _ = bundled()
-    s = sharing.ConvertSettings(eval_windows=windows, uptrain_steps=steps, seed=seed)
-    with shared_model().lock:
-        return sf.with_progress("Converting...", lambda cb: sharing.convert_experiment(model, tok, s, cb, streams))
-
-
-@st.cache_data(show_spinner="Decoding the text through each shared cache...", max_entries=16)
-def crosslayer(mode: str, t: float):
-    with shared_model().lock:
-        return sharing.crosslayer_sweep(bundled()[0], bundled()[3], mode, t)
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def live(steps: int, seed: int):
-    return sf.with_progress("Training...", lambda cb: sharing.train_variants(sharing.live_settings(steps, seed),
-                                                                             progress=cb))
-
+from ui.sharing_runs import bundled, convert, crosslayer, live
 
 st.title("Sharing KV across heads and layers")
 st.markdown(

@@ -1,4 +1,5 @@
-"""Figures of the Memory hierarchy page: chunk map, TTFT ECDFs, bandwidth bars, PD, roofline."""
+"""Figures and text of the Memory hierarchy page: chunk map, TTFT ECDFs, offload metrics, bandwidth bars and
+caption, PD, roofline and the FlashAttention note."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from kvcore.hierarchy.experiment import OffloadRuns
 from ui.figures import PALETTE, style
 
 TIER_COLORS = ("#0072B2", "#009E73", "#E69F00", "#CC79A7", "#999999")
 MAX_MAP_CHUNKS = 400
+BANDWIDTH_CAPTION = ("Measured here, best of 3, cached for 10 minutes. The read right after a write comes from the OS "
+                     "page cache (RAM), not the disk; the cold read bypasses it with O_DIRECT where the file system "
+                     "allows (see 'method').")
 
 
 def chunk_map(residency: pd.DataFrame, tiers: Sequence[str], title: str | None = None) -> go.Figure:
@@ -61,6 +66,15 @@ def bandwidth_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
     fig.update_layout(barmode="group")
     fig.update_yaxes(type="log")
     return style(fig, title, y="GB/s")
+
+
+def offload_metrics(runs: OffloadRuns) -> dict[str, str]:
+    """The offload tab's headline numbers, label -> formatted value: TTFT with and without tiers, hits, drops."""
+    full, ttft = runs.full, runs.ttft_summary()
+    return {"TTFT p50, recompute all": f"{ttft.p50_ms[0]:.1f} ms",
+            "TTFT p50, GPU + lower tiers": f"{ttft.p50_ms[2]:.1f} ms",
+            "Prompt tokens served from a tier": f"{full.tiers.hit_rate_tokens.sum():.0%}",
+            "Chunks dropped": f"{full.drops:,}"}
 
 
 def attention_note(attention: pd.DataFrame, ridge: float) -> str:

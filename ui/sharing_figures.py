@@ -4,8 +4,7 @@ caption is read from the result tables."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -13,8 +12,6 @@ import streamlit as st
 
 from ui.figures import PALETTE, line_chart, show, style
 from ui.format import bytes_str
-
-T = TypeVar("T")
 
 
 def head_groups(q_heads: int, kv_heads: int, title: str) -> go.Figure:
@@ -147,15 +144,3 @@ def side_by_side(figs: Sequence[go.Figure], key: str) -> None:
     for i, (col, fig) in enumerate(zip(st.columns(len(figs)), figs, strict=True)):
         with col:
             show(fig, key=f"{key}-{i}")
-
-
-def with_progress(text: str, run: Callable[[Callable[[float, str], None]], T]) -> T:
-    """Call ``run(callback)`` under a progress bar the callback moves (``callback(fraction, label)``), then clear it.
-
-    Meant for ``st.cache_data`` functions: the bar is created inside, so a cached result replays it too.
-    """
-    bar = st.progress(0.0, text=text)
-    try:
-        return run(lambda fraction, label: bar.progress(min(max(fraction, 0.0), 1.0), text=label))
-    finally:
-        bar.empty()
