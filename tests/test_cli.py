@@ -37,3 +37,17 @@ def test_quant_subcommand_measures_bytes_and_perplexity(tmp_path):
     assert table.loc["fp16", "bytes_ratio"] == 1.0
     assert table.loc["int8-token", "bytes"] < table.loc["fp16", "bytes"]
     assert abs(table.loc["int8-token", "ppl_vs_fp16"] - 1) < 0.01
+
+
+def test_paged_subcommand_runs_each_part_of_the_page(tmp_path):
+    out = tmp_path / "sampling.csv"
+    assert main(["paged", "--experiment", "sampling", "--requests", "20", "--csv", str(out)]) == 0
+    sampling = pd.read_csv(out).set_index("n")
+    assert sampling.loc[1, "saved_pct"] == 0
+    assert sampling.loc[8, "blocks_shared"] < sampling.loc[8, "blocks_no_sharing"]
+    out = tmp_path / "attention.csv"
+    assert main(["paged", "--experiment", "attention", "--model", "llama-3-8b", "--batch", "2", "--context", "100",
+                 "--csv", str(out)]) == 0
+    check = pd.read_csv(out).iloc[0]
+    assert (check.batch, check.tokens, check.q_heads, check.kv_heads) == (2, 150, 32, 8)
+    assert check.max_abs_diff < 1e-5
