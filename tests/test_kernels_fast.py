@@ -10,6 +10,7 @@ import csv
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from kvcore.kernels.check import contiguous_reference
 from kvcore.kernels.flash import merge_partials
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import paged_attention_cpu
-from kvcore.kernels.parallel import Span, plan_spans
+from kvcore.kernels.parallel import Span, plan_spans, run_spans
 from kvcore.quant import QuantizedTensor, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +143,33 @@ def test_spans_cover_every_chunk_once_longest_first():
     assert max(s.stop - s.first for s in many) == 3
     sizes = [s.stop - s.first for s in many]
     assert sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_run_spans_runs_every_span_once_on_the_caller_and_helpers(workers):
+    spans, seen, lock = [Span(b, 0, 1) for b in range(20)], [], threading.Lock()
+
+    def work(span):
+        with lock:
+            seen.append((span.seq, threading.get_ident()))
+
+    run_spans(spans, work, workers)
+    assert sorted(b for b, _ in seen) == list(range(20))
+    if workers == 1:
+        assert {t for _, t in seen} == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("failing", [0, 13])
+def test_run_spans_reraises_a_failed_span_after_the_others_finish(failing):
+    done = []
+
+    def work(span):
+        if span.seq == failing:
+            raise RuntimeError(f"span {span.seq}")
+        done.append(span.seq)
+
+    with pytest.raises(RuntimeError, match=f"span {failing}"):
+        run_spans([Span(b, 0, 1) for b in range(20)], work, workers=2)
 
 
 def test_merging_partials_ignores_chunks_never_written():

@@ -89,22 +89,25 @@ def plan_spans(num_chunks: list[int], workers: int | None) -> list[Span]:
     return sorted(spans, key=lambda s: s.first - s.stop)  # longest first: a greedy balanced schedule
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A long-lived pool of ``workers`` threads: starting threads per call cost 10-40% at 1k tokens.
+def _pool(helpers: int) -> ThreadPoolExecutor:
+    """A long-lived pool of ``helpers`` threads: starting threads per call cost 10-40% at 1k tokens.
 
     Its threads start inside :func:`run_spans`, on one intra-op thread, and keep that count.
     """
     with _pools_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvcore-spans")
-        return _pools[workers]
+        if helpers not in _pools:
+            _pools[helpers] = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="kvcore-spans")
+        return _pools[helpers]
 
 
 def run_spans(spans: list[Span], work: Callable[[Span], None], workers: int | None = DEFAULT_WORKERS) -> None:
     """Call ``work(span)`` for every span on one intra-op thread: inline, or on ``workers`` threads.
 
-    ``work`` must write disjoint outputs per span and must not call :func:`run_spans` itself (the pool
-    is shared). Worker threads start while the intra-op count is 1, so they inherit it.
+    The calling thread is one of the workers: it starts on the spans at once while ``workers - 1``
+    pool threads wake up (waking an idle core took 2-3 ms on the 2-core VM of benchmarks/RESULTS.md,
+    a third of a 1k-token call), and every thread takes the next span when it finishes one. ``work``
+    must write disjoint outputs per span and must not call :func:`run_spans` itself (the pool is
+    shared). Pool threads start while the intra-op count is 1, so they inherit it.
     """
     workers = resolve_workers(workers)
     with one_intra_op_thread():
@@ -112,5 +115,19 @@ def run_spans(spans: list[Span], work: Callable[[Span], None], workers: int | No
             for span in spans:
                 work(span)
             return
-        for _ in _pool(workers).map(work, spans):
-            pass  # re-raises a worker's exception here
+        queue, lock = iter(spans), threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    span = next(queue, None)
+                if span is None:
+                    return
+                work(span)
+
+        helpers = [_pool(workers - 1).submit(drain) for _ in range(min(workers, len(spans)) - 1)]
+        try:
+            drain()
+        finally:
+            for helper in helpers:
+                helper.result()  # waits for every helper; re-raises a helper's exception
