@@ -246,6 +246,19 @@ def test_quantized_pool_is_kvcore_quant_per_token_and_holds_exact_bytes():
     assert stepped.nbytes / (cache.numel() * 2) < 0.27  # vs the same cache in fp16
 
 
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), QUANT)
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_batched_kernel_over_a_quantized_pool_equals_the_dequantized_cache(bits, group_size, symmetric, block_size):
+    """The GPU path for quantized pools, run here on CPU tensors: steps of CHUNK tokens over the batch."""
+    p, kq, vq = quantized_problem((37, 1, 16, 5, 64), (8, 2), block_size, bits, group_size, symmetric)
+    expected = _paged_decode_attention_gather(p.query, kq.dequantize(), vq.dequantize(), p.block_tables, p.seq_lens)
+    spare = sorted(set(range(kq.codes.shape[0])) - set(p.block_tables[p.block_tables >= 0].tolist()))
+    for cache in (kq, vq):
+        cache.scales[spare] = math.nan  # blocks no sequence names: gathered never, or masked
+    out = paged_attention_batched(p.query, kq, vq, p.block_tables, p.seq_lens, 64 ** -0.5, CHUNK)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
 def test_quantized_inputs_are_validated():
     p, kq, vq = quantized_problem((5, 3), (4, 2), 2, 4, 32, False)
     with pytest.raises(ValueError, match="bits must be one of"):

@@ -5,6 +5,8 @@ tokens ``[i*C, (i+1)*C)`` of every sequence that reaches that far, all at once, 
 states are merged at the end. Sequences are sorted by length so the ones still active at step ``i`` are
 a prefix of the batch (no work for finished ones); only chunks where a sequence ends are masked. This is
 the device path (few large kernels beat many small ones on a GPU) and the CPU path for short sequences.
+A quantized pool (:class:`kvcore.quant.QuantizedTensor`) is dequantized one step's blocks at a time,
+so the fp32 cache never exists whole (the step is bounded by :data:`DEVICE_CHUNK_ELEMENTS`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import bisect
 import torch
 
 from kvcore.kernels.flash import chunk_partial, empty_partials, merge_partials
+from kvcore.quant.integer import QuantizedTensor
+
+Cache = torch.Tensor | QuantizedTensor  # [num_blocks, block_size, Hkv, D], plain or quantized along D
 
 DEVICE_CHUNK_ELEMENTS = 1 << 25  # K elements gathered per step (128 MiB in fp32), bounds the workspace
 
@@ -25,11 +30,24 @@ def batched_chunk_tokens(batch: int, num_kv_heads: int, head_dim: int, block_siz
     return max(block_size, tokens // block_size * block_size)
 
 
-def gather_tokens(cache: torch.Tensor, ids: torch.Tensor, width: int) -> torch.Tensor:
+def read_blocks(cache: Cache, ids: torch.Tensor) -> torch.Tensor:
+    """Blocks ``ids`` (1-D) of a pool as ``[len(ids), block_size, Hkv, D]``; a quantized pool is
+    dequantized here, for these blocks only, to fp32."""
+    if not isinstance(cache, QuantizedTensor):
+        return cache.index_select(0, ids)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, ids)
+
+    return QuantizedTensor(take(cache.codes), take(cache.scales), take(cache.zeros), cache.bits, cache.axis,
+                           cache.group_size, (ids.numel(), *cache.shape[1:]), torch.float32).dequantize()
+
+
+def gather_tokens(cache: Cache, ids: torch.Tensor, width: int) -> torch.Tensor:
     """fp32 tokens ``[n, width, Hkv, D]`` of block ids ``[n, nbl]`` (``nbl * block_size >= width``)."""
     n = ids.shape[0]
-    blocks = cache.index_select(0, ids.reshape(-1))  # [n * nbl, block_size, Hkv, D]
-    return blocks.view(n, -1, *cache.shape[2:])[:, :width].float()  # [n, width, Hkv, D]
+    blocks = read_blocks(cache, ids.reshape(-1))  # [n * nbl, block_size, Hkv, D]
+    return blocks.view(n, -1, *blocks.shape[2:])[:, :width].float()  # [n, width, Hkv, D]
 
 
 def mask_tails(v: torch.Tensor, lens: torch.Tensor, start: int) -> torch.Tensor:
@@ -45,19 +63,20 @@ def mask_tails(v: torch.Tensor, lens: torch.Tensor, start: int) -> torch.Tensor:
     return valid[:, None, None, :]  # [n, 1, 1, width]
 
 
-def paged_attention_batched(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+def paged_attention_batched(query: torch.Tensor, key_cache: Cache, value_cache: Cache,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             chunk_tokens: int) -> torch.Tensor:
     """Paged decode attention in steps of ``chunk_tokens`` tokens over all active sequences at once.
 
-    query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]``; block_tables int
+    query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]`` tensors or
+    :class:`kvcore.quant.QuantizedTensor` pools quantized along D; block_tables int
     ``[B, max_blocks]``; seq_lens int ``[B]`` (tokens); scale: softmax scale; chunk_tokens: tokens per
     step (rounded down to whole blocks, at least one). Inputs are assumed valid and B >= 1. Returns
     ``[B, Hq, D]`` in the query's dtype, fp32 accumulation.
     """
     B, Hq, D = query.shape
     num_blocks, block_size, Hkv, _ = key_cache.shape
-    device = key_cache.device
+    device = key_cache.codes.device if isinstance(key_cache, QuantizedTensor) else key_cache.device
     lens_all = seq_lens.to(device=device, dtype=torch.long)
     order = torch.argsort(lens_all, descending=True, stable=True)
     lens = lens_all[order]  # [B], longest first

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcore.kernels.flash import empty_partials, merge_partials
+from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, ChunkPlan
 from kvcore.kernels.paged_native import GROUPS, check_status, native_function, span_extent
 from kvcore.kernels.parallel import DEFAULT_WORKERS, Span, one_intra_op_thread, plan_spans, run_spans
@@ -286,8 +287,10 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     blocks); workers: threads running chunk spans (see :mod:`kvcore.kernels.parallel`). Equals attention
     over ``cache.dequantize()`` up to fp32 rounding. Returns ``[B, Hq, D]`` in the query's dtype.
 
-    Runs the fused C kernel when :func:`native_supports` says it can (it reads the packed codes straight
-    into registers), else the chunk loop of torch ops described in the module docstring.
+    On CPU it runs the fused C kernel when :func:`native_supports` says it can (it reads the packed codes
+    straight into registers), else the chunk loop of torch ops described in the module docstring; on a
+    GPU, :func:`kvcore.kernels.paged_batched.paged_attention_batched`, which dequantizes each step's
+    blocks (few large launches instead of one chunk loop per sequence).
     """
     _check_quantized(query, key_cache, value_cache, block_tables, seq_lens)
     B, Hq, D = query.shape
@@ -295,8 +298,11 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
         return query.new_empty(query.shape)
     _, block_size, Hkv, _ = key_cache.shape
     device = key_cache.codes.device
-    layout = ChannelLayout.of(key_cache, device)
     scale = D ** -0.5 if scale is None else scale
+    if device.type != "cpu":  # few large steps over the whole batch, each dequantizing only its blocks
+        chunk = batched_chunk_tokens(B, Hkv, D, block_size)
+        return paged_attention_batched(query, key_cache, value_cache, block_tables, seq_lens, scale, chunk)
+    layout = ChannelLayout.of(key_cache, device)
     q = (query.to(device).float() * scale).reshape(B, Hkv, Hq // Hkv, D)[..., layout.order]  # [B, Hkv, G, D]
     q_split = q[:, :, :, None, :] * layout.groups  # [B, Hkv, G, ng, D]
     plan = ChunkPlan(seq_lens.tolist(), max(1, chunk_tokens // block_size), block_size)
