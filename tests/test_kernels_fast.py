@@ -172,6 +172,26 @@ def test_run_spans_reraises_a_failed_span_after_the_others_finish(failing):
         run_spans([Span(b, 0, 1) for b in range(20)], work, workers=2)
 
 
+def test_concurrent_callers_share_the_span_pool_and_get_their_own_results():
+    """Two threads call the kernel at once (as two app sessions would): each gets its single-call output."""
+    problems = [make_paged_problem([300] * 6, 8, 2, 16, 4, seed=s) for s in range(2)]
+    expected = [paged_decode_attention(*inputs(p)) for p in problems]
+    outputs = [[], []]
+
+    def call(i):
+        for _ in range(10):
+            outputs[i].append(paged_decode_attention(*inputs(problems[i])))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert len(outputs[i]) == 10
+        assert all(torch.equal(out, expected[i]) for out in outputs[i])
+
+
 def test_merging_partials_ignores_chunks_never_written():
     """Two chunks' (m, l, o) plus an empty one (m=-inf) give the softmax over all scores."""
     scores, values = torch.tensor([0.5, 2.0, -1.0, 3.0]), torch.tensor([[1.0], [2.0], [3.0], [4.0]])

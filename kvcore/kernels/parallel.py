@@ -129,5 +129,6 @@ def run_spans(spans: list[Span], work: Callable[[Span], None], workers: int | No
         try:
             drain()
         finally:
-            for helper in helpers:
-                helper.result()  # waits for every helper; re-raises a helper's exception
+            for helper in helpers:  # one still queued (the pool busy with another call) has nothing left to do
+                if not helper.cancel():
+                    helper.result()  # waits for a running helper; re-raises its exception
