@@ -88,10 +88,25 @@ typedef struct {
     int64_t tokens, block_size, heads, dim;
 } Span;
 
-/* Start of token t's row (all KV heads) in a cache. */
-static inline const float *token_row(const Span *sp, const float *cache, int64_t t) {
-    int64_t row = sp->heads * sp->dim;
-    return cache + sp->blocks[t / sp->block_size] * sp->block_size * row + (t % sp->block_size) * row;
+/* Pool slots (block * block_size + offset) of the R tokens of the register group at tile token t; rows
+   past the tile's n tokens repeat token t: read, then weighed 0 (clear_padding). */
+static inline void group_slots(const int64_t *blocks, int64_t block_size, int R, int64_t t0, int64_t t, int64_t n,
+                               int64_t *slot) {
+    for (int r = 0; r < R; r++) {
+        int64_t tok = t0 + (t + r < n ? t + r : t);
+        slot[r] = blocks[tok / block_size] * block_size + tok % block_size;
+    }
+}
+
+/* An empty partial state: m = -FLT_MAX (no score yet), l = 0, o = 0. */
+static inline void start_partial(float *m, float *l, float *o, int64_t hg, int64_t d) {
+    for (int64_t i = 0; i < hg; i++) { m[i] = -FLT_MAX; l[i] = 0.f; }
+    memset(o, 0, hg * d * sizeof(float));
+}
+
+/* Probabilities of the padded rows of the tile's last register group (rows n .. up to a multiple of R) := 0. */
+static inline void clear_padding(float *p, int64_t n, int R, int64_t hg) {
+    memset(p + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float));
 }
 
 /* Online softmax over n tokens of scores s[t * hg + i]: s becomes p; m, l, o (and the nz floats per
@@ -122,29 +137,27 @@ static void softmax_update(float *s, int64_t n, int64_t hg, int64_t d, float *m,
 static inline __attribute__((always_inline)) int span_g(int G, const Span *sp, const float *q, float *m,
                                                         float *l, float *o) {
     const int R = LANES / G;
-    int64_t heads = sp->heads, d = sp->dim, hg = heads * G;
+    int64_t heads = sp->heads, d = sp->dim, hg = heads * G, row = heads * d;
     float *s = malloc(((TILE + LANES) * hg + 2 * hg) * sizeof(float)); /* scores, then mx and sum */
     if (!s) return 1;
-    for (int64_t i = 0; i < hg; i++) { m[i] = -FLT_MAX; l[i] = 0.f; }
-    memset(o, 0, hg * d * sizeof(float));
+    const float *rows[LANES];
+    int64_t slot[LANES];
+    start_partial(m, l, o, hg, d);
     for (int64_t t0 = 0; t0 < sp->tokens; t0 += TILE) {
         int64_t n = sp->tokens - t0 < TILE ? sp->tokens - t0 : TILE;
-        const float *rows[LANES]; /* a group's rows past n repeat its first token: read, then weigh 0 */
         for (int64_t t = 0; t < n; t += R) {
-            const float *base[LANES];
-            for (int r = 0; r < R; r++) base[r] = token_row(sp, sp->key_cache, t0 + (t + r < n ? t + r : t));
+            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
             for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) rows[r] = base[r] + h * d;
+                for (int r = 0; r < R; r++) rows[r] = sp->key_cache + slot[r] * row + h * d;
                 dot_rows(R, G, rows, q + h * G * d, d, s + t * hg + h * G, hg);
             }
         }
         softmax_update(s, n, hg, d, m, l, o, NULL, 0, s + (TILE + LANES) * hg);
-        memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
+        clear_padding(s, n, R, hg);
         for (int64_t t = 0; t < n; t += R) {
-            const float *base[LANES];
-            for (int r = 0; r < R; r++) base[r] = token_row(sp, sp->value_cache, t0 + (t + r < n ? t + r : t));
+            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
             for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) rows[r] = base[r] + h * d;
+                for (int r = 0; r < R; r++) rows[r] = sp->value_cache + slot[r] * row + h * d;
                 add_rows(R, G, rows, s + t * hg + h * G, hg, o + h * G * d, d);
             }
         }
@@ -275,11 +288,12 @@ static inline __attribute__((always_inline)) void qadd_rows(int R, int G, const 
     }
 }
 
-/* Pool slots of the R tokens of a register group starting at t (rows past n repeat token t). */
-static inline void group_slots(const QSpan *sp, int R, int64_t t0, int64_t t, int64_t n, int64_t *slot) {
+/* Code rows, scales and zeros of head h for the R tokens in `slot`. */
+static inline void quant_rows(const QSpan *sp, const QCache *c, int R, const int64_t *slot, int64_t h,
+                              const uint8_t **rows, float scale[][MAX_GROUPS], float zero[][MAX_GROUPS]) {
     for (int r = 0; r < R; r++) {
-        int64_t tok = t0 + (t + r < n ? t + r : t);
-        slot[r] = sp->blocks[tok / sp->block_size] * sp->block_size + tok % sp->block_size;
+        rows[r] = c->codes + (slot[r] * sp->heads + h) * sp->row_bytes;
+        row_params(sp, c, slot[r], h, scale[r], zero[r]);
     }
 }
 
@@ -293,30 +307,23 @@ static inline __attribute__((always_inline)) int qspan_g(int G, const QSpan *sp,
     float scale[LANES][MAX_GROUPS], zero[LANES][MAX_GROUPS];
     const uint8_t *rows[LANES];
     int64_t slot[LANES];
-    for (int64_t i = 0; i < hg; i++) { m[i] = -FLT_MAX; l[i] = 0.f; }
-    memset(o, 0, hg * d * sizeof(float));
+    start_partial(m, l, o, hg, d);
     memset(zsum, 0, hg * ng * sizeof(float));
     for (int64_t t0 = 0; t0 < sp->tokens; t0 += TILE) {
         int64_t n = sp->tokens - t0 < TILE ? sp->tokens - t0 : TILE;
         for (int64_t t = 0; t < n; t += R) {
-            group_slots(sp, R, t0, t, n, slot);
+            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
             for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) {
-                    rows[r] = sp->key.codes + (slot[r] * heads + h) * sp->row_bytes;
-                    row_params(sp, &sp->key, slot[r], h, scale[r], zero[r]);
-                }
+                quant_rows(sp, &sp->key, R, slot, h, rows, scale, zero);
                 qdot_rows(R, G, sp, rows, scale, zero, q + h * G * d, qsum + h * G * ng, s + t * hg + h * G, hg);
             }
         }
         softmax_update(s, n, hg, d, m, l, o, zsum, ng, work);
-        memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
+        clear_padding(s, n, R, hg);
         for (int64_t t = 0; t < n; t += R) {
-            group_slots(sp, R, t0, t, n, slot);
+            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
             for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) {
-                    rows[r] = sp->value.codes + (slot[r] * heads + h) * sp->row_bytes;
-                    row_params(sp, &sp->value, slot[r], h, scale[r], zero[r]);
-                }
+                quant_rows(sp, &sp->value, R, slot, h, rows, scale, zero);
                 qadd_rows(R, G, sp, rows, scale, zero, s + t * hg + h * G, hg, o + h * G * d, zsum + h * G * ng);
             }
         }
