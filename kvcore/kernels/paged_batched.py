@@ -76,7 +76,7 @@ def paged_attention_batched(query: torch.Tensor, key_cache: Cache, value_cache: 
     """
     B, Hq, D = query.shape
     num_blocks, block_size, Hkv, _ = key_cache.shape
-    device = key_cache.codes.device if isinstance(key_cache, QuantizedTensor) else key_cache.device
+    device = key_cache.device
     lens_all = seq_lens.to(device=device, dtype=torch.long)
     order = torch.argsort(lens_all, descending=True, stable=True)
     lens = lens_all[order]  # [B], longest first

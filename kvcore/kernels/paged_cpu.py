@@ -70,6 +70,11 @@ class ChunkPlan:
     chunk_blocks: int
     block_size: int
 
+    @classmethod
+    def of(cls, seq_lens: torch.Tensor, chunk_tokens: int, block_size: int) -> ChunkPlan:
+        """Chunks of ``chunk_tokens`` rounded down to whole blocks (at least one) over ``seq_lens`` tokens."""
+        return cls(seq_lens.tolist(), max(1, chunk_tokens // block_size), block_size)
+
     @property
     def chunk(self) -> int:
         """Tokens per full chunk."""
@@ -134,7 +139,7 @@ def paged_attention_cpu(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     block_size, Hkv = key_cache.shape[1:3]
     device = key_cache.device
     q = (query.to(device).float() * scale).reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]
-    plan = ChunkPlan(seq_lens.tolist(), max(1, chunk_tokens // block_size), block_size)
+    plan = ChunkPlan.of(seq_lens, chunk_tokens, block_size)
     num_chunks = plan.num_chunks()
     partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), D, device)  # unused slots weigh 0
     job = PagedJob(q, key_cache, value_cache, block_tables.to(device=device, dtype=torch.long), plan, partials,

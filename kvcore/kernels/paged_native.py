@@ -8,13 +8,15 @@ gathered chunks) it skips the gather copy and does the dot products in registers
 Supported: fp32 contiguous caches, head dim a multiple of 16, 1, 2, 4, 8 or 16 query heads per KV head;
 :func:`supports` says whether a call qualifies and :mod:`kvcore.kernels.attention` falls back otherwise.
 The same library holds the quantized-pool kernel that :mod:`kvcore.kernels.quantized` calls; the
-helpers here (:func:`native_function`, :func:`span_extent`, :func:`check_status`) serve both.
+helpers here (:func:`native_function`, :func:`run_native`) serve both.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -28,9 +30,10 @@ GROUPS = (1, 2, 4, 8, 16)  # query heads per KV head the kernel has register lay
 ERRORS = {1: "out of memory", 2: "unsupported shape"}
 
 
+@cache
 def native_function(symbol: str, pointers: int, ints: int, outputs: int) -> ctypes._CFuncPtr | None:
     """``symbol`` of the compiled library, typed as ``pointers`` pointers, ``ints`` int64s, ``outputs``
-    pointers, returning an int status; None if the library is not available."""
+    pointers, returning an int status; None if the library is not available (looked up once)."""
     library = native.load(LIBRARY)
     if library is None:
         return None
@@ -68,23 +71,39 @@ def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
 
 @dataclass(slots=True)
 class NativeJob:
-    """One call's inputs and partial outputs; :meth:`run` fills the partial of one span (slot ``span.first``)."""
+    """One call of a span kernel of ``csrc/paged_decode.c``; :meth:`run` fills one span's partial.
+
+    Every such kernel takes ``(*pointers(seq), block_ids, tokens, *sizes, m, l, o)``: the sequence's
+    inputs, the span's block-table entries and token count, the shape, and the partial to write (slot
+    ``span.first`` of the call's partials).
+    """
 
     fn: ctypes._CFuncPtr
-    q: torch.Tensor  # [B, Hkv, G, D] fp32, scaled, contiguous
-    key_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D] fp32 contiguous
-    value_cache: torch.Tensor
+    pointers: Callable[[int], tuple[int | None, ...]]  # a sequence's input pointers
+    sizes: tuple[int, ...]
     tables: torch.Tensor  # [B, max_blocks] int64 contiguous
     plan: ChunkPlan
     partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # m, l [P, B, Hkv, G, 1]; o [P, B, Hkv, G, D]
 
     def run(self, span: Span) -> None:
-        b, (m, l, o) = span.seq, self.partials
         tokens, table = span_extent(self.plan, self.tables, span)
-        _, block_size, heads, dim = self.key_cache.shape
-        check_status(self.fn(self.q[b].data_ptr(), self.key_cache.data_ptr(), self.value_cache.data_ptr(),
-                             table.data_ptr(), tokens, block_size, heads, self.q.shape[2], dim,
-                             m[span.first, b].data_ptr(), l[span.first, b].data_ptr(), o[span.first, b].data_ptr()))
+        m, l, o = (t[span.first, span.seq].data_ptr() for t in self.partials)
+        check_status(self.fn(*self.pointers(span.seq), table.data_ptr(), tokens, *self.sizes, m, l, o))
+
+
+def run_native(fn: ctypes._CFuncPtr, pointers: Callable[[int], tuple[int | None, ...]], sizes: tuple[int, ...],
+               block_tables: torch.Tensor, plan: ChunkPlan, lead: tuple[int, int, int], dim: int,
+               workers: int | None) -> torch.Tensor:
+    """Run a span kernel over every span of ``plan`` on ``workers`` threads; the merged ``[*lead, dim]``.
+
+    lead: ``(B, Hkv, G)``; unused partial slots weigh 0 in the merge.
+    """
+    num_chunks = plan.num_chunks()
+    partials = empty_partials(max(num_chunks), lead, dim, block_tables.device)
+    tables = block_tables.to(dtype=torch.long).contiguous()
+    job = NativeJob(fn, pointers, sizes, tables, plan, partials)
+    run_spans(plan_spans(num_chunks, workers), job.run, workers)
+    return merge_partials(*partials)
 
 
 def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -102,10 +121,7 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_c
     B, Hq, D = query.shape
     block_size, Hkv = key_cache.shape[1:3]
     q = (query.float() * scale).reshape(B, Hkv, Hq // Hkv, D).contiguous()  # [B, Hkv, G, D]
-    plan = ChunkPlan(seq_lens.tolist(), max(1, chunk_tokens // block_size), block_size)
-    num_chunks = plan.num_chunks()
-    partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), D, key_cache.device)  # unused slots weigh 0
-    tables = block_tables.to(dtype=torch.long).contiguous()
-    job = NativeJob(fn, q, key_cache, value_cache, tables, plan, partials)
-    run_spans(plan_spans(num_chunks, workers), job.run, workers)
-    return merge_partials(*partials).reshape(B, Hq, D).to(query.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]
+    out = run_native(fn, lambda b: (q[b].data_ptr(), key_cache.data_ptr(), value_cache.data_ptr()),
+                     (block_size, Hkv, Hq // Hkv, D), block_tables, ChunkPlan.of(seq_lens, chunk_tokens, block_size),
+                     (B, Hkv, Hq // Hkv), D, workers)
+    return out.reshape(B, Hq, D).to(query.dtype)  # [B, Hkv, G, D] -> [B, Hq, D]

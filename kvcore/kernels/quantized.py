@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kvcore.kernels.flash import empty_partials, merge_partials
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, ChunkPlan
-from kvcore.kernels.paged_native import GROUPS, check_status, native_function, span_extent
+from kvcore.kernels.paged_native import GROUPS, native_function, run_native
 from kvcore.kernels.parallel import DEFAULT_WORKERS, Span, one_intra_op_thread, plan_spans, run_spans
 from kvcore.kernels.validate import check_block_tables, check_query
 from kvcore.quant import QuantizedTensor, quantize
@@ -176,7 +176,7 @@ class QuantJob:
         """This thread's fp32 code buffers for K and V, ``[chunk, Hkv, D]`` each, allocated on first use."""
         if not hasattr(self.local, "buffers"):
             shape = (self.plan.chunk, *self.key_cache.shape[2:])
-            device = self.key_cache.codes.device
+            device = self.key_cache.device
             self.local.buffers = (torch.empty(shape, device=device), torch.empty(shape, device=device))
         return self.local.buffers
 
@@ -199,7 +199,7 @@ def native_supports(query: torch.Tensor, key_cache: QuantizedTensor, value_cache
     """
     dim, per_byte = key_cache.shape[3], 8 // key_cache.bits
     tensors = [t for c in (key_cache, value_cache) for t in (c.codes, c.scales, c.zeros) if t is not None]
-    return (key_cache.codes.device.type == "cpu" and all(t.is_contiguous() for t in tensors)
+    return (key_cache.device.type == "cpu" and all(t.is_contiguous() for t in tensors)
             and all(c.scales.dtype == torch.float16 and (c.zeros is None or c.zeros.dtype == torch.float16)
                     for c in (key_cache, value_cache))
             and query.shape[1] // key_cache.shape[2] in GROUPS and dim % key_cache.group_size == 0
@@ -208,34 +208,6 @@ def native_supports(query: torch.Tensor, key_cache: QuantizedTensor, value_cache
 
 def _native_function() -> ctypes._CFuncPtr | None:
     return native_function("kvlab_paged_span_quantized", 9, 7, 3)
-
-
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-@dataclass(slots=True)
-class NativeQuantJob:
-    """One call of the fused C kernel; :meth:`run` fills the partial of one span (slot ``span.first``)."""
-
-    fn: ctypes._CFuncPtr
-    q: torch.Tensor  # [B, Hkv, G, D] scaled, plane order, contiguous
-    q_sums: torch.Tensor  # [B, Hkv, G, ng] contiguous
-    key_cache: QuantizedTensor
-    value_cache: QuantizedTensor
-    tables: torch.Tensor  # [B, max_blocks] int64 contiguous
-    plan: ChunkPlan
-    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # m, l [P, B, Hkv, G, 1]; o [P, B, Hkv, G, D]
-
-    def run(self, span: Span) -> None:
-        b, (m, l, o), k, v = span.seq, self.partials, self.key_cache, self.value_cache
-        tokens, table = span_extent(self.plan, self.tables, span)
-        _, block_size, heads, dim = k.shape
-        check_status(self.fn(
-            self.q[b].data_ptr(), self.q_sums[b].data_ptr(), k.codes.data_ptr(), k.scales.data_ptr(),
-            _pointer(k.zeros), v.codes.data_ptr(), v.scales.data_ptr(), _pointer(v.zeros), table.data_ptr(),
-            tokens, block_size, heads, self.q.shape[2], dim, k.bits, k.scales.shape[-1],
-            m[span.first, b].data_ptr(), l[span.first, b].data_ptr(), o[span.first, b].data_ptr()))
 
 
 def chunk_workspace_bytes(cache: QuantizedTensor, num_q_heads: int, chunk_tokens: int = CPU_CHUNK_TOKENS) -> int:
@@ -297,7 +269,7 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     if B == 0:
         return query.new_empty(query.shape)
     _, block_size, Hkv, _ = key_cache.shape
-    device = key_cache.codes.device
+    device = key_cache.device
     scale = D ** -0.5 if scale is None else scale
     if device.type != "cpu":  # few large steps over the whole batch, each dequantizing only its blocks
         chunk = batched_chunk_tokens(B, Hkv, D, block_size)
@@ -305,16 +277,20 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     layout = ChannelLayout.of(key_cache, device)
     q = (query.to(device).float() * scale).reshape(B, Hkv, Hq // Hkv, D)[..., layout.order]  # [B, Hkv, G, D]
     q_split = q[:, :, :, None, :] * layout.groups  # [B, Hkv, G, ng, D]
-    plan = ChunkPlan(seq_lens.tolist(), max(1, chunk_tokens // block_size), block_size)
-    num_chunks = plan.num_chunks()
-    tables = block_tables.to(device=device, dtype=torch.long).contiguous()
+    plan = ChunkPlan.of(seq_lens, chunk_tokens, block_size)
     if native_supports(query, key_cache, value_cache):
-        partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), D, device)
-        job = NativeQuantJob(_native_function(), q.contiguous(), q_split.sum(dim=-1).contiguous(), key_cache,
-                             value_cache, tables, plan, partials)
-        run_spans(plan_spans(num_chunks, workers), job.run, workers)
-        return unpermute(merge_partials(*partials), layout).reshape(B, Hq, D).to(query.dtype)
+        q, q_sums, k, v = q.contiguous(), q_split.sum(dim=-1).contiguous(), key_cache, value_cache
+
+        def pointers(b: int) -> tuple[int | None, ...]:  # [Hkv, G, D] queries, [Hkv, G, ng] sums, both pools
+            return (q[b].data_ptr(), q_sums[b].data_ptr(), *(None if t is None else t.data_ptr() for t in (
+                k.codes, k.scales, k.zeros, v.codes, v.scales, v.zeros)))
+
+        sizes = (block_size, Hkv, Hq // Hkv, D, k.bits, k.scales.shape[-1])
+        out = run_native(_native_function(), pointers, sizes, block_tables, plan, (B, Hkv, Hq // Hkv), D, workers)
+        return unpermute(out, layout).reshape(B, Hq, D).to(query.dtype)
+    num_chunks = plan.num_chunks()
     partials = empty_partials(max(num_chunks), (B, Hkv, Hq // Hkv), layout.groups.numel(), device)
+    tables = block_tables.to(device=device, dtype=torch.long)
     job = QuantJob(q_split.flatten(2, 3), q_split.sum(dim=-1), key_cache, value_cache, tables, plan, partials,
                    threading.local())
     run_spans(plan_spans(num_chunks, workers), job.run, workers)

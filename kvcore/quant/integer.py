@@ -118,6 +118,11 @@ class QuantizedTensor:
         return self.zeros is None
 
     @property
+    def device(self) -> torch.device:
+        """Where the codes (and scales and zeros) live."""
+        return self.codes.device
+
+    @property
     def n(self) -> int:
         """Length of the quantized axis."""
         return self.shape[self.axis]
