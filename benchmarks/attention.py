@@ -45,7 +45,7 @@ from kvcore.kernels import (  # noqa: E402
 )
 from kvcore.kernels.attention import KERNELS, paged_kernel  # noqa: E402
 from kvcore.kernels.paged_cpu import paged_attention_cpu  # noqa: E402
-from kvcore.kernels.paged_native import LIBRARY, paged_attention_native, supports  # noqa: E402
+from kvcore.kernels.paged_native import LIBRARY, paged_attention_native  # noqa: E402
 from kvcore.kernels.parallel import DEFAULT_WORKERS, resolve_workers  # noqa: E402
 from kvcore.kernels.quantized import chunk_workspace_bytes  # noqa: E402
 from kvcore.quant import QuantizedTensor  # noqa: E402
@@ -112,10 +112,9 @@ def methods(p: Problem, workers: int | None = DEFAULT_WORKERS) -> dict[str, Call
                                                                p.seq_lens, workers=workers),
     }
     if p.query.device.type == "cpu":
-        if workers is not None and supports(*args[:3]):
-            calls["paged"] = lambda: paged_attention_native(*args, scale=scale, workers=workers)
-        elif workers is not None:
-            calls["paged"] = lambda: paged_attention_cpu(*args, scale=scale, workers=workers)
+        if workers is not None:  # the public choice of kernel, called with these workers
+            paged = paged_attention_native if paged_kernel(*args[:3]) == "fused" else paged_attention_cpu
+            calls["paged"] = lambda: paged(*args, scale=scale, workers=workers)
         calls["paged_torch"] = lambda: paged_attention_cpu(*args, scale=scale, workers=workers)
     return calls
 
@@ -123,9 +122,10 @@ def methods(p: Problem, workers: int | None = DEFAULT_WORKERS) -> dict[str, Call
 def paged_kernel_line(p: Problem) -> str:
     """Which kernel the ``paged`` row ran, and why not the fused one on CPU."""
     kernel = paged_kernel(p.query, p.key_cache, p.value_cache)
-    why = "" if kernel != "torch" else (f"; fused kernel not used: {native.unavailable_reason(LIBRARY)}"
-                                        if native.unavailable_reason(LIBRARY) else "; a shape the fused kernel lacks")
-    return f"paged: {KERNELS[kernel]}{why}"
+    if kernel != "torch":
+        return f"paged: {KERNELS[kernel]}"
+    why = native.unavailable_reason(LIBRARY) or "a shape or dtype it does not cover"
+    return f"paged: {KERNELS[kernel]}; fused kernel not used: {why}"
 
 
 def kv_bytes(p: Problem) -> dict[str, int]:

@@ -7,8 +7,7 @@ import streamlit as st
 
 from kvcore import paged
 from kvcore.device import get_device
-from kvcore.kernels import AttentionCheckConfig, check_paged_attention, ragged_lengths
-from kvcore.shapes import PRESETS
+from kvcore.kernels import AttentionCheckConfig, check_paged_attention
 
 
 @st.cache_data(show_spinner="Simulating three allocators...")
@@ -24,7 +23,5 @@ def run_fragmentation(kind: str, prompt_mean: float, output_mean: float, spread:
 @st.cache_data(show_spinner="Running both attentions...")
 def run_attention_check(model: str, batch: int, context: int, dtype: str) -> pd.DataFrame:
     """Paged vs contiguous decode attention with ``model``'s heads over ``batch`` ragged sequences, on this device."""
-    shape = PRESETS[model]
-    return check_paged_attention(AttentionCheckConfig(shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
-                                                      ragged_lengths(batch, context), dtype=dtype,
-                                                      device=get_device().type))
+    return check_paged_attention(AttentionCheckConfig.for_model(model, batch, context, dtype=dtype,
+                                                                device=get_device().type))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 
 from kvcore.device import get_device
 from kvcore.kernels.attention import KERNELS, contiguous_decode_attention, paged_decode_attention, paged_kernel
+from kvcore.shapes import PRESETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,6 +105,13 @@ class AttentionCheckConfig:
         if not self.seq_lens or min(self.seq_lens) < 1:
             raise ValueError(f"seq_lens must be a non-empty list of lengths >= 1, got {self.seq_lens}")
         get_device(self.device)  # ValueError for 'cuda' without a GPU
+
+    @classmethod
+    def for_model(cls, model: str, batch: int, context: int, **options: Any) -> AttentionCheckConfig:
+        """The head layout of preset ``model`` (kvcore.shapes.PRESETS) over :func:`ragged_lengths` ``(batch,
+        context)``; ``options`` set the other fields."""
+        shape = PRESETS[model]
+        return cls(shape.num_q_heads, shape.num_kv_heads, shape.head_dim, ragged_lengths(batch, context), **options)
 
 
 def ragged_lengths(batch: int, context: int) -> tuple[int, ...]:

@@ -30,12 +30,11 @@ def _fragmentation_config(args: argparse.Namespace) -> FragmentationConfig:
 
 
 def _attention(args: argparse.Namespace) -> pd.DataFrame:
-    from kvcore.kernels import AttentionCheckConfig, check_paged_attention, ragged_lengths  # imports torch
+    from kvcore.kernels import AttentionCheckConfig, check_paged_attention  # imports torch
 
-    shape = PRESETS[args.model]
-    return check_paged_attention(AttentionCheckConfig(
-        shape.num_q_heads, shape.num_kv_heads, shape.head_dim, ragged_lengths(args.batch, args.context),
-        args.block_size, args.dtype, args.device, seed=args.seed))
+    return check_paged_attention(AttentionCheckConfig.for_model(
+        args.model, args.batch, args.context, block_size=args.block_size, dtype=args.dtype, device=args.device,
+        seed=args.seed))
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
