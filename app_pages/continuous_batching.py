@@ -3,7 +3,7 @@
 import streamlit as st
 
 from kvcore import sched
-from kvcore.shapes import GPU_PRESETS, PRESETS
+from kvcore.shapes import GPU_PRESETS
 from ui import batching_figures, figures, params, tables
 from ui.batching_runs import run
 from ui.guard import user_errors
@@ -45,8 +45,7 @@ with st.sidebar:
                                   max_value=4096, value=W.prefix_tokens)
     seed = params.widget(st.number_input, "Seed", key="seed", min_value=0, max_value=1_000_000, value=0)
     st.subheader("Model and GPU")
-    model = params.widget(st.selectbox, "Model", key="model", options=list(PRESETS),
-                           index=list(PRESETS).index("llama-3-8b"))
+    model = params.model_preset("Model", key="model")
     gpu = params.widget(st.selectbox, "GPU", key="gpu", options=list(GPU_PRESETS))
     st.subheader("Scheduler")
     policies = params.widget(st.multiselect, "Schedulers (static, continuous, chunked prefill)", key="sch",

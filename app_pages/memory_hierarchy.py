@@ -4,7 +4,7 @@ import streamlit as st
 
 from kvcore.hierarchy import WRITE_MODES, OffloadConfig, PDConfig, ServingWorkload
 from kvcore.hierarchy.experiment import make_workload, tiers_for
-from kvcore.shapes import GPU_PRESETS, PRESETS
+from kvcore.shapes import GPU_PRESETS
 from ui import figures, params, tables
 from ui import hierarchy_figures as hf
 from ui.guard import user_errors
@@ -29,8 +29,7 @@ st.markdown("As in LMCache, KV can outlive HBM in CPU DRAM, on local NVMe or in 
             "when that is faster than **recomputing** it. Tabs: that reuse on a workload, this machine's real copy "
             "speeds, prefill and decode on separate GPUs (DistServe), and the roofline of prefill vs decode.")
 with st.sidebar:
-    model = params.widget(st.selectbox, "Model", key="h_model", options=list(PRESETS),
-                          index=list(PRESETS).index("llama-3-8b"))
+    model = params.model_preset("Model", key="h_model")
     gpu = params.widget(st.selectbox, "GPU", key="h_gpu", options=list(GPU_PRESETS))
     link = params.widget(st.segmented_control, "GPU <-> CPU link", key="h_link", options=["pcie", "nvlink-c2c"],
                          default="pcie", required=True)

@@ -21,8 +21,7 @@ st.markdown("vLLM stores the KV cache in fixed-size **blocks**; each sequence's 
             "blocks are hashed over their prefix and reused across requests (**automatic prefix caching**); "
             "free blocks wait in an LRU **free block queue** and keep their hash until evicted.")
 with st.sidebar:
-    model = params.widget(st.selectbox, "Model shape (KV bytes)", key="model", options=list(PRESETS),
-                           index=list(PRESETS).index("llama-3-8b"))
+    model = params.model_preset("Model shape (KV bytes)", key="model")
     num_blocks = params.widget(st.slider, "Blocks in the pool", key="blocks", min_value=4, max_value=64, value=16)
     block_size = params.widget(st.segmented_control, "Block size (tokens)", key="bs", options=[1, 2, 4, 8, 16],
                                default=4, required=True)

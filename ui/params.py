@@ -14,7 +14,10 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
+from kvcore.shapes import PRESETS
+
 T = TypeVar("T")
+DEFAULT_MODEL = "llama-3-8b"  # the model preset a page shows first
 
 
 def widget(factory: Callable[..., T], label: str, *, key: str, **kwargs: Any) -> T:
@@ -28,6 +31,11 @@ def widget(factory: Callable[..., T], label: str, *, key: str, **kwargs: Any) ->
 
 
 NUMERIC_WIDGETS = {"number_input", "slider"}
+
+
+def model_preset(label: str, *, key: str) -> str:
+    """A URL-bound selectbox over the model presets (:data:`kvcore.shapes.PRESETS`), :data:`DEFAULT_MODEL` first."""
+    return widget(st.selectbox, label, key=key, options=list(PRESETS), index=list(PRESETS).index(DEFAULT_MODEL))
 
 
 def _drop_non_finite(key: str) -> None:
