@@ -18,7 +18,9 @@ from kvcore.eviction.base import (
 from kvcore.eviction.full import FullCache
 from kvcore.eviction.h2o import H2O
 from kvcore.eviction.knorm import KNorm
+from kvcore.eviction.kvpress import kvpress_budget, kvpress_compatible
 from kvcore.eviction.lru import LRU
+from kvcore.eviction.observed_attention import ObservedAttention
 from kvcore.eviction.random_policy import RandomEviction
 from kvcore.eviction.sliding_window import SlidingWindow
 from kvcore.eviction.snapkv import SnapKV
@@ -28,7 +30,7 @@ from kvcore.eviction.tova import TOVA
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls
     for cls in (FullCache, SlidingWindow, StreamingLLM, H2O, TOVA, SnapKV, KNorm, LRU, RandomEviction,
-                AttentionWindow)
+                AttentionWindow, ObservedAttention)
 }
 
 # What the page, the CLI and ``EvictionConfig`` run when nothing is chosen: the two claims' policies, two budgets.
@@ -59,6 +61,7 @@ __all__ = [
     "EvictionState",
     "FullCache",
     "KNorm",
+    "ObservedAttention",
     "RandomEviction",
     "SlidingWindow",
     "SnapKV",
@@ -66,6 +69,8 @@ __all__ = [
     "causal_attention",
     "gather_kv",
     "group_attention",
+    "kvpress_budget",
+    "kvpress_compatible",
     "make_policy",
     "resolve_budget",
 ]

@@ -18,7 +18,8 @@ class H2O(EvictionPolicy):
     Models" (NeurIPS 2023). The accumulator of a token counts the attention it received from every
     query since it entered the cache (averaged over the query heads of its KV head) and survives with it.
     recent_fraction: share of the budget (0 <= f < 1) reserved for the newest tokens; the rest goes to
-    heavy hitters (the paper splits the budget evenly).
+    heavy hitters (the paper splits the budget evenly). kvpress's ``ObservedAttentionPress`` instead
+    averages over the queries that saw each token and reserves no window: ``observed_attention``.
     """
 
     name: ClassVar[str] = "h2o"

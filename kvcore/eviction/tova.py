@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -17,16 +17,32 @@ class TOVA(EvictionPolicy):
     Oren et al. 2024, "Transformers are Multi-State RNNs" (EMNLP 2024). The paper averages the newest
     query's attention over all heads of a layer, so every head keeps the same tokens.
     per_head: score each KV head with its own query group instead (False follows the paper).
+    keep_last: always keep the newest token, whatever its attention (kvpress's ``TOVAPress`` scores the
+    newest token above every other; False follows the paper, where it competes like the rest).
     """
 
     name: ClassVar[str] = "tova"
     paper: ClassVar[str] = "TOVA (Oren et al. 2024)"
     needs_attention: ClassVar[bool] = True
     per_head: bool = field(default=False, metadata={"help": "score each KV head with its own query group"})
+    keep_last: bool = field(default=False, metadata={"help": "always keep the newest token (kvpress's TOVAPress)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.per_head, bool):
             raise ValueError(f"per_head must be True or False, got {self.per_head!r}")
+        if not isinstance(self.keep_last, bool):
+            raise ValueError(f"keep_last must be True or False, got {self.keep_last!r}")
+
+    def recent_window(self, budget: int) -> int:
+        """The newest token when ``keep_last``, else none."""
+        return 1 if self.keep_last else 0
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The fields and their values; ``keep_last`` only when on, so labels and results read as before it."""
+        params = EvictionPolicy.hyperparameters(self)
+        if not self.keep_last:
+            del params["keep_last"]
+        return params
 
     def observe(self, state: EvictionState, attn: torch.Tensor) -> None:
         """Remember the newest query's attention ``[B, Hkv, T]`` (head-averaged unless ``per_head``)."""
