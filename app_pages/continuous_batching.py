@@ -3,9 +3,10 @@
 import streamlit as st
 
 from kvcore import sched
+from kvcore.sched.compare import ServingSetup
 from kvcore.shapes import GPU_PRESETS
 from ui import batching_figures, figures, params, tables
-from ui.batching_runs import run
+from ui.batching_runs import UploadedTrace, run
 from ui.guard import user_errors
 
 st.title("Continuous batching")
@@ -74,14 +75,12 @@ if source == "trace" and trace is None:
 if not policies:
     st.info("Pick at least one scheduler.")
     st.stop()
-workload = ({"prefix_tokens": prefix_tokens, "seed": seed} if trace else
-            {"num_requests": n, "arrival": arrival, "rate": rate, "burst_cv": cv, "lengths": lengths,
-             "prompt_mean": p_mean, "output_mean": o_mean, "spread": spread, "shared_prefix_fraction": shared,
-             "prefix_tokens": prefix_tokens, "seed": seed})
-engine = {"max_num_seqs": seqs, "preemption": preemption, "host_kv_blocks": host or None,
-          "enable_prefix_caching": apc, "block_size": block_size, "num_blocks": blocks or None}
 with user_errors("Simulation"):
-    result = run(workload, trace, model, gpu, engine, tuple(policies), budget, chunk)
+    workload = (UploadedTrace(trace, prefix_tokens, seed) if trace else sched.WorkloadConfig(
+        num_requests=n, arrival=arrival, rate=rate, burst_cv=cv, lengths=lengths, prompt_mean=p_mean,
+        output_mean=o_mean, spread=spread, shared_prefix_fraction=shared, prefix_tokens=prefix_tokens, seed=seed))
+    result = run(workload, ServingSetup(model, gpu, tuple(policies), budget, chunk, seqs, preemption, host or None,
+                                        apc, block_size, blocks or None))
 names = [r.label for r in result.results]
 summary = result.summary.set_index("scheduler")
 for col, name in zip(st.columns(len(names)), names, strict=True):

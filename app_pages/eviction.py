@@ -2,13 +2,12 @@
 
 import streamlit as st
 
-from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, make_policy
-from kvcore.eviction.evaluate import EvictionConfig, sample_text, summarize
-from kvcore.eviction.runner import reference_pass, run_policy, text_ids
+from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES
+from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from ui import eviction_figures, figures, params, tables
+from ui.eviction_runs import EvictionText, sweep
 from ui.format import bytes_str
 from ui.guard import user_errors
-from ui.models import shared_model
 
 TOKEN_BUDGETS = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 SHARE_BUDGETS = [0.05, 0.1, 0.125, 0.25, 0.5, 0.75]
@@ -16,23 +15,6 @@ POSITIONS = {"original": "Original positions: each new token is fed at its true 
                          "their rotation (works with every model).",
              "rerotate": "Re-rotated inside the cache (StreamingLLM): kept keys are rotated to compact positions "
                          "0..budget-1 and each new token comes at the cache length (RoPE models only)."}
-VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning, "not measured": st.info}
-
-
-@st.cache_resource(max_entries=4, show_spinner="Full-cache reference pass...")
-def reference(name: str, text: str, max_tokens: int):
-    shared = shared_model(name)
-    with shared.lock:
-        return reference_pass(shared.model, text_ids(shared.model, shared.tokenizer, text, max_tokens))
-
-
-@st.cache_data(max_entries=256, show_spinner=False)
-def run(name: str, text: str, max_tokens: int, policy: str, hyper: tuple, budget, positions: str, mode: str):
-    shared = shared_model(name)
-    with shared.lock:
-        return run_policy(shared.model, reference(name, text, max_tokens), make_policy(policy, **dict(hyper)),
-                          budget, positions, mode)
-
 
 st.title("Eviction")
 st.markdown("When the KV cache outgrows its memory, a policy decides which tokens to drop. Here every policy runs "
@@ -63,7 +45,7 @@ with st.sidebar:
     chosen = params.widget(st.multiselect, "Policies", key="policies", options=[p for p in POLICIES if p != "full"],
                            default=list(DEFAULT_POLICIES))
     with st.expander("Hyperparameters"):
-        hyper = {p: eviction_figures.hyperparameter_widgets(p, POLICIES[p]) for p in chosen}
+        hyper = {p: params.dataclass_widgets(POLICIES[p], p) for p in chosen}
 
 if not chosen or not budgets:
     st.info("Pick at least one policy and one budget.")
@@ -71,36 +53,23 @@ if not chosen or not budgets:
 with user_errors("Settings"):
     config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens)
     config.check_cost()
-    text = own if source == "your text" else sample_text()
-    tokenizer = shared_model(model_name).tokenizer
-    ref = reference(model_name, text, max_tokens)
-    todo, runs = config.runs(), []
-    bar = st.progress(0.0, text="Running policies...")
-    for i, (policy, budget) in enumerate(todo):
-        bar.progress(i / len(todo), text=f"{policy.label()} at budget {budget} ({i + 1}/{len(todo)})")
-        runs.append(run(model_name, text, max_tokens, policy.name, tuple(policy.hyperparameters().items()), budget,
-                        positions, mode))
-    bar.empty()
-    results = summarize(ref, runs, config, tokenizer)
+    results = sweep(EvictionText(model_name, own if source == "your text" else sample_text(), max_tokens), config)
 table = results.table
 
-st.caption(f"{POSITIONS[positions]} {ref.num_fed} tokens fed; the full cache holds {bytes_str(ref.kv_bytes)}.")
-for row in results.verdicts.itertuples():
-    VERDICT_BOX[row.verdict](f"**{row.claim}**: {row.verdict} on this model ({row.held} of {row.compared} "
-                             f"comparisons). Perplexities: {row.evidence}.")
+st.caption(f"{POSITIONS[positions]} {len(results.tokens)} tokens fed; the full cache holds "
+           f"{bytes_str(table['kv_bytes_full'].iloc[0])}.")
+eviction_figures.show_verdicts(results.verdicts)
 left, right = st.columns(2)
 with left:
     figures.show(eviction_figures.perplexity_vs_budget(table), key="ppl")
-sizes = sorted(table.loc[table["policy"] != "full", "budget_tokens"].unique().tolist())
-at = params.widget(st.selectbox, "Budget shown below (tokens)", key="at", options=sizes)
-shown = table[(table["budget_tokens"] == at) | (table["policy"] == "full")]
+at = params.widget(st.selectbox, "Budget shown below (tokens)", key="at",
+                   options=eviction_figures.budgets_shown(table))
+shown, maps, layers = eviction_figures.at_budget(results, at)
 with right:
     figures.show(figures.bar_chart(shown, "policy", "kv_bytes_held", title=f"KV bytes held at budget {at}",
                                    y_title="bytes (real tensors)"), key="bytes")
-maps = {key.split("@")[0]: m for key, m in results.visible.items() if key.endswith(f"@{at}") and "full" not in key}
 figures.show(eviction_figures.visibility_maps(maps, f"What each query could read at budget {at} (decode: "
                                               "after each step's eviction)"), key="maps")
-layers = results.layers[(results.layers["budget_tokens"] == at) | (results.layers["policy"] == "full")]
 c1, c2 = st.columns(2)
 with c1:
     figures.show(eviction_figures.per_layer(layers, "mass_retained", "Full-cache attention still readable",

@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-from kvcore.calculator import kv_curve, memory_table
 from kvcore.shapes import GPU_PRESETS, KV_BITS, PRESETS, custom_shape, kv_bytes, weight_bytes
-from ui import figures, params, tables
-from ui.format import bytes_str, count_str
+from ui import figures, home_figures, params, tables
+from ui.format import bytes_str
 from ui.guard import user_errors
+from ui.home_runs import calculator
 
 st.title("KV Cache Lab")
 st.markdown(
@@ -53,18 +53,11 @@ if not shapes:
     st.info("Pick at least one model.")
     st.stop()
 with user_errors("Calculator"):
-    table = memory_table(shapes, tokens, batch, bits, GPU_PRESETS[gpu])
-    curve = kv_curve(shapes, tokens, batch, bits)
+    table, curve = calculator(tuple(shapes), tokens, batch, bits, gpu)
 
 with right:
-    first = table.iloc[0]
-    m1, m2, m3 = st.columns(3)
-    m1.metric(f"KV per token ({first.model})", bytes_str(first.kv_bytes_per_token))
-    m2.metric(f"KV for {tokens:,} tokens x {batch}", bytes_str(first.kv_bytes_total))
-    m3.metric(f"Tokens that fit on {gpu} after weights", count_str(first.tokens_fit_after_weights))
-    figures.show(figures.line_chart(curve, "tokens", "kv_GB", "model", markers=False,
-                                    title=f"KV cache vs context (batch {batch}, {bits}-bit)",
-                                    x_title="context length (tokens)", y_title="KV cache (GB)"))
+    home_figures.memory_metrics(table, tokens, batch, gpu)
+    figures.show(home_figures.kv_vs_context(curve, batch, bits))
 settings = {"tokens": tokens, "batch": batch, "bits": bits}
 tables.show_table(table, "home", "kv-memory", settings,
                   caption="KV bytes = 2 x layers x KV heads x head dim x tokens x batch x bits / 8. "

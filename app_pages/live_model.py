@@ -1,29 +1,19 @@
 """Live model: a real transformers model generating token by token, its attention, sinks, heavy hitters and KV bytes."""
 
-from collections import OrderedDict
-
 import streamlit as st
 
 from kvcore.models.attention import AttentionPatterns
-from kvcore.models.generate import GenerationSettings, compare_to_full, timing_summary
-from kvcore.models.live import attention_map, kv_curves, make_plan, patterns_table, run_live, stream_run
+from kvcore.models.live import attention_map, kv_curves, patterns_table
 from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
-from kvcore.models.policy import cache_plans
+from kvcore.models.runtime import text_config
+from kvcore.plans import cache_plans
 from ui import figures, params, tables
 from ui import live_figures as lf
-from ui.format import bytes_str
 from ui.guard import user_errors
+from ui.live_runs import LiveRequest, comparison, generation
 from ui.models import shared_model
 
 OTHER = "other (type a Hub name)"
-MAX_RUNS = 24  # finished runs kept per model: reruns and other sessions reuse them
-
-
-@st.cache_resource(max_entries=2, show_spinner=False)
-def finished_runs(name: str) -> OrderedDict:
-    """Finished generations by settings, per model: reruns and other sessions reuse them."""
-    return OrderedDict()
-
 
 st.title("Live model")
 st.markdown("A real causal LM writes one token per step: **prefill** puts the prompt's keys and values in the KV "
@@ -50,36 +40,17 @@ if (name := (hub.strip() or None) if choice == OTHER else choice) is None:
 with st.status(f"Loading {name}...") as status, user_errors(f"Loading {name}"):
     shared = shared_model(name)
     status.update(label=f"Model: {name}", state="complete")
-model, tokenizer, runs, lock = shared.model, shared.tokenizer, finished_runs(name), shared.lock
+model, tokenizer, lock = shared.model, shared.tokenizer, shared.lock
+request = LiveRequest.of(prompt, new, temp, seed, plan_name, budget, positions)
 with user_errors("Settings"):
-    settings = GenerationSettings(max_new_tokens=new, temperature=temp, seed=seed)
-    plan, full_plan = make_plan(plan_name, budget, positions), make_plan("full", budget, positions)
-base_key = (prompt, new, temp, seed)
-key = (*base_key, plan_name, budget if evicting else 0, positions if evicting else "original")
+    plan = request.cache_plan()
+    request.settings()
 
 st.subheader(f"Generated with the {plan.name} cache")
-if key in runs:
-    st.markdown(runs[key].text)
-else:
-    with lock, user_errors("Generation"):
-        sink = []
-        st.write_stream(stream_run(model, tokenizer, prompt, settings, plan, sink))
-        runs[key] = sink[0]
-full_key = (*base_key, "full", 0, "original")
-if full_key not in runs:
-    with lock, user_errors("Generation with the full cache"):
-        runs[full_key] = run_live(model, tokenizer, prompt, settings, full_plan)
-with lock:  # runs are shared by every session: trim and read them together
-    run, full = runs[key], runs[full_key]
-    while len(runs) > MAX_RUNS:
-        runs.popitem(last=False)
+run = generation(shared, request, stream=True)
+full = generation(shared, request.full, stream=False)
 
-timing, last = timing_summary(run.table), run.table.iloc[-1]
-for col, label, value, why in zip(st.columns(4), ["Prefill", "Decode, per token", "KV cache now", "Mean log-prob"], [
-        f"{timing['prefill_ms']:.1f} ms", f"{timing['decode_ms_mean']:.1f} ms", bytes_str(int(last.kv_bytes)),
-        f"{run.table['logprob'].mean():.2f}"], [f"{run.prompt_len} prompt tokens in one pass", "mean of one-token "
-        "steps", f"{int(last.kv_tokens)} entries per layer", "nats, generated tokens"], strict=True):
-    col.metric(label, value, help=why)
+lf.generation_metrics(run)
 figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
                                 title="KV bytes after each step"), key="lm_kv")
 figures.show(figures.bar_chart(run.table, "step", "ms", "phase", title="Time per step: prefill vs decode"), key="lm_ms")
@@ -89,7 +60,7 @@ tables.show_table(run.table, "live", "tokens", csv_settings, height=260,
                           "what the cache holds afterwards (entries of layer 0, bytes of all layers).")
 
 st.subheader("Attention over the generated sequence")
-cfg, c = model.config.get_text_config(decoder=True), st.columns(5)
+cfg, c = text_config(model), st.columns(5)
 layer = params.widget(c[0].number_input, "Layer", key="lm_layer", min_value=0, max_value=cfg.num_hidden_layers - 1,
                       value=min(1, cfg.num_hidden_layers - 1))
 head = params.widget(c[1].selectbox, "Head", key="lm_head", options=["mean", *range(cfg.num_attention_heads)])
@@ -112,9 +83,6 @@ if plan_name != "full":
     st.subheader(f"{plan.name} vs the full cache")
     for col, label, text in zip(st.columns(2), ["Full cache", plan.name], [full.text, run.text], strict=True):
         col.markdown(f"**{label}**\n\n{text}")
-    if ("vs", *key) not in runs:
-        with lock, user_errors("Comparison"):
-            runs[("vs", *key)] = compare_to_full(model, tokenizer, prompt, settings, plan, full.table)
-    tables.show_table(runs[("vs", *key)], "live", "vs-full", csv_settings, height=240,
+    tables.show_table(comparison(shared, request, full), "live", "vs-full", csv_settings, height=240,
                       caption="The full cache's tokens scored through both caches (teacher forcing), so each row "
                               "compares the same token; delta < 0: the policy finds it less likely.")

@@ -3,6 +3,8 @@
 import streamlit as st
 
 from kvcore import paged
+from kvcore.device import get_device
+from kvcore.kernels import AttentionCheckConfig
 from kvcore.paged import stepper, views
 from kvcore.shapes import PRESETS
 from ui import figures, paged_figures, params, tables
@@ -90,7 +92,8 @@ o_mean = params.widget(f2.number_input, "Mean output (tokens)", key="omean", min
 n_req = params.widget(f3.slider, "Requests", key="nreq", min_value=10, max_value=500, value=200, step=10)
 seed = params.widget(f3.number_input, "Seed", key="seed", min_value=0, max_value=10_000, value=0)
 with user_errors("Fragmentation"):
-    summary, sampling = run_fragmentation(kind, float(p_mean), float(o_mean), spread, n_req, seed)
+    prompts, outputs = (paged.LengthDistribution(kind, float(mean), spread) for mean in (p_mean, o_mean))
+    summary, sampling = run_fragmentation(paged.FragmentationConfig(n_req, prompts, outputs, seed=seed))
 figures.show(figures.bar_chart(paged.waste_breakdown(summary), "allocator", "percent", "part", barmode="stack",
                                title="Where KV memory goes (time-averaged)", y_title="% of memory held"))
 settings = {"dist": kind, "p": p_mean, "o": o_mean, "spread": spread, "n": n_req, "seed": seed}
@@ -106,6 +109,7 @@ context = params.widget(k2.slider, "Longest context (tokens)", key="kt", min_val
 dtype = params.widget(k3.segmented_control, "dtype", key="kdt", options=["float32", "float16", "bfloat16"],
                       default="float32", required=True)
 with user_errors("Attention check"):
-    check = run_attention_check(model, batch, context, dtype)
+    check = run_attention_check(AttentionCheckConfig.for_model(model, batch, context, dtype=dtype,
+                                                               device=get_device().type))
 tables.show_table(check, "paged", "attention-check", {"model": model, "dtype": dtype},
                   caption=paged_figures.attention_check_caption(check))

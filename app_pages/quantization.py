@@ -3,10 +3,10 @@
 import streamlit as st
 
 from kvcore.quant import evaluate as qe
-from kvcore.quant.methods import METHODS
+from kvcore.quant.methods import METHODS, CustomSettings, method_named
 from ui import figures, params, quant_figures, tables
 from ui.guard import user_errors
-from ui.quant_runs import maps, measure, method_of, model, texts
+from ui.quant_runs import maps, model, results, texts
 
 st.title("KV cache quantization")
 st.markdown(
@@ -48,21 +48,13 @@ head = params.widget(side.selectbox, "Head (heatmaps)", key="qhead",
                      options=["all", *map(str, range(cfg.num_key_value_heads))])
 new_tokens = params.widget(side.number_input, "Generated tokens", key="qgen", min_value=8, max_value=128, value=32)
 
-settings = (name, bits, scheme, group, residual, sinks, outliers)
 with user_errors("Quantization"):
-    method = method_of(*settings)
-    result = measure(tokens, seed, windows)
-    if name == "custom":
-        result = qe.combine(result, measure(tokens, seed, windows, *settings))
-    grid = maps(tokens, seed, windows, layer, None if head == "all" else int(head), *settings)
-row = result.summary.set_index("method").loc[name]
+    custom = CustomSettings(bits, scheme, group, residual, sinks, outliers)
+    method, text = method_named(name, custom), qe.QuantText(tokens, seed, windows)
+    result = results(text, name, custom)
+    grid = maps(text, layer, None if head == "all" else int(head), name, custom)
 st.caption(f"**{name}**: {method.describe()}. Follows {method.paper}.")
-c1, c2, c3, c4, c5 = st.columns(5)
-c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x")
-c2.metric("Key error (rel. L2)", f"{row.k_rel_err:.3f}")
-c3.metric("Value error (rel. L2)", f"{row.v_rel_err:.3f}")
-c4.metric("Attention error (rel. L2)", f"{row.attn_rel_err:.3f}")
-c5.metric("Perplexity", f"{row.perplexity:.2f}", f"{row.ppl_vs_fp16 - 1:+.2%} vs fp16", delta_color="inverse")
+quant_figures.method_metrics(result.summary.set_index("method").loc[name])
 
 tab_maps, tab_layers, tab_pareto, tab_text, tab_table = st.tabs(
     ["K/V magnitudes", "Error by layer", "Memory vs perplexity", "Generated text", "Results"])
@@ -78,12 +70,12 @@ with tab_pareto:
     figures.show(quant_figures.pareto(result.summary, name))
 with tab_text:
     with user_errors("Generation"):
-        prompt, fp16_text, method_text = texts(tokens, seed, windows, new_tokens, *settings)
+        prompt, fp16_text, method_text = texts(text, new_tokens, name, custom)
     st.caption(f"Greedy continuation of the first {tokens // 2} tokens of window 1 (last 400 characters shown):")
     st.code(prompt[-400:], language=None, wrap_lines=True)
-    for col, label, text in zip(st.columns(2), ("fp16", name), (fp16_text, method_text), strict=True):
+    for col, label, words in zip(st.columns(2), ("fp16", name), (fp16_text, method_text), strict=True):
         col.markdown(f"**{label} cache**")
-        col.code(text, language=None, wrap_lines=True)
+        col.code(words, language=None, wrap_lines=True)
 with tab_table:
     shown = {"qtokens": tokens, "qseed": seed}
     tables.show_table(result.summary, "quantization", "methods", shown, caption=(

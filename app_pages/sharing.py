@@ -4,6 +4,9 @@ import streamlit as st
 
 from kvcore import sharing
 from kvcore.shapes import GPU_PRESETS, KV_BITS, PRESETS
+from kvcore.sharing.convert import ConvertSettings
+from kvcore.sharing.crosslayer import MODES, CrossLayerSettings, layer_roles
+from kvcore.sharing.variants import live_settings, shipped_results
 from ui import figures, params, tables
 from ui import sharing_figures as sf
 from ui.guard import user_errors
@@ -48,7 +51,7 @@ with tab_layers:
     with user_errors("Loading the bundled model"):
         n_layers, ids = bundled()[0].config.num_hidden_layers, bundled()[3]
     c1, c2, c3 = st.columns(3)
-    mode = params.widget(c1.segmented_control, "Mode", key="sh_mode", options=list(sharing.MODES), default="share",
+    mode = params.widget(c1.segmented_control, "Mode", key="sh_mode", options=list(MODES), default="share",
                          required=True)
     start = params.widget(c2.slider, "First shared layer", key="sh_start", min_value=0, max_value=n_layers - 2,
                           value=min(2, n_layers - 2))
@@ -61,7 +64,7 @@ with tab_layers:
     with left:
         figures.show(sf.crosslayer(cl, start), key="cl")
     with right:
-        tables.show_table(sharing.layer_roles(sharing.CrossLayerSettings(mode, start, t), n_layers), "sharing",
+        tables.show_table(layer_roles(CrossLayerSettings(mode, start, t), n_layers), "sharing",
                           "layer-roles", {"mode": mode, "start": start})
     tables.show_table(cl, "sharing", "cross-layer", {"mode": mode, "t": t}, caption=(
         f"Bundled model, {ids.shape[0]} windows of {ids.shape[1]} validation tokens; one row per first shared layer. "
@@ -76,13 +79,14 @@ with tab_convert:
                           step=5, disabled=not uptrain)
     up = steps if uptrain else 0
     with user_errors("Conversion"):
-        conv = convert(windows, up, seed if up else 0)  # the seed only orders uptraining batches
+        # the seed only orders uptraining batches
+        conv = convert(ConvertSettings(eval_windows=windows, uptrain_steps=up, seed=seed if up else 0))
     st.caption(sf.convert_caption(conv.table, up))
     figures.show(sf.conversion(conv.table), key="conv")
     tables.show_table(conv.table, "sharing", "convert", {"windows": windows, "uptrain": up})
 
 with tab_scratch:
-    shipped = sharing.shipped_results()
+    shipped = shipped_results()
     if shipped is None:
         st.info("No shipped results: run `python scripts/train_kv_head_variants.py`.")
     else:
@@ -93,6 +97,6 @@ with tab_scratch:
         lsteps = params.widget(st.slider, "Steps per variant", key="sh_lsteps", min_value=10, max_value=30, value=20,
                                step=10)
         with user_errors("Training"):
-            run = live(lsteps, seed)
+            run = live(live_settings(lsteps, seed))
         sf.side_by_side(sf.curves(run.curves, "Live run"), "live")
         tables.show_table(run.summary, "sharing", "kv-heads-live", {"steps": lsteps, "seed": seed})

@@ -1,29 +1,29 @@
 """``python -m kvcore``: every experiment of the lab, headless, results to CSV.
 
 Each experiment module exposes ``add_cli(subparsers, parent)``, which registers one subcommand
-whose ``run(args)`` returns the same DataFrame the page shows. This file only wires them up.
+whose ``run(args)`` returns the same DataFrame the page shows. This file only wires them up. The
+command modules import model code (transformers) inside ``run``, so ``--help`` starts without it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
 import pandas as pd
 
-# Modules registering a subcommand, imported when the CLI starts (each imports only what it needs).
-EXPERIMENTS: tuple[str, ...] = (
-    "kvcore.calculator",
-    "kvcore.paged.cli",
-    "kvcore.hierarchy.cli",
-    "kvcore.sched.cli",
-    "kvcore.quant.cli",
-    "kvcore.models.cli",
-    "kvcore.eviction.cli",
-    "kvcore.sharing.cli",
-)
+from kvcore import calculator
+from kvcore.eviction import cli as eviction_cli
+from kvcore.hierarchy import cli as hierarchy_cli
+from kvcore.models import cli as models_cli
+from kvcore.paged import cli as paged_cli
+from kvcore.quant import cli as quant_cli
+from kvcore.sched import cli as sched_cli
+from kvcore.sharing import cli as sharing_cli
+
+# The modules registering a subcommand, in the order --help lists them.
+EXPERIMENTS = (calculator, paged_cli, hierarchy_cli, sched_cli, quant_cli, models_cli, eviction_cli, sharing_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kvcore",
                                      description="KV Cache Lab experiments, headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in EXPERIMENTS:
-        importlib.import_module(name).add_cli(sub, parent)
+    for module in EXPERIMENTS:
+        module.add_cli(sub, parent)
     return parser
 
 

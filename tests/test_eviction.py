@@ -15,7 +15,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from kvcore.eviction import POLICIES, EvictionState, causal_attention, group_attention, make_policy, resolve_budget
-from kvcore.eviction.runner import reference_pass, run_decode, run_prefill
+from kvcore.eviction.reference import reference_pass
+from kvcore.eviction.runner import run_decode, run_prefill
 
 NAMES = list(POLICIES)
 EVICTING = [n for n, cls in POLICIES.items() if not (cls.keeps_all or cls.stores_all)]
@@ -326,3 +327,44 @@ def test_prefill_compression_keeps_the_budget_of_the_prompt(tiny_llama, tiny_ref
     assert run.kv_bytes_held == tiny_ref.kv_bytes * (stored + 24) // tiny_ref.num_fed
     if policy.keeps_all:
         assert torch.allclose(run.nll, tiny_ref.nll[24:], atol=1e-5)
+
+
+# ---- one eviction loop --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EVICTING)
+@pytest.mark.parametrize("positions", ["original", "rerotate"])
+def test_the_plan_hook_and_the_runner_are_one_loop(tiny_llama, tiny_ref, name, positions):
+    """Streaming perplexity through an eviction plan (the Live model page's path) gives the runner's numbers."""
+    from kvcore.eviction.hook import eviction_plan
+    from kvcore.models.perplexity import streaming_nll
+
+    budget = 12
+    run = run_decode(tiny_llama, tiny_ref, make_policy(name), budget, positions)
+    plan = eviction_plan(make_policy(name), budget, positions)
+    nll = streaming_nll(tiny_llama, tiny_ref.ids, plan, prefill=budget)
+    assert torch.allclose(nll, run.nll, atol=1e-5)
+    assert plan.hook.evicted == run.evictions == (tiny_ref.num_fed - budget) * 2 * 2  # tokens x layers x KV heads
+
+
+@pytest.mark.parametrize("positions", ["original", "rerotate"])
+def test_generation_through_an_eviction_plan_holds_the_budget(tiny_llama, positions):
+    from kvcore.eviction import StreamingLLM
+    from kvcore.eviction.hook import eviction_plan
+    from kvcore.models.generate import GenerationSettings, generate_stream
+
+    plan = eviction_plan(StreamingLLM(n_sink=2), 10, positions)
+    events = list(generate_stream(tiny_llama, None, torch.arange(3, 19), GenerationSettings(max_new_tokens=8), plan))
+    assert [e.kv_tokens for e in events] == [10] * 8  # the 16-token prompt is evicted to 10 at once, then held
+    sinks = plan.hook.states[0].positions[0, 0, :2].tolist()
+    assert sinks == [0, 1]  # StreamingLLM's sinks survive every eviction
+    assert plan.hook.states[0].positions[0, 0, -1].item() == 16 + 8 - 2  # the newest token fed is kept
+
+
+def test_the_hook_refuses_what_is_not_a_policy():
+    from kvcore.eviction.hook import EvictionHook
+
+    with pytest.raises(ValueError, match=r"kvcore\.eviction policy"):
+        EvictionHook(object(), 8)
+    with pytest.raises(ValueError, match="budget"):
+        EvictionHook(make_policy("h2o"), 0)

@@ -16,10 +16,11 @@ from kvcore.cli import main as cli_main
 from kvcore.models import loader
 from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns, layer_summary
 from kvcore.models.cache import LabCache, new_cache
-from kvcore.models.generate import GenerationSettings, compare_to_full, generate_table
+from kvcore.models.generate import GenerationSettings, generate_table
 from kvcore.models.perplexity import bits_per_byte, perplexity, streaming_nll, token_nll
-from kvcore.models.policy import CachePlan, EvictionHook, cache_plans, run_step
+from kvcore.models.plan import CachePlan, run_step
 from kvcore.models.rope import rope_inv_freq, rotate
+from kvcore.plans import cache_plans
 from kvcore.shapes import kv_bytes
 
 PROMPT = "The import statement"
@@ -157,26 +158,13 @@ def test_streaming_with_the_full_cache_equals_full_context(bundled, text_ids):
     assert 0 < bits_per_byte(full, text) < 8
 
 
-class KeepSinksAndRecent:
-    """A compress-only policy (the kvpress contract): the first 2 tokens and the most recent ones."""
-
-    def compress(self, keys, values, queries, budget):
-        T = keys.shape[2]
-        idx = torch.cat([torch.arange(2), torch.arange(T - budget + 2, T)])
-        return keys[:, :, idx], values[:, :, idx], idx
-
-
-@pytest.mark.parametrize("positions", ["original", "rerotate"])
-def test_eviction_hook_holds_the_cache_at_its_budget(bundled, text_ids, positions):
-    model, tokenizer = bundled
-    plan = CachePlan("sinks+recent", hook=EvictionHook(KeepSinksAndRecent(), budget=16), positions=positions)
-    table = generate_table(model, tokenizer, text_ids[:24], GenerationSettings(max_new_tokens=8), plan)
-    assert table["kv_tokens"].max() <= 16
-    nll = streaming_nll(model, text_ids[:64], plan)
-    assert torch.isfinite(nll).all()
-    assert nll.shape == (63,)
-    diff = compare_to_full(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=6), plan)
-    assert list(diff.columns) == ["step", "token", "text", "logprob_full", "logprob_sinks+recent", "delta"]
+def test_a_hook_sees_every_step_with_the_positions_it_fed(bundled, text_ids):
+    model, _ = bundled
+    seen = []
+    plan = CachePlan("watched", hook=lambda step: seen.append((step.position_ids.tolist(), step.num_new,
+                                                               step.cache.num_tokens(0))))
+    streaming_nll(model, text_ids[:10], plan, prefill=4)
+    assert seen == [([[0, 1, 2, 3]], 4, 4)] + [([[t]], 1, t + 1) for t in range(4, 9)]
 
 
 def test_cache_plans_always_offer_full():

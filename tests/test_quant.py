@@ -306,7 +306,7 @@ def test_cache_layer_attends_to_the_past_as_stored_and_to_new_tokens_exactly():
             want_v = new_v if past_v is None else torch.cat([past_v, new_v], -2)
             assert torch.equal(got_k[row:row + 1], want_k)
             assert torch.equal(got_v[row:row + 1], want_v)
-    assert layer.nbytes() == sum(ref.nbytes for ref in refs)
+    assert layer.nbytes == sum(ref.nbytes for ref in refs)
 
 
 # --- a real (tiny, random) transformers model -------------------------------------------------------------
@@ -322,38 +322,39 @@ def tiny_llama():
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 
-def test_quantized_cache_generates_through_transformers(tiny_llama):
-    from transformers import DynamicCache
-
-    from kvcore.quant.hf_cache import QuantizedKVCache
-    from kvcore.quant.model_kv import greedy_generate
+def test_quantized_plan_generates_like_the_full_cache_at_8_bits(tiny_llama):
+    from kvcore.models.generate import GenerationSettings, generate_stream
+    from kvcore.quant.hf_cache import fp16_nbytes_per_row, nbytes_per_row, quantized_plan
 
     prompt = torch.arange(3, 23)
-    reference = greedy_generate(tiny_llama, prompt, DynamicCache(), 12)
-    cache = QuantizedKVCache.for_model(METHODS["int8-token"], tiny_llama)
-    out = tiny_llama.generate(prompt[None], attention_mask=torch.ones(1, 20, dtype=torch.long), cache=cache,
-                              max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 32)
-    assert cache.get_seq_length() == 31  # the last generated token is never fed back
+    settings = GenerationSettings(max_new_tokens=12, stop_at_eos=False)
+    reference = tiny_llama.generate(prompt[None], attention_mask=torch.ones(1, 20, dtype=torch.long),
+                                    max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 20:].tolist()
+    plan = quantized_plan(METHODS["int8-token"])
+    events = list(generate_stream(tiny_llama, None, prompt, settings, plan))
+    assert [e.token_id for e in events] == reference  # 8 bits do not change this greedy path
+    assert events[-1].kv_tokens == 31  # the last generated token is never fed back
+    cache = plan.new_cache(tiny_llama)
+    tiny_llama(input_ids=prompt[None], cache=cache, use_cache=True)
     D = 16  # head_dim of the tiny model: int8 codes + fp16 scale and zero per token and head
-    assert cache.nbytes / cache.fp16_nbytes == pytest.approx((D + 4) / (2 * D))
-    assert out[0, 20:].tolist() == reference.tolist()  # 8 bits do not change this greedy path
+    assert nbytes_per_row(cache)[0] / fp16_nbytes_per_row(cache)[0] == pytest.approx((D + 4) / (2 * D))
+    assert cache.nbytes == nbytes_per_row(cache)[0]
 
 
 def test_one_batched_decode_measures_each_method_as_its_own_run(tiny_llama):
-    from kvcore.quant.hf_cache import QuantizedKVCache
-    from kvcore.quant.model_kv import decode_through_cache, one_thread
+    from kvcore.device import torch_threads
+    from kvcore.models.perplexity import stream_text
+    from kvcore.quant.hf_cache import nbytes_per_row, quantized_plan
 
     ids = torch.randint(3, 256, (48,), generator=torch.Generator().manual_seed(5))
     methods = [METHODS[n] for n in ("fp16", "int2-token", "kivi-2", "svd-r8")]
-    with one_thread():
-        batched = QuantizedKVCache.for_model(methods, tiny_llama)
-        run = decode_through_cache(tiny_llama, ids, batched, prompt_tokens=24, rows=len(methods))
+    with torch_threads(1):
+        batched = stream_text(tiny_llama, ids.expand(len(methods), -1), quantized_plan(methods), 24, feed_last=True)
         for i, method in enumerate(methods):
-            alone = QuantizedKVCache.for_model(method, tiny_llama)
-            single = decode_through_cache(tiny_llama, ids, alone, prompt_tokens=24)
-            assert run.perplexity()[i] == pytest.approx(single.perplexity()[0], rel=1e-4)
-            assert batched.nbytes_per_row()[i] == alone.nbytes
+            single = stream_text(tiny_llama, ids, quantized_plan(method), 24, feed_last=True)
+            assert torch.allclose(batched.nll[i], single.nll[0], rtol=1e-4, atol=1e-5)
+            assert nbytes_per_row(batched.cache)[i] == single.cache.nbytes
+            assert single.cache.get_seq_length() == 48  # feed_last: the cache holds the whole text
 
 
 def test_evaluate_reports_every_method(tiny_llama):
@@ -382,16 +383,16 @@ def bundled():
 
     if not (BUNDLED_DIR / "model.safetensors").is_file():
         pytest.skip(f"the bundled model is not trained yet ({BUNDLED_DIR}/model.safetensors is absent)")
-    from kvcore.quant.evaluate import load_model
+    from kvcore.models import load_model
 
     return load_model(None)
 
 
 def test_int8_perplexity_within_one_percent_of_fp16_on_the_bundled_model(bundled):
-    from kvcore.quant.evaluate import evaluate, text_ids
+    from kvcore.quant.evaluate import evaluate, text_windows
 
     model, tokenizer = bundled
-    ids = text_ids(tokenizer, 256, windows=2)  # 2 x 128 scored tokens
+    ids = text_windows(tokenizer, 256, windows=2)  # 2 x 128 scored tokens
     result = evaluate(model, ids, {n: METHODS[n] for n in ("fp16", "int8-token", "int8-channel")})
     ratio = result.summary.set_index("method")["ppl_vs_fp16"]
     assert abs(ratio["int8-token"] - 1.0) < 0.01

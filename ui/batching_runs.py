@@ -1,24 +1,35 @@
-"""Streamlit-cached run of the Continuous batching page: one workload through each chosen scheduler."""
+"""Streamlit-cached run of the Continuous batching page: one workload through each chosen scheduler.
+
+Keyed by typed settings: the synthetic workload's :class:`~kvcore.sched.WorkloadConfig` or an uploaded
+trace, and the :class:`~kvcore.sched.compare.ServingSetup` the engines share.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import streamlit as st
 
 from kvcore import sched
-from kvcore.shapes import GPU_PRESETS, PRESETS
+from kvcore.sched.compare import ServingSetup
 from ui.progress import with_progress
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def run(workload: dict, trace: bytes | None, model: str, gpu: str, engine: dict, policies: tuple[str, ...],
-        budget: int, chunk_budget: int) -> sched.Comparison:
-    """Simulate the workload (``WorkloadConfig`` fields, or ``trace`` CSV bytes) under each scheduler in ``policies``.
+@dataclass(slots=True, frozen=True)
+class UploadedTrace:
+    """A trace CSV as uploaded, with the prefix length and seed its token ids are drawn with."""
 
-    engine: ``SimConfig`` fields besides the cost model; budget, chunk_budget: token budgets per step (continuous,
-    chunked prefill). The progress bar is cached with the result.
-    """
-    wl = (sched.parse_trace(trace, workload["prefix_tokens"], workload["seed"]) if trace
-          else sched.make_workload(sched.WorkloadConfig(**workload)))
-    base = sched.SimConfig(sched.CostModel(PRESETS[model], GPU_PRESETS[gpu]), **engine)
-    configs = sched.engine_configs(base, policies, budget=budget, chunk_budget=chunk_budget)
+    csv: bytes
+    prefix_tokens: int = 0
+    seed: int = 0
+
+    def workload(self) -> sched.Workload:
+        return sched.parse_trace(self.csv, self.prefix_tokens, self.seed)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def run(workload: sched.WorkloadConfig | UploadedTrace, setup: ServingSetup) -> sched.Comparison:
+    """Simulate the workload under each scheduler of ``setup``; the progress bar is cached with the result."""
+    wl = workload.workload() if isinstance(workload, UploadedTrace) else sched.make_workload(workload)
+    configs = setup.configs()
     return with_progress("Simulating...", lambda cb: sched.compare(wl, configs, lambda f: cb(f, "Simulating...")))

@@ -1,4 +1,4 @@
-"""Figures and settings widgets of the Eviction page: visibility maps, perplexity vs budget, the token strip.
+"""Figures of the Eviction page: verdict boxes, visibility maps, perplexity vs budget, the token strip.
 
 Data in (the DataFrames and maps of ``kvcore.eviction.evaluate.EvictionResults``), ``go.Figure`` out,
 styled through :func:`ui.figures.style`.
@@ -6,10 +6,8 @@ styled through :func:`ui.figures.style`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,7 +15,10 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ui import figures, params
+from kvcore.eviction.evaluate import EvictionResults
+from ui import figures
+
+VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning, "not measured": st.info}
 
 MAX_CELLS = 192  # a visibility map is block-averaged down to at most this many rows and columns
 
@@ -28,25 +29,25 @@ def _room_for_legend(fig: go.Figure) -> go.Figure:
     return fig
 
 
-def hyperparameter_widgets(policy: str, cls: type, container: Any = st) -> dict[str, Any]:
-    """One URL-bound widget per dataclass field of a policy (keys ``<policy>_<field>``); returns the values.
+def show_verdicts(verdicts: pd.DataFrame) -> None:
+    """One coloured box per claim of the literature checked on this model."""
+    for row in verdicts.itertuples():
+        VERDICT_BOX[row.verdict](f"**{row.claim}**: {row.verdict} on this model ({row.held} of {row.compared} "
+                                 f"comparisons). Perplexities: {row.evidence}.")
 
-    Uses each field's default and its metadata (``min``, ``max``, ``step``, ``options``, ``help``).
-    """
-    values = {}
-    for f in dataclasses.fields(cls):
-        meta, key, label = f.metadata, f"{policy}_{f.name}", f"{policy}: {f.name}"
-        if isinstance(f.default, bool):
-            values[f.name] = params.widget(container.toggle, label, key=key, value=f.default, help=meta.get("help"))
-        elif "options" in meta:
-            values[f.name] = params.widget(container.selectbox, label, key=key, options=list(meta["options"]),
-                                           index=list(meta["options"]).index(f.default), help=meta.get("help"))
-        else:
-            kind = type(f.default)
-            values[f.name] = params.widget(
-                container.number_input, label, key=key, value=f.default, min_value=kind(meta.get("min", 0)),
-                max_value=kind(meta.get("max", 10**9)), step=kind(meta.get("step", 1)), help=meta.get("help"))
-    return values
+
+def at_budget(results: EvictionResults, budget: int) -> tuple[pd.DataFrame, dict[str, np.ndarray], pd.DataFrame]:
+    """The runs at ``budget`` (tokens) plus the full cache: table rows, visibility maps by policy, per-layer rows."""
+    table, layers = results.table, results.layers
+    rows = table[(table["budget_tokens"] == budget) | (table["policy"] == "full")]
+    maps = {key.split("@")[0]: m for key, m in results.visible.items()
+            if key.endswith(f"@{budget}") and not key.startswith("full@")}
+    return rows, maps, layers[(layers["budget_tokens"] == budget) | (layers["policy"] == "full")]
+
+
+def budgets_shown(table: pd.DataFrame) -> list[int]:
+    """The budgets (tokens) the evicting runs used, ascending."""
+    return sorted(table.loc[table["policy"] != "full", "budget_tokens"].unique().tolist())
 
 
 def _block_mean(a: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:

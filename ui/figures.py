@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -41,22 +42,23 @@ def style(fig: go.Figure, title: str | None = None, *, x: str | None = None, y: 
     return fig
 
 
+def _categorical(df: pd.DataFrame, color: str | None) -> pd.DataFrame:
+    """``color`` as text, so Plotly Express draws one trace per value (numbers would get a colour scale)."""
+    return df if color is None else df.assign(**{color: df[color].astype(str)})
+
+
 def line_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, title: str | None = None,
                x_title: str | None = None, y_title: str | None = None, log_x: bool = False,
                log_y: bool = False, markers: bool = True, dash: str | None = None) -> go.Figure:
-    """One line per value of ``color`` (or a single line), points in ``df`` order."""
-    fig = go.Figure()
-    groups = df.groupby(color, sort=False) if color else [(y, df)]
-    for i, (name, part) in enumerate(groups):
-        # Dash styles cycle too, so lines that coincide (same KV shape, say) stay visible.
-        fig.add_trace(go.Scatter(
-            x=part[x], y=part[y], name=str(name), mode="lines+markers" if markers else "lines",
-            line={"color": PALETTE[i % len(PALETTE)], "dash": dash or DASHES[i % len(DASHES)], "width": 2.5},
-        ))
-    if log_x:
-        fig.update_xaxes(type="log")
-    if log_y:
-        fig.update_yaxes(type="log")
+    """One line per value of ``color`` (or a single line), points in ``df`` order.
+
+    Dash styles cycle with the colours, so lines that coincide (same KV shape, say) stay visible; ``dash``
+    gives every line one style instead.
+    """
+    fig = px.line(_categorical(df, color), x=x, y=y, color=color, line_dash=None if dash else color,
+                  markers=markers, log_x=log_x, log_y=log_y, color_discrete_sequence=PALETTE,
+                  line_dash_sequence=DASHES)
+    fig.update_traces(line_width=2.5, **({"line_dash": dash} if dash else {}))
     return style(fig, title, x=x_title or x, y=y_title or y, legend=color is not None)
 
 
@@ -64,14 +66,8 @@ def bar_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None, *, tit
               x_title: str | None = None, y_title: str | None = None, barmode: str = "group",
               log_y: bool = False, text: str | None = None) -> go.Figure:
     """Grouped (or stacked with barmode='stack') bars, one trace per value of ``color``."""
-    fig = go.Figure()
-    groups = df.groupby(color, sort=False) if color else [(y, df)]
-    for i, (name, part) in enumerate(groups):
-        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name), marker_color=PALETTE[i % len(PALETTE)],
-                             text=part[text] if text else None))
-    fig.update_layout(barmode=barmode)
-    if log_y:
-        fig.update_yaxes(type="log")
+    fig = px.bar(_categorical(df, color), x=x, y=y, color=color, barmode=barmode, log_y=log_y, text=text,
+                 color_discrete_sequence=PALETTE)
     return style(fig, title, x=x_title or x, y=y_title or y, legend=color is not None)
 
 

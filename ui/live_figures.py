@@ -1,4 +1,4 @@
-"""Figures of the Live model page: the attention heatmap with sinks and heavy hitters marked."""
+"""Figures of the Live model page: the run's metrics, the attention heatmap with sinks and heavy hitters marked."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import streamlit as st
 
+from kvcore.models.generate import timing_summary
+from kvcore.models.live import LiveRun
 from ui.figures import PALETTE, SEQUENTIAL, style
+from ui.format import bytes_str
 
 SINK_COLOR, HEAVY_COLOR = PALETTE[3], PALETTE[1]
 
@@ -54,3 +58,16 @@ def pattern_bars(patterns: pd.DataFrame, tokens: Sequence[str], title: str) -> g
     fig.update_xaxes(showticklabels=len(labels) <= 80, tickangle=-60)
     fig.update_yaxes(type="log")
     return style(fig, title, x="key", y="attention received / uniform share", legend=False, height=320)
+
+
+def generation_metrics(run: LiveRun) -> None:
+    """Prefill time, decode time per token, the cache now and the mean log-prob of one generation."""
+    timing, last = timing_summary(run.table), run.table.iloc[-1]
+    metrics = {
+        "Prefill": (f"{timing['prefill_ms']:.1f} ms", f"{run.prompt_len} prompt tokens in one pass"),
+        "Decode, per token": (f"{timing['decode_ms_mean']:.1f} ms", "mean of one-token steps"),
+        "KV cache now": (bytes_str(int(last.kv_bytes)), f"{int(last.kv_tokens)} entries per layer"),
+        "Mean log-prob": (f"{run.table['logprob'].mean():.2f}", "nats, generated tokens"),
+    }
+    for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
+        col.metric(label, value, help=why)

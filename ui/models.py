@@ -14,6 +14,8 @@ from typing import Any
 
 import streamlit as st
 
+from kvcore.models.loader import load_model
+
 BUNDLED = "bundled"
 
 
@@ -29,15 +31,11 @@ class SharedModel:
 
 @st.cache_resource(max_entries=1, show_spinner=False)
 def _bundled() -> SharedModel:
-    from kvcore.models.loader import load_model
-
     return SharedModel(BUNDLED, *load_model(None))
 
 
 @st.cache_resource(max_entries=1, show_spinner=False)
 def _hub(name: str) -> SharedModel:
-    from kvcore.models.loader import load_model
-
     return SharedModel(name, *load_model(name))
 
 

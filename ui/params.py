@@ -8,6 +8,7 @@ out of the URL. State that is not a widget (a list of actions, say) is read with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -38,13 +39,37 @@ def model_preset(label: str, *, key: str) -> str:
     return widget(st.selectbox, label, key=key, options=list(PRESETS), index=list(PRESETS).index(DEFAULT_MODEL))
 
 
+def dataclass_widgets(cls: type, prefix: str, container: Any = st) -> dict[str, Any]:
+    """One URL-bound widget per field of a settings dataclass (keys ``<prefix>_<field>``); returns the values.
+
+    Uses each field's default and its metadata (``min``, ``max``, ``step``, ``options``, ``help``): a toggle for
+    a bool, a selectbox for a field with options, a number input otherwise.
+    """
+    values = {}
+    for f in dataclasses.fields(cls):
+        meta, key, label = f.metadata, f"{prefix}_{f.name}", f"{prefix}: {f.name}"
+        if isinstance(f.default, bool):
+            values[f.name] = widget(container.toggle, label, key=key, value=f.default, help=meta.get("help"))
+        elif "options" in meta:
+            values[f.name] = widget(container.selectbox, label, key=key, options=list(meta["options"]),
+                                    index=list(meta["options"]).index(f.default), help=meta.get("help"))
+        else:
+            kind = type(f.default)
+            values[f.name] = widget(container.number_input, label, key=key, value=f.default,
+                                    min_value=kind(meta.get("min", 0)), max_value=kind(meta.get("max", 10**9)),
+                                    step=kind(meta.get("step", 1)), help=meta.get("help"))
+    return values
+
+
 def _drop_non_finite(key: str) -> None:
     """Forget a URL value like ``inf`` or ``1e400`` before a numeric widget reads it.
 
-    Streamlit rejects out-of-range numbers itself, but converting an infinite value to an int
-    raises OverflowError inside the widget. Streamlit keeps the URL it was opened with in the
-    session's query-parameter store; the bad entry is removed there (a private structure, so any
-    change in it is tolerated: the widget then sees the value as before).
+    Streamlit rejects out-of-range numbers itself, but converting an infinite value to an int raises
+    OverflowError inside the widget. A private API is unavoidable here: a bound widget reads the URL the
+    session was opened with from the session's query-parameter store, and deleting the key through the
+    public ``st.query_params`` does not clear that copy (tried: the widget still raises). Any change in
+    that private structure is tolerated (the widget then sees the value as before); tests/app/test_url_fuzz.py
+    opens every page with ``inf``, ``-1e400`` and ``nan`` in every numeric key.
     """
     try:
         from streamlit.runtime.state.session_state_proxy import get_session_state

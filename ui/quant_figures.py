@@ -1,15 +1,26 @@
-"""Figures of the Quantization page: K/V magnitude maps, errors by layer, and the bytes-vs-perplexity
-Pareto chart of every method. Styled through :func:`ui.figures.style`."""
+"""Figures of the Quantization page: the chosen method's metrics, K/V magnitude maps, errors by layer, and the
+bytes-vs-perplexity Pareto chart of every method. Styled through :func:`ui.figures.style`."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import streamlit as st
 
 from ui.figures import PALETTE, heatmap, line_chart, style
 
 ERRORS = {"k_rel_err": "keys", "v_rel_err": "values", "attn_rel_err": "attention output"}
+
+
+def method_metrics(row: pd.Series) -> None:
+    """Bytes, K/V/attention errors and perplexity of one method (a row of the summary table)."""
+    c1, c2, c3, c4, c5 = st.columns(5)
+    c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x")
+    c2.metric("Key error (rel. L2)", f"{row.k_rel_err:.3f}")
+    c3.metric("Value error (rel. L2)", f"{row.v_rel_err:.3f}")
+    c4.metric("Attention error (rel. L2)", f"{row.attn_rel_err:.3f}")
+    c5.metric("Perplexity", f"{row.perplexity:.2f}", f"{row.ppl_vs_fp16 - 1:+.2%} vs fp16", delta_color="inverse")
 
 
 def magnitude_map(z: np.ndarray, title: str, heads: int | None = None, colorbar: str = "|x|") -> go.Figure:

@@ -32,11 +32,45 @@ from kvcore.eviction import (
     make_policy,
     resolve_budget,
 )
-from kvcore.eviction.runner import MODES, Reference, RunResult, reference_pass, run_policy, text_ids
+from kvcore.eviction.reference import Reference, reference_pass
+from kvcore.eviction.runner import MODES, RunResult, run_policy
 from kvcore.models.cache import POSITION_MODES
+from kvcore.models.loader import bundled_text
+from kvcore.models.runtime import text_ids
 
 ATTENTION_POLICIES = tuple(name for name, cls in POLICIES.items() if cls.needs_attention)
 Progress = Callable[[int, int, str], None]
+
+
+@dataclass(slots=True, frozen=True)
+class RunSpec:
+    """One run of a sweep: a policy with its hyperparameters at one budget, in one mode (a hashable key).
+
+    hyperparameters: ``(field, value)`` pairs of the policy's dataclass. The other fields are those of
+    :func:`~kvcore.eviction.runner.run_policy`.
+    """
+
+    policy: str
+    hyperparameters: tuple[tuple[str, Any], ...]
+    budget: Budget
+    positions: str = "original"
+    mode: str = "decode"
+    prompt_tokens: int | None = None
+    hit_ratio: float = 1.0
+
+    def make_policy(self) -> EvictionPolicy:
+        """The policy instance."""
+        return make_policy(self.policy, **dict(self.hyperparameters))
+
+    @property
+    def label(self) -> str:
+        """``label @ budget`` for progress messages."""
+        return f"{self.make_policy().label()} @ {self.budget}"
+
+    def run(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
+        """Run it on ``model`` against ``ref`` (:func:`~kvcore.eviction.runner.run_policy`)."""
+        return run_policy(model, ref, self.make_policy(), self.budget, self.positions, self.mode, self.prompt_tokens,
+                          self.hit_ratio, threads)
 
 
 # Tokens (runs x tokens each) one page view may stream through the model: on a 2-core CPU one run of
@@ -99,10 +133,12 @@ class EvictionConfig:
             made.append(make_policy(name, **params))
         return made
 
-    def runs(self) -> list[tuple[EvictionPolicy, Budget]]:
-        """Every (policy, budget) pair to run; ``full`` once (it ignores the budget)."""
+    def runs(self) -> list[RunSpec]:
+        """Every run of the sweep: each policy at each budget; ``full`` once (it ignores the budget)."""
         policies = self.make_policies()
-        return [(policies[0], 1.0)] + [(p, b) for p in policies[1:] for b in dict.fromkeys(self.budgets)]
+        pairs = [(policies[0], 1.0)] + [(p, b) for p in policies[1:] for b in dict.fromkeys(self.budgets)]
+        return [RunSpec(p.name, tuple(p.hyperparameters().items()), b, self.positions, self.mode, self.prompt_tokens,
+                        self.hit_ratio) for p, b in pairs]
 
     def check_cost(self, limit: int = PAGE_STREAM_LIMIT) -> None:
         """Refuse a sweep that would stream more than ``limit`` tokens in all (runs x tokens)."""
@@ -135,8 +171,6 @@ class EvictionResults:
 
 def sample_text() -> str:
     """The bundled model's held-out validation documents (the page's default text)."""
-    from kvcore.models.loader import bundled_text
-
     try:
         return bundled_text("validation")
     except FileNotFoundError as exc:
@@ -231,6 +265,17 @@ def summarize(ref: Reference, runs: Sequence[RunResult], config: EvictionConfig,
                            {run_key(r): r.visible for r in runs}, config)
 
 
+def run_all(runs: Sequence[RunSpec], run: Callable[[RunSpec], RunResult],
+            on_progress: Progress | None = None) -> list[RunResult]:
+    """``run(spec)`` for every spec in order; ``on_progress(done, total, label)`` after each."""
+    results = []
+    for i, spec in enumerate(runs):
+        results.append(run(spec))
+        if on_progress is not None:
+            on_progress(i + 1, len(runs), spec.label)
+    return results
+
+
 def evaluate(model, ids: torch.Tensor, config: EvictionConfig | None = None, tokenizer=None,
              on_progress: Progress | None = None) -> EvictionResults:
     """Run the whole sweep on token ids ``[1, T]`` (``T <= config.max_tokens`` are used).
@@ -239,13 +284,7 @@ def evaluate(model, ids: torch.Tensor, config: EvictionConfig | None = None, tok
     """
     config = config or EvictionConfig()
     ref = reference_pass(model, ids[:, :config.max_tokens], threads=config.threads)
-    todo = config.runs()
-    runs = []
-    for i, (policy, budget) in enumerate(todo):
-        runs.append(run_policy(model, ref, policy, budget, config.positions, config.mode, config.prompt_tokens,
-                               config.hit_ratio, config.threads))
-        if on_progress is not None:
-            on_progress(i + 1, len(todo), f"{policy.label()} @ {budget}")
+    runs = run_all(config.runs(), lambda spec: spec.run(model, ref, config.threads), on_progress)
     return summarize(ref, runs, config, tokenizer)
 
 

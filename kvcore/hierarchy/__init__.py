@@ -3,15 +3,14 @@
 - :mod:`~kvcore.hierarchy.tiers`: GPU HBM / CPU DRAM / NVMe / remote tiers and their presets.
 - :mod:`~kvcore.hierarchy.policies`, :mod:`~kvcore.hierarchy.store`: per-tier LRU/LFU/FIFO, demotion.
 - :mod:`~kvcore.hierarchy.workload`, :mod:`~kvcore.hierarchy.offload`: LMCache-style chunk reuse.
-- :mod:`~kvcore.hierarchy.bandwidth`: real copies of KV-shaped tensors (imports torch, loaded lazily).
+- :mod:`~kvcore.hierarchy.bandwidth`: real copies of KV-shaped tensors (torch).
 - :mod:`~kvcore.hierarchy.disagg`: prefill/decode disaggregation vs colocated serving.
 - :mod:`~kvcore.hierarchy.roofline`: prefill vs decode intensity, decode bytes, FlashAttention I/O.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from kvcore.hierarchy.bandwidth import kv_tensor, measure_bandwidth
 from kvcore.hierarchy.disagg import PDConfig, ServeRequest, ServingWorkload, compare_pd, pd_summary
 from kvcore.hierarchy.offload import (
     OffloadConfig,
@@ -35,17 +34,6 @@ from kvcore.hierarchy.roofline import (
 from kvcore.hierarchy.store import WRITE_MODES, TieredStore
 from kvcore.hierarchy.tiers import Tier, default_tiers
 from kvcore.hierarchy.workload import ChatWorkload, RagWorkload, Request, chunk_keys
-
-_LAZY = {"measure_bandwidth", "kv_tensor"}
-
-
-def __getattr__(name: str) -> Any:
-    """Import the torch-based bandwidth probe only when it is asked for."""
-    if name in _LAZY:
-        from kvcore.hierarchy import bandwidth
-        return getattr(bandwidth, name)
-    raise AttributeError(f"module 'kvcore.hierarchy' has no attribute {name!r}")
-
 
 __all__ = [
     "POLICIES", "WRITE_MODES", "ChatWorkload", "OffloadConfig", "OffloadResult", "PDConfig", "RagWorkload",

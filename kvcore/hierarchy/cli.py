@@ -12,6 +12,7 @@ import argparse
 
 import pandas as pd
 
+from kvcore.hierarchy.bandwidth import measure_bandwidth
 from kvcore.hierarchy.disagg import PDConfig, ServingWorkload
 from kvcore.hierarchy.experiment import WORKLOADS, make_workload, run_offload, run_pd, run_roofline, tiers_for
 from kvcore.hierarchy.offload import PREFETCH_TARGETS, OffloadConfig, offload_summary
@@ -34,8 +35,6 @@ def _offload(a: argparse.Namespace) -> pd.DataFrame:
 
 
 def _bandwidth(a: argparse.Namespace) -> pd.DataFrame:
-    from kvcore.hierarchy.bandwidth import measure_bandwidth  # imports torch
-
     tiers = tiers_for(a.gpu, a.host_link)
     return measure_bandwidth(PRESETS[a.model], a.size_mb, a.repeats, tiers[1], tiers[2])
 

@@ -21,6 +21,8 @@ from functools import cache
 
 import torch
 
+from kvcore.device import torch_threads
+
 DEFAULT_WORKERS: int | None = None  # None: one worker per torch intra-op thread (resolve_workers)
 _local = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -50,18 +52,11 @@ def one_intra_op_thread() -> Iterator[None]:
     the default that threads started meanwhile inherit; other running threads are unaffected. Other
     backends cannot change the count once work has started, so the block runs as it is.
     """
-    before = torch.get_num_threads()
     outer = getattr(_local, "threads", None)
-    _local.threads = outer or before  # what resolve_workers sees inside the block
+    _local.threads = outer or torch.get_num_threads()  # what resolve_workers sees inside the block
     try:
-        if before == 1 or not _openmp_backend():
+        with torch_threads(1 if _openmp_backend() else None):
             yield
-            return
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
     finally:
         _local.threads = outer
 

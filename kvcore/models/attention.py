@@ -9,25 +9,12 @@ probabilities, never assumed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
-
-@contextmanager
-def eager_attention(model) -> Iterator[None]:
-    """Switch a transformers model to eager attention (which can return probabilities) for a block."""
-    before = getattr(model.config, "_attn_implementation", "eager")
-    if before != "eager":
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if before != "eager":
-            model.set_attn_implementation(before)
+from kvcore.models.runtime import attention_implementation, model_device
 
 
 @torch.no_grad()
@@ -37,8 +24,8 @@ def capture_attention(model, input_ids: torch.Tensor) -> torch.Tensor:
     input_ids: ``[T]`` or ``[1, T]`` token ids (include ``<bos>`` if the model expects it). Runs one
     forward pass with eager attention and ``output_attentions=True``; row ``t`` is query ``t``.
     """
-    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)  # [1, T]
-    with eager_attention(model):
+    ids = input_ids.reshape(1, -1).to(model_device(model))  # [1, T]
+    with attention_implementation(model, "eager"):
         out = model(input_ids=ids, output_attentions=True, use_cache=False)
     return torch.stack([a[0].float().cpu() for a in out.attentions])  # [L, Hq, T, T]
 

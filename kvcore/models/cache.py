@@ -10,7 +10,7 @@ adds:
   (``positions="original"``, works with every model) or every kept key is *re-rotated* to compact
   positions 0..T_keep-1 (``positions="rerotate"``, StreamingLLM, RoPE models only, see
   :mod:`kvcore.models.rope`);
-* ``nbytes()``: bytes the cache holds now, asked of each layer (a quantized layer counts codes + scales).
+* ``nbytes``: bytes the cache holds now, asked of each layer (a quantized layer counts codes + scales).
 
 Callers feeding tokens pass ``position_ids=cache.next_position_ids(n)``: that is what keeps the
 positions right after entries were dropped. All layers must hold the same number of entries when the
@@ -19,7 +19,7 @@ tokens, and each KV head may keep different tokens (``keep_idx`` ``[B, Hkv, T_ke
 
 Writing a custom layer (e.g. a quantized one): subclass :class:`LabLayer`, override ``update`` (store
 codes, return the dequantized full ``keys, values`` ``[B, Hkv, T, D]``), ``keep``, ``rotate_keys`` (or
-raise) and ``nbytes``; pass ``layer_factory=lambda layer_idx: MyLayer(...)``.
+raise) and the ``nbytes`` property; pass ``layer_factory=lambda layer_idx: MyLayer(...)``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from kvcore.models.rope import rotate
+from kvcore.models.rope import rope_inv_freq, rotate
+from kvcore.models.runtime import text_config
 from kvcore.tensors import tensor_bytes
 
 POSITION_MODES = ("original", "rerotate")
@@ -51,6 +52,7 @@ class LabLayer(DynamicLayer):
         """Rotate every key by ``delta`` ``[B, Hkv, T]`` positions (RoPE re-rotation)."""
         self.keys = rotate(self.keys, delta, inv_freq)
 
+    @property
     def nbytes(self) -> int:
         """Bytes held: keys + values at their storage dtype."""
         return tensor_bytes(self.keys, self.values) if self.is_initialized else 0
@@ -131,12 +133,13 @@ class LabCache(DynamicCache):
         for layer_idx, idx in enumerate(keep_idx):
             self.keep(layer_idx, idx)
 
+    @property
     def nbytes(self) -> int:
         """Bytes the cache holds now, summed over layers (each layer counts its own storage)."""
         total = 0
         for layer in self.layers:
             if hasattr(layer, "nbytes"):
-                total += layer.nbytes()
+                total += layer.nbytes
             elif getattr(layer, "is_initialized", False):
                 total += tensor_bytes(layer.keys, layer.values)
         return total
@@ -169,8 +172,5 @@ def normalize_keep_index(keep_idx: torch.Tensor, shape: torch.Size) -> torch.Ten
 
 def new_cache(model, layer_factory: LayerFactory | None = None, positions: str = "original") -> LabCache:
     """A :class:`LabCache` sized for ``model`` (re-rotation frequencies looked up when ``positions="rerotate"``)."""
-    from kvcore.models.rope import rope_inv_freq
-
-    cfg = model.config.get_text_config(decoder=True)
     inv_freq = rope_inv_freq(model) if positions == "rerotate" else None
-    return LabCache(cfg.num_hidden_layers, layer_factory, positions, inv_freq)
+    return LabCache(text_config(model).num_hidden_layers, layer_factory, positions, inv_freq)

@@ -1,4 +1,7 @@
-"""Capture each layer's query states during a forward pass (what SnapKV, TOVA and H2O-style scores need).
+"""Capture what attention sees and makes during a forward pass: each layer's queries and its output.
+
+Queries are what SnapKV, TOVA and H2O-style scores need; outputs (the output projection's input) are
+what the eviction runner compares against the full cache.
 
 transformers does not return queries, so, like kvpress, a forward pre-hook on every attention module
 recomputes them from the layer input: ``q_proj`` (+ ``q_norm`` when the model has one) + RoPE for the
@@ -8,6 +11,8 @@ for GPT-2. Queries come out exactly as the attention uses them: ``[B, Hq, Tq, D]
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -72,3 +77,24 @@ class QueryCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+@contextmanager
+def attention_outputs(model) -> Iterator[list[torch.Tensor | None]]:
+    """Record each layer's attention output (the output projection's input) ``[B, n, Hq*D]`` of the last forward."""
+    projections = [getattr(m, "o_proj", None) or getattr(m, "c_proj", None) for m in attention_modules(model)]
+    if any(p is None for p in projections):
+        raise ValueError("cannot find the attention output projection (o_proj / c_proj) of this model")
+    captured: list[torch.Tensor | None] = [None] * len(projections)
+
+    def hook(i: int):
+        def record(module, args):
+            captured[i] = args[0].detach().float()
+        return record
+
+    handles = [p.register_forward_pre_hook(hook(i)) for i, p in enumerate(projections)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()

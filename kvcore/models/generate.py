@@ -3,7 +3,7 @@
 Each yielded :class:`TokenEvent` carries the token, its log-probability under the model, the time of
 the step that produced it (the first token comes from the prefill, the rest from one-token decode
 steps, the split every serving system reports as TTFT vs TPOT) and the cache size after the step.
-Generation runs through a :class:`~kvcore.models.policy.CachePlan`, so an eviction or quantization plan
+Generation runs through a :class:`~kvcore.models.plan.CachePlan`, so an eviction or quantization plan
 changes what the model sees exactly as it would in :func:`~kvcore.models.perplexity.streaming_nll`.
 """
 
@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from kvcore.models.policy import FULL, CachePlan, run_step
+from kvcore.models.perplexity import streaming_nll
+from kvcore.models.plan import FULL, CachePlan, run_step
+from kvcore.models.runtime import encode_prompt, model_device
 
 
 @dataclass(slots=True)
@@ -62,16 +64,6 @@ class TokenEvent:
     position: int
 
 
-def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
-    """Prompt ids ``[1, T]`` with the tokenizer's special tokens (the bundled model's ``<bos>``)."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, T]
-    if ids.shape[1] == 0:
-        if tokenizer.bos_token_id is None:
-            raise ValueError("the prompt is empty and this tokenizer has no <bos> token to start from")
-        ids = torch.tensor([[tokenizer.bos_token_id]])
-    return ids
-
-
 def _pick(logits: torch.Tensor, settings: GenerationSettings, gen: torch.Generator) -> int:
     if settings.temperature == 0.0:
         return int(logits.argmax())
@@ -87,11 +79,12 @@ def generate_stream(model, tokenizer, prompt: str | torch.Tensor, settings: Gene
                     plan: CachePlan = FULL) -> Iterator[TokenEvent]:
     """Yield one :class:`TokenEvent` per generated token (greedy or sampled), through ``plan``'s cache.
 
-    prompt: text (encoded with the tokenizer's special tokens) or ids ``[T]`` / ``[1, T]``.
+    prompt: text (encoded with the tokenizer's special tokens) or ids ``[T]`` / ``[1, T]``. tokenizer: None
+    generates ids only (prompt ids, empty text pieces, no end-of-sequence stop).
     """
     settings = settings or GenerationSettings()
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).reshape(1, -1)
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = ids.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     cache = plan.new_cache(model)
@@ -103,13 +96,13 @@ def generate_stream(model, tokenizer, prompt: str | torch.Tensor, settings: Gene
         token = _pick(logits, settings, gen)
         ms = (time.perf_counter() - t0) * 1e3
         generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
+        text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""
         piece = "" if text.endswith("\ufffd") else text[len(text_so_far):]  # hold back a partial UTF-8 character
         text_so_far = text_so_far if text.endswith("\ufffd") else text
         yield TokenEvent(step, token, piece, float(logits.log_softmax(-1)[token]), ms,
-                         "prefill" if step == 0 else "decode", cache.num_tokens(0), cache.nbytes(),
+                         "prefill" if step == 0 else "decode", cache.num_tokens(0), cache.nbytes,
                          ids.shape[1] + step)
-        if settings.stop_at_eos and token == tokenizer.eos_token_id:
+        if settings.stop_at_eos and tokenizer is not None and token == tokenizer.eos_token_id:
             break
         step_input = torch.tensor([[token]], device=device)
 
@@ -129,7 +122,7 @@ def events_table(events: Sequence[TokenEvent], tokenizer=None) -> pd.DataFrame:
 
 
 def generate_table(model, tokenizer, prompt: str | torch.Tensor, settings: GenerationSettings | None = None,
-             plan: CachePlan = FULL) -> pd.DataFrame:
+                   plan: CachePlan = FULL) -> pd.DataFrame:
     """Run :func:`generate_stream` to the end and return :func:`events_table`."""
     return events_table(list(generate_stream(model, tokenizer, prompt, settings, plan)), tokenizer)
 
@@ -142,8 +135,6 @@ def compare_to_full(model, tokenizer, prompt: str, settings: GenerationSettings,
     even after the plan's own free-running text has diverged. full: the full-cache
     :func:`generate_table` of the same prompt and settings, if already computed.
     """
-    from kvcore.models.perplexity import streaming_nll
-
     full = generate_table(model, tokenizer, prompt, settings, FULL) if full is None else full
     prompt_ids = encode_prompt(tokenizer, prompt)[0]
     ids = torch.cat([prompt_ids, torch.tensor(full["token_id"].tolist())])

@@ -10,8 +10,9 @@ import pandas as pd
 import torch
 
 from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns
-from kvcore.models.generate import GenerationSettings, TokenEvent, encode_prompt, events_table, generate_stream
-from kvcore.models.policy import CachePlan, cache_plans
+from kvcore.models.generate import GenerationSettings, TokenEvent, events_table, generate_stream
+from kvcore.models.plan import CachePlan
+from kvcore.models.runtime import encode_prompt
 
 
 @dataclass(slots=True)
@@ -24,16 +25,6 @@ class LiveRun:
     text: str
     table: pd.DataFrame
     attention: torch.Tensor | None = field(default=None, repr=False)  # [layers, Hq, T, T], filled on demand
-
-
-def make_plan(name: str, budget: int, positions: str) -> CachePlan:
-    """The cache plan ``name`` from :func:`~kvcore.models.policy.cache_plans` with its page settings."""
-    plans = cache_plans()
-    if name not in plans:
-        raise ValueError(f"unknown cache plan {name!r}; choose from {', '.join(plans)}")
-    if name.startswith("evict:"):
-        return plans[name](budget=budget, positions=positions)
-    return plans[name]()
 
 
 def stream_run(model, tokenizer, prompt: str, settings: GenerationSettings, plan: CachePlan,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kvcore.device import get_device
+from kvcore.models.runtime import model_device, num_kv_heads, text_config
 from kvcore.shapes import ModelShape
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -192,22 +193,19 @@ def _from_folder(source: str | Path, device: torch.device, attn_implementation: 
 @torch.inference_mode()
 def _warm_up(model, token: int) -> None:
     """A prefill and a decode step through a cache: first calls pay one-off costs that would inflate timings."""
-    from kvcore.models.policy import FULL, run_step
-
-    cache = FULL.new_cache(model)
-    device = next(model.parameters()).device
-    run_step(model, cache, torch.tensor([[token, token]], device=device))
-    run_step(model, cache, torch.tensor([[token]], device=device))
+    ids = torch.tensor([[token, token]], device=model_device(model))
+    cache = model(input_ids=ids, use_cache=True).cache  # transformers' own DynamicCache
+    model(input_ids=ids[:, :1], cache=cache, use_cache=True)
 
 
 def model_shape(model) -> ModelShape:
     """The :class:`~kvcore.shapes.ModelShape` of a loaded model, for ``kv_bytes`` and the calculator."""
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = text_config(model)
     q_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
     return ModelShape(
         name=getattr(cfg, "_name_or_path", "") or cfg.model_type, num_layers=cfg.num_hidden_layers,
-        num_q_heads=q_heads, num_kv_heads=getattr(cfg, "num_key_value_heads", None) or q_heads, head_dim=head_dim,
+        num_q_heads=q_heads, num_kv_heads=num_kv_heads(model), head_dim=head_dim,
         num_params=sum(p.numel() for p in model.parameters()), hidden_size=cfg.hidden_size,
         intermediate_size=getattr(cfg, "intermediate_size", 0) or 0, vocab_size=cfg.vocab_size,
         max_context=getattr(cfg, "max_position_embeddings", 0) or 0,

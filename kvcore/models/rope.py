@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from kvcore.models.runtime import text_config
+
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "longrope"})
 
 
@@ -54,7 +56,7 @@ def rope_inv_freq(model) -> torch.Tensor:
         raise ValueError(f"{model_type} uses RoPE type {rope_type!r} whose frequencies change with length; "
                          "re-rotation is only exact for static RoPE types "
                          f"({', '.join(sorted(STATIC_ROPE_TYPES))}); keep original positions instead")
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = text_config(model)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     inv_freq = rotary.inv_freq.detach().float().cpu()
     if 2 * inv_freq.numel() != head_dim:

@@ -10,6 +10,8 @@ import pandas as pd
 import torch
 
 from kvcore.models.attention import capture_attention, layer_summary
+from kvcore.models.runtime import token_windows
+from kvcore.models.training import token_stream
 
 
 def _entropy_bits(counts: Counter) -> float:
@@ -38,14 +40,14 @@ def unigram_bits_per_byte(text: str, tokenizer, train_ids: Sequence[int] | None 
     return out
 
 
-def text_windows(tokenizer, docs: Sequence[str], window: int, num_windows: int) -> list[torch.Tensor]:
-    """Up to ``num_windows`` token windows of ``window`` ids, ``<bos>`` first, cut from consecutive documents."""
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    body = window - 1
-    n = min(num_windows, len(ids) // body)
-    return [torch.tensor([tokenizer.bos_token_id, *ids[i * body:(i + 1) * body]]) for i in range(n)]
+def text_windows(tokenizer, docs: Sequence[str], window: int, num_windows: int) -> torch.Tensor:
+    """Up to ``num_windows`` windows ``[W, window]`` of ``<bos>`` + consecutive tokens of the documents (each ends
+    with ``<eos>``)."""
+    ids = token_stream(tokenizer, docs).tolist()
+    count = min(num_windows, len(ids) // (window - 1))
+    if count < 1:
+        return torch.empty(0, window, dtype=torch.long)
+    return token_windows(ids, window, count, tokenizer.bos_token_id)
 
 
 def attention_summary(model, tokenizer, docs: Sequence[str], window: int = 256, num_windows: int = 8,
@@ -55,7 +57,7 @@ def attention_summary(model, tokenizer, docs: Sequence[str], window: int = 256, 
     Windows: ``num_windows`` consecutive pieces of ``window`` tokens (``<bos>`` first) of ``docs``.
     """
     windows = text_windows(tokenizer, docs, window, num_windows)
-    if not windows:
+    if not len(windows):
         raise ValueError(f"the documents hold fewer than {window} tokens; give more text or a smaller window")
     tables = [layer_summary(capture_attention(model, w), min_query, fraction) for w in windows]
     summary = pd.concat(tables).groupby("layer", as_index=False).mean()

@@ -8,13 +8,13 @@ and ``dequantize()`` rebuilds the tensor. :data:`METHODS` is the registry that t
 from kvcore.quant.codecs import Fp8Codec, Fp16Codec, IntCodec, LowRankCodec
 from kvcore.quant.formats import Fp8Tensor, LowRankTensor, SparseOutliers, quantize_fp8
 from kvcore.quant.integer import QuantizedTensor, quantize
-from kvcore.quant.methods import CACHE_LAYERS, METHODS, QuantMethod, custom_method, kivi
+from kvcore.quant.methods import METHODS, CustomSettings, QuantMethod, custom_method, kivi, method_named
 from kvcore.quant.packing import pack_codes, unpack_codes
 from kvcore.quant.stream import KiviCache, KVStream, QuantizedKV
 
 __all__ = [
-    "CACHE_LAYERS",
     "METHODS",
+    "CustomSettings",
     "Fp8Codec",
     "Fp8Tensor",
     "Fp16Codec",
@@ -29,6 +29,7 @@ __all__ = [
     "SparseOutliers",
     "custom_method",
     "kivi",
+    "method_named",
     "pack_codes",
     "quantize",
     "quantize_fp8",

@@ -31,10 +31,11 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     """Load the model, take ``--windows`` windows of ``--tokens`` tokens of its validation text, evaluate."""
     import torch
 
-    from kvcore.quant.evaluate import evaluate, load_model, text_ids
+    from kvcore.models.loader import load_model
+    from kvcore.quant.evaluate import evaluate, text_windows
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
-    ids = text_ids(tokenizer, args.tokens, args.seed, args.windows)
+    ids = text_windows(tokenizer, args.tokens, args.seed, args.windows)
     result = evaluate(model, ids, {n: METHODS[n] for n in args.methods}, args.prompt, batched=not args.sequential)
     return result.by_layer if args.by_layer else result.summary

@@ -14,32 +14,22 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from kvcore.quant.hf_cache import QuantizedKVCache
+from kvcore.device import torch_threads
+from kvcore.models.generate import GenerationSettings, generate_stream
+from kvcore.models.loader import bundled_text
+from kvcore.models.perplexity import Streamed, stream_text
+from kvcore.models.runtime import token_windows
+from kvcore.quant.hf_cache import fp16_nbytes_per_row, nbytes_per_row, quantized_plan, seconds_per_row
 from kvcore.quant.methods import METHODS, QuantMethod
-from kvcore.quant.model_kv import (
-    CapturedKV,
-    DecodeRun,
-    capture_qkv,
-    decode_through_cache,
-    greedy_generate,
-    one_thread,
-)
+from kvcore.quant.model_kv import CapturedKV, capture_qkv
 from kvcore.quant.stream import QuantizedKV
-
-
-def load_model(name_or_path: str | None = None):
-    """``(model, tokenizer)`` from :func:`kvcore.models.load_model` (``None`` = the bundled model)."""
-    from kvcore.models import load_model as load
-
-    return load(name_or_path)
-
 
 # Tokens (windows x length) the page decodes through every method's cache at once. benchmarks/memory.py
 # on a 2-core CPU, all methods: 384 tokens took 14 s and 1.0 GB peak, 1024 tokens 33 s and 1.5 GB.
 # The CLI has no such limit.
 PAGE_TOKEN_LIMIT = 512
 
-def text_ids(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:
+def text_windows(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:
     """``windows`` consecutive windows of ``num_tokens`` token ids of ``text``, ``<bos>`` first: ``[W, T]``.
 
     text: default the bundled model's validation split. seed: which group of windows (group ``seed``
@@ -47,18 +37,23 @@ def text_ids(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: 
     """
     if num_tokens < 2 or windows < 1:
         raise ValueError(f"need num_tokens >= 2 and windows >= 1, got {num_tokens} and {windows}")
-    if text is None:
-        from kvcore.models import bundled_text
+    body = tokenizer(bundled_text("validation") if text is None else text, add_special_tokens=False)["input_ids"]
+    need = (num_tokens - (tokenizer.bos_token_id is not None)) * windows
+    start = (seed * need) % max(1, len(body) - need + 1)
+    return token_windows(body, num_tokens, windows, tokenizer.bos_token_id, start)
 
-        text = bundled_text("validation")
-    body = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    need = num_tokens - len(bos)
-    if len(body) < need * windows:
-        raise ValueError(f"the text holds {len(body)} tokens, fewer than the {need * windows} asked for")
-    start = (seed * need * windows) % (len(body) - need * windows + 1)
-    rows = [bos + body[start + w * need:start + (w + 1) * need] for w in range(windows)]
-    return torch.tensor(rows, dtype=torch.long)
+
+@dataclass(slots=True, frozen=True)
+class QuantText:
+    """The text a quantization run reads: ``windows`` windows of ``tokens`` tokens, group ``seed`` (a cache key)."""
+
+    tokens: int = 128
+    seed: int = 0
+    windows: int = 1
+
+    def ids(self, tokenizer) -> torch.Tensor:
+        """The windows' token ids ``[W, T]`` (:func:`text_windows` of the bundled validation text)."""
+        return text_windows(tokenizer, self.tokens, self.seed, self.windows)
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,36 +93,34 @@ def layer_errors(captured: CapturedKV, method: QuantMethod) -> pd.DataFrame:
 def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
                  batched: bool) -> list[dict]:
     """Perplexity, bytes held and speed of each method decoding every window (one batched run, or one run
-    per method with one row per window)."""
+    per method with one row per window). The cache ends holding each whole window."""
     W, M = windows.shape[0], len(methods)
     if batched:  # row r decodes window r // M with method r % M
-        cache = QuantizedKVCache.for_model([m for _ in range(W) for m in methods], model)
-        run = decode_through_cache(model, windows.repeat_interleave(M, dim=0), cache, prompt_tokens)
-        return [_method_row(cache, run, list(range(i, W * M, M))) for i in range(M)]
-    rows = []
-    for method in methods:
-        cache = QuantizedKVCache.for_model([method] * W, model)
-        rows.append(_method_row(cache, decode_through_cache(model, windows, cache, prompt_tokens), list(range(W))))
-    return rows
+        run = stream_text(model, windows.repeat_interleave(M, dim=0),
+                          quantized_plan([m for _ in range(W) for m in methods]), prompt_tokens, feed_last=True)
+        return [_method_row(run, methods[i], prompt_tokens, list(range(i, W * M, M))) for i in range(M)]
+    return [_method_row(stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True),
+                        method, prompt_tokens, list(range(W))) for method in methods]
 
 
-def _method_row(cache: QuantizedKVCache, run: DecodeRun, rows: list[int]) -> dict:
+def _method_row(run: Streamed, method: QuantMethod, prompt_tokens: int, rows: list[int]) -> dict:
     """One method's row of a decode run over batch ``rows`` (its windows).
 
-    tokens_per_s: its tokens over the model's step time, shared pro rata between rows, plus its own
-    measured cache time (exactly the wall time when the run decoded this method alone).
+    Scored tokens are those predicted by reading the cache: from the last prompt token on. tokens_per_s:
+    its tokens over the model's step time, shared pro rata between rows, plus its own measured cache time
+    (exactly the wall time when the run decoded this method alone).
     """
-    seconds = cache.seconds_per_row()
+    seconds = seconds_per_row(run.cache)
     model_seconds = max(run.decode_seconds - sum(seconds), 0.0) * len(rows) / len(seconds)
     cache_seconds = sum(seconds[r] for r in rows)
     wall = model_seconds + cache_seconds
-    first = cache.layers[0].stores[rows[0]]
+    first = run.cache.layers[0].stores[rows[0]]
     return {
-        "method": cache.methods[rows[0]].name,
-        "perplexity": float(torch.exp(run.nll[rows].double().mean())),
-        "cache_bytes": cache.nbytes_per_row()[rows[0]], "cache_fp16_bytes": cache.fp16_nbytes_per_row()[rows[0]],
-        "tokens_per_s": len(rows) * run.decode_tokens / wall if wall > 0 else float("nan"),
-        "cache_ms_per_token": 1e3 * cache_seconds / (len(rows) * run.decode_tokens),
+        "method": method.name,
+        "perplexity": float(torch.exp(run.nll[rows, prompt_tokens - 1:].double().mean())),
+        "cache_bytes": nbytes_per_row(run.cache)[rows[0]], "cache_fp16_bytes": fp16_nbytes_per_row(run.cache)[rows[0]],
+        "tokens_per_s": len(rows) * run.decode_steps / wall if wall > 0 else float("nan"),
+        "cache_ms_per_token": 1e3 * cache_seconds / (len(rows) * run.decode_steps),
         "k_fp16_tokens": first.k.num_sink + first.k.num_recent,
         "v_fp16_tokens": first.v.num_sink + first.v.num_recent,
     }
@@ -178,7 +171,7 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
         raise ValueError("give at least one method")
     windows = input_ids.reshape(-1, input_ids.shape[-1])  # [W, T]
     prompt = windows.shape[1] // 2 if prompt_tokens is None else prompt_tokens
-    with one_thread():
+    with torch_threads(1):
         errors = [layer_errors(capture_qkv(model, w), m) for w in windows for m in methods.values()]
         decode = pd.DataFrame(_decode_rows(model, windows, list(methods.values()), prompt, batched))
     by_layer = pd.concat(errors).groupby(["method", "layer"], sort=False).mean().reset_index()
@@ -217,12 +210,11 @@ def methods_table(methods: Mapping[str, QuantMethod] | None = None) -> pd.DataFr
 
 
 def generate_text(model, tokenizer, prompt_ids: torch.Tensor, method: QuantMethod, max_new_tokens: int) -> str:
-    """Greedy continuation of ``prompt_ids`` ``[T]`` with the KV cache stored by ``method``."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    with one_thread():
-        new = greedy_generate(model, prompt_ids, QuantizedKVCache.for_model(method, model), max_new_tokens)
-    return tokenizer.decode(new, skip_special_tokens=True)
+    """Greedy continuation of ``prompt_ids`` ``[T]`` with the KV cache stored by ``method`` (stops at ``<eos>``)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)  # validates the count
+    with torch_threads(1):
+        tokens = [e.token_id for e in generate_stream(model, tokenizer, prompt_ids, settings, quantized_plan(method))]
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def channel_magnitudes(x: torch.Tensor, head: int | None = None) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""A transformers cache whose layers store K/V with a :class:`QuantMethod` and hand attention the
-dequantized tensors, so ``model.generate(cache=cache)`` and perplexity run on quantized KV.
+"""Transformers cache layers that store K/V with a :class:`QuantMethod` and hand attention the
+dequantized tensors, so generation and streaming perplexity run on a quantized KV cache.
 
 Plays the part of transformers' ``QuantizedLayer``/``QuantizedCache`` (``cache_utils.py``), with two
 differences: the stored forms are this package's packed codes (exact ``nbytes``), and tokens age
@@ -9,17 +9,21 @@ back from the store.
 
 Several methods can share one batched forward pass: give one method per batch row, feed the same
 tokens in every row, and each row's keys and values go through its own method (the model treats
-rows independently), so one decode loop measures every method.
+rows independently), so one decode loop measures every method. :func:`quantized_plan` makes the
+:class:`~kvcore.models.plan.CachePlan` that builds such layers inside a
+:class:`~kvcore.models.cache.LabCache`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
+from kvcore.models.cache import LabCache
+from kvcore.models.plan import CachePlan
 from kvcore.quant.methods import QuantMethod
 from kvcore.quant.stream import QuantizedKV
 
@@ -98,8 +102,9 @@ class QuantizedKVLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.stores[0].num_tokens
 
+    @property
     def nbytes(self) -> int:
-        """Exact bytes held by this layer (every store); a method, as ``kvcore.models.LabCache`` asks it."""
+        """Exact bytes held by this layer (every store)."""
         return sum(store.nbytes for store in self.stores)
 
     def reset(self) -> None:
@@ -120,50 +125,34 @@ class QuantizedKVLayer(DynamicLayer):
         raise ValueError("the quantized KV cache does not support selecting batch rows")
 
 
-def layer_factory(method: QuantMethod) -> Callable[[int], QuantizedKVLayer]:
-    """``layer_idx -> QuantizedKVLayer`` for ``kvcore.models.LabCache(layer_factory=...)``."""
-    return lambda layer_idx: QuantizedKVLayer((method,))
+def quantized_plan(methods: QuantMethod | Sequence[QuantMethod], name: str | None = None) -> CachePlan:
+    """A cache plan whose layers store K/V with ``methods``: one method for every batch row, or one per row."""
+    methods = (methods,) if isinstance(methods, QuantMethod) else tuple(methods)
+    if not methods:
+        raise ValueError("give at least one method")
+    label = name or "quant:" + "+".join(dict.fromkeys(m.name for m in methods))
+    return CachePlan(label, layer_factory=lambda layer_idx: QuantizedKVLayer(methods))
 
 
-class QuantizedKVCache(Cache):
-    """A transformers ``Cache`` with one :class:`QuantizedKVLayer` per decoder layer.
+def _layers(cache: LabCache) -> list[QuantizedKVLayer]:
+    if not all(isinstance(layer, QuantizedKVLayer) for layer in cache.layers):
+        raise ValueError("the cache was not built by a quantized plan (kvcore.quant.hf_cache.quantized_plan)")
+    return list(cache.layers)
 
-    methods: one method for every row, or a sequence with one method per batch row.
-    num_layers: decoder layers (``config.num_hidden_layers``).
-    """
 
-    def __init__(self, methods: QuantMethod | Sequence[QuantMethod], num_layers: int) -> None:
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        methods = (methods,) if isinstance(methods, QuantMethod) else tuple(methods)
-        if not methods:
-            raise ValueError("give at least one method")
-        self.methods = methods
-        super().__init__(layers=[QuantizedKVLayer(methods) for _ in range(num_layers)])
+def nbytes_per_row(cache: LabCache) -> list[int]:
+    """Exact bytes held for each store (one per batch row, or one shared), summed over layers."""
+    layers = _layers(cache)
+    return [sum(layer.stores[i].nbytes for layer in layers) for i in range(len(layers[0].stores))]
 
-    @classmethod
-    def for_model(cls, methods: QuantMethod | Sequence[QuantMethod], model) -> QuantizedKVCache:
-        """A cache sized for a transformers causal LM."""
-        return cls(methods, model.config.get_text_config(decoder=True).num_hidden_layers)
 
-    def nbytes_per_row(self) -> list[int]:
-        """Exact bytes held for each store (one per batch row, or one shared), summed over layers."""
-        return [sum(layer.stores[i].nbytes for layer in self.layers) for i in range(len(self.methods))]
+def fp16_nbytes_per_row(cache: LabCache) -> list[int]:
+    """What each store's tokens would take in fp16."""
+    layers = _layers(cache)
+    return [sum(layer.stores[i].fp16_nbytes for layer in layers) for i in range(len(layers[0].stores))]
 
-    def fp16_nbytes_per_row(self) -> list[int]:
-        """What each store's tokens would take in fp16."""
-        return [sum(layer.stores[i].fp16_nbytes for layer in self.layers) for i in range(len(self.methods))]
 
-    def seconds_per_row(self) -> list[float]:
-        """Wall time spent storing and reading back each store's K/V (summed over layers)."""
-        return [sum(layer.seconds[i] for layer in self.layers) for i in range(len(self.methods))]
-
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes held by the whole cache."""
-        return sum(self.nbytes_per_row())
-
-    @property
-    def fp16_nbytes(self) -> int:
-        """What the whole cache would take in fp16."""
-        return sum(self.fp16_nbytes_per_row())
+def seconds_per_row(cache: LabCache) -> list[float]:
+    """Wall time spent storing and reading back each store's K/V (summed over layers)."""
+    layers = _layers(cache)
+    return [sum(layer.seconds[i] for layer in layers) for i in range(len(layers[0].stores))]

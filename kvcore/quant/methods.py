@@ -7,8 +7,7 @@ window (a codec each), how many first tokens stay fp16 (sinks) and how many rece
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kvcore.quant.codecs import Codec, Fp8Codec, Fp16Codec, IntCodec, LowRankCodec
 
@@ -111,18 +110,31 @@ def _registry() -> dict[str, QuantMethod]:
 METHODS: dict[str, QuantMethod] = _registry()
 
 
-def _cache_layer_builder(method: QuantMethod) -> Callable[..., Callable]:
-    def build(**settings: int) -> Callable:
-        """A ``layer_idx -> cache layer`` factory; settings may override ``n_sink`` and ``residual``."""
-        from kvcore.quant.hf_cache import layer_factory  # transformers loads only when a cache is built
+@dataclass(slots=True, frozen=True)
+class CustomSettings:
+    """The settings of a custom method, as the Quantization page's widgets give them (a hashable cache key).
 
-        unknown = set(settings) - {"n_sink", "residual"}
-        if unknown:
-            raise ValueError(f"cache layer settings are n_sink and residual, got {sorted(unknown)}")
-        return layer_factory(replace(method, **settings))
-    return build
+    outlier_percent: share of entries kept as sparse fp16, in percent. See :func:`custom_method`.
+    """
+
+    bits: int = 2
+    scheme: str = "kivi"
+    group_size: int | None = 32
+    residual: int = 0
+    n_sink: int = 0
+    outlier_percent: float = 0.0
+    symmetric: bool = False
+
+    def method(self) -> QuantMethod:
+        """The :class:`QuantMethod` these settings describe."""
+        return custom_method(self.bits, self.scheme, self.group_size, self.residual, self.n_sink,
+                             self.outlier_percent / 100, self.symmetric)
 
 
-# name -> (**settings) -> (layer_idx -> transformers cache layer): how kvcore.models.cache_plans() offers
-# every method as a cache plan for streaming perplexity and generation.
-CACHE_LAYERS: dict[str, Callable[..., Callable]] = {name: _cache_layer_builder(m) for name, m in METHODS.items()}
+def method_named(name: str, custom: CustomSettings | None = None) -> QuantMethod:
+    """The registered method ``name``, or for ``"custom"`` the one ``custom`` describes."""
+    if name == "custom":
+        return (custom or CustomSettings()).method()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or custom")
+    return METHODS[name]

@@ -6,9 +6,8 @@ import argparse
 
 import pandas as pd
 
-from kvcore.sched.compare import DEFAULT_BUDGETS, compare, engine_configs
-from kvcore.sched.config import POLICIES, PREEMPTION, SimConfig
-from kvcore.sched.cost import CostModel
+from kvcore.sched.compare import DEFAULT_BUDGETS, ServingSetup, compare
+from kvcore.sched.config import POLICIES, PREEMPTION
 from kvcore.sched.trace import read_trace
 from kvcore.sched.workload import ARRIVALS, LENGTHS, Workload, WorkloadConfig, make_workload
 from kvcore.shapes import GPU_PRESETS, PRESETS
@@ -27,12 +26,10 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     """Build the workload and one engine per scheduler; return the metrics table (one row each)."""
-    cost = CostModel(PRESETS[args.model], GPU_PRESETS[args.gpu])
-    base = SimConfig(cost, max_num_seqs=args.max_num_seqs, preemption=args.preemption,
-                     host_kv_blocks=args.host_blocks, enable_prefix_caching=args.prefix_caching,
-                     block_size=args.block_size, num_blocks=args.num_blocks)
-    configs = engine_configs(base, args.schedulers, budget=args.budget, chunk_budget=args.chunk_budget)
-    return compare(workload_from_args(args), configs).summary
+    setup = ServingSetup(args.model, args.gpu, tuple(args.schedulers), args.budget, args.chunk_budget,
+                         args.max_num_seqs, args.preemption, args.host_blocks, args.prefix_caching, args.block_size,
+                         args.num_blocks)
+    return compare(workload_from_args(args), setup.configs()).summary
 
 
 def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:

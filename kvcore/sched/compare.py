@@ -8,9 +8,11 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from kvcore.sched.config import POLICIES, POLICY_LABELS, SimConfig
+from kvcore.sched.cost import CostModel
 from kvcore.sched.metrics import SimResult
 from kvcore.sched.simulate import simulate
 from kvcore.sched.workload import Workload
+from kvcore.shapes import GPU_PRESETS, PRESETS
 
 # Budgets in tokens per step: vLLM's max_num_batched_tokens when prompts go whole, Sarathi-Serve's
 # token budget for chunked prefill (it uses 512 and 2048 in its evaluation).
@@ -46,6 +48,34 @@ def engine_configs(base: SimConfig, policies: Sequence[str] = POLICIES, *, budge
     budgets = {"static": budget, "continuous": budget, "chunked": chunk_budget}
     return [replace(base, policy=p, max_num_batched_tokens=budgets[p] or DEFAULT_BUDGETS[p])
             for p in dict.fromkeys(policies)]
+
+
+@dataclass(slots=True, frozen=True)
+class ServingSetup:
+    """What the engines of one comparison share (a hashable key): the model and GPU presets, which schedulers,
+    their token budgets, and the :class:`SimConfig` fields besides the cost model and the policy."""
+
+    model: str = "llama-3-8b"
+    gpu: str = "H100 80GB"
+    policies: tuple[str, ...] = POLICIES
+    budget: int = DEFAULT_BUDGETS["continuous"]
+    chunk_budget: int = DEFAULT_BUDGETS["chunked"]
+    max_num_seqs: int = 256
+    preemption: str = "recompute"
+    host_kv_blocks: int | None = None
+    enable_prefix_caching: bool = False
+    block_size: int = 16
+    num_blocks: int | None = None
+
+    def configs(self) -> list[SimConfig]:
+        """One :class:`SimConfig` per scheduler (:func:`engine_configs`); unknown presets raise ValueError."""
+        if self.model not in PRESETS or self.gpu not in GPU_PRESETS:
+            raise ValueError(f"unknown model or GPU preset {self.model!r} / {self.gpu!r}")
+        base = SimConfig(CostModel(PRESETS[self.model], GPU_PRESETS[self.gpu]), max_num_seqs=self.max_num_seqs,
+                         preemption=self.preemption, host_kv_blocks=self.host_kv_blocks,
+                         enable_prefix_caching=self.enable_prefix_caching, block_size=self.block_size,
+                         num_blocks=self.num_blocks)
+        return engine_configs(base, self.policies, budget=self.budget, chunk_budget=self.chunk_budget)
 
 
 def compare(workload: Workload, configs: Sequence[SimConfig],

@@ -16,17 +16,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from kvcore.sched.config import SimConfig
 from kvcore.sched.request import RequestState
+from kvcore.sched.scheduler import Scheduler
 from kvcore.sched.workload import Workload
-
-if TYPE_CHECKING:
-    from kvcore.sched.scheduler import Scheduler
 
 PHASES = ("waiting", "prefill", "decode", "preempted")
 PERCENTILES = (50, 90, 99)

@@ -46,13 +46,14 @@ def run_convert(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def run_crosslayer(args: argparse.Namespace) -> pd.DataFrame:
+    from kvcore.models.runtime import text_config
     from kvcore.sharing.convert import eval_streams
     from kvcore.sharing.crosslayer import MODES, CrossLayerSettings, crosslayer_experiment, text_windows
 
     model, tokenizer = _load(args.model)
     _, val_ids, _ = eval_streams(tokenizer)
     ids = text_windows(val_ids, tokenizer.bos_token_id, args.windows, args.context)  # [W, C], <bos> first
-    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    num_layers = text_config(model).num_hidden_layers
     starts = args.start_layer if args.start_layer is not None else list(range(0, num_layers, 2))
     modes = MODES if args.mode == "all" else (args.mode,)
     return crosslayer_experiment(model, ids, [CrossLayerSettings(m, s, args.t) for m in modes for s in starts]).table

@@ -27,6 +27,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from kvcore.models.corpus import build_corpus
+from kvcore.models.loader import bundled_documents, model_shape
+from kvcore.models.plan import FULL, run_step
+from kvcore.models.runtime import model_device, text_config
 from kvcore.models.training import TrainSettings, evaluate, text_bytes, token_stream, train
 from kvcore.shapes import kv_bytes
 
@@ -35,13 +39,9 @@ _KV_PROJ = re.compile(r"(^|\.)(k_proj|v_proj)\.(weight|bias)$")
 ProgressCallback = Callable[[float, str], None]  # (fraction done 0..1, what is running)
 
 
-def _text_config(model):
-    return model.config.get_text_config(decoder=True)
-
-
 def check_poolable(model) -> int:
     """The model's KV head count; ValueError when it is not a Llama-family model with separate K/V projections."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     names = [n for n, _ in model.named_parameters() if _KV_PROJ.search(n)]
     if getattr(cfg, "num_key_value_heads", None) is None or not names:
         raise ValueError(
@@ -75,7 +75,7 @@ def pool_kv_heads(model, groups: int):
     if not isinstance(groups, int) or groups < 1 or heads % groups:
         raise ValueError(f"groups must divide the model's {heads} KV heads: allowed {valid_groups(heads)}, "
                          f"got {groups!r}")
-    cfg = _text_config(model)
+    cfg = text_config(model)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     state = model.state_dict()
     pooled = {name: _pool(t, heads, groups, head_dim) for name, t in state.items() if _KV_PROJ.search(name)}
@@ -152,16 +152,9 @@ def eval_streams(tokenizer, data: str = "bundled") -> tuple[torch.Tensor, torch.
     40-document sample (fast; a few dozen steps before it starts to overfit), ``"corpus"`` = the whole
     training split rebuilt with ``build_corpus(seed=0)``, the split the bundled model was trained on.
     """
-    from kvcore.models.loader import bundled_documents
-
     if data not in DATA_SOURCES:
         raise ValueError(f"data must be one of {DATA_SOURCES}, got {data!r}")
-    if data == "bundled":
-        train_docs = bundled_documents("train")
-    else:
-        from kvcore.models.corpus import build_corpus
-
-        train_docs = build_corpus(seed=0).train
+    train_docs = bundled_documents("train") if data == "bundled" else build_corpus(seed=0).train
     val_docs = bundled_documents("validation")
     return token_stream(tokenizer, train_docs), token_stream(tokenizer, val_docs), text_bytes(val_docs)
 
@@ -169,16 +162,12 @@ def eval_streams(tokenizer, data: str = "bundled") -> tuple[torch.Tensor, torch.
 @torch.inference_mode()
 def measured_kv_bytes_per_token(model, input_ids: torch.Tensor) -> float:
     """Bytes the model's KV cache holds per token after a forward over ``input_ids`` ``[B, T]`` (real tensors)."""
-    from kvcore.models.cache import new_cache
-
-    cache = new_cache(model)
-    model(input_ids=input_ids.to(next(model.parameters()).device), cache=cache, use_cache=True)
-    return cache.nbytes() / input_ids.numel()
+    cache = FULL.new_cache(model)
+    run_step(model, cache, input_ids.to(model_device(model)))
+    return cache.nbytes / input_ids.numel()
 
 
 def _row(model, groups: int, heads: int, q_heads: int, metrics: dict, probe: torch.Tensor) -> dict:
-    from kvcore.models.loader import model_shape
-
     shape = model_shape(model)
     bits = torch.finfo(next(model.parameters()).dtype).bits
     return {
@@ -204,7 +193,7 @@ def convert_experiment(model, tokenizer, settings: ConvertSettings | None = None
     """
     settings = settings or ConvertSettings()
     heads = check_poolable(model)
-    q_heads = _text_config(model).num_attention_heads
+    q_heads = text_config(model).num_attention_heads
     groups = valid_groups(heads) if settings.groups is None else sorted(set(settings.groups), reverse=True)
     bad = [g for g in groups if heads % g]
     if bad:

@@ -35,7 +35,10 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from kvcore.models.cache import LabLayer
-from kvcore.models.policy import CachePlan
+from kvcore.models.perplexity import stream_text
+from kvcore.models.plan import CachePlan
+from kvcore.models.runtime import text_config
+from kvcore.models.training import batch_at
 from kvcore.tensors import tensor_bytes
 
 MODES = ("share", "merge-linear", "merge-slerp")
@@ -90,6 +93,7 @@ class SharedLayer(_NoKeep, DynamicLayer):
     def get_seq_length(self) -> int:
         return self.source.get_seq_length()
 
+    @property
     def nbytes(self) -> int:
         return 0
 
@@ -151,6 +155,7 @@ class PairStore:
         self.k, self.v = cat(self.k, k, -2), cat(self.v, v, -2)
         self.k_mag, self.v_mag = cat(self.k_mag, k_mag, -2), cat(self.v_mag, v_mag, -2)
 
+    @property
     def nbytes(self) -> int:
         return tensor_bytes(self.k, self.v, self.k_mag, self.v_mag)
 
@@ -181,8 +186,9 @@ class MergedLayer(_NoKeep, DynamicLayer):
     def get_seq_length(self) -> int:
         return self.store.length()
 
+    @property
     def nbytes(self) -> int:
-        return self.store.nbytes() if self.which == 0 else 0
+        return self.store.nbytes if self.which == 0 else 0
 
 
 class CrossLayerFactory:
@@ -213,11 +219,11 @@ class CrossLayerFactory:
 
 
 def _num_layers(model) -> int:
-    return model.config.get_text_config(decoder=True).num_hidden_layers
+    return text_config(model).num_hidden_layers
 
 
 def cross_layer_plan(model, settings: CrossLayerSettings) -> CachePlan:
-    """A :class:`~kvcore.models.policy.CachePlan` whose caches share K/V across layer pairs of ``model``."""
+    """A :class:`~kvcore.models.plan.CachePlan` whose caches share K/V across layer pairs of ``model``."""
     label = f"{settings.mode} from layer {settings.start_layer}"
     return CachePlan(label, layer_factory=CrossLayerFactory(settings, _num_layers(model)))
 
@@ -237,23 +243,14 @@ def layer_roles(settings: CrossLayerSettings, num_layers: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@torch.inference_mode()
 def stream_nll(model, ids: torch.Tensor, plan: CachePlan, one_shot: bool = False) -> tuple[torch.Tensor, int]:
     """NLL (nats) of tokens 1..T-1 of each row of ``ids`` ``[B, T]``, and the bytes the cache holds at the end.
 
     one_shot: score all tokens in one forward (exact for plans that never merge after the fact: the
     full cache and ``share``); otherwise feed the first token, then one token per step through the cache.
     """
-    from kvcore.models.policy import run_step
-
-    ids = ids.to(next(model.parameters()).device)
-    cache = plan.new_cache(model)
-    steps = [(0, ids.shape[1] - 1)] if one_shot else [(t, t + 1) for t in range(ids.shape[1] - 1)]
-    parts = []
-    for a, b in steps:
-        logits = run_step(model, cache, ids[:, a:b], plan)  # [B, n, V]
-        parts.append(F.cross_entropy(logits.float().transpose(1, 2), ids[:, a + 1:b + 1], reduction="none"))
-    return torch.cat(parts, dim=1).cpu(), cache.nbytes()  # [B, T-1]
+    streamed = stream_text(model, ids, plan, prefill=ids.shape[1] - 1 if one_shot else 1)
+    return streamed.nll, streamed.cache.nbytes  # [B, T-1]
 
 
 @dataclass(slots=True)
@@ -299,8 +296,6 @@ def text_windows(stream: torch.Tensor, bos: int, windows: int, length: int) -> t
 
     Returns ``[W, L]`` token ids (``W = windows``, ``L = length``).
     """
-    from kvcore.models.training import batch_at
-
     if windows < 1 or length < 2:
         raise ValueError(f"need windows >= 1 and length >= 2, got {windows} and {length}")
     if windows * length > len(stream):

@@ -24,6 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from kvcore.models.corpus import build_corpus
+from kvcore.models.loader import BUNDLED_DIR, bundled_documents, model_shape
 from kvcore.models.training import ModelSpec, TrainSettings, text_bytes, token_stream, train
 from kvcore.shapes import kv_bytes
 
@@ -121,20 +123,14 @@ def bundled_tokenizer():
     """The bundled model's tokenizer (no weights loaded)."""
     from transformers import AutoTokenizer
 
-    from kvcore.models.loader import BUNDLED_DIR
-
     return AutoTokenizer.from_pretrained(BUNDLED_DIR)
 
 
 def data_streams(tokenizer, data: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(train_ids, val_ids, val_bytes)`` for ``data`` = ``"bundled"`` or ``"corpus"`` (see VariantSettings)."""
     if data == "bundled":
-        from kvcore.models.loader import bundled_documents
-
         train_docs, val_docs = bundled_documents("train"), bundled_documents("validation")
     elif data == "corpus":
-        from kvcore.models.corpus import build_corpus
-
         corpus = build_corpus(seed=seed)
         train_docs, val_docs = corpus.train, corpus.validation
     else:
@@ -178,8 +174,6 @@ def decode_prompt(settings: VariantSettings, val_ids: torch.Tensor) -> torch.Ten
 
 
 def _summary_row(model, spec: ModelSpec, rows: list[dict], settings: VariantSettings) -> dict:
-    from kvcore.models.loader import model_shape
-
     last, shape = rows[-1], model_shape(model)
     per_token = kv_bytes(shape, 1, bits=16)
     mha_bytes = kv_bytes(shape.with_kv_heads(shape.num_q_heads), 1, bits=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcore.models.policy import cache_plans
+from kvcore.plans import cache_plans
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
