@@ -1,4 +1,4 @@
-"""Attention kernels over the KV cache: contiguous reference, paged decode attention, quantized attention."""
+"""Attention kernels over the KV cache: contiguous reference, paged decode (torch, C, Triton), quantized pools."""
 
 from kvcore.kernels.attention import contiguous_decode_attention, paged_decode_attention
 from kvcore.kernels.check import AttentionCheckConfig, check_paged_attention, make_paged_problem, ragged_lengths

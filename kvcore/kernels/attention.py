@@ -3,8 +3,9 @@
 The paged version follows vLLM's PagedAttention contract (Kwon et al., SOSP 2023): K/V live in
 ``[num_blocks, block_size, Hkv, D]`` pools and each sequence names its blocks in a block table.
 :func:`paged_decode_attention` picks a chunked split-K kernel (flash-decoding, Dao et al. 2023) by
-device and problem size; :func:`_paged_decode_attention_gather`, which copies every sequence's whole
-KV out of the pool padded to the longest one and then attends, is kept as the clear reference.
+device and problem size (Triton on CUDA, the C kernel or torch ops on CPU; ``backend`` forces one);
+:func:`_paged_decode_attention_gather`, which copies every sequence's whole KV out of the pool padded
+to the longest one and then attends, is kept as the clear reference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, paged_attention_cpu
-from kvcore.kernels.paged_native import paged_attention_native, supports
+from kvcore.kernels.paged_native import paged_attention_native, supports, unsupported
+from kvcore.kernels.paged_triton import compiled_for, paged_attention_triton, unavailable
 from kvcore.kernels.validate import check_paged, check_query
 
 
@@ -80,19 +82,50 @@ KERNELS = {
     "batched": "batch-vectorized torch ops (kvcore.kernels.paged_batched)",
     "fused": "fused C kernel (kvcore.kernels.paged_native)",
     "torch": "torch chunk loop (kvcore.kernels.paged_cpu)",
+    "triton": "Triton split-K kernel (kvcore.kernels.paged_triton)",
 }
+BACKENDS = (None, "torch", "native", "triton")  # what the ``backend`` argument of the decode kernels accepts
 
 
-def paged_kernel(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str:
-    """The key in :data:`KERNELS` of the kernel :func:`paged_decode_attention` runs for these (valid) tensors."""
-    if key_cache.device.type != "cpu":
-        return "batched"
+def check_backend(backend: str | None) -> None:
+    """Raise unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None (best for the device), 'torch', 'native' or 'triton', "
+                         f"got {backend!r}")
+
+
+def forced_kernel(backend: str, device: torch.device, native_unsupported: str) -> str:
+    """The :data:`KERNELS` key that a forced ``backend`` runs on ``device``; ValueError naming why it cannot.
+
+    native_unsupported: why the C kernel cannot run the call (``""`` when it can).
+    """
+    if backend == "torch":
+        return "torch" if device.type == "cpu" else "batched"
+    reason = native_unsupported if backend == "native" else unavailable(device)
+    if reason:
+        raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
+    return "fused" if backend == "native" else "triton"
+
+
+def paged_kernel(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 backend: str | None = None) -> str:
+    """The key in :data:`KERNELS` of the kernel :func:`paged_decode_attention` runs for these (valid) tensors.
+
+    backend: as in :func:`paged_decode_attention`; a forced backend that cannot run the call raises
+    ValueError naming why.
+    """
+    check_backend(backend)
+    device = key_cache.device
+    if backend is not None:
+        return forced_kernel(backend, device, unsupported(query, key_cache, value_cache))
+    if device.type != "cpu":
+        return "triton" if compiled_for(device) else "batched"
     return "fused" if supports(query, key_cache, value_cache) else "torch"
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, backend: str | None = None) -> torch.Tensor:
     """Decode attention reading each sequence's K/V through its block table (vLLM PagedAttention).
 
     query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]``; block_tables int
@@ -100,20 +133,28 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     seq_lens int ``[B]`` tokens per sequence; scale defaults to 1/sqrt(D). Hq must be a multiple of Hkv.
     Returns ``[B, Hq, D]`` in the query's dtype (fp32 accumulation).
 
-    Kernel choice (each reads only the blocks a sequence uses, in chunks, with split-K softmax): on a GPU
-    the batch-vectorized kernel (:mod:`kvcore.kernels.paged_batched`: few large launches); on CPU the
-    fused C kernel (:mod:`kvcore.kernels.paged_native`) when it is built and supports the call (fp32,
-    head dim a multiple of 16, 1-16 query heads per KV head), else the per-sequence chunk loop of torch
-    ops (:mod:`kvcore.kernels.paged_cpu`), which was faster than the batched kernel and the gather at
-    every size measured, tiny batches included.
+    backend: None picks the best kernel for the tensors' device; ``"torch"``, ``"native"`` (the CPU C
+    kernel) or ``"triton"`` force one, and raise ValueError naming why when it cannot run the call
+    (``"triton"`` on CPU tensors needs the process started with ``TRITON_INTERPRET=1``).
+
+    Kernel choice (each reads only the blocks a sequence uses, with split-K softmax; :func:`paged_kernel`
+    names it): on a GPU the Triton kernel (:mod:`kvcore.kernels.paged_triton`: one program per sequence,
+    KV head and split, FlashDecoding) when triton is installed, else the batch-vectorized torch kernel
+    (:mod:`kvcore.kernels.paged_batched`: few large launches); on CPU the fused C kernel
+    (:mod:`kvcore.kernels.paged_native`) when it is built and supports the call (fp32, head dim a
+    multiple of 16, 1-16 query heads per KV head), else the per-sequence chunk loop of torch ops
+    (:mod:`kvcore.kernels.paged_cpu`), which was faster than the batched kernel and the gather at every
+    size measured, tiny batches included.
     """
     check_paged(query, key_cache, value_cache, block_tables, seq_lens)
+    kernel = paged_kernel(query, key_cache, value_cache, backend)
     B, _, D = query.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if B == 0:
         return query.new_empty(query.shape)
     args = (query, key_cache, value_cache, block_tables, seq_lens, scale)
-    kernel = paged_kernel(query, key_cache, value_cache)
+    if kernel == "triton":
+        return paged_attention_triton(*args)
     if kernel == "batched":
         return paged_attention_batched(*args, chunk_tokens=batched_chunk_tokens(B, key_cache.shape[2], D,
                                                                                 key_cache.shape[1]))

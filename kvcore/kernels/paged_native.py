@@ -60,13 +60,27 @@ def span_extent(plan: ChunkPlan, tables: torch.Tensor, span: Span) -> tuple[int,
     return tokens, tables[span.seq, span.first * plan.chunk_blocks:]
 
 
-def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
-    """True if the fused kernel can run this call (shapes already validated) and its library loads."""
+def unsupported(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> str:
+    """Why the fused kernel cannot run this call (shapes already validated), or ``""`` when it can."""
     num_q_heads, dim = query.shape[1:]
     num_kv_heads = key_cache.shape[2]
-    return (key_cache.device.type == "cpu" and key_cache.dtype == value_cache.dtype == torch.float32
-            and key_cache.is_contiguous() and value_cache.is_contiguous() and dim % 16 == 0
-            and num_q_heads // num_kv_heads in GROUPS and _function() is not None)
+    if key_cache.device.type != "cpu":
+        return f"the fused C kernel runs on CPU tensors, got {key_cache.device.type}"
+    if not key_cache.dtype == value_cache.dtype == torch.float32:
+        return f"the fused C kernel needs fp32 caches, got {key_cache.dtype}"
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        return "the fused C kernel needs contiguous caches"
+    if dim % 16 or num_q_heads // num_kv_heads not in GROUPS:
+        return (f"the fused C kernel needs head_dim a multiple of 16 and {GROUPS} query heads per KV head, "
+                f"got head_dim {dim} and {num_q_heads // num_kv_heads}")
+    if _function() is None:
+        return f"the fused C kernel is not available: {native.unavailable_reason(LIBRARY)}"
+    return ""
+
+
+def supports(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """True if the fused kernel can run this call (shapes already validated) and its library loads."""
+    return not unsupported(query, key_cache, value_cache)
 
 
 @dataclass(slots=True)

@@ -22,10 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvcore.kernels import native
+from kvcore.kernels.attention import check_backend, forced_kernel
 from kvcore.kernels.flash import empty_partials, merge_partials
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, ChunkPlan
-from kvcore.kernels.paged_native import GROUPS, native_function, run_native
+from kvcore.kernels.paged_native import GROUPS, LIBRARY, native_function, run_native
+from kvcore.kernels.paged_triton import compiled_for, quantized_paged_attention_triton
 from kvcore.kernels.parallel import DEFAULT_WORKERS, Span, one_intra_op_thread, plan_spans, run_spans
 from kvcore.kernels.validate import check_block_tables, check_query
 from kvcore.quant import QuantizedTensor, quantize
@@ -190,8 +193,8 @@ class QuantJob:
             quant_chunk_partial(self.q_groups[b], self.q_sums[b], k, v, m[i, b], l[i, b], o[i, b])
 
 
-def native_supports(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor) -> bool:
-    """True if the fused C kernel (``csrc/paged_decode.c``) can run this validated call and loads.
+def native_unsupported(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor) -> str:
+    """Why the fused C kernel (``csrc/paged_decode.c``) cannot run this validated call, ``""`` when it can.
 
     It needs CPU tensors, contiguous fp16 scales and zeros (or none), 1-16 query heads per KV head as
     in :data:`kvcore.kernels.paged_native.GROUPS`, and groups that divide D and cover a multiple of
@@ -199,11 +202,40 @@ def native_supports(query: torch.Tensor, key_cache: QuantizedTensor, value_cache
     """
     dim, per_byte = key_cache.shape[3], 8 // key_cache.bits
     tensors = [t for c in (key_cache, value_cache) for t in (c.codes, c.scales, c.zeros) if t is not None]
-    return (key_cache.device.type == "cpu" and all(t.is_contiguous() for t in tensors)
-            and all(c.scales.dtype == torch.float16 and (c.zeros is None or c.zeros.dtype == torch.float16)
-                    for c in (key_cache, value_cache))
-            and query.shape[1] // key_cache.shape[2] in GROUPS and dim % key_cache.group_size == 0
-            and key_cache.group_size % (16 * per_byte) == 0 and _native_function() is not None)
+    if key_cache.device.type != "cpu":
+        return f"the fused C kernel runs on CPU tensors, got {key_cache.device.type}"
+    if not all(t.is_contiguous() for t in tensors):
+        return "the fused C kernel needs contiguous codes, scales and zeros"
+    if not all(c.scales.dtype == torch.float16 and (c.zeros is None or c.zeros.dtype == torch.float16)
+               for c in (key_cache, value_cache)):
+        return "the fused C kernel needs fp16 scales and zeros"
+    if query.shape[1] // key_cache.shape[2] not in GROUPS:
+        return f"the fused C kernel needs {GROUPS} query heads per KV head, got {query.shape[1] // key_cache.shape[2]}"
+    if dim % key_cache.group_size or key_cache.group_size % (16 * per_byte):
+        return (f"the fused C kernel needs groups that divide head_dim ({dim}) and span a multiple of "
+                f"{16 * per_byte} channels, got group_size {key_cache.group_size}")
+    if _native_function() is None:
+        return f"the fused C kernel is not available: {native.unavailable_reason(LIBRARY)}"
+    return ""
+
+
+def native_supports(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor) -> bool:
+    """True if the fused C kernel (``csrc/paged_decode.c``) can run this validated call and loads."""
+    return not native_unsupported(query, key_cache, value_cache)
+
+
+def quantized_kernel(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
+                     backend: str | None = None) -> str:
+    """The key in :data:`kvcore.kernels.attention.KERNELS` of the kernel that
+    :func:`quantized_paged_decode_attention` runs for these (valid) arguments; ``"torch"`` on CPU is this
+    module's chunk loop. A forced backend that cannot run the call raises ValueError naming why."""
+    check_backend(backend)
+    device = key_cache.device
+    if backend is not None:
+        return forced_kernel(backend, device, native_unsupported(query, key_cache, value_cache))
+    if device.type != "cpu":
+        return "triton" if compiled_for(device) else "batched"
+    return "fused" if native_supports(query, key_cache, value_cache) else "torch"
 
 
 def _native_function() -> ctypes._CFuncPtr | None:
@@ -249,8 +281,8 @@ def _check_quantized(query: torch.Tensor, key_cache: QuantizedTensor, value_cach
 def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTensor,
                                      value_cache: QuantizedTensor, block_tables: torch.Tensor,
                                      seq_lens: torch.Tensor, scale: float | None = None,
-                                     chunk_tokens: int = CPU_CHUNK_TOKENS, workers: int | None = DEFAULT_WORKERS
-                                     ) -> torch.Tensor:
+                                     chunk_tokens: int = CPU_CHUNK_TOKENS, workers: int | None = DEFAULT_WORKERS,
+                                     backend: str | None = None) -> torch.Tensor:
     """Decode attention over a quantized paged pool, dequantizing one chunk at a time (split-K).
 
     query ``[B, Hq, D]``; key_cache/value_cache: :func:`quantize_paged_cache` pools of
@@ -259,26 +291,33 @@ def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTe
     blocks); workers: threads running chunk spans (see :mod:`kvcore.kernels.parallel`). Equals attention
     over ``cache.dequantize()`` up to fp32 rounding. Returns ``[B, Hq, D]`` in the query's dtype.
 
-    On CPU it runs the fused C kernel when :func:`native_supports` says it can (it reads the packed codes
-    straight into registers), else the chunk loop of torch ops described in the module docstring; on a
-    GPU, :func:`kvcore.kernels.paged_batched.paged_attention_batched`, which dequantizes each step's
-    blocks (few large launches instead of one chunk loop per sequence).
+    backend: None picks the best kernel for the device (:func:`quantized_kernel` names it); ``"torch"``,
+    ``"native"`` or ``"triton"`` force one, as in :func:`kvcore.kernels.paged_decode_attention`.
+    On a GPU the Triton kernel (:func:`kvcore.kernels.paged_triton.quantized_paged_attention_triton`,
+    codes dequantized in registers) when triton is installed, else
+    :func:`kvcore.kernels.paged_batched.paged_attention_batched`, which dequantizes each step's blocks
+    (few large launches instead of one chunk loop per sequence). On CPU the fused C kernel when
+    :func:`native_supports` says it can (it reads the packed codes straight into registers), else the
+    chunk loop of torch ops described in the module docstring.
     """
     _check_quantized(query, key_cache, value_cache, block_tables, seq_lens)
+    kernel = quantized_kernel(query, key_cache, value_cache, backend)
     B, Hq, D = query.shape
     if B == 0:
         return query.new_empty(query.shape)
     _, block_size, Hkv, _ = key_cache.shape
     device = key_cache.device
     scale = D ** -0.5 if scale is None else scale
-    if device.type != "cpu":  # few large steps over the whole batch, each dequantizing only its blocks
+    if kernel == "triton":
+        return quantized_paged_attention_triton(query, key_cache, value_cache, block_tables, seq_lens, scale)
+    if kernel == "batched":  # few large steps over the whole batch, each dequantizing only its blocks
         chunk = batched_chunk_tokens(B, Hkv, D, block_size)
         return paged_attention_batched(query, key_cache, value_cache, block_tables, seq_lens, scale, chunk)
     layout = ChannelLayout.of(key_cache, device)
     q = (query.to(device).float() * scale).reshape(B, Hkv, Hq // Hkv, D)[..., layout.order]  # [B, Hkv, G, D]
     q_split = q[:, :, :, None, :] * layout.groups  # [B, Hkv, G, ng, D]
     plan = ChunkPlan.of(seq_lens, chunk_tokens, block_size)
-    if native_supports(query, key_cache, value_cache):
+    if kernel == "fused":
         q, q_sums, k, v = q.contiguous(), q_split.sum(dim=-1).contiguous(), key_cache, value_cache
 
         def pointers(b: int) -> tuple[int | None, ...]:  # [Hkv, G, D] queries, [Hkv, G, ng] sums, both pools

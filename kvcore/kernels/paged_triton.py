@@ -1,0 +1,220 @@
+"""Paged decode attention with Triton on CUDA (or Triton's interpreter on CPU): launch, split plan, merge.
+
+Follows vLLM's PagedAttention V2 (Kwon et al., SOSP 2023) and FlashDecoding (Dao et al. 2023): when
+the batch and KV heads alone do not give the GPU enough programs, every sequence's tokens are cut into
+splits of ``split_tokens``, each split leaves a partial softmax state and a second kernel merges them.
+The kernels live in :mod:`kvcore.kernels.triton_decode`; this module is the boundary that keeps triton
+optional: it imports that module (and so triton) on the first call that needs it, and :func:`unavailable`
+says in words why Triton cannot run a call (not installed, or CPU tensors without ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from importlib.util import find_spec
+from types import ModuleType
+
+import torch
+
+from kvcore.quant.integer import QuantizedTensor
+
+BLOCK_N = 64  # tokens per tile of a program's loop
+MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it gains in parallelism
+PROGRAMS_PER_SM = 4  # programs wanted per streaming multiprocessor before splitting stops
+MAX_SPLITS = 64  # most splits the planner makes for one sequence
+MERGE_SPLITS = 32  # splits the merge kernel reads per step
+NUM_WARPS = 4
+INSTALL_HINT = "requirements-gpu.txt installs it: torch 2.13.0's CUDA build requires triton==3.7.1"
+
+
+@cache
+def kernels() -> tuple[ModuleType | None, str]:
+    """The module of Triton kernels and ``""``, or None and why it cannot be imported; imported once.
+
+    Importing it decorates the kernels, which is when Triton reads ``TRITON_INTERPRET``.
+    """
+    if find_spec("triton") is None:
+        return None, f"triton is not installed ({INSTALL_HINT})"
+    try:
+        from kvcore.kernels import triton_decode  # optional dependency: imported on first use, not with kvcore
+    except ImportError as e:
+        return None, f"triton could not be imported: {e}"
+    return triton_decode, ""
+
+
+def unavailable(device: torch.device) -> str:
+    """Why Triton cannot run a call on ``device``, or ``""`` when it can."""
+    module, reason = kernels()
+    if module is None:
+        return reason
+    if device.type == "cuda" or module.INTERPRETED:
+        return ""
+    return (f"Triton runs on CUDA tensors, and on {device.type} tensors only in its interpreter: start the "
+            "process with TRITON_INTERPRET=1 (read when the kernels are first imported)")
+
+
+def compiled_for(device: torch.device) -> bool:
+    """True when Triton is the best kernel for ``device``: CUDA tensors and kernels compiled for the GPU."""
+    module, _ = kernels()
+    return device.type == "cuda" and module is not None and not module.INTERPRETED
+
+
+@cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@dataclass(slots=True, frozen=True)
+class SplitPlan:
+    """How a call's sequences are cut: ``split_tokens`` tokens per split, ``num_splits`` for the longest."""
+
+    split_tokens: int
+    num_splits: int
+
+    @classmethod
+    def of(cls, batch: int, num_kv_heads: int, max_len: int, device: torch.device,
+           split_tokens: int | None = None) -> SplitPlan:
+        """The plan for a batch whose longest sequence has ``max_len`` tokens.
+
+        split_tokens: forced split length (rounded up to whole tiles of :data:`BLOCK_N`); None picks one
+        so that ``batch x Hkv x splits`` reaches :data:`PROGRAMS_PER_SM` programs per SM on a GPU, with
+        splits of at least :data:`MIN_SPLIT_TOKENS` and at most :data:`MAX_SPLITS` of them; on CPU (the
+        interpreter) nothing is split.
+        """
+        if split_tokens is None:
+            wanted = 1
+            if device.type == "cuda":
+                programs = PROGRAMS_PER_SM * _multiprocessors(device.index or 0)
+                wanted = min(-(-programs // (batch * num_kv_heads)), max(1, max_len // MIN_SPLIT_TOKENS),
+                             MAX_SPLITS)
+            split_tokens = -(-max_len // wanted)
+        split_tokens = max(BLOCK_N, -(-split_tokens // BLOCK_N) * BLOCK_N)
+        return cls(split_tokens, -(-max_len // split_tokens))
+
+
+@dataclass(slots=True)
+class Launch:
+    """What both kernels share: the output, the split partials and the launch constants of one call."""
+
+    out: torch.Tensor  # [B, Hq, D] in the query's dtype
+    part_o: torch.Tensor  # [B, Hq, S, D] fp32 (not touched when S = 1)
+    part_lse: torch.Tensor  # [B, Hq, S] fp32 (not touched when S = 1)
+    plan: SplitPlan
+    constants: dict[str, int | bool]
+
+    @classmethod
+    def of(cls, query: torch.Tensor, num_kv_heads: int, seq_lens: torch.Tensor, dot_f32: bool,
+           split_tokens: int | None) -> Launch:
+        B, Hq, D = query.shape
+        plan = SplitPlan.of(B, num_kv_heads, int(seq_lens.max()), query.device, split_tokens)
+        S = plan.num_splits
+        group = Hq // num_kv_heads
+        constants = {"G": group, "D": D, "BLOCK_G": max(16, triton_size(group)), "BLOCK_D": max(16, triton_size(D)),
+                     "BLOCK_N": BLOCK_N, "SPLIT": plan.num_splits > 1, "DOT_F32": dot_f32}
+        return cls(torch.empty(B, Hq, D, dtype=query.dtype, device=query.device),
+                   torch.empty(B, Hq, S, D, dtype=torch.float32, device=query.device),  # [B, Hq, S, D]
+                   torch.empty(B, Hq, S, dtype=torch.float32, device=query.device),  # [B, Hq, S]
+                   plan, constants)
+
+    def grid(self, num_kv_heads: int) -> tuple[int, int, int]:
+        """One program per (sequence, KV head, split)."""
+        return self.out.shape[0], num_kv_heads, self.plan.num_splits
+
+    def sizes(self) -> tuple[int, int, int]:
+        """``split_tokens, num_q_heads, max_splits`` as the kernels take them."""
+        return self.plan.split_tokens, self.out.shape[1], self.plan.num_splits
+
+    def finish(self, module: ModuleType, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Merge the split partials into ``out`` (nothing to do for one split); returns ``[B, Hq, D]``."""
+        if self.plan.num_splits > 1:
+            B, Hq, D = self.out.shape
+            module.merge_splits_kernel[(B, Hq)](self.out, self.part_o, self.part_lse, seq_lens, *self.sizes(), D=D,
+                                                BLOCK_S=min(MERGE_SPLITS, triton_size(self.plan.num_splits)),
+                                                BLOCK_D=max(16, triton_size(D)), num_warps=NUM_WARPS)
+        return self.out
+
+
+def triton_size(n: int) -> int:
+    """The power of two a Triton block needs to hold ``n`` elements."""
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def _require(device: torch.device) -> ModuleType:
+    reason = unavailable(device)
+    if reason:
+        raise ValueError(f"backend 'triton' cannot run this call: {reason}")
+    return kernels()[0]
+
+
+def f32_dots(module: ModuleType, dtype: torch.dtype) -> bool:
+    """True when dot products of ``dtype`` operands must run in fp32: bf16 in Triton 3.9's interpreter,
+    whose ``tl.dot`` multiplies bf16 operands as their raw uint16 bits (on a GPU bf16 dots are fine)."""
+    return module.INTERPRETED and dtype == torch.bfloat16
+
+
+def _tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 block tables ``[B, max_blocks]`` (any row stride) and lengths ``[B]`` on ``device``."""
+    tables = block_tables.to(device=device, dtype=torch.int32)
+    if tables.stride(1) != 1:
+        tables = tables.contiguous()
+    return tables, seq_lens.to(device=device, dtype=torch.int32).contiguous()
+
+
+def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           split_tokens: int | None = None) -> torch.Tensor:
+    """Paged decode attention with :func:`kvcore.kernels.triton_decode.paged_decode_kernel` (+ merge).
+
+    query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]`` (fp32/fp16/bf16, any
+    strides); block_tables int ``[B, max_blocks]``; seq_lens int ``[B]``; scale: softmax scale;
+    split_tokens: force the split length (None: :meth:`SplitPlan.of`). Inputs are assumed valid and
+    B >= 1. A 16-bit query over a pool of its own dtype uses 16-bit dot products with fp32 accumulation;
+    any other mix runs in fp32. Returns ``[B, Hq, D]`` in the query's dtype.
+    """
+    module = _require(key_cache.device)
+    device = key_cache.device
+    Hkv = key_cache.shape[2]
+    q = query.to(device).contiguous()  # [B, Hq, D]
+    tables, lens = _tables(block_tables, seq_lens, device)
+    dot_f32 = not (q.dtype == key_cache.dtype == value_cache.dtype != torch.float32) or f32_dots(module, q.dtype)
+    launch = Launch.of(q, Hkv, lens, dot_f32, split_tokens)
+    module.paged_decode_kernel[launch.grid(Hkv)](
+        launch.out, launch.part_o, launch.part_lse, q, key_cache, value_cache, tables, lens, scale,
+        *key_cache.stride(), *value_cache.stride(), tables.stride(0), key_cache.shape[1], *launch.sizes(),
+        **launch.constants, num_warps=NUM_WARPS)
+    return launch.finish(module, lens)
+
+
+def _contiguous(cache: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales and zeros (scales again when symmetric) of a pool, contiguous (no copy when they are)."""
+    zeros = cache.scales if cache.zeros is None else cache.zeros
+    return cache.codes.contiguous(), cache.scales.contiguous(), zeros.contiguous()
+
+
+def quantized_paged_attention_triton(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
+                                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                     split_tokens: int | None = None) -> torch.Tensor:
+    """Paged decode attention over quantized pools, dequantized in registers (KIVI-style per-token layout).
+
+    key_cache/value_cache: :func:`kvcore.kernels.quantized.quantize_paged_cache` pools of
+    ``[num_blocks, block_size, Hkv, D]`` (2, 4 or 8 bits, same bits and groups); the rest as in
+    :func:`paged_attention_triton`. Dot products run in the query's dtype for a 16-bit query (fp32
+    accumulation), else in fp32. Returns ``[B, Hq, D]`` in the query's dtype.
+    """
+    module = _require(key_cache.device)
+    device = key_cache.device
+    Hkv = key_cache.shape[2]
+    q = query.to(device).contiguous()  # [B, Hq, D]
+    tables, lens = _tables(block_tables, seq_lens, device)
+    k_codes, k_scales, k_zeros = _contiguous(key_cache)  # [nb, bs, Hkv, D*bits/8], [nb, bs, Hkv, ng] x2
+    v_codes, v_scales, v_zeros = _contiguous(value_cache)
+    launch = Launch.of(q, Hkv, lens, q.dtype == torch.float32 or f32_dots(module, q.dtype), split_tokens)
+    module.quantized_paged_decode_kernel[launch.grid(Hkv)](
+        launch.out, launch.part_o, launch.part_lse, q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros,
+        tables, lens, scale, *k_codes.stride()[:3], *k_scales.stride()[:3], tables.stride(0), key_cache.shape[1],
+        *launch.sizes(), **launch.constants, BITS=key_cache.bits, GROUP=key_cache.group_size,
+        SYMMETRIC=key_cache.zeros is None, num_warps=NUM_WARPS)
+    return launch.finish(module, lens)
