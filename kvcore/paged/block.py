@@ -89,6 +89,17 @@ class FreeKVCacheBlockQueue:
         self._tail.prev_free = block
         self.num_free_blocks += 1
 
+    def prepend(self, blocks: list[KVCacheBlock]) -> None:
+        """Put blocks at the head in the given order (``blocks[0]`` is reused first): vLLM's ``prepend_n``."""
+        for block in reversed(blocks):
+            if block.prev_free is not None:
+                raise RuntimeError(f"block {block.block_id} is already in the free block queue")
+            first = self._head.next_free
+            block.prev_free, block.next_free = self._head, first
+            first.prev_free = block  # type: ignore[union-attr]
+            self._head.next_free = block
+            self.num_free_blocks += 1
+
     def block_ids(self) -> list[int]:
         """Block ids from head (evicted first) to tail; O(num_free_blocks), for views and tests."""
         ids = []

@@ -16,6 +16,14 @@ vLLM v1 has no fork: it runs parallel samples as separate requests sharing the p
 prefix cache. ``fork`` follows the vLLM v0 block manager instead: the child shares every block, and a
 write into a shared, not-full block first copies it (copy-on-write), the one place a table entry is
 replaced rather than appended.
+
+Three of vLLM 0.33's own rules are options (off: the rules of vLLM's design document above): the null
+block (``BlockPool`` keeps block 0 out of use, so ``num_blocks`` blocks give ``num_blocks - 1``);
+unhashed blocks (partial ones, or all when caching is off) freed to the *head* of the queue
+(``BlockPool.free_blocks``), so a request's last block is the next one handed out; and, at allocation,
+a whole sequence that must fit although only its first chunk is allocated
+(``scheduler_reserve_full_isl``). A slot may be reserved for a token whose id is not known yet (an
+asynchronous scheduler's in-flight sample): its block is hashed only once the id is filled in.
 """
 
 from __future__ import annotations
@@ -34,9 +42,20 @@ class RequestBlocks:
 
     blocks: list[KVCacheBlock]
     block_ids: list[int]
-    token_ids: list[int]
+    token_ids: list[int | None]
     block_hashes: list[int]
     num_cached_tokens: int = 0
+    unknown_from: int | None = None  # position of the first slot whose token id is not known yet
+
+    @property
+    def num_known(self) -> int:
+        """Tokens from the start whose ids are known (all of them unless a slot awaits its sample)."""
+        return len(self.token_ids) if self.unknown_from is None else self.unknown_from
+
+    def find_unknown(self, start: int = 0) -> None:
+        """Set ``unknown_from`` to the first placeholder at or after ``start`` (None when there is none)."""
+        tokens = self.token_ids
+        self.unknown_from = next((i for i in range(start, len(tokens)) if tokens[i] is None), None)
 
 
 class KVCacheManager:
@@ -47,12 +66,16 @@ class KVCacheManager:
     log_events: keep the event log (turn off in long simulations).
     on_copy: called as ``on_copy(src_block_id, dst_block_id)`` on copy-on-write, before the write,
     so a KV store can copy the block's data.
+    null_block: keep block 0 out of use, as vLLM's ``BlockPool`` does (``num_blocks`` counts it).
+    prepend_unhashed: free blocks without a hash to the head of the queue (vLLM 0.33), not the tail.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, *,
-                 log_events: bool = True, on_copy: Callable[[int, int], None] | None = None) -> None:
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+                 log_events: bool = True, on_copy: Callable[[int, int], None] | None = None,
+                 null_block: bool = False, prepend_unhashed: bool = False) -> None:
+        if not isinstance(num_blocks, int) or num_blocks < 1 + null_block:
+            raise ValueError(f"num_blocks must be an integer >= {1 + null_block}"
+                             f"{' (one is the null block)' if null_block else ''}, got {num_blocks!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.num_blocks = num_blocks
@@ -60,8 +83,11 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.log_events = log_events
         self.on_copy = on_copy
+        self.prepend_unhashed = prepend_unhashed
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self._free = FreeKVCacheBlockQueue(self.blocks)
+        self.null_block = self._free.popleft() if null_block else None  # block 0: never handed out or freed
+        self.num_usable_blocks = num_blocks - null_block
         # block hash -> {block_id: block}; several blocks may share a hash (duplicates are kept).
         self._cached: dict[int, dict[int, KVCacheBlock]] = {}
         self._requests: dict[str, RequestBlocks] = {}
@@ -76,8 +102,8 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks held by at least one request (vLLM's KV cache usage)."""
-        return 1.0 - self._free.num_free_blocks / self.num_blocks
+        """Fraction of usable blocks held by at least one request (vLLM's KV cache usage)."""
+        return 1.0 - self._free.num_free_blocks / self.num_usable_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -100,8 +126,9 @@ class KVCacheManager:
         """Tokens the request holds in its blocks (prompt + appended); all of them are computed."""
         return len(self._request(request_id).token_ids)
 
-    def token_ids(self, request_id: str) -> list[int]:
-        """A copy of the request's token ids (the manager keeps them to hash blocks as they fill)."""
+    def token_ids(self, request_id: str) -> list[int | None]:
+        """A copy of the request's token ids (the manager keeps them to hash blocks as they fill); None marks
+        a slot whose token is not known yet."""
         return self._request(request_id).token_ids.copy()
 
     def num_cached_tokens(self, request_id: str) -> int:
@@ -136,10 +163,13 @@ class KVCacheManager:
         return self._blocks_to_append(self._request(request_id), num_new_tokens) <= self._free.num_free_blocks
 
     # --------------------------------------------------------------------------------------- mutations
-    def allocate(self, request_id: str, token_ids: Sequence[int]) -> list[int] | None:
+    def allocate(self, request_id: str, token_ids: Sequence[int], *, fit_tokens: int | None = None
+                 ) -> list[int] | None:
         """Allocate a new request's prompt: hit cached prefix blocks, pop new ones, cache full ones.
 
-        Returns the block table, or None (and nothing changes) when there are not enough free blocks.
+        fit_tokens: allocate only ``token_ids`` (a first chunk) but only if a sequence of this many tokens
+        would fit too (vLLM's ``scheduler_reserve_full_isl``). Returns the block table, or None (and nothing
+        changes) when there are not enough free blocks.
         """
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already allocated; free it first or use a new id")
@@ -151,7 +181,8 @@ class KVCacheManager:
         num_new = -(-len(tokens) // self.block_size) - len(hits)
         # A hit on a free (evictable) block takes that block out of the queue, so it counts as used.
         num_evictable_hits = sum(1 for b in hits if b.ref_cnt == 0)
-        if num_new + num_evictable_hits > self._free.num_free_blocks:
+        num_fit = max(num_new, -(-(fit_tokens or 0) // self.block_size) - len(hits))
+        if num_fit + num_evictable_hits > self._free.num_free_blocks:
             return None
         self.step += 1
         for block in hits:
@@ -163,10 +194,12 @@ class KVCacheManager:
             self._cache_block(blocks[i], hashes[i], request_id)
         return req.block_ids.copy()
 
-    def append(self, request_id: str, token_ids: Sequence[int]) -> list[int] | None:
+    def append(self, request_id: str, token_ids: Sequence[int | None]) -> list[int] | None:
         """Add generated tokens to a request: copy-on-write if needed, pop blocks, cache blocks that fill.
 
-        O(1) amortized per token: only blocks that become full are hashed, from the last hash.
+        O(1) amortized per token: only blocks that become full are hashed, from the last hash. A ``None``
+        reserves the slot of a token not sampled yet; blocks from its own on are hashed once
+        :meth:`fill` gives the id and :meth:`cache_blocks` (or a later append) asks for it.
         Returns the block table, or None (and nothing changes) when there are not enough free blocks.
         """
         req = self._request(request_id)
@@ -186,10 +219,28 @@ class KVCacheManager:
             block = self._pop_free(request_id)
             blocks.append(block)
             req.block_ids.append(block.block_id)
+        if req.unknown_from is None and None in token_ids:
+            req.unknown_from = num_tokens + list(token_ids).index(None)
         req.token_ids.extend(token_ids)
         if self.enable_prefix_caching:
-            self._cache_new_full_blocks(req, request_id)
+            self._cache_new_full_blocks(req, request_id, req.num_known)
         return req.block_ids.copy()
+
+    def fill(self, request_id: str, position: int, token_ids: Sequence[int]) -> None:
+        """Give the ids of reserved slots from ``position`` on (no hashing: see :meth:`cache_blocks`)."""
+        req = self._request(request_id)
+        if not 0 <= position <= len(req.token_ids) - len(token_ids):
+            raise ValueError(f"request {request_id!r} holds {len(req.token_ids)} slots; cannot fill "
+                             f"{len(token_ids)} from position {position}")
+        req.token_ids[position:position + len(token_ids)] = token_ids
+        if req.unknown_from is not None:
+            req.find_unknown(req.unknown_from)
+
+    def cache_blocks(self, request_id: str, num_tokens: int) -> None:
+        """Hash the request's full blocks within its first ``num_tokens`` known tokens (vLLM ``cache_blocks``)."""
+        req = self._request(request_id)
+        if self.enable_prefix_caching:
+            self._cache_new_full_blocks(req, request_id, min(num_tokens, req.num_known))
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """Share every block of ``parent_id`` with a new request ``child_id`` (ref_cnt + 1 each).
@@ -208,21 +259,27 @@ class KVCacheManager:
                                            f"from {parent_id}, ref_cnt={block.ref_cnt}"))
         self._requests[child_id] = RequestBlocks(
             list(parent.blocks), parent.block_ids.copy(), parent.token_ids.copy(), parent.block_hashes.copy(),
-            parent.num_cached_tokens)
+            parent.num_cached_tokens, parent.unknown_from)
 
     def free(self, request_id: str) -> None:
         """Drop a finished request: ref_cnt - 1 on each block; blocks reaching 0 go to the queue tail
-        in reverse table order (they stay cached until evicted)."""
+        in reverse table order (they stay cached until evicted); with ``prepend_unhashed`` the ones without
+        a hash go to the head instead, in that same order."""
         req = self._request(request_id)
         del self._requests[request_id]
         self.step += 1
+        to_head = []
         for block in reversed(req.blocks):
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free.append(block)
+                if self.prepend_unhashed and block.block_hash is None:
+                    to_head.append(block)
+                else:
+                    self._free.append(block)
             if self.log_events:
                 where = "to free queue" if block.ref_cnt == 0 else f"still held, ref_cnt={block.ref_cnt}"
                 self.events.append(KVEvent(self.step, "free", request_id, block.block_id, block.block_hash, where))
+        self._free.prepend(to_head)
 
     # ---------------------------------------------------------------------------------------- internals
     def _request(self, request_id: str) -> RequestBlocks:
@@ -293,10 +350,11 @@ class KVCacheManager:
             self.events.append(KVEvent(self.step, "cache", request_id, block.block_id, block_hash,
                                        "duplicate" if entries else "full"))
 
-    def _cache_new_full_blocks(self, req: RequestBlocks, request_id: str) -> None:
+    def _cache_new_full_blocks(self, req: RequestBlocks, request_id: str, num_tokens: int) -> None:
+        """Hash and cache the full blocks within the first ``num_tokens`` tokens not hashed yet."""
         bs = self.block_size
         hashes = req.block_hashes
-        num_full = len(req.token_ids) // bs
+        num_full = num_tokens // bs
         while len(hashes) < num_full:
             i = len(hashes)
             block_hash = hash_block_tokens(hashes[-1] if i else None, req.token_ids[i * bs:(i + 1) * bs])

@@ -1,8 +1,8 @@
 """Serving schedulers (static, continuous, chunked prefill) simulated on the real block manager."""
 
-from kvcore.sched.compare import DEFAULT_BUDGETS, Comparison, compare, engine_configs, takeaways
+from kvcore.sched.compare import DEFAULT_BUDGETS, Comparison, ServingSetup, compare, engine_configs, takeaways
 from kvcore.sched.config import POLICIES, POLICY_LABELS, PREEMPTION, SimConfig
-from kvcore.sched.cost import CostModel, prefill_pairs
+from kvcore.sched.cost import CostModel, FittedCost, prefill_pairs
 from kvcore.sched.metrics import PHASES, SimResult
 from kvcore.sched.request import Request
 from kvcore.sched.simulate import simulate
@@ -19,7 +19,9 @@ __all__ = [
     "PREEMPTION",
     "Comparison",
     "CostModel",
+    "FittedCost",
     "Request",
+    "ServingSetup",
     "SimConfig",
     "SimResult",
     "Workload",

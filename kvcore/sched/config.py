@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcore.sched.cost import CostModel
+from kvcore.sched.cost import CostModel, FittedCost
 
 POLICIES = ("static", "continuous", "chunked")
 PREEMPTION = ("recompute", "swap")
@@ -30,9 +30,17 @@ class SimConfig:
     enable_prefix_caching: vLLM automatic prefix caching in the block manager.
     block_size: tokens per KV block. num_blocks: KV pool size in blocks; None = what fits on the GPU after
     weights and a ``reserve_fraction`` of HBM (``CostModel.kv_capacity_blocks``).
+
+    vLLM 0.33's own rules, each off by default (the textbook rules of vLLM's design documents), all on in
+    :meth:`vllm`: null_block (block 0 is reserved, so ``num_blocks`` counts one unusable block);
+    scheduler_reserve_full_isl (a waiting request is admitted only if its whole sequence fits, though only
+    its first chunk is allocated); prepend_unhashed_free_blocks (freed blocks without a hash go to the head
+    of the free queue); async_scheduling (the next step is scheduled before the last one's samples are
+    known: one step of lag, a finished request's seat and blocks come back a step later); max_model_len
+    (a request never computes its last position's token past it; None = no limit).
     """
 
-    cost: CostModel
+    cost: CostModel | FittedCost
     policy: str = "continuous"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -42,6 +50,23 @@ class SimConfig:
     block_size: int = 16
     num_blocks: int | None = None
     reserve_fraction: float = 0.1
+    null_block: bool = False
+    scheduler_reserve_full_isl: bool = False
+    prepend_unhashed_free_blocks: bool = False
+    async_scheduling: bool = False
+    max_model_len: int | None = None
+
+    @classmethod
+    def vllm(cls, cost: CostModel | FittedCost, *, max_num_seqs: int, max_num_batched_tokens: int,
+             enable_chunked_prefill: bool, enable_prefix_caching: bool, block_size: int, num_blocks: int,
+             async_scheduling: bool = False, max_model_len: int | None = None) -> SimConfig:
+        """An engine whose every rule is vLLM 0.33's v1 scheduler's (checked step for step against recordings
+        of the real scheduler in tests/fixtures/vllm). num_blocks counts as ``KVCacheConfig.num_blocks``
+        does: the null block is one of them."""
+        return cls(cost, policy="chunked" if enable_chunked_prefill else "continuous", max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                   block_size=block_size, num_blocks=num_blocks, null_block=True, scheduler_reserve_full_isl=True,
+                   prepend_unhashed_free_blocks=True, async_scheduling=async_scheduling, max_model_len=max_model_len)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -61,6 +86,13 @@ class SimConfig:
             raise ValueError(f"num_blocks must be None (fit the GPU) or an integer >= 1, got {self.num_blocks!r}")
         if not 0 <= self.reserve_fraction < 1:
             raise ValueError(f"reserve_fraction must be in [0, 1), got {self.reserve_fraction}")
+        if self.null_block and self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"with the null block the pool needs num_blocks >= 2, got {self.num_blocks}")
+        if self.async_scheduling and (self.policy == "static" or self.preemption != "recompute"):
+            raise ValueError("async_scheduling follows vLLM's scheduler: continuous or chunked policy with "
+                             "recompute preemption")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len must be None or an integer >= 2, got {self.max_model_len!r}")
 
     @property
     def label(self) -> str:
@@ -71,8 +103,16 @@ class SimConfig:
     def chunked(self) -> bool:
         return self.policy == "chunked"
 
+    @property
+    def rules(self) -> str:
+        """"vLLM 0.33" when every vLLM rule is on, "textbook" when none is, "mixed" otherwise."""
+        flags = (self.null_block, self.scheduler_reserve_full_isl, self.prepend_unhashed_free_blocks)
+        return "vLLM 0.33" if all(flags) else "textbook" if not any(flags) else "mixed"
+
     def pool_blocks(self) -> int:
         """KV blocks of the pool: the override, else what fits on the GPU."""
         if self.num_blocks is not None:
             return self.num_blocks
+        if not isinstance(self.cost, CostModel):
+            raise ValueError("a fitted cost model knows no GPU capacity: give num_blocks")
         return self.cost.kv_capacity_blocks(self.block_size, self.reserve_fraction)

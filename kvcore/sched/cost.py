@@ -19,6 +19,7 @@ left out; the efficiency factors say how far below datasheet peak a real engine 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvcore.shapes import GpuSpec, ModelShape, kv_bytes, weight_bytes
@@ -54,6 +55,11 @@ class CostModel:
     def kv_bytes_per_token(self) -> float:
         """KV bytes one token adds across all layers."""
         return kv_bytes(self.shape, 1, bits=self.kv_bits)
+
+    @property
+    def host_link_bandwidth(self) -> float:
+        """Bytes/s of the GPU's host link (swapped KV goes over it)."""
+        return self.gpu.host_link_bandwidth
 
     @property
     def weight_bytes(self) -> int:
@@ -109,3 +115,36 @@ class CostModel:
 def prefill_pairs(num_new: int, num_cached: int) -> int:
     """(query, key) pairs of a causal prefill chunk of ``num_new`` tokens after ``num_cached``."""
     return num_new * num_cached + num_new * (num_new + 1) // 2
+
+
+@dataclass(slots=True, frozen=True)
+class FittedCost:
+    """Step time as a linear function of a step's work, fitted to an engine's measured steps (as Vidur profiles
+    operators and fits their run time; Agrawal et al. 2024).
+
+    time = intercept_s + per_token_s * new_tokens + per_pair_s * attn_pairs + per_kv_token_s * kv_tokens_read
+    for a step with work, 0 for an empty one. name: where the fit comes from (shown in tables). r2: the fit's
+    coefficient of determination on its own steps (NaN when not fitted). kv_bytes_per_token,
+    host_link_bandwidth: what a swap moves and how fast (swap preemption only).
+    """
+
+    name: str
+    intercept_s: float
+    per_token_s: float = 0.0
+    per_pair_s: float = 0.0
+    per_kv_token_s: float = 0.0
+    r2: float = float("nan")
+    kv_bytes_per_token: float = 0.0
+    host_link_bandwidth: float = float("inf")
+
+    def __post_init__(self) -> None:
+        values = (self.intercept_s, self.per_token_s, self.per_pair_s, self.per_kv_token_s)
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"a fitted step time needs finite coefficients >= 0, got {values}")
+
+    def step_time(self, new_tokens: float, attn_pairs: float, kv_tokens_read: float) -> float:
+        """Seconds for one step; 0 when there is nothing to compute."""
+        if new_tokens <= 0:
+            return 0.0
+        return (self.intercept_s + self.per_token_s * new_tokens + self.per_pair_s * attn_pairs
+                + self.per_kv_token_s * kv_tokens_read)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from kvcore.sched.config import SimConfig
 from kvcore.sched.request import RequestState
 from kvcore.sched.scheduler import Scheduler
 from kvcore.sched.workload import Workload
+
+if TYPE_CHECKING:  # the simulator imports this module: a type hint only, no import at run time
+    from kvcore.sched.simulate import Recorder
 
 PHASES = ("waiting", "prefill", "decode", "preempted")
 PERCENTILES = (50, 90, 99)
@@ -37,7 +41,9 @@ class SimResult:
     timeline: one row per step (time_s = step start, running / waiting counts, KV blocks held, tokens).
     phases: Gantt intervals (request, start_s, end_s, phase in waiting / prefill / decode / preempted).
     summary: one row of metrics (see the module docstring for definitions).
-    num_blocks: size of the KV pool in blocks.
+    num_blocks: size of the KV pool in blocks. schedule: one row per step and request granted tokens
+    (``step``, ``request``, ``tokens``, in the order the scheduler granted them); preemption_events: one row
+    per preemption (``step``, ``request``).
     """
 
     config: SimConfig
@@ -46,6 +52,8 @@ class SimResult:
     phases: pd.DataFrame
     summary: pd.DataFrame
     num_blocks: int
+    schedule: pd.DataFrame
+    preemption_events: pd.DataFrame
 
     @property
     def label(self) -> str:
@@ -53,15 +61,17 @@ class SimResult:
 
 
 def build_result(workload: Workload, config: SimConfig, num_blocks: int, states: list[RequestState],
-                 columns: dict[str, list], sched: Scheduler, itl_s: np.ndarray) -> SimResult:
+                 rec: Recorder, sched: Scheduler, itl_s: np.ndarray) -> SimResult:
     """Turn the simulator's lists into DataFrames and the summary row (pandas only here, after the loop)."""
     requests = request_table(states)
-    timeline = pd.DataFrame(columns)
-    timeline["kv_usage"] = timeline["kv_blocks_used"] / num_blocks
-    phases = pd.DataFrame(sched.phases, columns=["request", "phase", "start_s", "end_s"])
+    timeline = pd.DataFrame(rec.columns)
+    timeline["kv_usage"] = timeline["kv_blocks_used"] / sched.manager.num_usable_blocks
+    phases = pd.DataFrame(rec.phases, columns=["request", "phase", "start_s", "end_s"])
     phases = phases[phases["phase"].isin(PHASES)].reset_index(drop=True)
     summary = summarize(config, requests, timeline, itl_s, sched, num_blocks)
-    return SimResult(config, requests, timeline, phases, summary, num_blocks)
+    schedule = pd.DataFrame(rec.schedule, columns=["step", "request", "tokens"])
+    preemptions = pd.DataFrame(rec.preemptions, columns=["step", "request"])
+    return SimResult(config, requests, timeline, phases, summary, num_blocks, schedule, preemptions)
 
 
 def request_table(states: list[RequestState]) -> pd.DataFrame:
@@ -122,7 +132,7 @@ def summarize(config: SimConfig, requests: pd.DataFrame, timeline: pd.DataFrame,
     row |= {
         "preemptions": sched.num_preemptions,
         "swap_fallbacks": sched.swap_fallbacks,
-        "swap_GB": float(timeline["swap_s"].sum() * config.cost.gpu.host_link_bandwidth / 1e9),
+        "swap_GB": float(timeline["swap_tokens"].sum() * config.cost.kv_bytes_per_token / 1e9),
         "prefix_hit_rate": first_hits / prompt_tokens if config.enable_prefix_caching else 0.0,
         "prefix_hit_tokens": first_hits,
         "readmit_hit_tokens": int(requests["readmit_hit_tokens"].sum()),

@@ -10,12 +10,13 @@ all this one rule.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvcore.checks import positive_ints
 
-# Output token ids start above the prompt vocabulary, so a generated block never collides with a prompt
-# block by accident; the chained block hash still makes them unique per request.
+# Output token ids of a simulation start above the prompt vocabulary, so a generated block never collides
+# with a prompt block by accident; the chained block hash still makes them unique per request. The i-th
+# output token of every request is VOCAB_SIZE + i (the rule vLLM's recorded schedules follow too).
 VOCAB_SIZE = 32_000
 
 
@@ -24,9 +25,9 @@ class Request:
     """One request of a workload.
 
     index: position in the workload (0-based, arrival order). arrival_s: seconds after the start.
-    prompt_tokens / output_tokens: lengths in tokens (output_tokens is the client's max_tokens; generation
-    always runs to it). prefix_id: requests with the same id share their first ``prefix_tokens`` prompt
-    token ids (a system prompt), so prefix caching can hit; None = no shared prefix.
+    prompt_tokens / output_tokens: lengths in tokens (output_tokens is the client's max_tokens; a
+    simulated request always runs to it). prefix_id: requests with the same id share their first
+    ``prefix_tokens`` prompt token ids (a system prompt), so prefix caching can hit; None = no shared prefix.
     """
 
     index: int
@@ -50,10 +51,13 @@ class Request:
 
 @dataclass(slots=True, eq=False)
 class RequestState:
-    """Mutable scheduler state of one request (the simulator's hot loop reads these slots directly).
+    """Mutable scheduler state of one request (the scheduler's hot loop reads these slots directly).
 
-    Times are seconds of simulated time; ``*_step`` fields are step indices, turned into times when the
-    step's duration is known. ``phase`` is one of waiting, prefill, decode, preempted (for the Gantt view).
+    output_ids: tokens sampled so far. num_placeholders: samples in flight whose ids are not known yet
+    (asynchronous scheduling); num_in_flight: scheduled tokens whose step's output is not processed yet;
+    num_stale: in-flight tokens of a request preempted meanwhile. eos_token_id: a sampled token that ends
+    the request (None: it runs to ``output_len``). seats: running slots it holds (its parallel samples
+    before they are forked). The ``*_s`` fields are times of the run that drives the scheduler.
     """
 
     req: Request
@@ -62,33 +66,57 @@ class RequestState:
     prompt_len: int
     output_len: int
     num_tokens: int
+    output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_generated: int = 0
+    num_placeholders: int = 0
+    num_in_flight: int = 0
+    num_stale: int = 0
     num_preemptions: int = 0
+    eos_token_id: int | None = None
+    seats: int = 1
     swapped: bool = False
     in_prefill: bool = True
     admitted: bool = False
+    finished: bool = False
+    sampling: bool = False
+    prefix_hit_tokens: int = 0
+    readmit_hit_tokens: int = 0
     first_scheduled_s: float = math.nan
     first_token_s: float = math.nan
     finish_s: float = math.nan
-    last_token_step: int = -1
-    prefix_hit_tokens: int = 0
-    readmit_hit_tokens: int = 0
+    last_token_s: float = math.nan
     phase: str = "waiting"
     phase_start_s: float = 0.0
 
     @classmethod
-    def new(cls, req: Request, prompt_ids: list[int]) -> RequestState:
+    def new(cls, req: Request, prompt_ids: list[int], eos_token_id: int | None = None, seats: int = 1
+            ) -> RequestState:
         """A request that has not arrived yet: nothing computed, waiting from its arrival time."""
         if len(prompt_ids) != req.prompt_tokens:
             raise ValueError(f"request {req.index}: {len(prompt_ids)} prompt ids for {req.prompt_tokens} prompt tokens")
         return cls(req, req.request_id, prompt_ids, req.prompt_tokens, req.output_tokens, req.prompt_tokens,
-                   phase_start_s=req.arrival_s)
+                   eos_token_id=eos_token_id, seats=seats, phase_start_s=req.arrival_s)
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens sampled so far."""
+        return len(self.output_ids)
 
     def token_ids(self, end: int) -> list[int]:
-        """Token ids of positions ``0 .. end - 1`` (prompt, then the synthetic outputs sampled so far)."""
+        """Known token ids of positions ``0 .. end - 1`` (prompt, then the outputs sampled so far)."""
         p = self.prompt_len
-        if end <= p:
-            return self.prompt_ids[:end]
-        return self.prompt_ids + [VOCAB_SIZE + i for i in range(end - p)]
+        return self.prompt_ids[:end] if end <= p else self.prompt_ids + self.output_ids[:end - p]
 
+    def slot_ids(self, start: int, stop: int) -> list[int | None]:
+        """Token ids of positions ``start .. stop - 1``; None for samples still in flight."""
+        p = self.prompt_len
+        ids = self.prompt_ids[start:stop] if start < p else []
+        if stop > p:
+            ids += self.output_ids[max(start, p) - p:stop - p]
+        return ids + [None] * (stop - start - len(ids))
+
+    def append_output(self, token_id: int) -> bool:
+        """Record a sampled token; True when it ends the request (``output_len`` reached or end-of-sequence)."""
+        self.output_ids.append(token_id)
+        self.num_tokens += 1
+        return len(self.output_ids) >= self.output_len or token_id == self.eos_token_id

@@ -1,13 +1,18 @@
 """Run a workload through one scheduler on the real block manager, step by step, in simulated time.
 
-Each step: requests that have arrived join the waiting queue; the scheduler grants tokens and allocates
-KV through ``kvcore.paged.KVCacheManager``; the step lasts ``CostModel.step_time(new tokens, attention
-pairs, KV tokens read)`` plus host-link time for swapped KV; tokens sampled in the step are stamped
-with its end time. When nothing runs, time jumps to the next arrival.
+The loop is vLLM's engine core (``vllm/v1/engine/core.py``): requests that have arrived join the waiting
+queue; ``Scheduler.schedule`` grants tokens and allocates KV through ``kvcore.paged.KVCacheManager``; the
+step lasts the cost model's ``step_time(new tokens, attention pairs, KV tokens read)`` plus host-link time
+for swapped KV; then ``Scheduler.update_from_output`` takes the step's samples, stamped with its end time.
+Synchronously the output is taken right after its step (``EngineCore.step``); with ``async_scheduling``
+two steps are in flight and each output is taken after the next step is scheduled
+(``EngineCore.step_with_batch_queue``). When nothing runs, time jumps to the next arrival.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -15,89 +20,118 @@ import numpy as np
 from kvcore.sched.config import SimConfig
 from kvcore.sched.metrics import SimResult, build_result
 from kvcore.sched.request import RequestState
-from kvcore.sched.scheduler import Scheduler, StepWork
+from kvcore.sched.scheduler import Scheduler, SchedulerOutput
 from kvcore.sched.workload import Workload
 
 PROGRESS_EVERY = 512  # steps between progress callbacks
+TIMELINE_COLUMNS = ("step", "time_s", "step_s", "running", "waiting", "kv_blocks_used", "batch_tokens",
+                    "prefill_tokens", "decode_tokens", "output_tokens", "swap_s", "swap_tokens", "preemptions")
 
 
-def simulate(workload: Workload, config: SimConfig, progress: Callable[[float], None] | None = None) -> SimResult:
+class Recorder:
+    """What a run leaves behind besides the requests' own times: per-step rows, phase intervals, token gaps,
+    the schedule (step, request, tokens) and the preemptions (step, request)."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {k: [] for k in TIMELINE_COLUMNS}
+        self.phases: list[tuple[int, str, float, float]] = []
+        self.itl_s: list[float] = []
+        self.schedule: list[tuple[int, int, int]] = []
+        self.preemptions: list[tuple[int, int]] = []
+
+    def set_phase(self, r: RequestState, phase: str, t: float) -> None:
+        """Close ``r``'s current phase interval at ``t`` (kept if not empty) and open ``phase``."""
+        if t > r.phase_start_s:
+            self.phases.append((r.req.index, r.phase, r.phase_start_s, t))
+        r.phase, r.phase_start_s = phase, t
+
+    def scheduled(self, out: SchedulerOutput, sched: Scheduler, now: float, dt: float, swap_s: float) -> None:
+        """A step starts at ``now`` and lasts ``dt``: its row, its grants, admissions and preemptions."""
+        for r in out.preempted:
+            self.set_phase(r, "preempted", now)
+            self.preemptions.append((out.step, r.req.index))
+        for r in out.admitted:
+            if math.isnan(r.first_scheduled_s):
+                r.first_scheduled_s = now
+            self.set_phase(r, "prefill" if r.in_prefill else "decode", now)
+        self.schedule += [(out.step, r.req.index, n) for r, n in out.scheduled]
+        values = (out.step, now, dt, len(sched.running), len(sched.waiting), out.kv_blocks_used, out.new_tokens,
+                  out.prefill_tokens, out.decode_tokens, len(out.sampling), swap_s, out.swap_tokens, len(out.preempted))
+        for name, value in zip(TIMELINE_COLUMNS, values, strict=True):
+            self.columns[name].append(value)
+
+    def sampled(self, out: SchedulerOutput, finished: list[RequestState], end: float) -> None:
+        """The step that ended at ``end`` produced a token for each sampling request."""
+        for r in out.sampling:
+            if len(r.output_ids) == 1:
+                r.first_token_s = end
+            else:
+                self.itl_s.append(end - r.last_token_s)
+            r.last_token_s = end
+            if r.phase == "prefill":
+                self.set_phase(r, "decode", end)
+        for r in finished:
+            r.finish_s = end
+            self.set_phase(r, "done", end)
+
+
+def simulate(workload: Workload, config: SimConfig, progress: Callable[[float], None] | None = None,
+             on_step: Callable[[SchedulerOutput, Scheduler], None] | None = None) -> SimResult:
     """Serve every request of ``workload`` with ``config``; return per-request, per-step and summary tables.
 
     progress: optional callback, given the fraction of requests finished (0..1) now and then.
+    on_step: called as ``on_step(output, scheduler)`` right after each step is scheduled (to read block tables).
     Raises ValueError when a request can never be served (longer than the KV pool, or, without chunked
     prefill, than the token budget).
     """
     num_blocks = config.pool_blocks()
-    _check_fits(workload, config, num_blocks)
-    sched = Scheduler(config, num_blocks)
+    _check_fits(workload, config, num_blocks - config.null_block)
+    sched, rec = Scheduler(config, num_blocks), Recorder()
     states = [RequestState.new(r, workload.prompt_ids(r.index)) for r in workload.requests]
     arrivals = [r.arrival_s for r in workload.requests]
-    cost, host_bw = config.cost, config.cost.gpu.host_link_bandwidth
-    kv_per_token = cost.kv_bytes_per_token
-    columns: dict[str, list] = {k: [] for k in TIMELINE_COLUMNS}
-    itl_counts: list[int] = []
-    ends = sched.step_end_s
-    n, pending, done, now, step = len(states), 0, 0, 0.0, 0
+    cost, depth = config.cost, 2 if config.async_scheduling else 1
+    in_flight: deque[tuple[SchedulerOutput, float]] = deque()  # newest first
+    n, pending, done, now = len(states), 0, 0, 0.0
     while done < n:
         while pending < n and arrivals[pending] <= now:
-            sched.waiting.append(states[pending])
+            sched.add_request(states[pending])
             pending += 1
-        if not sched.running and not sched.waiting:
-            now = arrivals[pending]
-            continue
-        itl_before = len(sched.itl_gaps)
-        work = sched.schedule(now, step)
-        swap_s = work.swap_tokens * kv_per_token / host_bw
-        if work.new_tokens == 0 and swap_s == 0:
-            if pending >= n and not sched.running:
+        if sched.has_requests():
+            out = sched.schedule()
+            if out.scheduled or out.preempted:
+                swap_s = out.swap_tokens * cost.kv_bytes_per_token / cost.host_link_bandwidth
+                dt = cost.step_time(out.new_tokens, out.attn_pairs, out.kv_tokens_read) + swap_s
+                rec.scheduled(out, sched, now, dt, swap_s)
+                if on_step is not None:
+                    on_step(out, sched)
+                now += dt
+                in_flight.appendleft((out, now))
+                if len(in_flight) < depth:
+                    continue
+        if not in_flight:  # nothing runs and nothing could be admitted: wait for the next arrival
+            if pending >= n:
                 raise RuntimeError("the scheduler made no progress with nothing left to arrive")
-            now = max(now, arrivals[pending]) if pending < n else now
+            now = max(now, arrivals[pending])
             continue
-        dt = cost.step_time(work.new_tokens, work.attn_pairs, work.kv_tokens_read) + swap_s
-        end = now + dt
-        ends.append(end)
-        itl_counts.append(len(sched.itl_gaps) - itl_before)
-        for r in work.prefill_done:
-            if r.num_generated == 1:
-                r.first_token_s = end
-            sched.set_phase(r, "decode", end)
-        for r in work.finished:
-            r.finish_s = end
-            sched.set_phase(r, "done", end)
-        done += len(work.finished)
-        _record(columns, step, now, dt, swap_s, sched, work)
-        now = end
-        step += 1
-        if progress is not None and step % PROGRESS_EVERY == 0:
+        out, end = in_flight.pop()
+        finished = sched.update_from_output(out)
+        rec.sampled(out, finished, end)
+        done += len(finished)
+        if progress is not None and (out.step + 1) % PROGRESS_EVERY == 0:
             progress(done / n)
     if progress is not None:
         progress(1.0)
-    # each gap ran from the previous token to its step's start; the step's own duration completes it
-    itl = np.asarray(sched.itl_gaps) + np.repeat(np.asarray(columns["step_s"]), itl_counts)
-    return build_result(workload, config, num_blocks, states, columns, sched, itl)
+    return build_result(workload, config, num_blocks, states, rec, sched, np.asarray(rec.itl_s))
 
 
-TIMELINE_COLUMNS = ("step", "time_s", "step_s", "running", "waiting", "kv_blocks_used", "batch_tokens",
-                    "prefill_tokens", "decode_tokens", "output_tokens", "swap_s", "preemptions")
-
-
-def _record(columns: dict[str, list], step: int, now: float, dt: float, swap_s: float, sched: Scheduler,
-            work: StepWork) -> None:
-    values = (step, now, dt, len(sched.running) + len(work.finished), len(sched.waiting), work.kv_blocks_used,
-              work.new_tokens, work.prefill_tokens, work.decode_tokens, work.sampled_tokens, swap_s, work.preemptions)
-    for name, value in zip(TIMELINE_COLUMNS, values, strict=True):
-        columns[name].append(value)
-
-
-def _check_fits(workload: Workload, config: SimConfig, num_blocks: int) -> None:
+def _check_fits(workload: Workload, config: SimConfig, usable_blocks: int) -> None:
     bs = config.block_size
     longest = max(workload.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
     need = -(-(longest.prompt_tokens + longest.output_tokens) // bs)
-    if need > num_blocks:
+    if need > usable_blocks:
         raise ValueError(
             f"request {longest.index} ({longest.prompt_tokens} prompt + {longest.output_tokens} output tokens) "
-            f"needs {need} KV blocks of {bs} tokens but the pool has {num_blocks}; give the pool more blocks "
+            f"needs {need} KV blocks of {bs} tokens but the pool has {usable_blocks}; give the pool more blocks "
             "or shorten the requests")
     if config.policy == "continuous":
         limit = config.max_num_batched_tokens

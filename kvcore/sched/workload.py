@@ -25,12 +25,28 @@ class Workload:
     """Requests in arrival order plus what makes their token ids.
 
     prefix_tokens: length of the prompt part shared by requests with the same prefix_id. seed: token-id seed.
+    prompts: explicit prompt token ids, one tuple per request (None: drawn from ``seed``; see :meth:`from_prompts`).
     """
 
     requests: tuple[Request, ...]
     prefix_tokens: int = 0
     seed: int = 0
     name: str = "workload"
+    prompts: tuple[tuple[int, ...], ...] | None = None
+
+    @classmethod
+    def from_prompts(cls, prompt_ids: list[list[int]], output_tokens: list[int],
+                     arrival_s: list[float] | None = None, name: str = "prompts") -> Workload:
+        """A workload with explicit token ids: request ``i`` has prompt ``prompt_ids[i]``, runs to ``output_tokens[i]``
+        tokens and arrives at ``arrival_s[i]`` (all at 0 when None). Arrivals must not decrease."""
+        if len(output_tokens) != len(prompt_ids) or (arrival_s is not None and len(arrival_s) != len(prompt_ids)):
+            raise ValueError(f"give one output length (and arrival) per prompt: {len(prompt_ids)} prompts, "
+                             f"{len(output_tokens)} output lengths"
+                             + ("" if arrival_s is None else f", {len(arrival_s)} arrivals"))
+        arrivals = [0.0] * len(prompt_ids) if arrival_s is None else arrival_s
+        requests = tuple(Request(i, float(a), len(p), int(o))
+                         for i, (p, o, a) in enumerate(zip(prompt_ids, output_tokens, arrivals, strict=True)))
+        return cls(requests, name=name, prompts=tuple(tuple(int(t) for t in p) for p in prompt_ids))
 
     def __post_init__(self) -> None:
         if not self.requests:
@@ -42,6 +58,8 @@ class Workload:
             raise ValueError("requests must be sorted by arrival_s")
         if any(r.index != i for i, r in enumerate(self.requests)):
             raise ValueError("request indices must be 0, 1, 2, ... in arrival order")
+        if self.prompts is not None and [len(p) for p in self.prompts] != [r.prompt_tokens for r in self.requests]:
+            raise ValueError("give one prompt of prompt_tokens ids per request")
 
     def prompt_ids(self, index: int) -> list[int]:
         """Synthetic but deterministic prompt token ids of request ``index``.
@@ -50,6 +68,8 @@ class Workload:
         length); the rest is unique to the request. Equal ids give equal block hashes, so prefix-cache
         hits are real hits in ``kvcore.paged``.
         """
+        if self.prompts is not None:
+            return list(self.prompts[index])
         req = self.requests[index]
         shared = min(self.prefix_tokens, req.prompt_tokens) if req.prefix_id is not None else 0
         own = np.random.default_rng([self.seed, 1, index]).integers(0, VOCAB_SIZE, req.prompt_tokens - shared)
