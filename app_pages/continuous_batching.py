@@ -1,9 +1,11 @@
 """Continuous batching: static vs continuous batching vs chunked prefill, simulated on the real block manager."""
 
+from dataclasses import replace
+
 import streamlit as st
 
 from kvcore import sched
-from kvcore.sched.compare import ServingSetup
+from kvcore.sched.compare import RULES, ServingSetup, rules_difference
 from kvcore.shapes import GPU_PRESETS
 from ui import batching_figures, figures, params, tables
 from ui.batching_runs import UploadedTrace, run
@@ -51,6 +53,10 @@ with st.sidebar:
     st.subheader("Scheduler")
     policies = params.widget(st.multiselect, "Schedulers (static, continuous, chunked prefill)", key="sch",
                              options=list(sched.POLICIES), default=list(sched.POLICIES))
+    rules = params.widget(st.selectbox, "Rules of continuous / chunked", key="rules", options=list(RULES),
+                          help="textbook: vLLM's design documents; vLLM 0.33: its own v1 scheduler, replayed step "
+                               "for step against recordings of the real one (null block, whole-sequence admission, "
+                               "unhashed blocks freed first; async: one step of scheduling lag)")
     seqs = params.widget(st.number_input, "max_num_seqs (static: batch size)", key="seqs", min_value=1,
                          max_value=1024, value=256)
     budget = params.widget(st.number_input, "Token budget, continuous", key="bud", min_value=64, max_value=65536,
@@ -79,8 +85,9 @@ with user_errors("Simulation"):
     workload = (UploadedTrace(trace, prefix_tokens, seed) if trace else sched.WorkloadConfig(
         num_requests=n, arrival=arrival, rate=rate, burst_cv=cv, lengths=lengths, prompt_mean=p_mean,
         output_mean=o_mean, spread=spread, shared_prefix_fraction=shared, prefix_tokens=prefix_tokens, seed=seed))
-    result = run(workload, ServingSetup(model, gpu, tuple(policies), budget, chunk, seqs, preemption, host or None,
-                                        apc, block_size, blocks or None))
+    setup = ServingSetup(model, gpu, tuple(policies), budget, chunk, seqs, preemption, host or None, apc,
+                         block_size, blocks or None, rules)
+    result = run(workload, setup)
 names = [r.label for r in result.results]
 summary = result.summary.set_index("scheduler")
 for col, name in zip(st.columns(len(names)), names, strict=True):
@@ -98,6 +105,12 @@ tables.show_table(result.summary, "batching", "metrics", settings,
                           "first admission; hits of a request re-admitted after preemption (its own blocks) are "
                           "counted apart in readmit_hit_tokens. Hits are whole blocks and the last prompt token is "
                           "always computed, so a shared prefix shorter than a block never hits.")
+with st.expander("What vLLM 0.33's own rules change on this workload"):
+    st.caption(batching_figures.RULES_NOTE)
+    with user_errors("Rules comparison", stop=False):
+        other = run(workload, replace(setup, rules="textbook" if rules != "textbook" else "vLLM 0.33"))
+        textbook, vllm = (result, other) if rules == "textbook" else (other, result)
+        tables.show_table(rules_difference(textbook.summary, vllm.summary), "batching", "rules", settings)
 with st.expander("Per-request and per-step tables"):
     tables.show_table(result.requests, "batching", "requests", settings, height=300)
     tables.show_table(result.timeline, "batching", "steps", settings, height=300)

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES
+from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, kvpress_hyperparameters
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from ui import eviction_figures, figures, params, tables
 from ui.eviction_runs import EvictionText, sweep
@@ -44,20 +44,27 @@ with st.sidebar:
                              default=[0.125, 0.25]))
     chosen = params.widget(st.multiselect, "Policies", key="policies", options=[p for p in POLICIES if p != "full"],
                            default=list(DEFAULT_POLICIES))
+    kvpress = params.widget(st.toggle, "kvpress-compatible", key="kvpress", value=False,
+                            help="policies that have a kvpress 0.5.5 press keep exactly its tokens (its options and "
+                                 "defaults; a share budget truncated as kvpress counts it)")
     with st.expander("Hyperparameters"):
         hyper = {p: params.dataclass_widgets(POLICIES[p], p) for p in chosen}
+    if kvpress:
+        hyper |= kvpress_hyperparameters(chosen)
 
 if not chosen or not budgets:
     st.info("Pick at least one policy and one budget.")
     st.stop()
 with user_errors("Settings"):
-    config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens)
+    config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens,
+                            budget_rule="kvpress" if kvpress else "round")
     config.check_cost()
     results = sweep(EvictionText(model_name, own if source == "your text" else sample_text(), max_tokens), config)
 table = results.table
 
 st.caption(f"{POSITIONS[positions]} {len(results.tokens)} tokens fed; the full cache holds "
            f"{bytes_str(table['kv_bytes_full'].iloc[0])}.")
+st.caption(eviction_figures.KVPRESS_NOTE)
 eviction_figures.show_verdicts(results.verdicts)
 left, right = st.columns(2)
 with left:

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvcore.cli import main
-from kvcore.eviction import DEFAULT_POLICIES, POLICIES
+from kvcore.eviction import DEFAULT_POLICIES, POLICIES, resolve_budget
 from kvcore.eviction.cli import MODES, POSITIONS, coerce_hyperparameter, parse_hyperparameters
 from kvcore.eviction.evaluate import EvictionConfig, evaluate, evaluate_text, sample_text, verdicts
 from kvcore.eviction.runner import MODES as RUNNER_MODES
@@ -189,3 +189,26 @@ def test_page_refuses_a_sweep_over_its_token_limit():
     with pytest.raises(ValueError, match="pick fewer policies"):
         config.check_cost()
     EvictionConfig(max_tokens=256).check_cost()  # the page's default sweep fits
+
+
+def test_the_kvpress_budget_rule_truncates_like_kvpress():
+    from kvcore.eviction import kvpress_budget
+
+    assert resolve_budget(0.2, 100, "kvpress") == 19 == kvpress_budget(100, 0.8)  # 100 * (1 - 0.8) = 19.99...
+    assert resolve_budget(0.2, 100) == 20
+    assert resolve_budget(0.25, 31, "kvpress") == 7
+    with pytest.raises(ValueError, match="budget rule"):
+        resolve_budget(0.5, 10, "floor")
+
+
+def test_the_kvpress_preset_gives_each_press_its_options():
+    from kvcore.eviction import kvpress_compatible, kvpress_hyperparameters
+
+    preset = kvpress_hyperparameters(["snapkv", "tova", "h2o"])
+    assert preset == {"snapkv": {"window": 64, "kernel_size": 5, "pooling": "avg", "window_ties": "topk"},
+                      "tova": {"per_head": False, "keep_last": True}}  # h2o has no press of its name
+    config = EvictionConfig(("snapkv", "tova"), (0.2,), preset, mode="prefill", max_tokens=64, budget_rule="kvpress")
+    runs = config.runs()
+    assert [r.budget_rule for r in runs] == ["kvpress"] * 3
+    assert runs[1].make_policy() == kvpress_compatible("snapkv")
+    assert runs[2].make_policy().label() == "tova(per_head=False, keep_last=True)"

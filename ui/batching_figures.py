@@ -89,6 +89,10 @@ def _thin(part: pd.DataFrame) -> pd.DataFrame:
     return part.iloc[::step] if step > 1 else part
 
 
+RULES_NOTE = ("The simulator follows vLLM 0.33.0's v1 scheduler with its rules on: replayed on 14 recordings of the "
+              "real scheduler (7 traces, sync and async), it makes the same grants, preemptions, block ids and prefix "
+              "hits at every step (docs/agreement.md). Below: the same workload under the other rules.")
+
 NOTES = """
 * **One rule** (vLLM v1): a request has `num_computed_tokens` and `num_tokens`; each step grants tokens under
   the budget, running requests first, then waiting ones (preempted first). Prefill, decode and chunked

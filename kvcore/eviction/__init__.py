@@ -7,6 +7,7 @@ scores cached tokens and :class:`~kvcore.eviction.base.EvictionPolicy` does the 
 
 from kvcore.eviction.attention_window import AttentionWindow
 from kvcore.eviction.base import (
+    BUDGET_RULES,
     Budget,
     EvictionPolicy,
     EvictionState,
@@ -18,7 +19,7 @@ from kvcore.eviction.base import (
 from kvcore.eviction.full import FullCache
 from kvcore.eviction.h2o import H2O
 from kvcore.eviction.knorm import KNorm
-from kvcore.eviction.kvpress import kvpress_budget, kvpress_compatible
+from kvcore.eviction.kvpress import kvpress_budget, kvpress_compatible, kvpress_hyperparameters
 from kvcore.eviction.lru import LRU
 from kvcore.eviction.observed_attention import ObservedAttention
 from kvcore.eviction.random_policy import RandomEviction
@@ -49,6 +50,7 @@ def make_policy(name: str, **hyperparameters: object) -> EvictionPolicy:
 
 
 __all__ = [
+    "BUDGET_RULES",
     "DEFAULT_BUDGETS",
     "DEFAULT_POLICIES",
     "H2O",
@@ -71,6 +73,7 @@ __all__ = [
     "group_attention",
     "kvpress_budget",
     "kvpress_compatible",
+    "kvpress_hyperparameters",
     "make_policy",
     "resolve_budget",
 ]

@@ -22,13 +22,19 @@ from typing import Any, ClassVar
 import torch
 
 Budget = int | float
+# How a share of the tokens becomes a count: rounded (the lab), or kvpress 0.5.5's ``int(n * (1 - ratio))``
+# with ratio = 1 - share, whose float error can drop a token (0.2 of 100 keeps 19).
+BUDGET_RULES = ("round", "kvpress")
 
 
-def resolve_budget(budget: Budget, length: int) -> int:
+def resolve_budget(budget: Budget, length: int, rule: str = "round") -> int:
     """Tokens to keep out of ``length``: an ``int`` is a token count, a ``float`` in (0, 1] a share of ``length``.
 
-    Never more than ``length``; a ratio keeps at least one token. Raises ValueError for anything else.
+    Never more than ``length``; a ratio keeps at least one token. rule: how a share is counted (``BUDGET_RULES``).
+    Raises ValueError for anything else.
     """
+    if rule not in BUDGET_RULES:
+        raise ValueError(f"budget rule must be one of {BUDGET_RULES}, got {rule!r}")
     if isinstance(budget, bool) or not isinstance(budget, int | float):
         raise ValueError(f"budget must be a token count (int >= 1) or a ratio (float in (0, 1]), got {budget!r}")
     if isinstance(budget, int):
@@ -37,7 +43,8 @@ def resolve_budget(budget: Budget, length: int) -> int:
         return min(budget, length)
     if not (math.isfinite(budget) and 0.0 < budget <= 1.0):
         raise ValueError(f"a budget ratio must lie in (0, 1], got {budget}")
-    return min(length, max(1, round(budget * length)))
+    kept = round(budget * length) if rule == "round" else int(length * (1 - (1 - budget)))
+    return min(length, max(1, kept))
 
 
 def group_attention(attn: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -167,8 +174,10 @@ class EvictionPolicy:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
     def label(self) -> str:
-        """``name(field=value, ...)`` for tables and legends."""
-        args = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+        """``name(field=value, ...)`` for tables and legends; a field whose metadata says ``label_if_set`` (an
+        option added to reproduce another system) shows only when it is not at its default."""
+        args = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)  # type: ignore[arg-type]
+                         if not (f.metadata.get("label_if_set") and getattr(self, f.name) == f.default))
         return f"{self.name}({args})" if args else self.name
 
     def prefill_state(self, keys: torch.Tensor, queries: torch.Tensor | None, layer: int = 0) -> EvictionState:

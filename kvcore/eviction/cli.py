@@ -58,11 +58,16 @@ def parse_hyperparameters(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     """Load the model, run the sweep with progress on stderr, print the verdicts; return the results table."""
+    from kvcore.eviction import kvpress_hyperparameters
     from kvcore.eviction.evaluate import EvictionConfig, evaluate_text
     from kvcore.models.loader import load_model
 
-    config = EvictionConfig(tuple(args.policies), tuple(args.budgets), parse_hyperparameters(args.param),
-                            args.positions, args.mode, args.max_tokens, args.prompt_tokens, args.hit_ratio, args.seed)
+    hyper = parse_hyperparameters(args.param)
+    if args.kvpress:  # the press's options first; --param still overrides them
+        hyper = kvpress_hyperparameters(args.policies) | hyper
+    config = EvictionConfig(tuple(args.policies), tuple(args.budgets), hyper, args.positions, args.mode,
+                            args.max_tokens, args.prompt_tokens, args.hit_ratio, args.seed,
+                            budget_rule="kvpress" if args.kvpress else "round")
     try:
         model, tokenizer = load_model(args.model)
     except OSError as exc:
@@ -93,5 +98,7 @@ def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) ->
     p.add_argument("--hit-ratio", type=float, default=1.0, help="lookup threshold, x uniform attention share")
     p.add_argument("--param", action="append", default=[], metavar="POLICY.FIELD=VALUE",
                    help="a hyperparameter, e.g. streaming_llm.n_sink=2 (repeatable)")
+    p.add_argument("--kvpress", action="store_true",
+                   help="kvpress-compatible: each policy with a kvpress 0.5.5 press keeps exactly its tokens")
     p.add_argument("--per-layer", action="store_true", help="print the per-layer table instead")
     p.set_defaults(run=run)

@@ -57,6 +57,7 @@ class RunSpec:
     mode: str = "decode"
     prompt_tokens: int | None = None
     hit_ratio: float = 1.0
+    budget_rule: str = "round"
 
     def make_policy(self) -> EvictionPolicy:
         """The policy instance."""
@@ -70,7 +71,7 @@ class RunSpec:
     def run(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
         """Run it on ``model`` against ``ref`` (:func:`~kvcore.eviction.runner.run_policy`)."""
         return run_policy(model, ref, self.make_policy(), self.budget, self.positions, self.mode, self.prompt_tokens,
-                          self.hit_ratio, threads)
+                          self.hit_ratio, threads, self.budget_rule)
 
 
 # Tokens (runs x tokens each) one page view may stream through the model: on a 2-core CPU one run of
@@ -89,6 +90,7 @@ class EvictionConfig:
     max_tokens: tokens of the text used (>= 4). prompt_tokens: prefill mode's prompt (default half).
     hit_ratio: lookup threshold of the counters, a multiple of the uniform attention share.
     seed: seeds the random policy unless its hyperparameters set one. threads: CPU threads (None: as is).
+    budget_rule: how a share budget becomes a token count (``"round"``, or ``"kvpress"``'s truncation).
     """
 
     policies: tuple[str, ...] = DEFAULT_POLICIES
@@ -101,6 +103,7 @@ class EvictionConfig:
     hit_ratio: float = 1.0
     seed: int = 0
     threads: int | None = 1
+    budget_rule: str = "round"
 
     def __post_init__(self) -> None:
         self.policies, self.budgets = tuple(self.policies), tuple(self.budgets)
@@ -112,7 +115,7 @@ class EvictionConfig:
         if not self.budgets:
             raise ValueError("pick at least one budget")
         for budget in self.budgets:
-            resolve_budget(budget, 1 << 30)  # raises on a bad budget
+            resolve_budget(budget, 1 << 30, self.budget_rule)  # raises on a bad budget or rule
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
         if self.mode not in MODES:
@@ -138,7 +141,7 @@ class EvictionConfig:
         policies = self.make_policies()
         pairs = [(policies[0], 1.0)] + [(p, b) for p in policies[1:] for b in dict.fromkeys(self.budgets)]
         return [RunSpec(p.name, tuple(p.hyperparameters().items()), b, self.positions, self.mode, self.prompt_tokens,
-                        self.hit_ratio) for p, b in pairs]
+                        self.hit_ratio, self.budget_rule) for p, b in pairs]
 
     def check_cost(self, limit: int = PAGE_STREAM_LIMIT) -> None:
         """Refuse a sweep that would stream more than ``limit`` tokens in all (runs x tokens)."""

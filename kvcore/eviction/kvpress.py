@@ -27,7 +27,7 @@ keeps only sinks (which ones, below ``n_sink``, by top-k's order among equal sco
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvcore.eviction.base import EvictionPolicy
@@ -91,3 +91,10 @@ def kvpress_budget(num_tokens: int, compression_ratio: float) -> int:
         raise ValueError(f"compression_ratio (the share of tokens removed) must lie in [0, 1), got "
                          f"{compression_ratio!r}")
     return max(1, int(num_tokens * (1 - compression_ratio)))
+
+
+def kvpress_hyperparameters(policies: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The kvpress-compatible preset: for each of ``policies`` that has a press of the same name, the
+    hyperparameters of :func:`kvpress_compatible` with the press's defaults (for ``EvictionConfig``)."""
+    return {name: kvpress_compatible(name).hyperparameters() for name in policies
+            if name in PRESSES and kvpress_compatible(name).name == name}

@@ -98,17 +98,18 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_decode(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
-               hit_ratio: float = 1.0, threads: int | None = 1, on_step: StepHook | None = None) -> RunResult:
+               hit_ratio: float = 1.0, threads: int | None = 1, on_step: StepHook | None = None,
+               budget_rule: str = "round") -> RunResult:
     """Decode-time eviction: feed the reference's text one token per step, holding the cache at ``budget``.
 
     budget: tokens (int) or a ratio (float) of the fed tokens. positions: ``"original"`` or
     ``"rerotate"``. hit_ratio: the lookup threshold, as a multiple of the uniform share. threads: CPU
     threads during the run (None: leave as is). on_step: called as ``on_step(t, cache)`` after step t's
-    eviction (tests use it to check the cache size).
+    eviction (tests use it to check the cache size). budget_rule: how a share becomes a count (``BUDGET_RULES``).
     """
     _check(positions, "decode")
     n_in, ids = ref.num_fed, ref.ids
-    k = n_in if policy.keeps_all else resolve_budget(budget, n_in)
+    k = n_in if policy.keeps_all else resolve_budget(budget, n_in, budget_rule)
     meter = AttentionMeter(ref, hit_ratio)
     plan = eviction_plan(policy, k, positions)
     hook: EvictionHook = plan.hook
@@ -139,19 +140,20 @@ def run_decode(model, ref: Reference, policy: EvictionPolicy, budget: Budget, po
 
 @torch.inference_mode()
 def run_prefill(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
-                prompt_tokens: int | None = None, hit_ratio: float = 1.0, threads: int | None = 1) -> RunResult:
+                prompt_tokens: int | None = None, hit_ratio: float = 1.0, threads: int | None = 1,
+                budget_rule: str = "round") -> RunResult:
     """Prompt compression once (kvpress): keep ``budget`` of the first ``prompt_tokens``, score the rest.
 
     budget: tokens (int) or a ratio (float) of the prompt. prompt_tokens: default half the fed tokens.
     The continuation is fed in one forward on top of the compressed prompt (it is not evicted).
-    threads: CPU threads during the run (None: leave as is).
+    threads: CPU threads during the run (None: leave as is). budget_rule: how a share becomes a count.
     """
     _check(positions, "prefill")
     n_in, ids = ref.num_fed, ref.ids
     n_p = n_in // 2 if prompt_tokens is None else prompt_tokens
     if not 1 <= n_p < n_in:
         raise ValueError(f"prompt_tokens must be in [1, {n_in - 1}] for this text, got {n_p}")
-    k = resolve_budget(budget, n_p)
+    k = resolve_budget(budget, n_p, budget_rule)
     meter = AttentionMeter(ref, hit_ratio)
     plan = eviction_plan(policy, k, positions)
     hook: EvictionHook = plan.hook
@@ -176,9 +178,9 @@ def run_prefill(model, ref: Reference, policy: EvictionPolicy, budget: Budget, p
 
 def run_policy(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
                mode: str = "decode", prompt_tokens: int | None = None, hit_ratio: float = 1.0,
-               threads: int | None = 1) -> RunResult:
+               threads: int | None = 1, budget_rule: str = "round") -> RunResult:
     """:func:`run_decode` or :func:`run_prefill` by ``mode``."""
     _check(positions, mode)
     if mode == "prefill":
-        return run_prefill(model, ref, policy, budget, positions, prompt_tokens, hit_ratio, threads)
-    return run_decode(model, ref, policy, budget, positions, hit_ratio, threads)
+        return run_prefill(model, ref, policy, budget, positions, prompt_tokens, hit_ratio, threads, budget_rule)
+    return run_decode(model, ref, policy, budget, positions, hit_ratio, threads, budget_rule=budget_rule)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,9 @@ class SnapKV(EvictionPolicy):
                                                   "help": "pooling width, odd (tokens)"})
     pooling: str = field(default="avg", metadata={"options": POOLINGS, "help": "how neighbouring scores are pooled"})
     window_ties: str = field(default="newest", metadata={
-        "options": WINDOW_TIES, "help": "budget below the window: keep its newest tokens, or top-k's pick among "
-                                        "the window's equal scores (kvpress)"})
+        "label_if_set": True, "options": WINDOW_TIES,
+        "help": "budget below the window: keep its newest tokens, or top-k's pick among the window's equal scores "
+                "(kvpress)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -57,13 +58,6 @@ class SnapKV(EvictionPolicy):
         With ``window_ties="topk"`` none: the window's tokens are scored above the rest instead.
         """
         return 0 if self.window_ties == "topk" else min(self.window, budget)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The fields and their values; ``window_ties`` only when not ``"newest"``, so labels read as before it."""
-        params = EvictionPolicy.hyperparameters(self)
-        if self.window_ties == "newest":
-            del params["window_ties"]
-        return params
 
     def observe(self, state: EvictionState, attn: torch.Tensor) -> None:
         """Append the new queries' rows to the observation window and keep its last ``window`` rows."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -25,7 +25,8 @@ class TOVA(EvictionPolicy):
     paper: ClassVar[str] = "TOVA (Oren et al. 2024)"
     needs_attention: ClassVar[bool] = True
     per_head: bool = field(default=False, metadata={"help": "score each KV head with its own query group"})
-    keep_last: bool = field(default=False, metadata={"help": "always keep the newest token (kvpress's TOVAPress)"})
+    keep_last: bool = field(default=False, metadata={"label_if_set": True,
+                                                     "help": "always keep the newest token (kvpress's TOVAPress)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.per_head, bool):
@@ -36,13 +37,6 @@ class TOVA(EvictionPolicy):
     def recent_window(self, budget: int) -> int:
         """The newest token when ``keep_last``, else none."""
         return 1 if self.keep_last else 0
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The fields and their values; ``keep_last`` only when on, so labels and results read as before it."""
-        params = EvictionPolicy.hyperparameters(self)
-        if not self.keep_last:
-            del params["keep_last"]
-        return params
 
     def observe(self, state: EvictionState, attn: torch.Tensor) -> None:
         """Remember the newest query's attention ``[B, Hkv, T]`` (head-averaged unless ``per_head``)."""

@@ -17,6 +17,9 @@ from kvcore.shapes import GPU_PRESETS, PRESETS
 # Budgets in tokens per step: vLLM's max_num_batched_tokens when prompts go whole, Sarathi-Serve's
 # token budget for chunked prefill (it uses 512 and 2048 in its evaluation).
 DEFAULT_BUDGETS = {"static": 8192, "continuous": 8192, "chunked": 512}
+# Which rules the iteration-level schedulers follow: vLLM's design documents, or vLLM 0.33's own code
+# (SimConfig.vllm: null block, whole-sequence admission, unhashed blocks freed first; optionally async).
+RULES = ("textbook", "vLLM 0.33", "vLLM 0.33 async")
 
 
 @dataclass(slots=True)
@@ -66,16 +69,30 @@ class ServingSetup:
     enable_prefix_caching: bool = False
     block_size: int = 16
     num_blocks: int | None = None
+    rules: str = "textbook"
 
     def configs(self) -> list[SimConfig]:
-        """One :class:`SimConfig` per scheduler (:func:`engine_configs`); unknown presets raise ValueError."""
+        """One :class:`SimConfig` per scheduler (:func:`engine_configs`); unknown presets raise ValueError.
+
+        With vLLM rules the continuous and chunked schedulers take vLLM 0.33's (static batching, which vLLM does
+        not have, keeps the textbook ones).
+        """
         if self.model not in PRESETS or self.gpu not in GPU_PRESETS:
             raise ValueError(f"unknown model or GPU preset {self.model!r} / {self.gpu!r}")
+        if self.rules not in RULES:
+            raise ValueError(f"rules must be one of {RULES}, got {self.rules!r}")
         base = SimConfig(CostModel(PRESETS[self.model], GPU_PRESETS[self.gpu]), max_num_seqs=self.max_num_seqs,
                          preemption=self.preemption, host_kv_blocks=self.host_kv_blocks,
                          enable_prefix_caching=self.enable_prefix_caching, block_size=self.block_size,
                          num_blocks=self.num_blocks)
-        return engine_configs(base, self.policies, budget=self.budget, chunk_budget=self.chunk_budget)
+        configs = engine_configs(base, self.policies, budget=self.budget, chunk_budget=self.chunk_budget)
+        if self.rules == "textbook":
+            return configs
+        if self.preemption != "recompute":
+            raise ValueError("vLLM 0.33 preempts by recompute only; pick recompute preemption for its rules")
+        return [c if c.policy == "static" else replace(
+            c, null_block=True, scheduler_reserve_full_isl=True, prepend_unhashed_free_blocks=True,
+            async_scheduling=self.rules.endswith("async")) for c in configs]
 
 
 def compare(workload: Workload, configs: Sequence[SimConfig],
@@ -93,6 +110,23 @@ def compare(workload: Workload, configs: Sequence[SimConfig],
         return pd.concat(frames, ignore_index=True)
     summary = pd.concat([r.summary for r in results], ignore_index=True)
     return Comparison(tuple(results), summary, stacked("timeline"), stacked("requests"), stacked("phases"))
+
+
+def rules_difference(textbook: pd.DataFrame, vllm: pd.DataFrame) -> pd.DataFrame:
+    """What vLLM's own rules change, per scheduler: each metric under both rules and the change in %.
+
+    textbook / vllm: ``Comparison.summary`` tables of the same workload and settings.
+    """
+    metrics = ["output_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p99", "preemptions", "peak_kv_usage",
+               "steps"]
+    a, b = textbook.set_index("scheduler")[metrics], vllm.set_index("scheduler")[metrics]
+    rows = []
+    for name in a.index.intersection(b.index):
+        for metric in metrics:
+            x, y = float(a.loc[name, metric]), float(b.loc[name, metric])
+            rows.append({"scheduler": name, "metric": metric, "textbook": x, "vllm_0_33": y,
+                         "change_pct": (y - x) / x * 100 if x else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def takeaways(summary: pd.DataFrame) -> list[str]:

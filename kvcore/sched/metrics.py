@@ -118,6 +118,7 @@ def summarize(config: SimConfig, requests: pd.DataFrame, timeline: pd.DataFrame,
     busy = float(durations.sum())
     row: dict[str, object] = {
         "scheduler": config.label,
+        "rules": config.rules + (" async" if config.async_scheduling else ""),
         "requests": len(requests),
         "output_tokens": out_tokens,
         "makespan_s": makespan,

@@ -63,3 +63,13 @@ def test_garbage_url_falls_back_to_defaults(page):
     assert at.segmented_control(key="pos").value == "original"
     assert at.multiselect(key="policies").value == list(DEFAULT_POLICIES)
     assert at.number_input(key="h2o_recent_fraction").value == 0.5
+
+
+@needs_bundled
+def test_the_kvpress_toggle_counts_and_keeps_as_kvpress(page):
+    at = page("eviction", {"ntok": "64", "mode": "prefill", "unit": "share", "shares": ["0.25"],
+                           "policies": ["tova"], "kvpress": "true"})
+    table = results(at)
+    tova = table[table["policy"] == "tova"].iloc[0]
+    assert tova["label"] == "tova(per_head=False, keep_last=True)"
+    assert tova["budget_tokens"] == 7  # int(31 * (1 - 0.75)): kvpress truncates, the lab would round to 8
