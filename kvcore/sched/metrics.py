@@ -16,18 +16,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from kvcore.sched.config import SimConfig
+from kvcore.sched.recorder import Recorder
 from kvcore.sched.request import RequestState
 from kvcore.sched.scheduler import Scheduler
 from kvcore.sched.workload import Workload
-
-if TYPE_CHECKING:  # the simulator imports this module: a type hint only, no import at run time
-    from kvcore.sched.simulate import Recorder
 
 PHASES = ("waiting", "prefill", "decode", "preempted")
 PERCENTILES = (50, 90, 99)
