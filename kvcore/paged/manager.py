@@ -270,6 +270,8 @@ class KVCacheManager:
         self.step += 1
         to_head = []
         for block in reversed(req.blocks):
+            if block is self.null_block:
+                continue  # a slot a sliding window gave back (vLLM keeps the null block out of every count)
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 if self.prepend_unhashed and block.block_hash is None:
@@ -280,6 +282,32 @@ class KVCacheManager:
                 where = "to free queue" if block.ref_cnt == 0 else f"still held, ref_cnt={block.ref_cnt}"
                 self.events.append(KVEvent(self.step, "free", request_id, block.block_id, block.block_hash, where))
         self._free.prepend(to_head)
+
+    def free_blocks_before(self, request_id: str, num_tokens: int) -> int:
+        """Give back the blocks wholly before position ``num_tokens`` (a sliding window no longer reads them):
+        each table entry becomes the null block and the block loses a reference (vLLM's
+        ``SlidingWindowManager.remove_skipped_blocks``). Needs the null block; returns the blocks released."""
+        if self.null_block is None:
+            raise ValueError("releasing blocks outside a sliding window needs the null block (null_block=True)")
+        req = self._request(request_id)
+        released = []
+        for i in range(min(num_tokens // self.block_size, len(req.blocks))):
+            block = req.blocks[i]
+            if block is not self.null_block:
+                released.append(block)
+                req.blocks[i], req.block_ids[i] = self.null_block, self.null_block.block_id
+        self.step += bool(released)
+        for block in released:
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                if self.prepend_unhashed and block.block_hash is None:
+                    self._free.prepend([block])
+                else:
+                    self._free.append(block)
+            if self.log_events:
+                self.events.append(KVEvent(self.step, "free", request_id, block.block_id, block.block_hash,
+                                           "outside the sliding window"))
+        return len(released)
 
     # ---------------------------------------------------------------------------------------- internals
     def _request(self, request_id: str) -> RequestBlocks:

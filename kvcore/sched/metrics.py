@@ -89,7 +89,7 @@ def request_table(states: list[RequestState]) -> pd.DataFrame:
     })
     df["queue_ms"] = (df["first_scheduled_s"] - df["arrival_s"]) * 1e3
     df["ttft_ms"] = (df["first_token_s"] - df["arrival_s"]) * 1e3
-    decode_tokens = (df["output_tokens"] - 1).where(df["output_tokens"] > 1)
+    decode_tokens = (df["generated_tokens"] - 1).where(df["generated_tokens"] > 1)
     df["tpot_ms"] = (df["finish_s"] - df["first_token_s"]) * 1e3 / decode_tokens
     df["e2e_ms"] = (df["finish_s"] - df["arrival_s"]) * 1e3
     return df
@@ -108,7 +108,7 @@ def summarize(config: SimConfig, requests: pd.DataFrame, timeline: pd.DataFrame,
               sched: Scheduler, num_blocks: int) -> pd.DataFrame:
     """The one-row metrics table of a run."""
     makespan = float(requests["finish_s"].max() - requests["arrival_s"].min())
-    out_tokens = int(requests["output_tokens"].sum())
+    out_tokens = int(requests["generated_tokens"].sum())
     prompt_tokens = int(requests["prompt_tokens"].sum())
     first_hits = int(requests["prefix_hit_tokens"].sum())
     durations = timeline["step_s"].to_numpy()

@@ -55,8 +55,8 @@ class RequestState:
 
     output_ids: tokens sampled so far. num_placeholders: samples in flight whose ids are not known yet
     (asynchronous scheduling); num_in_flight: scheduled tokens whose step's output is not processed yet;
-    num_stale: in-flight tokens of a request preempted meanwhile. eos_token_id: a sampled token that ends
-    the request (None: it runs to ``output_len``). seats: running slots it holds (its parallel samples
+    num_stale: in-flight tokens of a request preempted meanwhile. stop_token_ids: sampled tokens that end
+    the request (empty: it runs to ``output_len``). seats: running slots it holds (its parallel samples
     before they are forked). The ``*_s`` fields are times of the run that drives the scheduler.
     """
 
@@ -72,7 +72,7 @@ class RequestState:
     num_in_flight: int = 0
     num_stale: int = 0
     num_preemptions: int = 0
-    eos_token_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
     seats: int = 1
     swapped: bool = False
     in_prefill: bool = True
@@ -89,13 +89,13 @@ class RequestState:
     phase_start_s: float = 0.0
 
     @classmethod
-    def new(cls, req: Request, prompt_ids: list[int], eos_token_id: int | None = None, seats: int = 1
-            ) -> RequestState:
+    def new(cls, req: Request, prompt_ids: list[int], stop_token_ids: tuple[int, ...] = (), seats: int = 1,
+            rid: str | None = None) -> RequestState:
         """A request that has not arrived yet: nothing computed, waiting from its arrival time."""
         if len(prompt_ids) != req.prompt_tokens:
             raise ValueError(f"request {req.index}: {len(prompt_ids)} prompt ids for {req.prompt_tokens} prompt tokens")
-        return cls(req, req.request_id, prompt_ids, req.prompt_tokens, req.output_tokens, req.prompt_tokens,
-                   eos_token_id=eos_token_id, seats=seats, phase_start_s=req.arrival_s)
+        return cls(req, rid or req.request_id, prompt_ids, req.prompt_tokens, req.output_tokens, req.prompt_tokens,
+                   stop_token_ids=stop_token_ids, seats=seats, phase_start_s=req.arrival_s)
 
     @property
     def num_generated(self) -> int:
@@ -116,7 +116,7 @@ class RequestState:
         return ids + [None] * (stop - start - len(ids))
 
     def append_output(self, token_id: int) -> bool:
-        """Record a sampled token; True when it ends the request (``output_len`` reached or end-of-sequence)."""
+        """Record a sampled token; True when it ends the request (``output_len`` reached or a stop token)."""
         self.output_ids.append(token_id)
         self.num_tokens += 1
-        return len(self.output_ids) >= self.output_len or token_id == self.eos_token_id
+        return len(self.output_ids) >= self.output_len or token_id in self.stop_token_ids

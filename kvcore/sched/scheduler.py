@@ -39,7 +39,7 @@ and blocks until that output is processed; a slot's block is hashed once its tok
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvcore.paged import KVCacheManager
@@ -93,13 +93,15 @@ class Scheduler:
     """Running / waiting queues over a ``KVCacheManager``: :meth:`schedule`, then :meth:`update_from_output`.
 
     num_blocks: the pool, counted as the manager counts it (the null block included when the config has it).
+    on_copy: the block manager's copy-on-write callback (a real engine copies the block's K/V there).
     """
 
-    def __init__(self, config: SimConfig, num_blocks: int) -> None:
+    def __init__(self, config: SimConfig, num_blocks: int, on_copy: Callable[[int, int], None] | None = None
+                 ) -> None:
         self.config = config
         self.manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, log_events=False,
                                       null_block=config.null_block,
-                                      prepend_unhashed=config.prepend_unhashed_free_blocks)
+                                      prepend_unhashed=config.prepend_unhashed_free_blocks, on_copy=on_copy)
         self.num_blocks = num_blocks
         self.running: list[RequestState] = []
         self.waiting: deque[RequestState] = deque()
@@ -278,9 +280,8 @@ class Scheduler:
                 r.num_placeholders -= 1
                 self._cache_sampled(r, token)
             if done:
-                r.finished = True
                 finished.append(r)
-                self._finish(r)
+                self.finish_request(r)
         return finished
 
     def _cache_sampled(self, r: RequestState, token: int) -> None:
@@ -293,7 +294,9 @@ class Scheduler:
             manager.fill(r.rid, position, [token])
         manager.cache_blocks(r.rid, r.num_computed_tokens - r.num_in_flight)
 
-    def _finish(self, r: RequestState) -> None:
+    def finish_request(self, r: RequestState) -> None:
+        """End ``r``: it leaves its queue and its blocks are freed (static batching: held to the batch's end)."""
+        r.finished = True
         if r in self.waiting:  # preempted while its last token was in flight: it holds no blocks
             self.waiting.remove(r)
             return
@@ -306,7 +309,8 @@ class Scheduler:
 
     def fork(self, parent: RequestState, children: Sequence[RequestState]) -> None:
         """Parallel sampling: each child shares every block of ``parent`` (ref counts; copy-on-write at the first
-        divergent write, vLLM v0) and runs right after it. The parent's extra seats pass to the children."""
+        divergent write, vLLM v0) and runs right after it. The parent's extra seats pass to the children.
+        Call it when the parent's prefill has just been computed, before its sample is taken."""
         if parent not in self.running or parent.seats != len(children) + 1:
             raise ValueError(f"fork needs a running parent holding {len(children) + 1} seats")
         at = self.running.index(parent) + 1
