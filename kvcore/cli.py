@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from kvcore import calculator
+from kvcore.engine import cli as engine_cli
 from kvcore.eviction import cli as eviction_cli
 from kvcore.hierarchy import cli as hierarchy_cli
 from kvcore.models import cli as models_cli
@@ -23,7 +24,8 @@ from kvcore.sched import cli as sched_cli
 from kvcore.sharing import cli as sharing_cli
 
 # The modules registering a subcommand, in the order --help lists them.
-EXPERIMENTS = (calculator, paged_cli, hierarchy_cli, sched_cli, quant_cli, models_cli, eviction_cli, sharing_cli)
+EXPERIMENTS = (calculator, paged_cli, hierarchy_cli, sched_cli, engine_cli, quant_cli, models_cli, eviction_cli,
+               sharing_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ SMOKE = {
     "batching.py": ["--requests", "20", "--output-mean", "16", "--runs", "1"],
     "pages.py": ["--runs", "1", "--pages", "home"],
     "memory.py": ["--pages", "home"],
+    "engine.py": ["--requests", "6", "--prompt-max", "48", "--output-max", "6", "--repeats", "1", "--threads", "1"],
 }
 
 

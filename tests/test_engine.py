@@ -213,3 +213,17 @@ def test_the_measured_run_reads_like_a_simulation(bundled, mixed_prompts):
     assert len(result.timeline) == engine.stats.steps
     assert result.summary["output_tokens"].iloc[0] == 48
     assert (result.timeline["batch_tokens"] <= 128).all()
+
+
+def test_cli_serves_a_workload_and_compares_it(tmp_path, capsys):
+    from kvcore.cli import main
+
+    out = tmp_path / "engine.csv"
+    argv = ["engine", "--requests", "5", "--prompt-max", "40", "--output-min", "3", "--output-max", "6",
+            "--num-blocks", "64", "--compare", "hf", "sim", "--csv", str(out)]
+    assert main(argv) == 0
+    table = __import__("pandas").read_csv(out)
+    assert table["system"].tolist() == ["engine", "transformers generate (static, batch 16)"]
+    assert (table["output_tokens"] == table["output_tokens"].iloc[0]).all()
+    assert "error_pct" in capsys.readouterr().err  # the simulator's prediction of the run
+    assert main(["engine", "--requests", "2", "--prompt-min", "3000", "--prompt-max", "4000"]) == 2  # > 2048 positions

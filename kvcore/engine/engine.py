@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvcore.device import torch_threads
 from kvcore.engine.params import CompletionOutput, EngineStats, RequestOutput, SamplingParams
 from kvcore.engine.runner import ModelRunner, SequenceChunk
 from kvcore.models.runtime import max_positions
@@ -67,13 +68,16 @@ class LLMEngine:
     the null block). max_num_seqs / max_num_batched_tokens / enable_prefix_caching / enable_chunked_prefill:
     vLLM's scheduler settings. kv_bits: None keeps K/V in the model's dtype; 8 or 4 quantizes each token's
     K/V per head. sliding_window: tokens each query attends to (None: the model's own, e.g. Mistral's).
+    threads: torch intra-op threads for each step (None: leave the process's setting). On a shared CPU one
+    thread is often fastest for decode steps: OpenMP barriers stall whenever another process holds a core.
     """
 
     def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, kv_bits: int | None = None,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, threads: int | None = None) -> None:
         self.model = model
+        self.threads = threads
         self.runner = ModelRunner(model, num_blocks, block_size, kv_bits, sliding_window)
         self.config = SimConfig.vllm(UNTIMED, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                      enable_chunked_prefill=enable_chunked_prefill,
@@ -148,6 +152,10 @@ class LLMEngine:
     # ---------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule, run the model, sample, update. Returns the requests that finished."""
+        with torch_threads(self.threads):
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         start = self._now()
         out = self.scheduler.schedule()
         if not (out.scheduled or out.preempted):
