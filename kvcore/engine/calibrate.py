@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 
 from kvcore.engine.engine import LLMEngine
+from kvcore.engine.experiment import EngineSettings
+from kvcore.engine.params import SamplingParams
+from kvcore.engine.workload import ServeWorkload
 from kvcore.sched.cost import FittedCost
 from kvcore.sched.metrics import SimResult
 from kvcore.sched.simulate import simulate
@@ -72,3 +75,15 @@ def coefficients_table(cost: FittedCost, num_steps: int) -> pd.DataFrame:
     return pd.DataFrame([{"fit": cost.name, "steps": num_steps, "intercept_us": cost.intercept_s * 1e6,
                           "per_token_us": cost.per_token_s * 1e6, "per_attention_pair_ns": cost.per_pair_s * 1e9,
                           "per_kv_token_read_ns": cost.per_kv_token_s * 1e9, "r2": cost.r2}])
+
+
+def calibrate(model, tokenizer, workload: ServeWorkload | None = None, settings: EngineSettings | None = None,
+              name: str = "this machine's engine") -> FittedCost:
+    """Serve a short workload on the engine and fit the simulator's step time to its steps (the Continuous
+    batching page's "calibrated to this machine's engine")."""
+    workload = workload or ServeWorkload(num_requests=32, prompt_max=400, output_max=48)
+    settings = settings or EngineSettings(num_blocks=512)
+    prompts, outputs = workload.build(tokenizer)
+    engine = settings.engine(model)
+    engine.generate(prompts, [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs])
+    return fit_step_time(engine.stats.timeline, name)

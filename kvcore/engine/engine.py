@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -244,10 +244,16 @@ class LLMEngine:
         return done
 
     # ------------------------------------------------------------------------------------------- offline
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: Callable[[float], None] | None = None,
+                 on_step: Callable[[LLMEngine], None] | None = None) -> list[RequestOutput]:
         """Serve every prompt (all arriving now) to the end; outputs in prompt order. Starts a fresh run, so
-        :attr:`stats` and :meth:`result` describe this call. Nothing is queued when any request is bad."""
+        :attr:`stats` and :meth:`result` describe this call. Nothing is queued when any request is bad.
+
+        progress: called with the share of requests finished after each step that finishes some. on_step:
+        called with the engine after every step (to read the block pool; not timed).
+        """
         params = params or SamplingParams()
         each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(each) != len(prompts):
@@ -256,8 +262,14 @@ class LLMEngine:
             self.check_request(prompt, p)
         self._reset()
         ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, each, strict=True)]
+        done = 0
         while self.has_unfinished_requests():
-            self.step()
+            finished = self.step()
+            if on_step is not None:
+                on_step(self)
+            if finished and progress is not None:
+                done += len(finished)
+                progress(done / len(ids))
         self.stats.timeline = pd.DataFrame(self.recorder.columns)
         return [self._outputs[rid] for rid in ids]
 

@@ -92,12 +92,15 @@ def _times(prompts: Sequence[Sequence[int]], outputs: Sequence[int], first: Sequ
 
 
 def serve_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int], settings: EngineSettings,
-                 system: str = "engine", engine: LLMEngine | None = None) -> ServedRun:
-    """Serve the requests on the lab's engine (each runs to its output length)."""
+                 system: str = "engine", engine: LLMEngine | None = None,
+                 progress: Callable[[float], None] | None = None,
+                 on_step: Callable[[LLMEngine], None] | None = None) -> ServedRun:
+    """Serve the requests on the lab's engine (each runs to its output length); progress and on_step as in
+    :meth:`LLMEngine.generate`."""
     engine = engine or settings.engine(model)
     params = [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs]
     with peak_memory(model_device(model)) as peak:
-        done = engine.generate(prompts, params)
+        done = engine.generate(prompts, params, progress, on_step)
     requests = engine.result().requests
     table = _times(prompts, outputs, requests["first_token_s"], requests["finish_s"])
     held = round(engine.kv_bytes / engine.config.num_blocks * engine.stats.peak_blocks_used)

@@ -145,6 +145,15 @@ class KVCacheManager:
             raise ValueError(f"block_id must be in 0..{self.num_blocks - 1}, got {block_id}")
         return self.blocks[block_id]
 
+    def block_owners(self) -> dict[int, list[str]]:
+        """Block id -> the live requests whose tables hold it (in the order they were allocated or forked)."""
+        owners: dict[int, list[str]] = {}
+        for request_id, req in self._requests.items():
+            for block in req.blocks:
+                if block is not self.null_block:
+                    owners.setdefault(block.block_id, []).append(request_id)
+        return owners
+
     def free_block_queue(self) -> list[int]:
         """Free block ids from head (reused first) to tail."""
         return self._free.block_ids()

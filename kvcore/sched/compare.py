@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from kvcore.sched.config import POLICIES, POLICY_LABELS, SimConfig
-from kvcore.sched.cost import CostModel
+from kvcore.sched.cost import CostModel, FittedCost
 from kvcore.sched.metrics import SimResult
 from kvcore.sched.simulate import simulate
 from kvcore.sched.workload import Workload
@@ -70,18 +70,23 @@ class ServingSetup:
     block_size: int = 16
     num_blocks: int | None = None
     rules: str = "textbook"
+    cost: FittedCost | None = None
 
     def configs(self) -> list[SimConfig]:
         """One :class:`SimConfig` per scheduler (:func:`engine_configs`); unknown presets raise ValueError.
 
         With vLLM rules the continuous and chunked schedulers take vLLM 0.33's (static batching, which vLLM does
-        not have, keeps the textbook ones).
+        not have, keeps the textbook ones). cost: a step time fitted to a real engine instead of the model on the
+        GPU preset (then ``num_blocks`` sizes the pool).
         """
-        if self.model not in PRESETS or self.gpu not in GPU_PRESETS:
+        if self.cost is None and (self.model not in PRESETS or self.gpu not in GPU_PRESETS):
             raise ValueError(f"unknown model or GPU preset {self.model!r} / {self.gpu!r}")
         if self.rules not in RULES:
             raise ValueError(f"rules must be one of {RULES}, got {self.rules!r}")
-        base = SimConfig(CostModel(PRESETS[self.model], GPU_PRESETS[self.gpu]), max_num_seqs=self.max_num_seqs,
+        if self.cost is not None and self.num_blocks is None:
+            raise ValueError("a fitted engine cost knows no GPU memory: give the pool's blocks")
+        cost = self.cost or CostModel(PRESETS[self.model], GPU_PRESETS[self.gpu])
+        base = SimConfig(cost, max_num_seqs=self.max_num_seqs,
                          preemption=self.preemption, host_kv_blocks=self.host_kv_blocks,
                          enable_prefix_caching=self.enable_prefix_caching, block_size=self.block_size,
                          num_blocks=self.num_blocks)

@@ -1,0 +1,128 @@
+"""One engine experiment as tables: what the Serving engine page draws and downloads.
+
+Serves a workload on the engine (and, when asked, on transformers' generate), records the block pool after
+every step (owners, ref counts, hashes), keeps each request's text, fits the simulator's step time to the
+run and predicts it. Everything is a DataFrame, so the page caches it and every table downloads as CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from kvcore.engine.calibrate import coefficients_table, fit_step_time, prediction_table, simulate_engine
+from kvcore.engine.engine import LLMEngine
+from kvcore.engine.experiment import EngineSettings, ServedRun, comparison, serve_engine, serve_transformers
+from kvcore.engine.workload import ServeWorkload
+from kvcore.models.runtime import num_kv_heads, text_config
+
+Progress = Callable[[float, str], None]
+MAX_SNAPSHOT_STEPS = 400  # pool snapshots kept (evenly spaced) for the step slider
+# What one page view may serve: requests x (longest prompt + longest output) x model parameters. The bundled
+# model (5.8M parameters) serving 64 requests of up to 400 + 64 tokens on the engine and on transformers took
+# 14-20 s on the 2-core machine of benchmarks/RESULTS.md; the CLI has no limit.
+PAGE_WORK_LIMIT = 64 * 464 * 6e6
+PAGE_POOL_BYTES = 512e6  # the pools are allocated up front: keep a view's memory bounded
+
+
+@dataclass(slots=True)
+class EngineReport:
+    """What one engine experiment measured.
+
+    summary: one row per system (the engine first). requests: one row per request with its text, times and
+    prefix hits. steps: the engine's timeline (measured step times). pool: one row per (step, block) held or
+    cached after that step. fit / prediction: the simulator's step time fitted to the run, and its prediction
+    of the run, metric by metric. kv_bytes: the pools' bytes; block_bytes: one block's share.
+    """
+
+    summary: pd.DataFrame
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+    pool: pd.DataFrame
+    fit: pd.DataFrame
+    prediction: pd.DataFrame
+    num_blocks: int
+    kv_bytes: int
+    measured_at: str = ""
+    load_average: float = float("nan")
+
+
+def pool_bytes(model, settings: EngineSettings) -> float:
+    """Bytes the engine's K and V pools take for ``model`` (codes + fp16 scale and zero when quantized)."""
+    cfg = text_config(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_slot = head_dim * next(model.parameters()).element_size() if settings.kv_bits is None else \
+        head_dim * settings.kv_bits / 8 + 4
+    return 2.0 * cfg.num_hidden_layers * num_kv_heads(model) * settings.num_blocks * settings.block_size * per_slot
+
+
+def check_page_limits(model, workload: ServeWorkload, settings: EngineSettings) -> None:
+    """Refuse a view that would serve too much for half a minute of CPU, or allocate pools over 512 MB."""
+    params = sum(p.numel() for p in model.parameters())
+    work = workload.num_requests * (workload.prompt_max + workload.output_max) * params
+    if work > PAGE_WORK_LIMIT:
+        raise ValueError(f"{workload.num_requests} requests of up to {workload.prompt_max} + {workload.output_max} "
+                         f"tokens on a {params / 1e6:.0f}M-parameter model is more than one view serves in about "
+                         "half a minute here: fewer or shorter requests (python -m kvcore engine has no limit)")
+    if pool_bytes(model, settings) > PAGE_POOL_BYTES:
+        raise ValueError(f"{settings.num_blocks} blocks of {settings.block_size} tokens take "
+                         f"{pool_bytes(model, settings) / 1e6:,.0f} MB of pools for this model; the page allows "
+                         f"{PAGE_POOL_BYTES / 1e6:.0f} MB: fewer blocks or quantized pools")
+
+
+def pool_snapshot(engine: LLMEngine) -> list[dict]:
+    """The pool after the engine's last step: one row per block held or still cached."""
+    manager, step = engine.scheduler.manager, engine.stats.steps
+    owners = manager.block_owners()
+    rows = []
+    for block in manager.blocks:
+        if block is manager.null_block or (block.ref_cnt == 0 and block.block_hash is None):
+            continue
+        rows.append({"step": step, "block": block.block_id, "ref_cnt": block.ref_cnt,
+                     "owners": " ".join(owners.get(block.block_id, [])),
+                     "hash": "" if block.block_hash is None else f"{block.block_hash & 0xFFFFFFFF:08x}"})
+    return rows
+
+
+def request_table(run: ServedRun, tokenizer, prompts: list[list[int]]) -> pd.DataFrame:
+    """Each request: its prompt and output text, lengths, prefix-cache hits and times."""
+    table = run.requests.copy()
+    result = run.engine.result().requests
+    table.insert(1, "prompt", [tokenizer.decode(p[-60:], skip_special_tokens=True) for p in prompts])
+    table.insert(2, "output", [tokenizer.decode(o, skip_special_tokens=True) for o in run.outputs])
+    table["prefix_hit_tokens"] = result["prefix_hit_tokens"].to_numpy()
+    table["preemptions"] = result["preemptions"].to_numpy()
+    return table
+
+
+def engine_report(model, tokenizer, workload: ServeWorkload, settings: EngineSettings, transformers: bool = True,
+                  progress: Progress | None = None) -> EngineReport:
+    """Serve ``workload`` on the engine (and on transformers), snapshot the pool, fit and predict."""
+    prompts, outputs = workload.build(tokenizer)
+    snapshots: list[dict] = []
+    engine = settings.engine(model)
+    engine_progress = None if progress is None else (lambda f: progress(f * (0.5 if transformers else 0.9),
+                                                                         "serving on the engine"))
+    run = serve_engine(model, prompts, outputs, settings, engine=engine, progress=engine_progress,
+                       on_step=lambda e: snapshots.extend(pool_snapshot(e)))
+    runs = [run]
+    if transformers:
+        runs.append(serve_transformers(model, prompts, outputs, settings.max_num_seqs, tokenizer.pad_token_id or 0,
+                                       threads=settings.threads, progress=None if progress is None else (
+                                           lambda f, label: progress(0.5 + 0.4 * f, label))))
+    if progress is not None:
+        progress(0.95, "fitting the simulator")
+    fit = fit_step_time(engine.stats.timeline)
+    prediction = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
+    pool = pd.DataFrame(snapshots, columns=["step", "block", "ref_cnt", "owners", "hash"])
+    kept = sorted(pool["step"].unique())
+    if len(kept) > MAX_SNAPSHOT_STEPS:
+        pool = pool[pool["step"].isin(kept[::-(-len(kept) // MAX_SNAPSHOT_STEPS)])]
+    return EngineReport(comparison(runs), request_table(run, tokenizer, prompts), engine.stats.timeline,
+                        pool.reset_index(drop=True), coefficients_table(fit, engine.stats.steps), prediction,
+                        engine.config.num_blocks, engine.kv_bytes, time.strftime("%Y-%m-%d %H:%M:%S"),
+                        os.getloadavg()[0])

@@ -1,0 +1,76 @@
+"""Figures of the Serving engine page: the run's metrics, the measured step timeline, the block pool at a step.
+Styled through :func:`ui.figures.style`."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from kvcore.engine.report import EngineReport
+from ui.figures import PALETTE, style
+from ui.format import bytes_str
+
+POOL_COLUMNS = 32  # blocks per row of the pool map
+FREE_CACHED, SHARED = "#BBBBBB", "#000000"
+
+
+def run_metrics(report: EngineReport) -> None:
+    """Throughput, TTFT and TPOT of the engine (and its ratio to transformers), the pool, the prefix hits."""
+    engine = report.summary.iloc[0]
+    versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers"
+              if len(report.summary) > 1 else None)
+    hits, steps = int(report.requests["prefix_hit_tokens"].sum()), report.steps
+    values = {
+        "Output tokens/s": (f"{engine.output_tok_per_s:,.0f}", versus),
+        "TTFT p50": (f"{engine.ttft_ms_p50:,.0f} ms", f"p99 {engine.ttft_ms_p99:,.0f} ms"),
+        "TPOT p50": (f"{engine.tpot_ms_p50:,.1f} ms", f"p99 {engine.tpot_ms_p99:,.1f} ms"),
+        "Peak KV blocks": (f"{int(steps['kv_blocks_used'].max())} / {report.num_blocks - 1}",
+                           f"pools {bytes_str(report.kv_bytes)}"),
+        "Prefix-cache hits": (f"{hits:,} tokens", f"{int(steps['batch_tokens'].sum()):,} computed"),
+    }
+    for col, (label, (value, note)) in zip(st.columns(len(values)), values.items(), strict=True):
+        col.metric(label, value, note, delta_color="off")
+
+
+def step_timeline(steps: pd.DataFrame) -> go.Figure:
+    """Tokens each step computed (prefill vs decode), its measured time, and the KV blocks held."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.65, 0.35],
+                        specs=[[{"secondary_y": True}], [{}]],
+                        subplot_titles=("tokens per step and measured step time", "KV blocks held"))
+    for i, (column, name) in enumerate((("prefill_tokens", "prefill tokens"), ("decode_tokens", "decode tokens"))):
+        fig.add_trace(go.Bar(x=steps["step"], y=steps[column], name=name, marker_color=PALETTE[1 - i]), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps["step"], y=steps["step_s"] * 1e3, name="step time (ms)", mode="lines",
+                             line={"color": PALETTE[3], "width": 2}), row=1, col=1, secondary_y=True)
+    fig.add_trace(go.Scatter(x=steps["step"], y=steps["kv_blocks_used"], name="blocks held", mode="lines",
+                             line={"color": PALETTE[2], "width": 2, "shape": "hv"}), row=2, col=1)
+    fig.update_layout(barmode="stack", bargap=0.05)
+    fig.update_yaxes(title_text="tokens", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="ms", row=1, col=1, secondary_y=True, rangemode="tozero")
+    fig.update_yaxes(title_text="blocks", row=2, col=1, rangemode="tozero")
+    fig.update_xaxes(title_text="engine step", row=2, col=1)
+    return style(fig, "Every step, as measured", height=520)
+
+
+def pool_map(pool: pd.DataFrame, num_blocks: int, step: int) -> go.Figure:
+    """The pool after ``step``: each block a square, coloured by its first owner; black = shared (ref_cnt > 1),
+    grey = free but still cached (its hash can be hit), blank = free."""
+    at = pool[pool["step"] == step]
+    owner = at["owners"].str.split().str[0].fillna("")
+    color = [SHARED if r > 1 else FREE_CACHED if r == 0 else PALETTE[int(o.lstrip("r").split("/")[0] or 0)
+                                                                     % len(PALETTE)]
+             for r, o in zip(at["ref_cnt"], owner, strict=True)]
+    fig = go.Figure(go.Scatter(
+        x=at["block"] % POOL_COLUMNS, y=at["block"] // POOL_COLUMNS, mode="markers",
+        marker={"symbol": "square", "size": 13, "color": color, "line": {"width": 0}},
+        customdata=at[["block", "ref_cnt", "owners", "hash"]].to_numpy(),
+        hovertemplate="block %{customdata[0]}<br>ref_cnt %{customdata[1]}<br>owners: %{customdata[2]}"
+                      "<br>hash %{customdata[3]}<extra></extra>"))
+    rows = -(-num_blocks // POOL_COLUMNS)
+    fig.update_xaxes(range=[-1, POOL_COLUMNS], showticklabels=False, showgrid=False, zeroline=False,
+                     title_text=f"block id mod {POOL_COLUMNS}")
+    fig.update_yaxes(range=[rows, -1], showgrid=False, zeroline=False, title_text=f"block id // {POOL_COLUMNS}")
+    title = (f"Block pool after step {step}: {int((at['ref_cnt'] > 0).sum())} held, "
+             f"{int((at['ref_cnt'] > 1).sum())} shared, {int((at['ref_cnt'] == 0).sum())} free but cached")
+    return style(fig, title, height=max(300, 26 * min(rows, 40) + 110), legend=False)
