@@ -6,7 +6,7 @@ import argparse
 
 import pandas as pd
 
-from kvcore.sched.compare import DEFAULT_BUDGETS, ServingSetup, compare
+from kvcore.sched.compare import DEFAULT_BUDGETS, RULES, ServingSetup, compare
 from kvcore.sched.config import POLICIES, PREEMPTION
 from kvcore.sched.trace import read_trace
 from kvcore.sched.workload import ARRIVALS, LENGTHS, Workload, WorkloadConfig, make_workload
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     """Build the workload and one engine per scheduler; return the metrics table (one row each)."""
     setup = ServingSetup(args.model, args.gpu, tuple(args.schedulers), args.budget, args.chunk_budget,
                          args.max_num_seqs, args.preemption, args.host_blocks, args.prefix_caching, args.block_size,
-                         args.num_blocks)
+                         args.num_blocks, args.rules)
     return compare(workload_from_args(args), setup.configs()).summary
 
 
@@ -64,4 +64,6 @@ def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) ->
     p.add_argument("--prefix-caching", action="store_true", help="enable automatic prefix caching")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool in blocks (default: what fits the GPU)")
+    p.add_argument("--rules", default=RULES[0], choices=RULES,
+                   help="continuous / chunked follow the textbook rules or vLLM 0.33's own scheduler")
     p.set_defaults(run=run)
