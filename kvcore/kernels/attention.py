@@ -16,7 +16,7 @@ import torch
 
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, paged_attention_cpu
-from kvcore.kernels.paged_native import paged_attention_native, supports, unsupported
+from kvcore.kernels.paged_native import paged_attention_native, unsupported
 from kvcore.kernels.paged_triton import compiled_for, paged_attention_triton, unavailable
 from kvcore.kernels.validate import check_paged, check_query
 
@@ -107,6 +107,20 @@ def forced_kernel(backend: str, device: torch.device, native_unsupported: str) -
     return "fused" if backend == "native" else "triton"
 
 
+def choose_kernel(device: torch.device, backend: str | None, native_reason: str) -> str:
+    """The key in :data:`KERNELS` to run on ``device``: the forced ``backend``, else the best there is.
+
+    native_reason: why the fused C kernel cannot run the call (``""`` when it can). On a GPU the Triton
+    kernel when it compiles, else the batched torch ops; on CPU the C kernel when it can, else torch.
+    """
+    check_backend(backend)
+    if backend is not None:
+        return forced_kernel(backend, device, native_reason)
+    if device.type != "cpu":
+        return "triton" if compiled_for(device) else "batched"
+    return "torch" if native_reason else "fused"
+
+
 def paged_kernel(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  backend: str | None = None) -> str:
     """The key in :data:`KERNELS` of the kernel :func:`paged_decode_attention` runs for these (valid) tensors.
@@ -114,13 +128,7 @@ def paged_kernel(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     backend: as in :func:`paged_decode_attention`; a forced backend that cannot run the call raises
     ValueError naming why.
     """
-    check_backend(backend)
-    device = key_cache.device
-    if backend is not None:
-        return forced_kernel(backend, device, unsupported(query, key_cache, value_cache))
-    if device.type != "cpu":
-        return "triton" if compiled_for(device) else "batched"
-    return "fused" if supports(query, key_cache, value_cache) else "torch"
+    return choose_kernel(key_cache.device, backend, unsupported(query, key_cache, value_cache))
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

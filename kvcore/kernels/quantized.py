@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from kvcore.kernels import native
-from kvcore.kernels.attention import check_backend, forced_kernel
+from kvcore.kernels.attention import choose_kernel
 from kvcore.kernels.flash import empty_partials, merge_partials
 from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
 from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, ChunkPlan
 from kvcore.kernels.paged_native import GROUPS, LIBRARY, native_function, run_native
-from kvcore.kernels.paged_triton import compiled_for, quantized_paged_attention_triton
+from kvcore.kernels.paged_triton import quantized_paged_attention_triton
 from kvcore.kernels.parallel import DEFAULT_WORKERS, Span, one_intra_op_thread, plan_spans, run_spans
 from kvcore.kernels.validate import check_block_tables, check_query
 from kvcore.quant import QuantizedTensor, quantize
@@ -229,13 +229,7 @@ def quantized_kernel(query: torch.Tensor, key_cache: QuantizedTensor, value_cach
     """The key in :data:`kvcore.kernels.attention.KERNELS` of the kernel that
     :func:`quantized_paged_decode_attention` runs for these (valid) arguments; ``"torch"`` on CPU is this
     module's chunk loop. A forced backend that cannot run the call raises ValueError naming why."""
-    check_backend(backend)
-    device = key_cache.device
-    if backend is not None:
-        return forced_kernel(backend, device, native_unsupported(query, key_cache, value_cache))
-    if device.type != "cpu":
-        return "triton" if compiled_for(device) else "batched"
-    return "fused" if native_supports(query, key_cache, value_cache) else "torch"
+    return choose_kernel(key_cache.device, backend, native_unsupported(query, key_cache, value_cache))
 
 
 def _native_function() -> ctypes._CFuncPtr | None:
