@@ -246,7 +246,7 @@ def test_lru_last_use_follows_the_kept_tokens():
         assert state.stats["last_use"][0, h].tolist() == expected
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "lru"])
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "lru", "observed_attention"])
 def test_observing_a_prompt_at_once_equals_observing_it_token_by_token(name):
     keys, _, queries = kvq(B=1, Hq=4, Hkv=2, T=20)
     attn = group_attention(causal_attention(queries, keys), 2)  # [1, 2, 20, 20]

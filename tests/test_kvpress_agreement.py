@@ -32,7 +32,6 @@ from kvcore.eviction import (
     SnapKV,
     StreamingLLM,
     causal_attention,
-    group_attention,
     kvpress_budget,
     kvpress_compatible,
     make_policy,
@@ -329,24 +328,15 @@ def test_observed_attention_counts_only_the_queries_it_was_given():
     assert torch.allclose(state.stats["acc"][0, 0], torch.tensor([0.7, 0.7, 0.6]))
 
 
-def test_observed_attention_at_once_equals_token_by_token_and_follows_evictions():
+def test_observed_attention_counts_the_queries_that_saw_each_token_and_follows_evictions():
     g = torch.Generator().manual_seed(0)
     keys, queries = torch.randn(1, 2, 20, 8, generator=g), torch.randn(1, 4, 20, 8, generator=g)
-    attn = group_attention(causal_attention(queries, keys), 2)  # [1, 2, 20, 20]
     policy = ObservedAttention()
-    at_once = EvictionState.empty(1, 2)
-    at_once.append(20)
-    policy.observe(at_once, attn)
-    stepwise = EvictionState.empty(1, 2)
-    for t in range(20):
-        stepwise.append(1)
-        policy.observe(stepwise, attn[..., t:t + 1, :t + 1])
-    for stat in ("acc", "seen"):
-        assert torch.allclose(at_once.stats[stat], stepwise.stats[stat], atol=1e-6), stat
-    assert at_once.stats["seen"][0, 0].tolist() == [float(20 - j) for j in range(20)]
-    idx = policy.select(at_once, keys, keys, 5)
-    at_once.keep(idx)
-    assert torch.equal(at_once.stats["seen"], (20 - idx).float())
+    state = policy.prefill_state(keys, queries)
+    assert state.stats["seen"][0, 0].tolist() == [float(20 - j) for j in range(20)]
+    idx = policy.select(state, keys, keys, 5)
+    state.keep(idx)
+    assert torch.equal(state.stats["seen"], (20 - idx).float())
 
 
 def test_observed_attention_is_registered():
