@@ -15,6 +15,8 @@ On a CUDA device, in this order and within :data:`BUDGET_S` (about 6 minutes, ch
    :data:`kvcore.shapes.GPU_PRESETS` entry (or ``--peak-gbps``); which peak was used is printed.
    Outputs are compared with SDPA's (max abs difference), never asserted.
 3. Pinned host <-> device copies of 256 MiB, medians, against the preset's host link.
+4. The serving engine on the GPU (the bundled model, the 64-request workload of benchmarks/engine.py): the
+   engine and transformers' generate with static batching, one run each (throughput, TTFT, TPOT).
 
 Without a CUDA device it runs ``tests/test_kernels_triton.py`` (Triton's interpreter on CPU), prints
 that it measured no GPU, and writes the CSV all the same. Times are reported, never asserted; the exit
@@ -45,12 +47,14 @@ from kvcore.shapes import GPU_PRESETS, GpuSpec  # noqa: E402
 
 BUDGET_S = 330  # the whole run stays under 6 minutes
 TEST_TIMEOUT_S = 200
-CUDA_TESTS = ["tests/test_kernels_triton.py", "tests/test_kernels_fast.py", "tests/test_kernels.py"]
+CUDA_TESTS = ["tests/test_kernels_triton.py", "tests/test_kernels_fast.py", "tests/test_kernels.py",
+              "tests/test_engine.py"]
 CPU_TESTS = ["tests/test_kernels_triton.py"]
 SHAPE = {"batch": 16, "q_heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
 COPY_BYTES = 256 << 20
 FIELDS = ["section", "name", "context", "dtype", "median_ms", "p10_ms", "p90_ms", "bytes", "gb_per_s",
-          "peak_gb_per_s", "share_of_peak", "max_abs_diff_vs_sdpa", "note"]
+          "peak_gb_per_s", "share_of_peak", "max_abs_diff_vs_sdpa", "output_tok_per_s", "ttft_ms_p50",
+          "tpot_ms_p50", "note"]
 
 
 def log(message: str) -> None:
@@ -233,6 +237,22 @@ def copy_rows(repeats: int, link: float | None) -> list[dict]:
     return rows
 
 
+def engine_rows() -> list[dict]:
+    """The engine and transformers serving the benchmark workload on the GPU, one run each."""
+    from kvcore.engine.experiment import EngineSettings, serve_engine, serve_transformers
+    from kvcore.engine.workload import ServeWorkload
+    from kvcore.models import load_model
+
+    model, tokenizer = load_model(None, "cuda")
+    prompts, outputs = ServeWorkload(64).build(tokenizer)
+    settings = EngineSettings(num_blocks=1024, max_num_seqs=16, max_num_batched_tokens=512, threads=None)
+    runs = [serve_engine(model, prompts, outputs, settings),
+            serve_transformers(model, prompts, outputs, 16, tokenizer.pad_token_id or 0, threads=None)]
+    return [{"section": "engine", "name": r.system, "dtype": "float32", "median_ms": r.summary["makespan_s"] * 1e3,
+             **{k: r.summary[k] for k in ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50")},
+             "note": "one run each"} for r in runs]
+
+
 def format_row(row: dict) -> str:
     if "median_ms" not in row or "gb_per_s" not in row:
         return row.get("note", "")
@@ -301,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     log("pinned copies")
     rows += copy_rows(max(5, args.repeats // 2), spec.host_link_bandwidth if spec else None)
+    if time.perf_counter() - start < BUDGET_S - 60:
+        log("serving engine vs transformers generate")
+        rows += engine_rows()
+    else:
+        rows.append({"section": "engine", "note": "skipped: time budget spent"})
     log(f"done in {time.perf_counter() - start:.0f} s")
     write_csv(args.csv, rows)
     return 0 if tests_ok else 1

@@ -227,3 +227,16 @@ def test_cli_serves_a_workload_and_compares_it(tmp_path, capsys):
     assert (table["output_tokens"] == table["output_tokens"].iloc[0]).all()
     assert "error_pct" in capsys.readouterr().err  # the simulator's prediction of the run
     assert main(["engine", "--requests", "2", "--prompt-min", "3000", "--prompt-max", "4000"]) == 2  # > 2048 positions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_generates_as_transformers_on_the_gpu():
+    model, tokenizer = load_model(None, "cuda")
+    prompts = [tokenizer("The import statement")["input_ids"], tokenizer("A dictionary is a")["input_ids"] * 20]
+    engine = LLMEngine(model, num_blocks=64, block_size=16, max_num_seqs=4)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=12))
+    for prompt, output in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([prompt], device="cuda")
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == want
