@@ -15,7 +15,6 @@ steps, so a run's tables (:meth:`LLMEngine.result`) read like a simulation's and
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -288,8 +287,3 @@ class LLMEngine:
     def kv_bytes(self) -> int:
         """Bytes of the paged pools, allocated once (codes + scales + zeros when quantized)."""
         return self.runner.kv_bytes
-
-    def bytes_held(self) -> float:
-        """Pool bytes per block times the most blocks held at once in the last run."""
-        return self.runner.kv_bytes / self.config.num_blocks * self.stats.peak_blocks_used if self.stats.steps \
-            else math.nan

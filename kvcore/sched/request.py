@@ -78,7 +78,6 @@ class RequestState:
     in_prefill: bool = True
     admitted: bool = False
     finished: bool = False
-    sampling: bool = False
     prefix_hit_tokens: int = 0
     readmit_hit_tokens: int = 0
     first_scheduled_s: float = math.nan
