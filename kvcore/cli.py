@@ -22,10 +22,11 @@ from kvcore.paged import cli as paged_cli
 from kvcore.quant import cli as quant_cli
 from kvcore.sched import cli as sched_cli
 from kvcore.sharing import cli as sharing_cli
+from kvcore.study import cli as study_cli
 
 # The modules registering a subcommand, in the order --help lists them.
 EXPERIMENTS = (calculator, paged_cli, hierarchy_cli, sched_cli, engine_cli, quant_cli, models_cli, eviction_cli,
-               sharing_cli)
+               sharing_cli, study_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
