@@ -32,15 +32,16 @@ MODEL_DIRS_ENV = "KVLAB_MODEL_DIRS"
 
 def load_model(name_or_path: str | None = None, device: str | torch.device | None = None, *,
                max_weight_bytes: float = MAX_WEIGHT_BYTES, attn_implementation: str = "eager",
-               timeout_s: float = 10.0):
-    """Load ``(model, tokenizer)`` in eval mode, float32 on CPU.
+               timeout_s: float = 10.0, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` in eval mode, float32 unless ``dtype`` says otherwise.
 
     name_or_path: ``None`` or ``"bundled"`` for the bundled offline model; a local folder with a
     ``config.json``; or a Hub name (``"gpt2"``, ``"HuggingFaceTB/SmolLM2-135M"``...).
     device: where the weights go (default: CUDA when available, else CPU).
     max_weight_bytes: refuse models whose stored weights exceed this many bytes (checked before download).
     attn_implementation: ``"eager"`` (attention probabilities available) or ``"sdpa"``.
-    timeout_s: seconds to wait for the Hub's metadata before giving up.
+    timeout_s: seconds to wait for the Hub's metadata before giving up. dtype: the weights' dtype, loaded
+    straight in it (a large model in float16 or bfloat16 never takes 4 bytes per parameter).
     Raises ValueError for a bad name or a model that will not fit, OSError when the Hub cannot be reached.
     """
     dev = device if isinstance(device, torch.device) else get_device(device)
@@ -48,20 +49,20 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
         folder = BUNDLED_DIR
         if not (folder / "model.safetensors").is_file():
             raise OSError(f"the bundled model is missing from {folder}; run scripts/train_bundled_model.py")
-        return _from_folder(folder, dev, attn_implementation)
+        return _from_folder(folder, dev, attn_implementation, dtype)
     name = name_or_path.strip()
     local = local_folder(name)
     if local is not None:
         _check_local(local, max_weight_bytes)
-        return _from_folder(local, dev, attn_implementation)
+        return _from_folder(local, dev, attn_implementation, dtype)
     if not _HUB_NAME.match(name):
         raise ValueError(f"{name!r} is neither a local folder nor a Hugging Face Hub name like 'gpt2' or 'owner/model'")
     if hub_offline():
         folder = _cached_snapshot(name)
         _check_local(folder, max_weight_bytes)
-        return _from_folder(folder, dev, attn_implementation)
+        return _from_folder(folder, dev, attn_implementation, dtype)
     check_hub_model(name, max_weight_bytes, timeout_s)
-    return _from_folder(name, dev, attn_implementation)
+    return _from_folder(name, dev, attn_implementation, dtype)
 
 
 def public_deployment() -> bool:
@@ -172,14 +173,15 @@ def _check_local(folder: Path, max_weight_bytes: float) -> None:
     _check_size(str(folder), sum(p.stat().st_size for p in safetensors or files), max_weight_bytes)
 
 
-def _from_folder(source: str | Path, device: torch.device, attn_implementation: str):
+def _from_folder(source: str | Path, device: torch.device, attn_implementation: str,
+                 dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-load progress bar only clutters the CLI and the server log
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False,
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False,
                                                      attn_implementation=attn_implementation)
     except OSError as exc:
         raise OSError(f"could not load {str(source)!r}: {exc}. {_NO_NETWORK}") from exc

@@ -131,12 +131,9 @@ class StudyResult:
 
 
 def load_study_model(settings: StudySettings):
-    """``(model, tokenizer)`` in the settings' dtype on their device (weights loaded in float32, then cast)."""
+    """``(model, tokenizer)`` loaded straight in the settings' dtype on their device."""
     cap = float("inf") if settings.max_weight_gb is None else settings.max_weight_gb * 1e9
-    model, tokenizer = load_model(settings.model, settings.device, max_weight_bytes=cap)
-    if settings.dtype != "float32":
-        model = model.to(DTYPES[settings.dtype])
-    return model, tokenizer
+    return load_model(settings.model, settings.device, max_weight_bytes=cap, dtype=DTYPES[settings.dtype])
 
 
 def study_inputs(model, tokenizer, settings: StudySettings) -> tuple[torch.Tensor, torch.Tensor]:
