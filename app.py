@@ -9,7 +9,11 @@ import streamlit as st
 
 from ui.params import forget_other_pages
 
-st.set_page_config(page_title="KV Cache Lab", page_icon=":material/memory:", layout="wide")
+PAGE_ICON = "💾"
+
+# The favicon is an emoji, drawn by the browser: a ":material/...:" favicon is fetched from fonts.gstatic.com,
+# which fails offline. The navigation's material icons come from the font Streamlit serves itself.
+st.set_page_config(page_title="KV Cache Lab", page_icon=PAGE_ICON, layout="wide")
 
 PAGES = [
     st.Page("app_pages/home.py", title="Home: KV memory", icon=":material/calculate:", default=True),

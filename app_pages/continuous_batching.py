@@ -8,7 +8,7 @@ from kvcore import sched
 from kvcore.sched.compare import RULES, ServingSetup, rules_difference
 from kvcore.shapes import GPU_PRESETS
 from ui import batching_figures, figures, params, tables
-from ui.batching_runs import UploadedTrace, run
+from ui.batching_runs import DEFAULT_MODEL, DEFAULT_WORKLOAD, UploadedTrace, run
 from ui.guard import user_errors
 
 st.title("Continuous batching")
@@ -17,7 +17,7 @@ st.markdown("A serving engine runs one forward pass per **step** and decides, ea
             "(Orca, vLLM) lets requests join and leave at every step; **chunked prefill** (Sarathi-Serve) splits "
             "long prompts so decodes are never stalled behind them. The same workload runs through each, with "
             "every KV block taken from and returned to the real block manager and every step timed by a roofline.")
-W = sched.WorkloadConfig()
+W = DEFAULT_WORKLOAD
 with st.sidebar:
     st.subheader("Workload")
     source = params.widget(st.segmented_control, "Requests from", key="src", options=["synthetic", "trace"],
@@ -48,7 +48,7 @@ with st.sidebar:
                                   max_value=4096, value=W.prefix_tokens)
     seed = params.widget(st.number_input, "Seed", key="seed", min_value=0, max_value=1_000_000, value=0)
     st.subheader("Model and GPU")
-    model = params.model_preset("Model", key="model")
+    model = params.model_preset("Model", key="model", default=DEFAULT_MODEL)
     gpu = params.widget(st.selectbox, "GPU", key="gpu", options=list(GPU_PRESETS))
     st.subheader("Scheduler")
     policies = params.widget(st.multiselect, "Schedulers (static, continuous, chunked prefill)", key="sch",
@@ -95,6 +95,7 @@ for col, name in zip(st.columns(len(names)), names, strict=True):
     col.metric(f"{name}: output tokens/s", f"{s.output_tok_per_s:,.0f}",
                help=f"TTFT p50 {s.ttft_ms_p50:,.0f} ms, TPOT p99 {s.tpot_ms_p99:.1f} ms, {s.preemptions} preemptions")
 st.caption(" ".join(sched.takeaways(result.summary)))
+st.caption(batching_figures.pool_caption(result))
 figures.show(batching_figures.gantt_figure(result.phases, names, drawn), key="gantt")
 figures.show(batching_figures.timeline_figure(result.timeline, names), key="timeline")
 figures.show(batching_figures.cdf_figure(result.requests, names), key="cdf")

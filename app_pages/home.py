@@ -25,10 +25,10 @@ st.caption(
 )
 
 st.header("KV memory calculator")
-left, right = st.columns([1, 2], gap="large")
+names = params.widget(st.multiselect, "Models", key="models", options=[*PRESETS, "custom"],
+                      default=["llama-2-7b", "llama-3-8b", "mistral-7b"])
+left, right = st.columns([1, 3], gap="large")
 with left:
-    names = params.widget(st.multiselect, "Models", key="models", options=[*PRESETS, "custom"],
-                          default=["llama-2-7b", "llama-3-8b", "mistral-7b"])
     tokens = params.widget(st.number_input, "Context length (tokens)", key="tokens", min_value=1,
                            max_value=10_000_000, value=10_000, step=1024)
     batch = params.widget(st.number_input, "Batch size (sequences)", key="batch", min_value=1,
@@ -39,11 +39,10 @@ with left:
     shapes = [PRESETS[n] for n in names if n in PRESETS]
     if "custom" in names:
         with st.expander("Custom shape", expanded=True):
-            c1, c2 = st.columns(2)
-            layers = params.widget(c1.number_input, "Layers", key="c_layers", min_value=1, max_value=512, value=32)
-            q_heads = params.widget(c2.number_input, "Query heads", key="c_q", min_value=1, max_value=512, value=32)
-            kv_heads = params.widget(c1.number_input, "KV heads", key="c_kv", min_value=1, max_value=512, value=8)
-            head_dim = params.widget(c2.number_input, "Head dim", key="c_d", min_value=1, max_value=1024, value=128)
+            layers = params.widget(st.number_input, "Layers", key="c_layers", min_value=1, max_value=512, value=32)
+            q_heads = params.widget(st.number_input, "Query heads", key="c_q", min_value=1, max_value=512, value=32)
+            kv_heads = params.widget(st.number_input, "KV heads", key="c_kv", min_value=1, max_value=512, value=8)
+            head_dim = params.widget(st.number_input, "Head dim", key="c_d", min_value=1, max_value=1024, value=128)
             billions = params.widget(st.number_input, "Parameters (billions)", key="c_params", min_value=0.001,
                                      max_value=2000.0, value=8.0, step=0.5)
             with user_errors("Custom shape", stop=False):

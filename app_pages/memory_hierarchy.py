@@ -41,11 +41,12 @@ if tab_offload.open:
         kind, policy, write, prefetch = (
             params.widget(col.segmented_control, label, key=key, options=opts, default=opts[0], required=True)
             for col, (label, (key, opts)) in zip(st.columns(4), CHOICES.items(), strict=True))
-        c = st.columns(7)
+        c = [*st.columns(4), *st.columns(4)]
         chunk = params.widget(c[0].selectbox, "Chunk (tokens)", key="h_chunk", options=[64, 128, 256, 512], index=2)
         n, *caps, remote_bw = (
-            params.widget(col.number_input, label, key=key, min_value=lo, max_value=hi, value=value)
-            for col, (label, (key, lo, hi, value)) in zip(c[1:], OFFLOAD_INPUTS.items(), strict=True))
+            params.widget(col.number_input, label, key=key, min_value=lo, max_value=hi, value=value,
+                          format=hf.fmt(value))
+            for col, (label, (key, lo, hi, value)) in zip(c[1:7], OFFLOAD_INPUTS.items(), strict=True))
         with user_errors("Offload simulation"):
             tiers, config = tiers_for(gpu, link, *caps, remote_bw), OffloadConfig(chunk, policy, write, prefetch)
             runs = offload(model, gpu, tiers, make_workload(kind, n, seed), config)
@@ -56,8 +57,7 @@ if tab_offload.open:
                                   f"({full.chunk_bytes / 1e6:.1f} MB each), snapshots over the run"), key="h_fig_map")
         left, right = st.columns(2)
         with left:
-            figures.show(figures.bar_chart(full.sources, "source", "share", title="Prompt tokens by where they came "
-                                           "from", y_title="share of prompt tokens"), key="h_fig_src")
+            figures.show(hf.sources_bars(full.sources), key="h_fig_src")
         with right:
             figures.show(hf.ecdf(runs.ttft(), "ttft_ms", "setup", title="TTFT per request", x_title="TTFT (ms)"),
                          key="h_fig_ttft")
@@ -83,17 +83,15 @@ if tab_pd.open:
     with tab_pd:
         c = st.columns(4)
         rate, prompt, out, pd_n, gpus, p_gpus, link_gbps, lat = (
-            params.widget(c[i % 4].number_input, label, key=key, min_value=lo, max_value=hi, value=value)
-            for i, (label, (key, lo, hi, value)) in enumerate(PD_INPUTS.items()))
+            params.widget(c[i % 4].number_input, label, key=key, min_value=lo, max_value=hi, value=value,
+                          format=hf.fmt(value)) for i, (label, (key, lo, hi, value)) in enumerate(PD_INPUTS.items()))
         with user_errors("PD simulation"):
             per_req, summary = pd_split(model, gpu, ServingWorkload(pd_n, rate, prompt, out, seed),
                                         PDConfig(gpus, p_gpus, link_gbps * 1e9, lat / 1e3))
-        for col, metric, title in zip(st.columns(2), ["ttft_s", "max_itl_s"], ["TTFT", "Largest gap between two "
-                                      "tokens of a request (prefills stall colocated decodes)"], strict=True):
+        for col, (metric, title) in zip(st.columns(2), hf.PD_TITLES.items(), strict=True):
             with col:
                 figures.show(hf.ecdf(per_req, metric, "setup", title=title, x_title="seconds"), key=f"h_fig_{metric}")
-        tables.show_table(summary, "hierarchy", "pd", {"model": model, "rate": rate}, caption="TTFT ends at the "
-                          "prefill step (DistServe); KV transfer and the decode queue delay the 2nd token (TPOT).")
+        tables.show_table(summary, "hierarchy", "pd", {"model": model, "rate": rate}, caption=hf.PD_CAPTION)
         tables.show_table(per_req, "hierarchy", "pd-requests", {"model": model, "rate": rate}, height=240)
 
 if tab_roof.open:
@@ -104,9 +102,9 @@ if tab_roof.open:
         batch = params.widget(c[1].number_input, "Decode batch", key="h_batch", min_value=1, max_value=4096, value=32)
         with user_errors("Roofline"):
             roof = roofline(model, gpu, ctx, batch)
-        figures.show(hf.roofline(roof.points, roof.roof, GPU_PRESETS[gpu].ridge_point, f"{model} on {gpu}"))
-        figures.show(figures.bar_chart(roof.decode_bytes, "context", "GB", "part", barmode="stack",
-                                       title=f"Bytes of one decode step, batch {batch}", x_title="context (tokens)"))
+        figures.show(hf.roofline(roof.points, roof.roof, GPU_PRESETS[gpu].ridge_point,
+                                 f"Roofline of prefill and decode: {model} on {gpu}"))
+        figures.show(hf.decode_bytes_bars(roof.decode_bytes, batch))
         settings = {"model": model, "gpu": gpu, "ctx": ctx, "batch": batch}
         st.markdown(hf.attention_note(roof.attention, GPU_PRESETS[gpu].ridge_point))
         tables.show_table(roof.attention, "hierarchy", "attention-io", settings, caption="Causal attention over the "

@@ -31,72 +31,68 @@ with st.sidebar:
     gpu = params.widget(st.selectbox, "GPU", key="sh_gpu", options=list(GPU_PRESETS))
     seed = params.widget(st.number_input, "Seed (training runs)", key="sh_seed", min_value=0, max_value=9999, value=0)
 
-tab_heads, tab_layers, tab_convert, tab_scratch = st.tabs(
-    ["Heads: MHA/GQA/MQA", "Layers: cross-layer", "Convert a trained model", "Trained from scratch"])
-with tab_heads, user_errors("Calculator"):
-    table = sharing.kv_heads_table(shape, tokens, batch, bits, GPU_PRESETS[gpu])
-    row = table.set_index("kv_heads").loc[kv]
-    figures.show(sf.head_groups(shape.num_q_heads, kv, f"{preset} with {kv} KV heads: {row.attention}, "
-                                f"{row.q_heads_per_kv_head} query head(s) per KV head"), key="groups")
-    sf.head_metrics(row, tokens, batch, gpu)
-    sf.side_by_side([figures.bar_chart(table.assign(kv=table.kv_heads.astype(str)), "kv", "kv_bytes_per_token",
-                                       title=f"KV bytes per token ({bits}-bit)", x_title="KV heads",
-                                       y_title="bytes per token", log_y=True),
-                     sf.capacity(sharing.fit_table(shape, GPU_PRESETS[gpu], bits), tokens)], "calc")
-    tables.show_table(table, "sharing", "kv-heads", {"model": preset, "tokens": tokens, "batch": batch, "bits": bits},
-                      caption="The same model with each divisor of its query heads as KV heads. Weights at 16 bits "
-                              "with the K/V projections resized; 'fit' = (HBM - weights) / KV bytes.")
+tab_heads, tab_layers, tab_convert, tab_scratch = params.widget(st.tabs, sf.TABS, key="sh_tab")
+if tab_heads.open:
+    with tab_heads, user_errors("Calculator"):
+        table = sharing.kv_heads_table(shape, tokens, batch, bits, GPU_PRESETS[gpu])
+        row = table.set_index("kv_heads").loc[kv]
+        figures.show(sf.head_groups(shape.num_q_heads, kv, f"{preset} with {kv} KV heads: {row.attention}, "
+                                    f"{row.q_heads_per_kv_head} query head(s) per KV head"), key="groups")
+        sf.head_metrics(row, tokens, batch, gpu)
+        sf.side_by_side([sf.bytes_per_token(table, bits), sf.capacity(shape, GPU_PRESETS[gpu], bits, tokens)], "calc")
+        tables.show_table(table, "sharing", "kv-heads", {"model": preset, "tokens": tokens, "batch": batch,
+                                                         "bits": bits}, caption=sf.HEADS_CAPTION)
 
-with tab_layers:
-    with user_errors("Loading the bundled model"):
-        n_layers, ids = bundled()[0].config.num_hidden_layers, bundled()[3]
-    c1, c2, c3 = st.columns(3)
-    mode = params.widget(c1.segmented_control, "Mode", key="sh_mode", options=list(MODES), default="share",
-                         required=True)
-    start = params.widget(c2.slider, "First shared layer", key="sh_start", min_value=0, max_value=n_layers - 2,
-                          value=min(2, n_layers - 2))
-    t = params.widget(c3.slider, "Merge weight t of the upper layer", key="sh_t", min_value=0.0, max_value=1.0,
-                      value=0.5, step=0.1, disabled=mode == "share")
-    with user_errors("Cross-layer sharing"):
-        cl = crosslayer(mode, t if mode != "share" else 0.5).table
-    st.caption(sf.MODE_TEXT[mode])
-    left, right = st.columns([3, 2])
-    with left:
-        figures.show(sf.crosslayer(cl, start), key="cl")
-    with right:
-        tables.show_table(layer_roles(CrossLayerSettings(mode, start, t), n_layers), "sharing",
-                          "layer-roles", {"mode": mode, "start": start})
-    tables.show_table(cl, "sharing", "cross-layer", {"mode": mode, "t": t}, caption=(
-        f"Bundled model, {ids.shape[0]} windows of {ids.shape[1]} validation tokens; one row per first shared layer. "
-        "Bytes measured from the cache tensors (fp32) at the end."))
+if tab_layers.open:
+    with tab_layers:
+        with user_errors("Loading the bundled model"):
+            n_layers, ids = bundled()[0].config.num_hidden_layers, bundled()[3]
+        c1, c2, c3 = st.columns(3)
+        mode = params.widget(c1.segmented_control, "Mode", key="sh_mode", options=list(MODES), default="share",
+                             required=True)
+        start = params.widget(c2.slider, "First shared layer", key="sh_start", min_value=0, max_value=n_layers - 2,
+                              value=min(2, n_layers - 2))
+        t = params.widget(c3.slider, "Merge weight t of the upper layer", key="sh_t", min_value=0.0, max_value=1.0,
+                          value=0.5, step=0.1, disabled=mode == "share")
+        with user_errors("Cross-layer sharing"):
+            cl = crosslayer(mode, t if mode != "share" else 0.5).table
+        st.caption(sf.MODE_TEXT[mode])
+        left, right = st.columns([3, 2])
+        with left:
+            figures.show(sf.crosslayer(cl, start), key="cl")
+        with right:
+            tables.show_table(layer_roles(CrossLayerSettings(mode, start, t), n_layers), "sharing",
+                              "layer-roles", {"mode": mode, "start": start})
+        tables.show_table(cl, "sharing", "cross-layer", {"mode": mode, "t": t}, caption=sf.crosslayer_caption(ids))
 
-with tab_convert:
-    c1, c2, c3 = st.columns(3)
-    windows = params.widget(c1.number_input, "Validation windows (256 tokens)", key="sh_windows", min_value=1,
-                            max_value=16, value=4)
-    uptrain = params.widget(c2.toggle, "Uptrain each converted model", key="sh_uptrain", value=False)
-    steps = params.widget(c3.slider, "Uptraining steps", key="sh_usteps", min_value=5, max_value=20, value=10,
-                          step=5, disabled=not uptrain)
-    up = steps if uptrain else 0
-    with user_errors("Conversion"):
-        # the seed only orders uptraining batches
-        conv = convert(ConvertSettings(eval_windows=windows, uptrain_steps=up, seed=seed if up else 0))
-    st.caption(sf.convert_caption(conv.table, up))
-    figures.show(sf.conversion(conv.table), key="conv")
-    tables.show_table(conv.table, "sharing", "convert", {"windows": windows, "uptrain": up})
+if tab_convert.open:
+    with tab_convert:
+        c1, c2, c3 = st.columns(3)
+        windows = params.widget(c1.number_input, "Validation windows (256 tokens)", key="sh_windows", min_value=1,
+                                max_value=16, value=4)
+        uptrain = params.widget(c2.toggle, "Uptrain each converted model", key="sh_uptrain", value=False)
+        steps = params.widget(c3.slider, "Uptraining steps", key="sh_usteps", min_value=5, max_value=20, value=10,
+                              step=5, disabled=not uptrain)
+        up = steps if uptrain else 0
+        with user_errors("Conversion"):  # the seed only orders uptraining batches
+            conv = convert(ConvertSettings(eval_windows=windows, uptrain_steps=up, seed=seed if up else 0))
+        st.caption(sf.convert_caption(conv.table, up))
+        figures.show(sf.conversion(conv.table), key="conv")
+        tables.show_table(conv.table, "sharing", "convert", {"windows": windows, "uptrain": up})
 
-with tab_scratch:
-    shipped = shipped_results()
-    if shipped is None:
-        st.info("No shipped results: run `python scripts/train_kv_head_variants.py`.")
-    else:
-        st.caption(sf.shipped_caption(shipped.summary))
-        sf.side_by_side(sf.curves(shipped.curves, "Shipped run"), "shipped")
-        tables.show_table(shipped.summary, "sharing", "kv-heads-shipped")
-    if params.widget(st.toggle, "Re-run a short version here", key="sh_live", value=False):
-        lsteps = params.widget(st.slider, "Steps per variant", key="sh_lsteps", min_value=10, max_value=30, value=20,
-                               step=10)
-        with user_errors("Training"):
-            run = live(live_settings(lsteps, seed))
-        sf.side_by_side(sf.curves(run.curves, "Live run"), "live")
-        tables.show_table(run.summary, "sharing", "kv-heads-live", {"steps": lsteps, "seed": seed})
+if tab_scratch.open:
+    with tab_scratch:
+        shipped = shipped_results()
+        if shipped is None:
+            st.info("No shipped results: run `python scripts/train_kv_head_variants.py`.")
+        else:
+            st.caption(sf.shipped_caption(shipped.summary))
+            sf.side_by_side(sf.curves(shipped.curves, "Shipped run"), "shipped")
+            tables.show_table(shipped.summary, "sharing", "kv-heads-shipped")
+        if params.widget(st.toggle, "Re-run a short version here", key="sh_live", value=False):
+            lsteps = params.widget(st.slider, "Steps per variant", key="sh_lsteps", min_value=10, max_value=30,
+                                   value=20, step=10)
+            with user_errors("Training"):
+                run = live(live_settings(lsteps, seed))
+            sf.side_by_side(sf.curves(run.curves, "Live run"), "live")
+            tables.show_table(run.summary, "sharing", "kv-heads-live", {"steps": lsteps, "seed": seed})

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kvcore.sched import PHASES, POLICY_LABELS, CostModel
+from kvcore.sched import PHASES, POLICY_LABELS, Comparison, CostModel
 from ui.figures import PALETTE, style
 
 PHASE_COLORS = {"waiting": "#D9D9D9", "prefill": PALETTE[1], "decode": PALETTE[0], "preempted": PALETTE[3]}
@@ -42,7 +42,7 @@ def gantt_figure(phases: pd.DataFrame, schedulers: list[str], max_requests: int)
                          row=row, col=1)
     fig.update_layout(barmode="overlay", bargap=0.15)
     fig.update_xaxes(title_text="time (s)", row=len(schedulers), col=1)
-    return _clear_titles(style(fig, f"Requests over time (first {max_requests})", height=160 + 230 * len(schedulers)))
+    return style(fig, f"Requests over time (first {max_requests})", height=160 + 230 * len(schedulers))
 
 
 def timeline_figure(timeline: pd.DataFrame, schedulers: list[str]) -> go.Figure:
@@ -58,7 +58,7 @@ def timeline_figure(timeline: pd.DataFrame, schedulers: list[str]) -> go.Figure:
                                                                               "width": 2, "shape": "hv"}),
                           row=row, col=1)
     fig.update_xaxes(title_text="time (s)", row=3, col=1)
-    return _clear_titles(style(fig, "Memory and batch size over time", height=640))
+    return style(fig, "Memory and batch size over time", height=640)
 
 
 def cdf_figure(requests: pd.DataFrame, schedulers: list[str]) -> go.Figure:
@@ -74,19 +74,35 @@ def cdf_figure(requests: pd.DataFrame, schedulers: list[str]) -> go.Figure:
                           row=1, col=col)
             fig.update_xaxes(type="log", title_text="ms (log scale)", row=1, col=col)
     fig.update_yaxes(title_text="fraction of requests", range=[0, 1.02], row=1, col=1)
-    return _clear_titles(style(fig, "Latency CDFs", height=420))
-
-
-def _clear_titles(fig: go.Figure) -> go.Figure:
-    """Lift the legend above the subplot titles so they do not overlap."""
-    fig.update_layout(legend={"y": 0.99, "yanchor": "top", "yref": "container", "x": 1.0, "xanchor": "right"},
-                      margin={"t": 100})
-    return fig
+    return style(fig, "Latency CDFs", height=420)
 
 
 def _thin(part: pd.DataFrame) -> pd.DataFrame:
     step = max(1, len(part) // MAX_POINTS)
     return part.iloc[::step] if step > 1 else part
+
+
+def pool_caption(comparison: Comparison) -> str:
+    """What the KV pool went through: its size, the peak usage, and what preemption cost each scheduler."""
+    first = comparison.results[0]
+    cost, summary = first.config.cost, comparison.summary.set_index("scheduler")
+    tokens = first.num_blocks * first.config.block_size
+    text = (f"KV pool: {first.num_blocks:,} blocks of {first.config.block_size} tokens ({tokens:,} tokens, "
+            f"{tokens * cost.kv_bytes_per_token / 1e9:,.1f} GB at {cost.kv_bytes_per_token / 1e3:,.0f} kB per token "
+            f"of {cost.shape.name}); peak usage " + ", ".join(f"{name} {row.peak_kv_usage:.0%}"
+                                                              for name, row in summary.iterrows()) + ".")
+    preempted = summary[summary["preemptions"] > 0]
+    if not len(preempted):
+        return text + (" Nothing was preempted, so recompute and swap give the same run: fewer KV blocks, a "
+                       "bigger model or longer requests put the pool under pressure.")
+    mode = first.config.preemption
+    cost_of = {"recompute": lambda r: f"{r.recomputed_tokens:,} tokens computed again",
+               "swap": lambda r: f"{r.swap_GB:,.1f} GB over the host link"}[mode]
+    hit = comparison.requests.loc[comparison.requests["preemptions"] > 0, "request"]
+    return text + f" Preempted ({mode}): " + "; ".join(
+        f"{name} {int(r.preemptions):,} times, {cost_of(r)}" for name, r in preempted.iterrows()) + (
+        f" (requests {hit.min()} to {hit.max()}; the timeline draws them when it draws {hit.max() + 1}). "
+        "Switch Preemption to compare recompute with swap.")
 
 
 RULES_NOTE = ("The simulator follows vLLM 0.33.0's v1 scheduler with its rules on: replayed on 14 recordings of the "

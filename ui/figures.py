@@ -6,12 +6,17 @@ Gantt timeline) keeps it in a ``ui/<page>_figures.py`` that styles through :func
 
 from __future__ import annotations
 
+import math
+import textwrap
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+
+from ui.format import tick_text
 
 # Okabe-Ito, readable for colour-blind users, in a fixed order so a policy keeps its colour.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
@@ -21,25 +26,170 @@ SEQUENTIAL = "Viridis"
 FONT = "Inter, Source Sans Pro, sans-serif"
 
 
+TITLE_CHARS = 70  # a longer title wraps; a half-width chart holds about 50 characters of title on one line
+TITLE_LINE_PX, LEGEND_ROW_PX, SUBPLOT_TITLE_PX = 24, 22, 22
+LEGEND_WIDTH_PX = 450  # the legend's room in a half-width chart: more entries than fit wrap to a new row
+AXIS_CHAR_PX = 7.5  # width of one character of an axis title (13 px font)
+
+
 def style(fig: go.Figure, title: str | None = None, *, x: str | None = None, y: str | None = None,
-          height: int = 380, legend: bool = True) -> go.Figure:
-    """Apply the lab's look: white background, light grid, title left, legend on top."""
+          height: int = 380, legend: bool | str = True) -> go.Figure:
+    """Apply the lab's look: white background, light grid, title top left, legend on its own row under it.
+
+    legend: True or "top" (a row above the plot, right-aligned), "right" (a column beside the plot, for many or long
+    entries), "bottom" (rows under the x-axis title) or False (none).
+    The margins are sized to hold the title (wrapped at ``TITLE_CHARS``), the legend rows and subplot titles, so none
+    of them overlap; a y-axis title longer than its axis wraps; a log axis gets labelled ticks at powers of ten or
+    1-2-5 steps (Plotly's own labels a short log axis at minor ticks, "2 5" for 200k and 500k). Call it after the
+    traces are added: the legend room and the ticks are measured from them.
+    """
+    side = "top" if legend is True else legend or None
+    lines = (title.split("<br>") if "<br>" in title else textwrap.wrap(title, TITLE_CHARS)) if title else []
+    title_px = 12 + TITLE_LINE_PX * len(lines) if lines else 0
+    rows, widest = _legend_rows(fig), _legend_widest(fig)
+    subplot_px = SUBPLOT_TITLE_PX if _has_subplot_titles(fig) else 0
+    margin = {"l": 60, "r": 20, "t": max(30, title_px + subplot_px + 14), "b": 50}
+    if side == "top":
+        margin["t"] += LEGEND_ROW_PX * rows + 6 if rows else 0
+    elif side == "right":
+        margin["r"] = min(240, 30 + widest)
+    elif side == "bottom":
+        margin["b"] += 30 + LEGEND_ROW_PX * rows
+    plot_px = height - margin["t"] - margin["b"]
+    placed = {  # paper coordinates: a builder that moves the legend afterwards keeps the same reference
+        "top": {"orientation": "h", "yanchor": "bottom", "y": 1 + (subplot_px + 6) / plot_px, "xanchor": "right",
+                "x": 1.0},
+        "right": {"orientation": "v", "yanchor": "top", "y": 1.0, "xanchor": "left", "x": 1.02},
+        "bottom": {"orientation": "h", "yanchor": "top", "y": -70 / plot_px, "xanchor": "left", "x": 0.0},
+    }
     fig.update_layout(
         template="plotly_white",
-        title={"text": title, "x": 0.0, "xanchor": "left"} if title else None,
+        title={"text": "<br>".join(lines), "x": 0.0, "xanchor": "left", "xref": "container", "y": 1.0,
+               "yref": "container", "yanchor": "top", "pad": {"t": 12, "l": 12}} if lines else None,
         font={"family": FONT, "size": 13},
         colorway=PALETTE,
         height=height,
-        margin={"l": 60, "r": 20, "t": 60 if title else 30, "b": 50},
-        showlegend=legend,
-        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1.0},
+        margin=margin,
+        showlegend=side is not None,
+        legend=placed.get(side, {}),
         hovermode="closest",
     )
     if x is not None:
         fig.update_xaxes(title_text=x)
     if y is not None:
         fig.update_yaxes(title_text=y)
+    _wrap_y_titles(fig, plot_px)
+    for name, values in axis_values(fig).items():
+        if fig.layout[name].type == "log" and (positive := values[values > 0]).size:
+            ticks = log_ticks(float(positive.min()), float(positive.max()))
+            fig.layout[name].update(tickmode="array", tickvals=ticks, ticktext=[tick_text(t) for t in ticks])
     return fig
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis over [lo, hi] (both > 0): powers of ten when it spans 3 decades or more
+    (every k-th power past 8 of them), else the sparsest of 1-2-5, 1-2-3-5 and finer steps that puts 3 ticks inside
+    (the finest when none does). One tick past each end is included, for the axis' padding."""
+    if not 0 < lo <= hi or not math.isfinite(hi):
+        raise ValueError(f"a log axis needs 0 < lo <= hi < inf, got {lo}, {hi}")
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    if last - first >= 4 or hi / lo >= 1e3:
+        step = max(1, math.ceil((last - first) / 8))
+        return [10.0**e for e in range(first - first % step, last + step, step)]
+    for mantissas in LOG_MANTISSAS:
+        ticks = [float(f"{m * 10.0**e:.6g}") for e in range(first - 1, last + 1) for m in mantissas]
+        if sum(lo <= t <= hi for t in ticks) >= 3:
+            break
+    below, above = [t for t in ticks if t < lo][-1:], [t for t in ticks if t > hi][:1]
+    return below + [t for t in ticks if lo <= t <= hi] + above
+
+
+LOG_MANTISSAS = ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8),
+                 (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9))
+
+
+def axis_values(fig: go.Figure) -> dict[str, np.ndarray]:
+    """The numeric data each axis shows (layout name, e.g. ``xaxis2``, -> finite values); categorical axes are left
+    out. Bars count their base and their end."""
+    found: dict[str, list[np.ndarray]] = {}
+    for trace in fig.data:
+        horizontal = getattr(trace, "orientation", None) == "h"
+        for letter in ("x", "y"):
+            values = _numeric(getattr(trace, letter, None))
+            if values is None:
+                continue
+            base = _numeric(getattr(trace, "base", None)) if trace.type == "bar" else None
+            if base is not None and (letter == "x") == horizontal:
+                values = np.concatenate([base, values + base]) if base.size == values.size else values
+            axis = getattr(trace, f"{letter}axis", None) or letter
+            found.setdefault(f"{letter}axis{axis[1:]}", []).append(values[np.isfinite(values)])
+    return {name: np.concatenate(parts) for name, parts in found.items()}
+
+
+def vline(fig: go.Figure, x: float, text: str | None = None, *, color: str = "#999999", dash: str = "dot") -> None:
+    """A vertical line at data value ``x`` with an optional label at its top.
+
+    Plotly reads a shape's position in data units but an annotation's in log10 units on a log axis (add_vline's
+    label on a log axis lands at 10^x and stretches the axis to it), so the label is placed here by the axis type:
+    set the axis type before calling.
+    """
+    fig.add_vline(x=x, line={"color": color, "dash": dash})
+    if text:
+        at = math.log10(x) if fig.layout.xaxis.type == "log" else x
+        fig.add_annotation(x=at, xref="x", y=1.0, yref="y domain", text=text, showarrow=False, xanchor="left",
+                           yanchor="top", font={"color": color})
+
+
+def _numeric(values) -> np.ndarray | None:
+    if values is None or isinstance(values, str):
+        return None
+    try:
+        array = np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        return None  # categories
+    return array
+
+
+def _legend_names(fig: go.Figure) -> list[str]:
+    names: dict[str, str] = {}
+    for trace in fig.data:
+        if trace.showlegend is not False and trace.name and trace.type != "heatmap":
+            names.setdefault(trace.legendgroup or trace.name, str(trace.name))
+    return list(names.values())
+
+
+def _legend_rows(fig: go.Figure) -> int:
+    """Rows a horizontal legend takes in a half-width chart (estimated from the entries' text)."""
+    names = _legend_names(fig)
+    if not names:
+        return 0
+    legend_title = fig.layout.legend.title.text or ""
+    width = sum(40 + AXIS_CHAR_PX * len(n) for n in names) + AXIS_CHAR_PX * len(legend_title)
+    return math.ceil(width / LEGEND_WIDTH_PX)
+
+
+def _legend_widest(fig: go.Figure) -> int:
+    """Width of a vertical legend: its longest entry (or title) and the marker."""
+    texts = [*_legend_names(fig), fig.layout.legend.title.text or ""]
+    return int(40 + AXIS_CHAR_PX * max(len(t) for t in texts))
+
+
+def _has_subplot_titles(fig: go.Figure) -> bool:
+    return any(a.xref == "paper" and a.yref == "paper" and a.yanchor == "bottom" and (a.y or 0) >= 0.99
+               for a in fig.layout.annotations)
+
+
+def _wrap_y_titles(fig: go.Figure, plot_px: float) -> None:
+    """Wrap each y-axis title to the height of its axis, so a long one cannot run into the chart title."""
+    for name in [k for k in fig.layout if k.startswith("yaxis")]:
+        axis = fig.layout[name]
+        text = axis.title.text
+        if not text or "<br>" in text:
+            continue
+        low, high = axis.domain or (0.0, 1.0)
+        chars = max(10, int(plot_px * (high - low) / AXIS_CHAR_PX))
+        if len(text) > chars:
+            axis.title.text = "<br>".join(textwrap.wrap(text, chars))
 
 
 def _categorical(df: pd.DataFrame, color: str | None) -> pd.DataFrame:

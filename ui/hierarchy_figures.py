@@ -10,13 +10,31 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from kvcore.hierarchy.experiment import OffloadRuns
-from ui.figures import PALETTE, style
+from ui.figures import PALETTE, bar_chart, style, vline
 
 TIER_COLORS = ("#0072B2", "#009E73", "#E69F00", "#CC79A7", "#999999")
 MAX_MAP_CHUNKS = 400
 BANDWIDTH_CAPTION = ("Measured here, best of 3, cached for 10 minutes. The read right after a write comes from the OS "
                      "page cache (RAM), not the disk; the cold read bypasses it with O_DIRECT where the file system "
                      "allows (see 'method').")
+
+
+PD_TITLES = {"ttft_s": "Time to first token", "max_itl_s": "Longest gap between two tokens of a request"}
+PD_CAPTION = ("TTFT ends at the prefill step (DistServe); KV transfer and the decode queue delay the 2nd token (TPOT). "
+              "Colocated, a prefill stalls every decode on its GPU: hence the longer gaps.")
+
+
+def fmt(default: float) -> str | None:
+    """A number box's format: floats as short as they are (1000, 12.5, 0.1; Streamlit's default "%0.2f" writes
+    "1000.00", wider than a narrow box), integers as Streamlit writes them."""
+    return "%g" if isinstance(default, float) else None
+
+
+def sources_bars(sources: pd.DataFrame) -> go.Figure:
+    """Share of prompt tokens by where they came from (a tier, or computed), in percent."""
+    fig = bar_chart(sources, "source", "share", title="Prompt tokens by where they came from",
+                    y_title="share of prompt tokens")
+    return fig.update_yaxes(tickformat=".0%")
 
 
 def chunk_map(residency: pd.DataFrame, tiers: Sequence[str], title: str | None = None) -> go.Figure:
@@ -56,14 +74,16 @@ def ecdf(df: pd.DataFrame, value: str, group: str, *, title: str | None = None, 
 
 
 def bandwidth_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """Measured vs nominal GB/s per transfer path (log scale); unmeasured paths show only the nominal bar."""
+    """Measured vs nominal GB/s per transfer path (log scale); a path shows only the bars it has a number for."""
+    measured, nominal = df[df["measured_GBps"].notna()], df[df["nominal_GBps"].notna()]
     fig = go.Figure([
-        go.Bar(x=df["path"], y=df["measured_GBps"], name="measured here", marker_color=PALETTE[0],
-               text=[f"{v:.2f}" if v == v else "n/a" for v in df["measured_GBps"]], textposition="outside"),
-        go.Bar(x=df["path"], y=df["nominal_GBps"], name="preset (datasheet)", marker_color=PALETTE[8],
-               customdata=df["nominal_from"], hovertemplate="%{y:.1f} GB/s (%{customdata})<extra></extra>"),
+        go.Bar(x=measured["path"], y=measured["measured_GBps"], name="measured here", marker_color=PALETTE[0],
+               text=[f"{v:.2f}" for v in measured["measured_GBps"]], textposition="outside"),
+        go.Bar(x=nominal["path"], y=nominal["nominal_GBps"], name="preset (datasheet)", marker_color=PALETTE[8],
+               customdata=nominal["nominal_from"], hovertemplate="%{y:.1f} GB/s (%{customdata})<extra></extra>"),
     ])
     fig.update_layout(barmode="group")
+    fig.update_xaxes(categoryorder="array", categoryarray=list(df["path"]))
     fig.update_yaxes(type="log")
     return style(fig, title, y="GB/s")
 
@@ -97,8 +117,14 @@ def roofline(points: pd.DataFrame, roof: pd.DataFrame, ridge: float, title: str 
             x=part["intensity"], y=part["attainable_tflops"], name=phase, mode="markers",
             marker={"size": 10, "color": PALETTE[i + 1], "symbol": "diamond" if phase == "prefill" else "circle"},
             text=part["label"], hovertemplate="%{text}<br>%{x:.1f} FLOP/byte<br>%{y:.0f} TFLOP/s<extra></extra>"))
-    fig.add_vline(x=ridge, line_dash="dot", line_color=PALETTE[3],
-                  annotation_text=f"ridge {ridge:.0f} FLOP/B", annotation_position="bottom right")
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
+    vline(fig, ridge, f" ridge {ridge:,.0f} FLOP/B", color=PALETTE[3])
     return style(fig, title, x="arithmetic intensity (FLOPs / HBM byte)", y="attainable TFLOP/s", height=440)
+
+
+def decode_bytes_bars(decode_bytes: pd.DataFrame, batch: int) -> go.Figure:
+    """Bytes of one decode step per context length (one bar each, stacked by part: weights, KV read, KV written)."""
+    shown = decode_bytes.assign(context=[f"{c:,}" for c in decode_bytes["context"]])
+    return bar_chart(shown, "context", "GB", "part", barmode="stack", title=f"Bytes of one decode step, batch {batch}",
+                     x_title="context (tokens)", y_title="GB read and written")

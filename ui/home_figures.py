@@ -15,8 +15,9 @@ def memory_metrics(table: pd.DataFrame, tokens: int, batch: int, gpu: str) -> No
     first = table.iloc[0]
     m1, m2, m3 = st.columns(3)
     m1.metric(f"KV per token ({first.model})", bytes_str(first.kv_bytes_per_token))
-    m2.metric(f"KV for {tokens:,} tokens x {batch}", bytes_str(first.kv_bytes_total))
-    m3.metric(f"Tokens that fit on {gpu} after weights", count_str(first.tokens_fit_after_weights))
+    m2.metric(f"KV, {tokens:,} tokens x {batch}", bytes_str(first.kv_bytes_total))
+    m3.metric(f"Tokens fit on {gpu}", count_str(first.tokens_fit_after_weights),
+              help=f"Tokens of KV at this precision in {gpu}'s memory after the weights (16-bit)")
 
 
 def kv_vs_context(curve: pd.DataFrame, batch: int, bits: int) -> go.Figure:

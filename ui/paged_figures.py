@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 
 from kvcore.paged import FragmentationConfig
 from ui.figures import PALETTE, style
+from ui.format import signed_pct
 
 FREE_FILL, CACHED_FILL, EMPTY_TEXT = "#F2F2F2", "#D9D9D9", "#999999"
 
@@ -96,7 +97,7 @@ def sampling_figure(sampling: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for i, (column, name) in enumerate((("blocks_no_sharing", "separate copies"), ("blocks_shared", "fork"))):
         fig.add_trace(go.Bar(x=sampling["n"].astype(str), y=sampling[column], name=name, marker_color=PALETTE[i],
-                             text=None if i == 0 else [f"-{p:.0f}%" for p in sampling["saved_pct"]]))
+                             text=None if i == 0 else [signed_pct(-p) for p in sampling["saved_pct"]]))
     return style(fig, "Parallel sampling: KV blocks held", x="samples per request (n)", y="blocks")
 
 

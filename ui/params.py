@@ -25,18 +25,49 @@ def widget(factory: Callable[..., T], label: str, *, key: str, **kwargs: Any) ->
     """Call a Streamlit widget factory (``st.slider``, ``st.sidebar.selectbox``...) bound to the URL.
 
     key: the query-parameter name, short and unique on its page.
+    A URL value the widget cannot take is forgotten before the widget reads it: a non-finite number, and an empty
+    value for a widget that always holds a choice (a required segmented control, a selectbox or radio with a
+    default): Streamlit reads ``?key=`` there as "nothing chosen" and would hand the page None.
     """
-    if getattr(factory, "__name__", "") in NUMERIC_WIDGETS:
-        _drop_non_finite(key)
-    return factory(label, key=key, bind="query-params", **kwargs)
+    name = getattr(factory, "__name__", "")
+    if name in NUMERIC_WIDGETS:
+        _drop_url_value(key, _not_finite)
+    required = _required_choice(name, kwargs)
+    if required is not None:
+        _drop_url_value(key, lambda raw: raw.strip() == "")
+    value = factory(label, key=key, bind="query-params", **kwargs)
+    return required.default if required is not None and value is None else value
 
 
 NUMERIC_WIDGETS = {"number_input", "slider"}
 
 
-def model_preset(label: str, *, key: str) -> str:
-    """A URL-bound selectbox over the model presets (:data:`kvcore.shapes.PRESETS`), :data:`DEFAULT_MODEL` first."""
-    return widget(st.selectbox, label, key=key, options=list(PRESETS), index=list(PRESETS).index(DEFAULT_MODEL))
+@dataclasses.dataclass(slots=True, frozen=True)
+class _Choice:
+    default: Any
+
+
+def _required_choice(name: str, kwargs: dict[str, Any]) -> _Choice | None:
+    """The default of a single-choice widget that must always hold a value, or None for any other widget."""
+    options = list(kwargs.get("options") or [])
+    if name in ("segmented_control", "pills") and kwargs.get("required") and kwargs.get("selection_mode",
+                                                                                         "single") == "single":
+        return _Choice(kwargs.get("default", options[0] if options else None))
+    if name in ("selectbox", "radio") and kwargs.get("index", 0) is not None and options:
+        return _Choice(options[kwargs.get("index", 0)])
+    return None
+
+
+def _not_finite(raw: str) -> bool:
+    try:
+        return not math.isfinite(float(raw))
+    except ValueError:
+        return False  # not a number at all: Streamlit drops it
+
+
+def model_preset(label: str, *, key: str, default: str = DEFAULT_MODEL) -> str:
+    """A URL-bound selectbox over the model presets (:data:`kvcore.shapes.PRESETS`), ``default`` first shown."""
+    return widget(st.selectbox, label, key=key, options=list(PRESETS), index=list(PRESETS).index(default))
 
 
 def dataclass_widgets(cls: type, prefix: str, container: Any = st) -> dict[str, Any]:
@@ -61,15 +92,16 @@ def dataclass_widgets(cls: type, prefix: str, container: Any = st) -> dict[str, 
     return values
 
 
-def _drop_non_finite(key: str) -> None:
-    """Forget a URL value like ``inf`` or ``1e400`` before a numeric widget reads it.
+def _drop_url_value(key: str, bad: Callable[[str], bool]) -> None:
+    """Forget the URL's value of ``key`` before its widget reads it when ``bad`` holds for any of its values.
 
     Streamlit rejects out-of-range numbers itself, but converting an infinite value to an int raises
-    OverflowError inside the widget. A private API is unavoidable here: a bound widget reads the URL the
-    session was opened with from the session's query-parameter store, and deleting the key through the
-    public ``st.query_params`` does not clear that copy (tried: the widget still raises). Any change in
-    that private structure is tolerated (the widget then sees the value as before); tests/app/test_url_fuzz.py
-    opens every page with ``inf``, ``-1e400`` and ``nan`` in every numeric key.
+    OverflowError inside the widget, and an empty value makes a required choice None. A private API is
+    unavoidable here: a bound widget reads the URL the session was opened with from the session's
+    query-parameter store, and deleting the key through the public ``st.query_params`` does not clear that copy
+    (tried: the widget still raises). Any change in that private structure is tolerated (the widget then sees the
+    value as before); tests/app/test_url_fuzz.py opens every page with ``inf``, ``-1e400``, ``nan``, an empty value
+    and a value outside the options in every key.
     """
     try:
         from streamlit.runtime.state.session_state_proxy import get_session_state
@@ -80,13 +112,7 @@ def _drop_non_finite(key: str) -> None:
         return
     if raw is None:
         return
-    finite = True
-    for value in raw if isinstance(raw, list) else [raw]:
-        try:
-            finite &= math.isfinite(float(value))
-        except ValueError:
-            continue  # not a number at all: Streamlit drops it
-    if not finite:
+    if any(bad(str(value)) for value in (raw if isinstance(raw, list) else [raw])):
         store._initial_query_params.pop(key, None)
 
 

@@ -10,7 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from ui.figures import PALETTE, line_chart, show, style
+from kvcore import sharing
+from kvcore.shapes import GpuSpec, ModelShape
+from ui.figures import PALETTE, bar_chart, line_chart, show, style, vline
 from ui.format import bytes_str
 
 
@@ -40,15 +42,27 @@ def head_groups(q_heads: int, kv_heads: int, title: str) -> go.Figure:
     return style(fig, title, height=240)
 
 
-def capacity(fit: pd.DataFrame, context: int) -> go.Figure:
-    """Sequences that fit after the weights vs context length, one line per KV head count (log-log)."""
-    shown = fit.assign(max_batch=fit["max_batch"].where(fit["max_batch"] > 0))  # 0 cannot sit on a log axis
-    fig = line_chart(shown, "context", "max_batch", "variant", title="Sequences that fit after the weights",
-                     x_title="context length (tokens)", y_title="max batch (sequences)", log_x=True, log_y=True)
-    fig.add_vline(x=context, line={"color": "#999999", "dash": "dot"})
-    fig.update_layout(legend={"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1.0, "yanchor": "top"},
-                      margin={"r": 120})
-    return fig
+def bytes_per_token(table: pd.DataFrame, bits: int) -> go.Figure:
+    """KV bytes per token for each KV head count of :func:`kvcore.sharing.kv_heads_table` (log scale)."""
+    return bar_chart(table.assign(kv=table["kv_heads"].astype(str)), "kv", "kv_bytes_per_token",
+                     title=f"KV bytes per token ({bits}-bit)", x_title="KV heads", y_title="bytes per token",
+                     log_y=True)
+
+
+def capacity(shape: ModelShape, gpu: GpuSpec, bits: int, context: int) -> go.Figure:
+    """Sequences that fit after the weights vs context length, one line per KV head count (log-log), the chosen
+    context marked. Contexts run in powers of two from 512 past ``context``; where not one sequence fits a line
+    ends (0 has no place on a log axis)."""
+    top = max(8192, shape.max_context, context)
+    fit = sharing.fit_table(shape, gpu, bits, [2**p for p in range(9, 40) if 2 ** (p - 1) < top])
+    shown = fit[fit["max_batch"] > 0]
+    marked = len(shown) > 0 and context <= shown["context"].max()
+    title = "Sequences that fit after the weights" + ("" if marked else f": none at {context:,} tokens")
+    fig = line_chart(shown, "context", "max_batch", "variant", title=title, x_title="context length (tokens)",
+                     y_title="max batch (sequences)", log_x=True, log_y=True)
+    if marked:
+        vline(fig, context, f" {context:,}")
+    return style(fig, title, legend="right")
 
 
 def conversion(table: pd.DataFrame) -> go.Figure:
@@ -79,6 +93,9 @@ def crosslayer(table: pd.DataFrame, start: int) -> go.Figure:
             marker={"size": [16 if (m != "none" and s == start) else 10
                              for m, s in zip(part["mode"], part["start_layer"], strict=True)],
                     "color": PALETTE[i % len(PALETTE)]}))
+    low, high = table["perplexity"].min(), table["perplexity"].max()
+    pad = max(high - low, 1.0)
+    fig.update_yaxes(range=[low - 0.06 * pad, high + 0.14 * pad])  # room for the label above the top point
     return style(fig, "Cross-layer sharing: KV kept vs perplexity", x="KV bytes kept (share of full)",
                  y="perplexity")
 
@@ -86,13 +103,23 @@ def crosslayer(table: pd.DataFrame, start: int) -> go.Figure:
 def curves(curves: pd.DataFrame, title: str) -> tuple[go.Figure, go.Figure]:
     """Training loss (EMA) and validation bits per byte against steps, one line per variant."""
     loss = line_chart(curves.dropna(subset=["train_loss_ema"]), "step", "train_loss_ema", "variant", markers=False,
-                      title=f"{title}: training loss", x_title="step", y_title="loss (nats/token, EMA)")
+                      x_title="step", y_title="loss (nats/token, EMA)")
     val = line_chart(curves.dropna(subset=["val_bits_per_byte"]), "step", "val_bits_per_byte", "variant",
-                     title=f"{title}: validation", x_title="step", y_title="bits per byte")
-    for fig in (loss, val):  # four long names: the legend goes under the plot, clear of the title
-        fig.update_layout(legend={"orientation": "h", "x": 0.0, "xanchor": "left", "y": -0.25, "yanchor": "top"},
-                          margin={"b": 110}, height=430)
-    return loss, val
+                     x_title="step", y_title="bits per byte")
+    # four long names: the legend goes under the plot, clear of the title
+    return (style(loss, f"{title}: training loss", height=430, legend="bottom"),
+            style(val, f"{title}: validation", height=430, legend="bottom"))
+
+
+TABS = ["Heads: MHA/GQA/MQA", "Layers: cross-layer", "Convert a trained model", "Trained from scratch"]
+HEADS_CAPTION = ("The same model with each divisor of its query heads as KV heads. Weights at 16 bits with the K/V "
+                 "projections resized; 'fit' = (HBM - weights) / KV bytes.")
+
+
+def crosslayer_caption(ids) -> str:
+    """The cross-layer table's caption: how much text it scores (``ids``: the windows, [windows, tokens])."""
+    return (f"Bundled model, {ids.shape[0]} windows of {ids.shape[1]} validation tokens; one row per first shared "
+            "layer. Bytes measured from the cache tensors (fp32) at the end.")
 
 
 MODE_TEXT = {

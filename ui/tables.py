@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
+
+from ui.format import token_text
+
+SIGNIFICANT = 4  # digits a float column shows for its smallest value (at most MAX_DECIMALS decimals)
+MAX_DECIMALS = 4
 
 
 def csv_name(page: str, table: str, settings: Mapping[str, object] | None = None) -> str:
@@ -16,12 +24,54 @@ def csv_name(page: str, table: str, settings: Mapping[str, object] | None = None
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:150] + ".csv"
 
 
+def number_format(name: str, values: pd.Series) -> str | None:
+    """How a numeric column is shown (a Streamlit format string), or None to leave it as it is (not a number).
+
+    Integers: thousands separators. Columns named ``*_pct``: one decimal and "%". Other floats: enough decimals for
+    ``SIGNIFICANT`` digits of the smallest non-zero value (at most ``MAX_DECIMALS``), thousands separators; a column
+    whose values are all below 0.001 in scientific notation.
+    """
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return None
+    if pd.api.types.is_integer_dtype(values):
+        return "%,d"
+    if name.endswith("_pct"):
+        return "%,.1f%%"
+    finite = np.abs(values.to_numpy(dtype=float))
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    if not finite.size:
+        return "%,.0f"
+    if finite.max() < 1e-3:
+        return "%.2e"
+    decimals = min(MAX_DECIMALS, max(0, SIGNIFICANT - 1 - math.floor(math.log10(finite.min()))))
+    return f"%,.{decimals}f"
+
+
+def column_config(df: pd.DataFrame) -> dict[Any, Any]:
+    """A NumberColumn with :func:`number_format` for every numeric column of ``df``."""
+    config = {}
+    for name, values in df.items():
+        fmt = number_format(str(name), values)
+        if fmt is not None:
+            config[name] = st.column_config.NumberColumn(format=fmt)
+    return config
+
+
+def readable(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` for the screen: text columns whose name says "token" hold tokenizer pieces, shown with
+    :func:`ui.format.token_text` ('Ġis' -> '·is', 'Ċ' -> '↵')."""
+    pieces = {name: df[name].map(lambda v: token_text(v) if isinstance(v, str) else v) for name in df.columns
+              if "token" in str(name).lower() and not pd.api.types.is_numeric_dtype(df[name])}
+    return df.assign(**pieces) if pieces else df
+
+
 def show_table(df: pd.DataFrame, page: str, table: str, settings: Mapping[str, object] | None = None,
                *, caption: str | None = None, hide_index: bool = True, height: int | str = "auto") -> None:
-    """st.dataframe plus a "Download CSV" button whose file holds exactly the rows shown."""
+    """st.dataframe with formatted columns (:func:`column_config`, :func:`readable`) plus a "Download CSV" button
+    whose file holds exactly the rows shown, at full precision and with the tokenizer's own pieces."""
     if caption:
         st.caption(caption)
-    st.dataframe(df, hide_index=hide_index, height=height)
+    st.dataframe(readable(df), hide_index=hide_index, height=height, column_config=column_config(df))
     st.download_button(
         "Download CSV",
         data=df.to_csv(index=not hide_index).encode(),

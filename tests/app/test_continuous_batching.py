@@ -19,14 +19,35 @@ def test_defaults_show_continuous_beating_static_and_chunked_trading_ttft_for_tp
     assert "Continuous batching delivers" in at.caption[0].value
 
 
-def test_fewer_blocks_rerun_with_preemptions(page):
+def test_defaults_pressure_the_kv_pool_so_preemption_matters(page):
+    # The kvcore defaults (llama-3-8b, 512 + 256 tokens at 24/s) peaked at 10-19% of the pool: nothing was
+    # preempted and recompute vs swap changed nothing. The page's defaults fill the pool.
     at = page("continuous_batching")
-    assert summary(at)["preemptions"].sum() == 0
-    at.number_input(key="blk").set_value(2500).run()
-    assert not at.exception
     s = summary(at)
+    assert at.selectbox(key="model").value == "llama-2-7b"
+    assert (s["peak_kv_usage"] > 0.99).all()
     assert s.loc["continuous batching", "preemptions"] > 0
-    assert (s["kv_blocks"] == 2500).all()
+    assert s.loc["chunked prefill", "preemptions"] > 0
+    assert s.loc["continuous batching", "recomputed_tokens"] > 0
+    pool = next(c.value for c in at.caption if c.value.startswith("KV pool"))
+    assert "Preempted (recompute)" in pool
+    assert "tokens computed again" in pool
+    at.segmented_control(key="pre").set_value("swap").run()
+    assert not at.exception
+    swapped = summary(at)
+    assert (swapped["recomputed_tokens"] == 0).all()
+    assert swapped.loc["chunked prefill", "swap_GB"] > 0
+    assert swapped.loc["chunked prefill", "preemptions"] != s.loc["chunked prefill", "preemptions"]
+    assert swapped.loc["chunked prefill", "output_tok_per_s"] != s.loc["chunked prefill", "output_tok_per_s"]
+    assert "GB over the host link" in next(c.value for c in at.caption if c.value.startswith("KV pool"))
+
+
+def test_a_pool_that_holds_everything_preempts_nothing(page):
+    at = page("continuous_batching", {"blk": "40000"})
+    s = summary(at)
+    assert (s["kv_blocks"] == 40000).all()
+    assert s["preemptions"].sum() == 0
+    assert "Nothing was preempted" in next(c.value for c in at.caption if c.value.startswith("KV pool"))
 
 
 def test_url_restores_the_view(page):
@@ -48,7 +69,7 @@ def test_garbage_url_falls_back_to_defaults(page):
     assert at.segmented_control(key="pre").value == "recompute"
     assert at.segmented_control(key="len").value == "lognormal"
     assert at.segmented_control(key="bs").value == 16
-    assert at.selectbox(key="model").value == "llama-3-8b"
+    assert at.selectbox(key="model").value == "llama-2-7b"
 
 
 def test_a_pool_too_small_for_one_request_explains_itself(page):

@@ -42,3 +42,28 @@ def test_garbage_url_falls_back_to_defaults(page):
 def test_custom_shape_with_bad_heads_explains_itself(page):
     at = page("home", {"models": "custom", "c_q": "32", "c_kv": "5"})
     assert any("multiple of num_kv_heads" in e.value for e in at.error)
+
+
+def test_the_model_chips_and_metric_labels_have_room(page):
+    # In a third of the page the third chip shrank to "m" and a metric label was cut ("Tokens that fit on ...").
+    from streamlit.testing.v1.element_tree import Multiselect
+
+    from tests.app.test_figures import MAIN_PX, label_problems, placed
+
+    at = page("home", {"models": ["llama-2-7b", "llama-3-8b", "mistral-7b", "qwen2.5-7b", "falcon-7b"],
+                       "gpu": "RTX 4090 24GB", "tokens": "10000000", "batch": "4096"})
+    models = next(p for p in placed(at) if isinstance(p.node, Multiselect) and p.node.key == "models")
+    assert models.width == MAIN_PX
+    assert not label_problems(at)
+
+
+def test_the_page_icon_needs_no_network():
+    # Streamlit fetches a ":material/...:" page icon from fonts.gstatic.com, which fails offline (the browser test
+    # also asserts that no page requests another host).
+    import re
+
+    from tests.conftest import ROOT
+
+    source = (ROOT / "app.py").read_text()
+    assert re.search(r'PAGE_ICON = "[^":]+"', source)
+    assert "page_icon=PAGE_ICON" in source

@@ -1,22 +1,27 @@
 """Hostile URLs: every page, fed hypothesis-generated query strings, renders without an exception.
 
-The bound widgets of each page are discovered from a default run. Each example sets some of them
-(and some unknown keys) to values of the wrong type, huge or negative numbers, NaN, unicode, very
-long strings, or repeated keys. Where a value is certainly invalid for its widget, the widget must
-show its default. The number of cases run is printed (``-s``) and set by KVLAB_FUZZ_EXAMPLES.
+The bound widgets of each page are discovered from a default run (and a run of each URL-bound tab).
+Each example sets some of them (and some unknown keys) to values of the wrong type, huge or negative
+numbers, NaN, unicode, very long strings, or repeated keys. Where a value is certainly invalid for
+its widget, the widget must show its default. The number of cases run is printed (``-s``) and set by
+KVLAB_FUZZ_EXAMPLES. Besides the random draws, every key of every page (every tab) is given an empty
+value (``?key=``) and a value outside its options, the values a random draw is likely to miss
+(``/sharing?sh_bits=`` once stopped the page with a TypeError).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streamlit.testing.v1.element_tree import Button, DownloadButton, Widget
+from streamlit.testing.v1.element_tree import Button, ButtonGroup, DownloadButton, Widget
 
 from tests.app.conftest import assert_clean, open_page
+from tests.conftest import ROOT
 
 PAGES = ["home", "paged_blocks", "continuous_batching", "eviction", "quantization", "sharing",
          "memory_hierarchy", "live_model"]
@@ -59,6 +64,9 @@ def certainly_invalid(widget: Widget, raw: str) -> bool:
     options = getattr(widget, "options", None)
     if options is not None and hasattr(widget, "index"):  # single-choice widgets
         return raw not in [str(o) for o in options]
+    if isinstance(widget, ButtonGroup) and widget.proto.required and widget.proto.click_mode == 0:
+        # a required single-choice segmented control or pills: the value must be one of the options
+        return raw not in [str(o) for o in widget.options]
     return False
 
 
@@ -107,3 +115,74 @@ def test_non_finite_numbers_fall_back_to_defaults(name, value, defaults):
     for key in numeric:
         if key in shown:
             assert shown[key].value == defaults[name][key][1], key
+
+
+EMPTY, OUTSIDE = "", "zz-not-an-option"
+
+
+def tab_views(name: str) -> list[dict[str, str]]:
+    """The URL of each tab of a page whose tabs are URL-bound (``params.widget(st.tabs, ..., key=...)``), or [{}]."""
+    source = (ROOT / "app_pages" / f"{name}.py").read_text()
+    found = re.search(r"widget\(st\.tabs,[^)]*key=\"(\w+)\"", source)
+    if not found:
+        return [{}]
+    at = open_page(name)
+    labels = [node.label for node in walk_blocks(at._tree) if type(node).__name__ == "Tab"]
+    return [{found.group(1): label} for label in labels]
+
+
+def walk_blocks(node):
+    yield node
+    children = getattr(node, "children", None) or {}
+    for child in children.values() if isinstance(children, dict) else children:
+        yield from walk_blocks(child)
+
+
+def fills_the_page(at, reference) -> bool:
+    """The run drew what the reference run drew (no early stop or error that hides later widgets)."""
+    return (not at.error and len(at.get("plotly_chart")) >= len(reference.get("plotly_chart"))
+            and len(at.dataframe) >= len(reference.dataframe))
+
+
+def check_defaults_shown(at, widgets: dict[str, tuple[Widget, object]], query: dict[str, str]) -> None:
+    shown = bound_widgets(at)
+    for key, raw in query.items():
+        if key in widgets and key in shown and certainly_invalid(widgets[key][0], raw):
+            assert shown[key].value == widgets[key][1], (key, raw, shown[key].value)
+
+
+def probe(name: str, tab: dict[str, str], keys: list[str], value: str, reference, widgets) -> int:
+    """Open the view with ``value`` in every key of ``keys``; where the run stops early or shows an error (an empty
+    multiselect asks for a choice), which could hide another key's crash, probe each half of the keys again.
+    Returns the number of runs."""
+    query = dict.fromkeys(keys, value)
+    at = open_page(name, query | tab)
+    assert_clean(at)
+    check_defaults_shown(at, widgets, query)
+    if fills_the_page(at, reference) or len(keys) == 1:
+        return 1
+    half = len(keys) // 2
+    return 1 + probe(name, tab, keys[:half], value, reference, widgets) + probe(name, tab, keys[half:], value,
+                                                                                 reference, widgets)
+
+
+@pytest.mark.parametrize("name", PAGES)
+@pytest.mark.parametrize("value", [EMPTY, OUTSIDE], ids=["empty", "outside"])
+def test_every_key_with_an_empty_or_unknown_value(name, value):
+    for tab in tab_views(name):
+        reference = open_page(name, tab)
+        assert_clean(reference)
+        widgets = {k: (w, w.value) for k, w in bound_widgets(reference).items() if k not in tab}
+        assert widgets, f"no URL-bound widget found on {name} {tab}"
+        runs = probe(name, tab, sorted(widgets), value, reference, widgets)
+        print(f"{name} {tab}: {len(widgets)} keys set to {value!r} in {runs} run(s)")
+
+
+@pytest.mark.parametrize("name", ["sharing", "memory_hierarchy"])
+@pytest.mark.parametrize("value", [EMPTY, OUTSIDE], ids=["empty", "outside"])
+def test_a_bad_tab_value_opens_the_first_tab(name, value):
+    (key, _first), = tab_views(name)[0].items()
+    at = open_page(name, {key: value})
+    assert_clean(at)
+    reference = open_page(name)
+    assert [c.proto.spec for c in at.get("plotly_chart")] == [c.proto.spec for c in reference.get("plotly_chart")]
