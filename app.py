@@ -19,6 +19,7 @@ PAGES = [
     st.Page("app_pages/home.py", title="Home: KV memory", icon=":material/calculate:", default=True),
     st.Page("app_pages/paged_blocks.py", title="Paged blocks", icon=":material/grid_view:"),
     st.Page("app_pages/continuous_batching.py", title="Continuous batching", icon=":material/view_timeline:"),
+    st.Page("app_pages/serving_engine.py", title="Serving engine", icon=":material/dns:"),
     st.Page("app_pages/eviction.py", title="Eviction", icon=":material/delete_sweep:"),
     st.Page("app_pages/quantization.py", title="Quantization", icon=":material/compress:"),
     st.Page("app_pages/sharing.py", title="Sharing (GQA/MQA/cross-layer)", icon=":material/share:"),

@@ -8,8 +8,9 @@ from kvcore import sched
 from kvcore.sched.compare import RULES, ServingSetup, rules_difference
 from kvcore.shapes import GPU_PRESETS
 from ui import batching_figures, figures, params, tables
-from ui.batching_runs import DEFAULT_MODEL, DEFAULT_WORKLOAD, UploadedTrace, run
+from ui.batching_runs import CALIBRATED, DEFAULT_MODEL, DEFAULT_WORKLOAD, UploadedTrace, run, setup_for
 from ui.guard import user_errors
+from ui.search_runs import search_section
 
 st.title("Continuous batching")
 st.markdown("A serving engine runs one forward pass per **step** and decides, each step, which requests get how "
@@ -49,7 +50,8 @@ with st.sidebar:
     seed = params.widget(st.number_input, "Seed", key="seed", min_value=0, max_value=1_000_000, value=0)
     st.subheader("Model and GPU")
     model = params.model_preset("Model", key="model", default=DEFAULT_MODEL)
-    gpu = params.widget(st.selectbox, "GPU", key="gpu", options=list(GPU_PRESETS))
+    gpu = params.widget(st.selectbox, "GPU", key="gpu", options=[*GPU_PRESETS, CALIBRATED],
+                        help="a GPU preset (roofline step times), or step times fitted to the lab's engine here")
     st.subheader("Scheduler")
     policies = params.widget(st.multiselect, "Schedulers (static, continuous, chunked prefill)", key="sch",
                              options=list(sched.POLICIES), default=list(sched.POLICIES))
@@ -85,8 +87,8 @@ with user_errors("Simulation"):
     workload = (UploadedTrace(trace, prefix_tokens, seed) if trace else sched.WorkloadConfig(
         num_requests=n, arrival=arrival, rate=rate, burst_cv=cv, lengths=lengths, prompt_mean=p_mean,
         output_mean=o_mean, spread=spread, shared_prefix_fraction=shared, prefix_tokens=prefix_tokens, seed=seed))
-    setup = ServingSetup(model, gpu, tuple(policies), budget, chunk, seqs, preemption, host or None, apc,
-                         block_size, blocks or None, rules)
+    setup = setup_for(ServingSetup(model, gpu, tuple(policies), budget, chunk, seqs, preemption, host or None, apc,
+                                   block_size, blocks or None, rules))
     result = run(workload, setup)
 names = [r.label for r in result.results]
 summary = result.summary.set_index("scheduler")
@@ -116,7 +118,5 @@ with st.expander("Per-request and per-step tables"):
     tables.show_table(result.requests, "batching", "requests", settings, height=300)
     tables.show_table(result.timeline, "batching", "steps", settings, height=300)
 with st.expander("How each step is timed and scheduled", expanded=False):
-    st.markdown(batching_figures.NOTES)
-    st.latex(r"t_{step} = \max\left(\frac{2PN + 4LH_qd\,A}{F\,\eta_F},\ \frac{W + b_{kv}(R + N)}{B\,\eta_B}\right)"
-             r" + t_0 \;+\; \frac{b_{kv}\,S}{B_{host}}")
-    st.caption(batching_figures.cost_caption(result.results[0].config.cost))
+    batching_figures.cost_notes(setup.configs()[0].cost)
+search_section(workload, setup)

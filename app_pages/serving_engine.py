@@ -21,9 +21,9 @@ with st.sidebar:
     model = params.widget(st.selectbox, "Model (Llama family)", key="eg_model",
                           options=[BUNDLED_NAME, *(m for m in HUB_MODELS if m != "gpt2")])
     st.subheader("Workload (real text, all arriving at once)")
-    n = params.widget(st.slider, "Requests", key="eg_n", min_value=1, max_value=64, value=32)
-    p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400, value=400)
-    o_max = params.widget(st.slider, "Longest output (tokens)", key="eg_omax", min_value=8, max_value=64, value=48)
+    n = params.widget(st.slider, "Requests", key="eg_n", min_value=1, max_value=64, value=16)
+    p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400, value=256)
+    o_max = params.widget(st.slider, "Longest output (tokens)", key="eg_omax", min_value=8, max_value=64, value=32)
     prefix = params.widget(st.slider, "Shared prefix (tokens)", key="eg_prefix", min_value=0, max_value=256, value=0,
                            step=16, help="a system prompt that some requests start with")
     share = params.widget(st.slider, "Requests with the prefix", key="eg_share", min_value=0.0, max_value=1.0,

@@ -152,10 +152,11 @@ def test_the_page_section_answers_within_30_seconds():
     from streamlit.testing.v1 import AppTest
 
     def section():
+        from kvcore.sched.compare import ServingSetup
         from ui.batching_runs import DEFAULT_MODEL, DEFAULT_WORKLOAD
         from ui.search_runs import search_section
 
-        search_section(DEFAULT_WORKLOAD, DEFAULT_MODEL, "H100 80GB")
+        search_section(DEFAULT_WORKLOAD, ServingSetup(DEFAULT_MODEL, "H100 80GB"))
 
     at = AppTest.from_function(section, default_timeout=180)
     at.query_params["so_on"] = "true"
@@ -174,10 +175,11 @@ def test_the_page_section_refuses_a_grid_over_its_bound():
     from streamlit.testing.v1 import AppTest
 
     def section():
+        from kvcore.sched.compare import ServingSetup
         from ui.batching_runs import DEFAULT_MODEL, DEFAULT_WORKLOAD
         from ui.search_runs import search_section
 
-        search_section(DEFAULT_WORKLOAD, DEFAULT_MODEL, "H100 80GB")
+        search_section(DEFAULT_WORKLOAD, ServingSetup(DEFAULT_MODEL, "H100 80GB"))
 
     at = AppTest.from_function(section, default_timeout=60)
     at.query_params["so_on"] = "true"

@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import streamlit as st
 from plotly.subplots import make_subplots
 
-from kvcore.sched import PHASES, POLICY_LABELS, Comparison, CostModel
+from kvcore.sched import PHASES, POLICY_LABELS, Comparison, CostModel, FittedCost
 from ui.figures import PALETTE, style
 
 PHASE_COLORS = {"waiting": "#D9D9D9", "prefill": PALETTE[1], "decode": PALETTE[0], "preempted": PALETTE[3]}
@@ -89,7 +90,7 @@ def pool_caption(comparison: Comparison) -> str:
     tokens = first.num_blocks * first.config.block_size
     text = (f"KV pool: {first.num_blocks:,} blocks of {first.config.block_size} tokens ({tokens:,} tokens, "
             f"{tokens * cost.kv_bytes_per_token / 1e9:,.1f} GB at {cost.kv_bytes_per_token / 1e3:,.0f} kB per token "
-            f"of {cost.shape.name}); peak usage " + ", ".join(f"{name} {row.peak_kv_usage:.0%}"
+            f"of {cost.label}); peak usage " + ", ".join(f"{name} {row.peak_kv_usage:.0%}"
                                                               for name, row in summary.iterrows()) + ".")
     preempted = summary[summary["preemptions"] > 0]
     if not len(preempted):
@@ -126,8 +127,12 @@ NOTES = """
 """
 
 
-def cost_caption(cost: CostModel) -> str:
-    """The symbols of the step-time formula with this model's and GPU's values."""
+def cost_caption(cost: CostModel | FittedCost) -> str:
+    """The symbols of the step-time formula with this model's and GPU's values (or the fitted coefficients)."""
+    if isinstance(cost, FittedCost):
+        return (f"Fitted to {cost.name}: a = {cost.intercept_s * 1e3:.2f} ms, b = {cost.per_token_s * 1e6:.1f} us per "
+                f"token, c = {cost.per_pair_s * 1e9:.2f} ns per attention pair, d = {cost.per_kv_token_s * 1e9:.2f} ns "
+                f"per KV token read (R^2 = {cost.r2:.2f} on its own steps).")
     s, g = cost.shape, cost.gpu
     return (f"P = {s.num_params / 1e9:.2f}B parameters, L = {s.num_layers} layers, H_q = {s.num_q_heads} query "
             f"heads, d = {s.head_dim}; W = {cost.weight_bytes / 1e9:.1f} GB of weights, b_kv = "
@@ -135,3 +140,14 @@ def cost_caption(cost: CostModel) -> str:
             f"eta_F = {cost.flops_efficiency}, B = {g.hbm_bandwidth / 1e12:.2f} TB/s at eta_B = "
             f"{cost.bandwidth_efficiency}, t_0 = {cost.step_overhead_s * 1e3:.1f} ms per step, B_host = "
             f"{g.host_link_bandwidth / 1e9:.0f} GB/s ({g.host_link or 'host link'}).")
+
+
+def cost_notes(cost: CostModel | FittedCost) -> None:
+    """How each step is timed and scheduled: the notes, the step-time formula and its values."""
+    st.markdown(NOTES)
+    if isinstance(cost, FittedCost):
+        st.latex(r"t_{step} = a + b\,N + c\,A + d\,R")
+    else:
+        st.latex(r"t_{step} = \max\left(\frac{2PN + 4LH_qd\,A}{F\,\eta_F},\ \frac{W + b_{kv}(R + N)}{B\,\eta_B}\right)"
+                 r" + t_0 \;+\; \frac{b_{kv}\,S}{B_{host}}")
+    st.caption(cost_caption(cost))

@@ -11,7 +11,9 @@ from dataclasses import dataclass, replace
 import streamlit as st
 
 from kvcore import sched
+from kvcore.engine.calibrate import calibrate
 from kvcore.sched.compare import ServingSetup
+from ui.models import shared_model
 from ui.progress import with_progress
 
 # The page's first view: an MHA model whose KV (524 kB per token) fills an H100's pool under a burst of long
@@ -19,6 +21,24 @@ from ui.progress import with_progress
 # kvcore defaults (llama-3-8b, GQA: 131 kB per token) peak at 10-19% of the pool and never preempt.
 DEFAULT_MODEL = "llama-2-7b"
 DEFAULT_WORKLOAD = replace(sched.WorkloadConfig(), rate=32.0, prompt_mean=1024, output_mean=512)
+# Next to the GPU presets: step times fitted to the lab's engine serving the bundled model on this machine.
+CALIBRATED = "engine on this machine (calibrated)"
+CALIBRATED_BLOCKS = 4096  # its pool when the page's KV blocks are left at 0 (a fit knows no GPU memory)
+
+
+@st.cache_resource(ttl=600, show_spinner="Serving 32 requests on the engine to time its steps...")
+def calibrated_cost() -> sched.FittedCost:
+    """The engine's step time on this machine (the bundled model, a short run; re-measured every 10 minutes)."""
+    shared = shared_model()
+    with shared.lock:
+        return calibrate(shared.model, shared.tokenizer, name="the bundled model's engine on this machine")
+
+
+def setup_for(setup: ServingSetup) -> ServingSetup:
+    """``setup`` with the calibrated engine's cost (and a pool) when its GPU is the calibrated engine."""
+    if setup.gpu != CALIBRATED:
+        return setup
+    return replace(setup, cost=calibrated_cost(), num_blocks=setup.num_blocks or CALIBRATED_BLOCKS)
 
 
 @dataclass(slots=True, frozen=True)
@@ -35,7 +55,8 @@ class UploadedTrace:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def run(workload: sched.WorkloadConfig | UploadedTrace, setup: ServingSetup) -> sched.Comparison:
-    """Simulate the workload under each scheduler of ``setup``; the progress bar is cached with the result."""
+    """Simulate the workload under each scheduler of ``setup`` (its cost already resolved by :func:`setup_for`);
+    the progress bar is cached with the result."""
     wl = workload.workload() if isinstance(workload, UploadedTrace) else sched.make_workload(workload)
     configs = setup.configs()
     return with_progress("Simulating...", lambda cb: sched.compare(wl, configs, lambda f: cb(f, "Simulating...")))

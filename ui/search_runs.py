@@ -14,6 +14,7 @@ from dataclasses import replace
 import streamlit as st
 
 from kvcore import sched
+from kvcore.sched.compare import ServingSetup
 from kvcore.study.search import LATENCIES, SCHEDULERS, SLO, Deployment, SearchResult, SearchSpace, search
 from ui import figures, params, search_figures, tables
 from ui.batching_runs import UploadedTrace
@@ -81,8 +82,7 @@ def _space() -> tuple[SearchSpace, SLO, str]:
     return space, SLO(ttft, tpot), latency
 
 
-def search_section(source: sched.WorkloadConfig | UploadedTrace, model: str, gpu: str, *,
-                   num_blocks: int | None = None, rules: str = "textbook") -> None:
+def search_section(source: sched.WorkloadConfig | UploadedTrace, setup: ServingSetup) -> None:
     """The section: the serving configurations with the most throughput under the SLOs, on the page's workload."""
     st.subheader("Search serving configurations")
     st.markdown("Which engine settings serve this workload with the most throughput while p99 latencies stay under "
@@ -102,8 +102,9 @@ def search_section(source: sched.WorkloadConfig | UploadedTrace, model: str, gpu
             st.warning(f"{count} configurations: the page searches at most {MAX_CONFIGS}. Pick fewer values, or run "
                        "the whole grid with `python -m kvcore search`.")
             return
-        result = run_search(source, Deployment(model, gpu, None, num_blocks, rules), space, slo, latency)
-        _answer(result, {"model": model, "gpu": gpu})
+        deployment = Deployment(setup.model, setup.gpu, setup.cost, setup.num_blocks, setup.rules)
+        result = run_search(source, deployment, space, slo, latency)
+        _answer(result, {"model": setup.model, "gpu": setup.gpu})
 
 
 def _answer(result: SearchResult, settings: dict[str, str]) -> None:

@@ -80,10 +80,12 @@ def coefficients_table(cost: FittedCost, num_steps: int) -> pd.DataFrame:
 def calibrate(model, tokenizer, workload: ServeWorkload | None = None, settings: EngineSettings | None = None,
               name: str = "this machine's engine") -> FittedCost:
     """Serve a short workload on the engine and fit the simulator's step time to its steps (the Continuous
-    batching page's "calibrated to this machine's engine")."""
+    batching page's "calibrated to this machine's engine"); the fit carries the model's KV bytes per token."""
     workload = workload or ServeWorkload(num_requests=32, prompt_max=400, output_max=48)
     settings = settings or EngineSettings(num_blocks=512)
     prompts, outputs = workload.build(tokenizer)
     engine = settings.engine(model)
     engine.generate(prompts, [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs])
-    return fit_step_time(engine.stats.timeline, name)
+    fit = fit_step_time(engine.stats.timeline, name)
+    per_token = engine.kv_bytes / (settings.num_blocks * settings.block_size)
+    return replace(fit, kv_bytes_per_token=per_token)

@@ -62,6 +62,11 @@ class CostModel:
         return self.gpu.host_link_bandwidth
 
     @property
+    def label(self) -> str:
+        """What is timed: ``model on GPU``."""
+        return f"{self.shape.name} on {self.gpu.name}"
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of all weights at ``weight_bits``."""
         return weight_bytes(self.shape, self.weight_bits)
@@ -141,6 +146,11 @@ class FittedCost:
         values = (self.intercept_s, self.per_token_s, self.per_pair_s, self.per_kv_token_s)
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise ValueError(f"a fitted step time needs finite coefficients >= 0, got {values}")
+
+    @property
+    def label(self) -> str:
+        """What is timed: where the fit comes from."""
+        return self.name
 
     def step_time(self, new_tokens: float, attn_pairs: float, kv_tokens_read: float) -> float:
         """Seconds for one step; 0 when there is nothing to compute."""

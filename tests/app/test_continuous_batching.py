@@ -81,3 +81,14 @@ def test_trace_source_asks_for_a_file(page):
     at = page("continuous_batching", {"src": "trace"})
     assert any("Upload a trace CSV" in i.value for i in at.info)
     assert not at.dataframe
+
+
+def test_the_engine_calibrated_on_this_machine_times_the_steps(page):
+    from ui.batching_runs import CALIBRATED
+
+    at = page("continuous_batching", {"n": "40", "sch": ["continuous"], "om": "64"})
+    at.selectbox(key="gpu").set_value(CALIBRATED).run()
+    assert not at.exception
+    assert len(at.metric) == 1
+    assert any("the bundled model's engine on this machine" in c.value for c in at.caption)  # the pool caption
+    assert any("R^2" in c.value for c in at.caption)  # the fitted step time, in the notes

@@ -44,6 +44,7 @@ VIEWS = {  # page -> views: a default and one changed view, plus every tab of a 
     "paged_blocks": [{}, {"steps": stepper.EXAMPLE, "dist": "uniform", "bs": "8", "blocks": "24"}],
     "continuous_batching": [{}, {"pre": "swap", "n": "60", "sch": ["continuous", "chunked"], "apc": "true",
                                  "shr": "0.5"}],
+    "serving_engine": [{}, {"eg_n": "6", "eg_apc": "false", "eg_bits": "8-bit", "eg_step": "3"}],
     "eviction": [{}, {"mode": "prefill", "ntok": "128"}],
     "quantization": [{}, {"qmethod": "int4-token", "qtokens": "64"}],
     "sharing": [{}, {"sh_model": "gpt2", "sh_tokens": "2000000", "sh_bits": "2", "sh_kv": "1"},
@@ -55,7 +56,7 @@ VIEWS = {  # page -> views: a default and one changed view, plus every tab of a 
                          {"h_tab": "Roofline", "h_gpu": "L4 24GB", "h_ctx": "1000000", "h_batch": "1"}],
     "live_model": [{}, {"lm_plan": "evict:h2o", "lm_new": "12", "lm_budget": "8"}],
 }
-NEEDS_MODEL = {"eviction", "quantization", "live_model", "sharing"}
+NEEDS_MODEL = {"eviction", "quantization", "live_model", "sharing", "serving_engine"}
 # Known defects in pages this change does not touch: view id -> why. strict: the case fails once they are fixed.
 KNOWN: dict[str, str] = {}
 

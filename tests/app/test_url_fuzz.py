@@ -23,7 +23,7 @@ from streamlit.testing.v1.element_tree import Button, ButtonGroup, DownloadButto
 from tests.app.conftest import assert_clean, open_page
 from tests.conftest import ROOT
 
-PAGES = ["home", "paged_blocks", "continuous_batching", "eviction", "quantization", "sharing",
+PAGES = ["home", "paged_blocks", "continuous_batching", "serving_engine", "eviction", "quantization", "sharing",
          "memory_hierarchy", "live_model"]
 EXAMPLES = int(os.environ.get("KVLAB_FUZZ_EXAMPLES", "10"))
 CASES_RUN: dict[str, int] = {}

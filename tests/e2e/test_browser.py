@@ -29,6 +29,7 @@ PAGES = {
     "": "KV Cache Lab",
     "paged_blocks": "Paged blocks",
     "continuous_batching": "Continuous batching",
+    "serving_engine": "Serving engine",
     "eviction": "Eviction",
     "quantization": "Quantization",
     "sharing": "Sharing",
@@ -198,6 +199,7 @@ def test_widget_change_is_written_to_the_url(server, browser):
 CHANGES = {
     "paged_blocks": ("Blocks in the pool", "slider", "blocks="),
     "continuous_batching": ("Preemption", "radio:swap", "pre=swap"),
+    "serving_engine": ("Seed", "number:3", "eg_seed=3"),
     "eviction": ("Tokens streamed", "slider", "ntok="),
     "quantization": ("Generated tokens", "number:16", "qgen=16"),
     "sharing": ("Context (tokens)", "number:4096", "sh_tokens=4096"),

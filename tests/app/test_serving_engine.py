@@ -1,0 +1,52 @@
+"""Serving engine page: real requests on the engine beside transformers, the pool, the simulator's prediction."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = {"eg_n": "4", "eg_pmax": "32", "eg_omax": "8"}
+
+
+def test_defaults_serve_on_both_systems_and_predict_the_run(page):
+    at = page("serving_engine")
+    assert at.title[0].value == "Serving engine"
+    assert [m.label for m in at.metric] == ["Output tokens/s", "TTFT p50", "TPOT p50", "Peak KV blocks",
+                                            "Prefix-cache hits"]
+    systems = at.dataframe[0].value
+    assert systems["system"].tolist() == ["engine", "transformers generate (static, batch 16)"]
+    assert (systems["output_tokens"] == systems["output_tokens"].iloc[0]).all()
+    prediction = next(d.value for d in at.dataframe if "error_pct" in d.value.columns)
+    assert prediction.set_index("metric").loc["steps", "error_pct"] == 0  # the simulator's scheduler is the engine's
+
+
+def test_url_restores_the_view_and_a_shared_prefix_hits(page):
+    at = page("serving_engine", {**SMALL, "eg_n": "6", "eg_prefix": "32", "eg_share": "1.0", "eg_hf": "false",
+                                 "eg_seqs": "1"})
+    assert at.slider(key="eg_n").value == 6
+    systems = at.dataframe[0].value
+    assert systems["system"].tolist() == ["engine"]
+    requests = next(d.value for d in at.dataframe if "prefix_hit_tokens" in d.value.columns)
+    assert requests["prefix_hit_tokens"].iloc[1:].gt(0).all()  # one at a time: each later request hits the prefix
+
+
+def test_quantized_pools_and_the_step_slider(page):
+    at = page("serving_engine", {**SMALL, "eg_bits": "4-bit", "eg_hf": "false"})
+    steps = at.select_slider(key="eg_step").options
+    at.select_slider(key="eg_step").set_value(steps[0]).run()
+    assert not at.exception
+    pool = next(d.value for d in at.dataframe if "owners" in d.value.columns)
+    assert set(pool["step"]) == {int(steps[0])}
+
+
+def test_garbage_url_falls_back_to_defaults(page):
+    at = page("serving_engine", {**SMALL, "eg_bits": "3-bit", "eg_blocks": "7", "eg_model": "gpt-99", "eg_bs": ""})
+    assert at.segmented_control(key="eg_bits").value == "fp32"
+    assert at.select_slider(key="eg_blocks").value == 512
+    assert at.selectbox(key="eg_model").value == "bundled"
+    assert at.segmented_control(key="eg_bs").value == 16
+
+
+def test_an_impossible_setting_is_a_message(page):
+    at = page("serving_engine", {"eg_blocks": "16", "eg_pmax": "400", "eg_omax": "64", "eg_n": "64", "eg_hf": "false"})
+    assert any("the pool has" in e.value for e in at.error)
