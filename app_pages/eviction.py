@@ -4,7 +4,9 @@ import streamlit as st
 
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, kvpress_hyperparameters
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
+from kvcore.eviction.steps import eviction_steps
 from ui import eviction_figures, figures, params, tables
+from ui import step_figures as sf
 from ui.eviction_runs import EvictionText, sweep
 from ui.format import bytes_str
 from ui.guard import user_errors
@@ -75,8 +77,7 @@ shown, maps, layers = eviction_figures.at_budget(results, at)
 with right:
     figures.show(figures.bar_chart(shown, "policy", "kv_bytes_held", title=f"KV bytes held at budget {at}",
                                    y_title="bytes (real tensors)"), key="bytes")
-figures.show(eviction_figures.visibility_maps(maps, f"What each query could read at budget {at} (decode: "
-                                              "after each step's eviction)"), key="maps")
+figures.show(eviction_figures.visibility_maps(maps, eviction_figures.visibility_title(mode, at)), key="maps")
 c1, c2 = st.columns(2)
 with c1:
     figures.show(eviction_figures.per_layer(layers, "mass_retained", "Full-cache attention still readable",
@@ -85,11 +86,20 @@ with c2:
     figures.show(eviction_figures.per_layer(layers, "output_error", "Attention output error vs full cache",
                                             "relative L2 error"), key="err")
 figures.show(eviction_figures.token_strip(results.tokens), key="strip")
+st.subheader(f"Step by step at budget {at}")
+steps = len(results.tokens)
+step = params.widget(st.slider, "Step (query position)", key="step", min_value=0, max_value=steps - 1,
+                     value=steps - 1)
+shown = sf.frame_steps(steps, step)
+with user_errors("Step view"):
+    view = eviction_steps(results, at, shown)
+sf.step_metrics(view, shown.index(step))
+figures.show(sf.step_player(view, shown.index(step), "Full-cache attention and what each policy kept"), key="steps")
+st.caption("Bars: the full cache's attention from the step's query (layers and heads averaged). Rows: the share of "
+           "layers and KV heads in which each policy let that query read each token (grey = evicted). Triangles: "
+           "sinks; diamonds: heavy hitters, by the detector over the attention so far. ▶ plays the steps.")
 settings = {"mode": mode, "pos": positions, "tokens": max_tokens}
-tables.show_table(table, "eviction", "results", settings,
-                  caption="One row per policy and budget. hits/misses: full-cache lookups (attention >= uniform "
-                          "share) still readable or evicted; evictions: KV entries (token x layer x KV head) freed; "
-                          "kv_bytes_held: bytes of the cache's tensors at the end (attention_window frees nothing).")
+tables.show_table(table, "eviction", "results", settings, caption=eviction_figures.TABLE_CAPTION)
 with st.expander("Per-layer and per-token tables"):
     tables.show_table(results.layers, "eviction", "layers", settings)
     tables.show_table(results.tokens, "eviction", "tokens", settings)

@@ -3,14 +3,15 @@
 import streamlit as st
 
 from kvcore.models.attention import AttentionPatterns
-from kvcore.models.live import attention_map, kv_curves, patterns_table
+from kvcore.models.live import attention_map, kv_curves, patterns_table, step_view
 from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
 from kvcore.models.runtime import text_config
 from kvcore.plans import cache_plans
 from ui import figures, params, tables
 from ui import live_figures as lf
+from ui import step_figures as sf
 from ui.guard import user_errors
-from ui.live_runs import LiveRequest, comparison, generation
+from ui.live_runs import LiveRequest, comparison, generation, step_timing
 from ui.models import shared_model
 
 OTHER = "other (type a Hub name)"
@@ -50,14 +51,20 @@ st.subheader(f"Generated with the {plan.name} cache")
 run = generation(shared, request, stream=True)
 full = generation(shared, request.full, stream=False)
 
-lf.generation_metrics(run)
-figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
-                                title="KV bytes after each step"), key="lm_kv")
-figures.show(figures.bar_chart(run.table, "step", "ms", "phase", title="Time per step: prefill vs decode"), key="lm_ms")
+timing, age = step_timing(shared, request, run)
+lf.generation_metrics(run, timing)
+st.caption(lf.timing_caption(timing, age))
+left, right = st.columns(2)
+with left:
+    figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
+                                    title="KV bytes after each step"), key="lm_kv")
+with right:
+    figures.show(lf.timing_chart(timing), key="lm_ms")
 csv_settings = {"model": name, "plan": plan_name, "new": new, "seed": seed}
 tables.show_table(run.table, "live", "tokens", csv_settings, height=260,
-                  caption="One row per generated token: its log-prob, the wall time of the step that made it, and "
-                          "what the cache holds afterwards (entries of layer 0, bytes of all layers).")
+                  caption="One row per generated token: its log-prob, the wall time of that one step in this "
+                          "generation (a single run: compare phases with the repeated timing above), and what the "
+                          "cache holds afterwards (entries of layer 0, bytes of all layers).")
 
 st.subheader("Attention over the generated sequence")
 cfg, c = text_config(model), st.columns(5)
@@ -69,15 +76,34 @@ sink_ratio = params.widget(c[2].number_input, "Sink: x uniform share", key="lm_s
 heavy = params.widget(c[3].slider, "Heavy hitters: top share of keys", key="lm_heavy", min_value=0.01,
                       max_value=0.5, value=0.05, step=0.01)
 log_color = params.widget(c[4].toggle, "Log colour", key="lm_log", value=True)
+thresholds = AttentionPatterns.for_length(len(run.ids), sink_ratio=sink_ratio, heavy_fraction=heavy)
 with lock, user_errors("Attention"):
     attn = attention_map(model, run, layer, None if head == "mean" else int(head))
-    patterns = patterns_table(attn, run.tokens, AttentionPatterns(sink_ratio, heavy, min(32, len(run.ids) // 4)))
+    patterns = patterns_table(attn, run.tokens, thresholds)
+    view = step_view(run, attn, thresholds)
 title = f"Layer {layer}, head {head}: full cache, eager attention (dotted line: generation starts)"
 figures.show(lf.attention_heatmap(attn, run.tokens, patterns, title, log_color, run.prompt_len), key="lm_map")
-figures.show(lf.pattern_bars(patterns, run.tokens, "Attention each key receives from later queries"), key="lm_bars")
+bars_title = f"Attention each key receives from far queries (sink: {sink_ratio:g}x)"
+figures.show(lf.pattern_bars(patterns, run.tokens, bars_title, sink_ratio), key="lm_bars")
 tables.show_table(patterns, "live", "patterns", {**csv_settings, "layer": layer, "head": head}, height=240,
-                  caption="received_vs_uniform: mean attention from queries at or past min_query over the uniform "
-                          "share 1/(t+1); a sink reaches the threshold. accumulated: the column sum (H2O).")
+                  caption=f"received_vs_uniform: mean attention from queries {thresholds.min_distance}+ positions "
+                          "later over the uniform share 1/(t+1), the Eviction page's detector; keys with fewer than "
+                          f"{thresholds.min_queries} such queries are not judged (empty). A sink reaches "
+                          f"{sink_ratio:g}x. accumulated: the column sum (H2O).")
+
+st.subheader("Step by step")
+last = view.num_steps - 1
+step = params.widget(st.slider, "Step (generated token)", key="lm_step", min_value=0, max_value=max(1, last),
+                     value=max(0, last), disabled=last < 1)
+step = min(step, last)
+sf.step_metrics(view, step)
+figures.show(sf.step_player(view, step, f"Layer {layer}, head {head}", colored=run.plan), key="lm_steps")
+st.caption(f"Bars: the attention the step's query gives each key (full cache). Colour: what the {plan.name} cache "
+           "holds when the query reads it: held, partly held (some layers or heads), evicted (grey), compressed "
+           "(purple). Triangles: sinks; diamonds: heavy hitters, by the detector over the attention so far. ▶ plays "
+           "the steps; the slider above sets the step the view opens on (and the URL).")
+with st.expander("What the cache held at this step"):
+    tables.show_table(sf.holdings_table(view, step), "live", "step", {**csv_settings, "step": step}, height=240)
 
 if plan_name != "full":
     st.subheader(f"{plan.name} vs the full cache")

@@ -5,6 +5,7 @@ import streamlit as st
 from kvcore import paged
 from kvcore.device import get_device
 from kvcore.kernels import AttentionCheckConfig
+from kvcore.kernels.check import check_summary
 from kvcore.paged import stepper, views
 from kvcore.shapes import PRESETS
 from ui import figures, paged_figures, params, tables
@@ -111,5 +112,4 @@ dtype = params.widget(k3.segmented_control, "dtype", key="kdt", options=["float3
 with user_errors("Attention check"):
     check = run_attention_check(AttentionCheckConfig.for_model(model, batch, context, dtype=dtype,
                                                                device=get_device().type))
-tables.show_table(check, "paged", "attention-check", {"model": model, "dtype": dtype},
-                  caption=paged_figures.attention_check_caption(check))
+tables.show_table(check, "paged", "attention-check", {"model": model, "dtype": dtype}, caption=check_summary(check))

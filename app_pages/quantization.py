@@ -36,11 +36,12 @@ with side.expander("Custom method (method = custom)", expanded=name == "custom")
     outliers = params.widget(st.slider, "Outliers kept as sparse fp16 (%)", key="qoutliers", min_value=0.0,
                              max_value=5.0, value=0.0, step=0.5)
 tokens = params.widget(side.select_slider, "Text length (tokens)", key="qtokens", options=[64, 128, 192, 256, 384],
-                       value=128, help="the first half is the prompt; the second half is decoded and scored")
+                       value=qe.PAGE_TOKENS, help="the first half is the prompt; the second half is decoded and scored")
 windows = params.widget(side.number_input, "Text windows", key="qwindows", min_value=1,
-                        max_value=max(1, qe.PAGE_TOKEN_LIMIT // tokens), value=1,
-                        help="perplexity averages over this many consecutive windows: more = steadier, slower "
-                             f"(up to {qe.PAGE_TOKEN_LIMIT} tokens in all, every method decoding them)")
+                        max_value=max(1, qe.PAGE_TOKEN_LIMIT // tokens),
+                        value=min(qe.PAGE_WINDOWS, max(1, qe.PAGE_TOKEN_LIMIT // tokens)),
+                        help="perplexity averages over this many consecutive windows: more = narrower intervals, "
+                             f"slower (up to {qe.PAGE_TOKEN_LIMIT} tokens in all, every method decoding them)")
 seed = params.widget(side.number_input, "Which windows (seed)", key="qseed", min_value=0, max_value=999, value=0)
 layer = params.widget(side.slider, "Layer (heatmaps)", key="qlayer", min_value=0, max_value=cfg.num_hidden_layers - 1,
                       value=0)
@@ -52,35 +53,41 @@ with user_errors("Quantization"):
     custom = CustomSettings(bits, scheme, group, residual, sinks, outliers)
     method, text = method_named(name, custom), qe.QuantText(tokens, seed, windows)
     result = results(text, name, custom)
-    grid = maps(text, layer, None if head == "all" else int(head), name, custom)
 st.caption(f"**{name}**: {method.describe()}. Follows {method.paper}.")
 quant_figures.method_metrics(result.summary.set_index("method").loc[name])
+st.caption(quant_figures.noise_caption(result))
 
-tab_maps, tab_layers, tab_pareto, tab_text, tab_table = st.tabs(
-    ["K/V magnitudes", "Error by layer", "Memory vs perplexity", "Generated text", "Results"])
-with tab_maps:
-    heads = cfg.num_key_value_heads if head == "all" else None
-    titles = ("|K|", "|V|", f"|K̂ - K| ({name})", f"|V̂ - V| ({name})")
-    for col, z, title in zip(st.columns(2) * 2, grid, titles, strict=True):
-        with col:
-            figures.show(quant_figures.magnitude_map(z, f"{title}, layer {layer}", heads))
-with tab_layers:
-    figures.show(quant_figures.layer_errors(result.by_layer, name))
-with tab_pareto:
-    figures.show(quant_figures.pareto(result.summary, name))
-with tab_text:
-    with user_errors("Generation"):
+tab_pareto, tab_maps, tab_layers, tab_text, tab_table = params.widget(st.tabs, quant_figures.TABS, key="qtab")
+if tab_pareto.open:
+    with tab_pareto:
+        figures.show(quant_figures.pareto(result.summary, name))
+if tab_maps.open:
+    with tab_maps, user_errors("K/V maps"):
+        grid = maps(text, layer, None if head == "all" else int(head), name, custom)
+        titles = ("|K|", "|V|", f"|K̂ - K| ({name})", f"|V̂ - V| ({name})")
+        for col, z, title in zip(st.columns(2) * 2, grid, titles, strict=True):
+            with col:
+                figures.show(quant_figures.magnitude_map(z, f"{title}, layer {layer}",
+                                                         cfg.num_key_value_heads if head == "all" else None))
+if tab_layers.open:
+    with tab_layers:
+        figures.show(quant_figures.layer_errors(result.by_layer, name))
+if tab_text.open:
+    with tab_text, user_errors("Generation"):
         prompt, fp16_text, method_text = texts(text, new_tokens, name, custom)
-    st.caption(f"Greedy continuation of the first {tokens // 2} tokens of window 1 (last 400 characters shown):")
-    st.code(prompt[-400:], language=None, wrap_lines=True)
-    for col, label, words in zip(st.columns(2), ("fp16", name), (fp16_text, method_text), strict=True):
-        col.markdown(f"**{label} cache**")
-        col.code(words, language=None, wrap_lines=True)
-with tab_table:
-    shown = {"qtokens": tokens, "qseed": seed}
-    tables.show_table(result.summary, "quantization", "methods", shown, caption=(
-        f"{tokens} tokens, the first {tokens // 2} prefilled, the rest decoded one by one and scored. bytes: what "
-        "the cache holds at the end (all layers); errors: means over layers; tokens_per_s: shared batched model "
-        "step + this method's own cache time."))
-    tables.show_table(result.by_layer, "quantization", "by-layer", shown)
-    tables.show_table(qe.methods_table(), "quantization", "registry", caption="Every method and its paper.")
+        st.caption(f"Greedy continuation of the first {tokens // 2} tokens of window 1 (last 400 characters shown):")
+        st.code(prompt[-400:], language=None, wrap_lines=True)
+        for col, label, words in zip(st.columns(2), ("fp16", name), (fp16_text, method_text), strict=True):
+            col.markdown(f"**{label} cache**")
+            col.code(words, language=None, wrap_lines=True)
+if tab_table.open:
+    with tab_table:
+        shown = {"qtokens": tokens, "qwindows": windows, "qseed": seed}
+        tables.show_table(result.summary, "quantization", "methods", shown, caption=(
+            f"{windows} x {tokens} tokens, the first {tokens // 2} of each prefilled, the rest decoded one by one "
+            "and scored. bytes: what the cache holds at the end (all layers); errors: means over layers; "
+            "_low/_high: the 95% interval; vs_fp16: worse/better only beyond the noise; pareto: the front when "
+            "differences within noise are ties; tokens_per_s: shared batched model step + this method's own "
+            "cache time, from one run under whatever load there was: a rough cost, never compared or ranked."))
+        tables.show_table(result.by_layer, "quantization", "by-layer", shown)
+        tables.show_table(qe.methods_table(), "quantization", "registry", caption="Every method and its paper.")

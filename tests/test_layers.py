@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 # Lower index = lower layer. DESIGN: models <- eviction, quant <- plans <- engine, pages.
 LAYERS = (
-    ("kvcore.checks", "kvcore.tensors", "kvcore.device"),
+    ("kvcore.checks", "kvcore.tensors", "kvcore.device", "kvcore.noise"),
     ("kvcore.shapes",),
     ("kvcore.calculator",),
     ("kvcore.models",),

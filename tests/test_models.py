@@ -8,19 +8,27 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from kvcore.cli import main as cli_main
 from kvcore.models import loader
-from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns, layer_summary
+from kvcore.models.attention import (
+    AttentionPatterns,
+    capture_attention,
+    detect_patterns,
+    far_attention_ratio,
+    layer_summary,
+)
 from kvcore.models.cache import LabCache, new_cache
-from kvcore.models.generate import GenerationSettings, generate_table
+from kvcore.models.generate import GenerationSettings, generate_stream, generate_table, time_generation
+from kvcore.models.live import attention_map, run_live, step_view
 from kvcore.models.perplexity import bits_per_byte, perplexity, streaming_nll, token_nll
 from kvcore.models.plan import CachePlan, run_step
 from kvcore.models.rope import rope_inv_freq, rotate
-from kvcore.plans import cache_plans
+from kvcore.plans import cache_plans, make_plan
 from kvcore.shapes import kv_bytes
 
 PROMPT = "The import statement"
@@ -199,12 +207,56 @@ def test_detect_patterns_flags_a_planted_sink():
     attn = torch.tril(torch.ones(T, T))
     attn[:, 0] += 20.0  # every query looks at key 0
     attn = attn / attn.sum(-1, keepdim=True)
-    table = detect_patterns(attn, AttentionPatterns(sink_ratio=5.0, heavy_fraction=0.05, min_query=16))
+    table = detect_patterns(attn, AttentionPatterns(sink_ratio=5.0, heavy_fraction=0.05, min_distance=16))
     assert table.loc[table["sink"], "position"].tolist() == [0]
     assert table.loc[0, "heavy_hitter"]
     assert table["heavy_hitter"].sum() == math.ceil(0.05 * T)
     with pytest.raises(ValueError, match="sink_ratio"):
         AttentionPatterns(sink_ratio=0.5)
+    with pytest.raises(ValueError, match="min_queries"):
+        AttentionPatterns(min_queries=0)
+
+
+def test_recent_keys_that_neighbours_attend_to_are_not_sinks():
+    """The defect: keys 38, 39 and 42 of 44 were called sinks from a handful of later queries (local attention)."""
+    T = 44
+    attn = torch.tril(torch.ones(T, T))
+    for j in (38, 39, 42):
+        attn[j:, j] += 30.0  # every query from j on gives key j a big share: a local favourite, not a sink
+    attn = attn / attn.sum(-1, keepdim=True)
+    table = detect_patterns(attn, AttentionPatterns.for_length(T))  # min_distance 11, at least 8 far queries
+    assert not table["sink"].any()
+    assert table.loc[[38, 39, 42], "received_vs_uniform"].isna().all()  # too few far queries to judge
+    assert table.loc[0, "far_queries"] == T - 11
+    assert table.loc[T - 11, "far_queries"] == 0
+    # the old rule (mean over queries at or past max(key, min_query), any count) flagged them
+    q = torch.arange(T)
+    old = [float((attn[q >= max(j, 11), j] * (q[q >= max(j, 11)] + 1)).mean()) for j in (38, 39, 42)]
+    assert min(old) >= 5.0
+
+
+def test_far_attention_ratio_matches_a_loop():
+    attn = torch.rand(3, 20, 20).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    got = far_attention_ratio(attn, min_distance=4, min_queries=3)
+    for layer in range(3):
+        for j in range(20):
+            far = [t for t in range(20) if t - j >= 4]
+            if len(far) < 3:
+                assert math.isnan(got[layer, j])
+            else:
+                want = sum(float(attn[layer, t, j]) * (t + 1) for t in far) / len(far)
+                assert float(got[layer, j]) == pytest.approx(want, rel=1e-5)
+
+
+def test_the_eviction_reference_uses_the_same_detector(bundled, text_ids):
+    from kvcore.eviction.reference import reference_pass
+
+    model, _ = bundled
+    ref = reference_pass(model, torch.tensor([text_ids[:120]]))
+    per_layer = ref.attn.mean(dim=1)  # [L, T, T]
+    pd.testing.assert_frame_equal(ref.patterns, detect_patterns(per_layer, ref.thresholds))
+    assert ref.key_norms.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads, 119)
 
 
 def test_bundled_text_ships_the_validation_split():
@@ -254,3 +306,52 @@ def test_cli_generate_prints_and_writes_the_per_token_table(tmp_path, capsys):
     assert {"token", "logprob", "ms", "kv_bytes"} <= set(table.columns)
     assert "kv_bytes" in capsys.readouterr().out
     assert cli_main(["generate", "--prompt", "x", "--model", UNCACHED]) == 2  # offline: a message, not a traceback
+
+
+def test_generation_is_observed_before_every_step(bundled):
+    model, tokenizer = bundled
+    seen = []
+    events = list(generate_stream(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=5),
+                                  observe=lambda step, cache: seen.append((step, cache.num_tokens(0)))))
+    prompt = len(tokenizer(PROMPT)["input_ids"])
+    assert seen == [(s, 0 if s == 0 else prompt + s - 1) for s in range(len(events))]
+
+
+@pytest.mark.parametrize(("plan_name", "positions"), [("evict:streaming_llm", "rerotate"), ("evict:h2o", "original")])
+def test_the_step_view_shows_what_an_eviction_cache_held(bundled, plan_name, positions):
+    model, tokenizer = bundled
+    run = run_live(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=24), make_plan(plan_name, 8, positions))
+    view = step_view(run, attention_map(model, run, 1, None), AttentionPatterns.for_length(len(run.ids)))
+    held = view.held[run.plan]
+    for s, q in enumerate(view.steps["query"]):
+        assert np.isnan(held[s, q + 1:]).all()
+        fed = run.prompt_len if s == 0 else 1
+        # before the step the cache holds at most the budget per layer and head, plus the tokens fed now
+        assert np.nansum(held[s]) == pytest.approx(min(q + 1, 8 + fed))
+        assert np.nansum(view.attention[s]) == pytest.approx(1.0, abs=1e-4)
+    if plan_name == "evict:streaming_llm":  # re-rotated positions still map to the original tokens
+        last = held[-1]
+        assert np.allclose(last[:4], 1.0)
+        assert np.allclose(last[4:int(view.steps["query"].iloc[-1]) - 4], 0.0)
+    assert view.steps["kv_tokens"].max() <= 8 + 1
+
+
+def test_the_step_view_marks_what_a_quantized_cache_compressed(bundled):
+    model, tokenizer = bundled
+    run = run_live(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=48, stop_at_eos=False),
+                   make_plan("quant:int4-token", 0, "original"))
+    view = step_view(run, attention_map(model, run, 0, None), AttentionPatterns.for_length(len(run.ids)))
+    compressed = view.compressed[run.plan]
+    assert np.allclose(view.held[run.plan][~np.isnan(view.held[run.plan])], 1.0)  # quantizing drops nothing
+    assert np.nansum(compressed[-1]) > 0  # int4-token stores every aged token compressed: K and V
+    assert compressed[-1, -1] == 0  # the token fed in the step itself is read exact
+
+
+def test_timing_is_warmed_up_and_repeated(bundled):
+    model, tokenizer = bundled
+    run = run_live(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=6), make_plan("full", 0, "original"))
+    timing = time_generation(model, run.ids, run.prompt_len, repeats=3, warmup=1, decode_steps=4)
+    assert (timing["prefill"].repeats, timing["prefill"].warmup) == (3, 1)
+    assert timing["decode"].repeats == 3 * min(4, len(run.ids) - run.prompt_len)
+    assert timing["decode"].q1 <= timing["decode"].median <= timing["decode"].q3
+    assert "decode" not in time_generation(model, run.ids[:run.prompt_len], run.prompt_len, repeats=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -368,11 +369,84 @@ def test_evaluate_reports_every_method(tiny_llama):
     assert list(summary.index) == list(names)
     assert len(result.by_layer) == 2 * len(names)
     assert summary.loc["fp16", "ppl_vs_fp16"] == 1.0
+    assert summary.loc["fp16", "vs_fp16"] == "baseline"
+    assert (summary["ppl_vs_fp16_low"] <= summary["ppl_vs_fp16"]).all()
+    assert (summary["ppl_vs_fp16"] <= summary["ppl_vs_fp16_high"]).all()
+    assert (summary["perplexity_low"] <= summary["perplexity"]).all()
+    assert (summary["scored_tokens"] == 32).all()
+    assert set(result.nll) == set(names)
+    assert result.nll["fp16"].shape == (1, 32)
     assert summary.loc["int8-token", "attn_rel_err"] < summary.loc["int2-token", "attn_rel_err"]
     # The decode run's cache holds the same bytes as the text's K/V stored in one go.
     static = result.by_layer.groupby("method")["bytes"].sum()
     for name in names:
         assert summary.loc[name, "bytes"] == static[name]
+
+
+# --- intervals: a difference is called only beyond the noise ---------------------------------------------------
+
+def _nll(windows: int, tokens: int, shift: float = 0.0, jitter: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """Per-token NLL of text whose difficulty varies a lot from token to token (shared by every method), plus a
+    method's own shift and small jitter."""
+    difficulty = torch.rand(windows, tokens, generator=torch.Generator().manual_seed(99)) * 8
+    own = torch.randn(windows, tokens, generator=torch.Generator().manual_seed(seed)) * jitter
+    return difficulty + shift + own
+
+
+def test_a_real_difference_is_worse_and_a_jitter_is_within_noise():
+    from kvcore.quant.evaluate import noise_columns
+
+    nll = {"fp16": _nll(2, 128), "bad": _nll(2, 128, shift=0.1, jitter=0.01, seed=1),
+           "same": _nll(2, 128, jitter=0.05, seed=2)}
+    table = noise_columns(nll, {"fp16": 1.0, "bad": 0.2, "same": 0.3}).set_index("method")
+    assert table.loc["bad", "vs_fp16"] == "worse"
+    assert table.loc["bad", "ppl_vs_fp16_low"] > 1.08  # e^0.1 = 1.105
+    assert table.loc["same", "vs_fp16"] == "within noise"
+    assert table.loc["fp16", "vs_fp16"] == "baseline"
+    assert (table["scored_tokens"] == 256).all()
+    # The front: "bad" has the fewest bytes; "same" ties fp16 within noise with fewer bytes, so fp16 is beaten.
+    assert table["pareto"].to_dict() == {"fp16": False, "bad": True, "same": True}
+
+
+def test_sixty_four_scored_tokens_call_nothing_and_rank_nothing():
+    """The defect: 64 scored tokens (4 blocks) put kivi-2 at a green -2% and int2 on the Pareto front."""
+    from kvcore.quant.evaluate import noise_columns
+
+    nll = {"fp16": _nll(1, 64), "kivi-2": _nll(1, 64, shift=-0.02, jitter=0.005, seed=3),
+           "int2-token": _nll(1, 64, shift=-0.02, jitter=0.005, seed=4)}
+    table = noise_columns(nll, {"fp16": 1.0, "kivi-2": 0.3, "int2-token": 0.2}).set_index("method")
+    assert table.loc[["kivi-2", "int2-token"], "vs_fp16"].tolist() == ["within noise", "within noise"]
+    assert not table["pareto"].any()
+
+
+def test_the_noisy_front_treats_differences_inside_the_noise_as_ties():
+    from kvcore.quant.evaluate import noisy_pareto_front
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(5.0, 0.2, size=(500, 1))
+    samples = np.hstack([base, base + 0.001 * rng.normal(size=(500, 1)), base + 0.5])  # [R, 3]: NLL means
+    # method 1 is a tie with method 0 but larger: beaten; method 2 is smallest: on the front whatever its NLL
+    assert noisy_pareto_front(np.array([0.5, 0.6, 0.1]), samples).tolist() == [True, False, True]
+    # method 1 slightly "better" only inside the noise, with more bytes: still beaten by the smaller tie
+    samples[:, 1] = base[:, 0] - 0.0005 + 0.01 * rng.normal(size=500)
+    assert noisy_pareto_front(np.array([0.5, 0.6, 0.1]), samples).tolist() == [True, False, True]
+    assert not noisy_pareto_front(np.array([0.5, 0.6, 0.1]), samples, trusted=False).any()
+    samples[:, 1] = base[:, 0] - 0.05  # better beyond the noise: now it earns its extra bytes
+    assert noisy_pareto_front(np.array([0.5, 0.6, 0.1]), samples).tolist() == [True, True, True]
+
+
+def test_combine_recomputes_the_intervals_over_both_runs(tiny_llama):
+    from kvcore.quant.evaluate import combine, evaluate
+    from kvcore.quant.methods import CustomSettings
+
+    ids = torch.randint(3, 256, (2, 48), generator=torch.Generator().manual_seed(7))
+    first = evaluate(tiny_llama, ids, {n: METHODS[n] for n in ("fp16", "int8-token")})
+    second = evaluate(tiny_llama, ids, {"fp16": METHODS["fp16"], "custom": CustomSettings(bits=2).method()})
+    both = combine(first, second)
+    assert both.summary["method"].tolist() == ["fp16", "int8-token", "custom"]
+    assert set(both.nll) == {"fp16", "int8-token", "custom"}
+    custom = both.summary.set_index("method").loc["custom"]
+    assert custom.ppl_vs_fp16_low <= custom.ppl_vs_fp16 <= custom.ppl_vs_fp16_high
 
 
 # --- the bundled model ----------------------------------------------------------------------------------
@@ -388,15 +462,25 @@ def bundled():
     return load_model(None)
 
 
+def test_the_page_default_scores_256_tokens():
+    from kvcore.quant.evaluate import PAGE_TOKEN_LIMIT, QuantText
+
+    text = QuantText()
+    assert text.windows * (text.tokens - text.tokens // 2) == 256
+    assert text.windows * text.tokens <= PAGE_TOKEN_LIMIT
+
+
 def test_int8_perplexity_within_one_percent_of_fp16_on_the_bundled_model(bundled):
     from kvcore.quant.evaluate import evaluate, text_windows
 
     model, tokenizer = bundled
     ids = text_windows(tokenizer, 256, windows=2)  # 2 x 128 scored tokens
     result = evaluate(model, ids, {n: METHODS[n] for n in ("fp16", "int8-token", "int8-channel")})
-    ratio = result.summary.set_index("method")["ppl_vs_fp16"]
+    summary = result.summary.set_index("method")
+    ratio = summary["ppl_vs_fp16"]
     assert abs(ratio["int8-token"] - 1.0) < 0.01
     assert abs(ratio["int8-channel"] - 1.0) < 0.01
+    assert (summary.loc[["int8-token", "int8-channel"], "ppl_vs_fp16_high"] < 1.01).all()
 
 
 def test_cli_runs_headless_on_the_bundled_model(bundled, tmp_path, capsys):
@@ -405,5 +489,10 @@ def test_cli_runs_headless_on_the_bundled_model(bundled, tmp_path, capsys):
     out = tmp_path / "quant.csv"
     argv = ["quant", "--methods", "fp16", "int4-token", "--tokens", "64", "--windows", "1", "--csv", str(out)]
     assert main(argv) == 0
-    assert "int4-token" in capsys.readouterr().out
-    assert out.read_text().startswith("method,family,bytes_ratio")
+    printed = capsys.readouterr().out
+    assert "int4-token" in printed
+    assert "32 scored tokens" in printed
+    assert "under 8 blocks: nothing is called" in printed
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:3] == ["method", "family", "bytes_ratio"]
+    assert {"ppl_vs_fp16_low", "ppl_vs_fp16_high", "vs_fp16", "perplexity_low"} <= set(header)

@@ -1,4 +1,4 @@
-"""Figures of the Eviction page: verdict boxes, visibility maps, perplexity vs budget, the token strip.
+"""Figures of the Eviction page: claim boxes, visibility maps, perplexity vs budget, the token strip.
 
 Data in (the DataFrames and maps of ``kvcore.eviction.evaluate.EvictionResults``), ``go.Figure`` out,
 styled through :func:`ui.figures.style`.
@@ -18,7 +18,20 @@ from plotly.subplots import make_subplots
 from kvcore.eviction.evaluate import EvictionResults
 from ui import figures
 
-VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning, "not measured": st.info}
+VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning, "partly fails": st.warning,
+               "mixed": st.warning, "within noise": st.info, "this model cannot show it": st.info,
+               "not measured": st.info}
+VISIBILITY_TITLE = {"decode": "after each step's eviction", "prefill": "the prompt compressed once, the continuation "
+                                                                      "read against it"}
+TABLE_CAPTION = (
+    "One row per policy and budget. ppl_low/ppl_high: 95% block bootstrap (blocks of 16 scored tokens); "
+    "ppl_vs_full: perplexity over the full cache's on the same tokens, paired, with its interval; vs_full says worse "
+    "or better only beyond the noise. decode_ms: median of the run's one-token decode steps (the first left out as "
+    "warm-up; the full cache decodes token by token too), decode_ms_q1/q3 its interquartile range, tokens_per_s "
+    "1000 / median, load_1min the machine's load when it ran (runs are re-measured after 15 minutes); prefill mode "
+    "has no decode steps to time. hits/misses: full-cache lookups (attention >= uniform share) still readable or "
+    "evicted; evictions: KV entries (token x layer x KV head) freed; kv_bytes_held: bytes of the cache's tensors at "
+    "the end (attention_window frees nothing).")
 
 KVPRESS_NOTE = ("With kvpress-compatible on, StreamingLLM, Knorm, SnapKV, TOVA and observed attention keep exactly the "
                 "prompt tokens kvpress 0.5.5's presses keep: 1,800 of 1,800 recorded kept sets identical "
@@ -33,10 +46,16 @@ def _room_for_legend(fig: go.Figure) -> go.Figure:
 
 
 def show_verdicts(verdicts: pd.DataFrame) -> None:
-    """One coloured box per claim of the literature checked on this model."""
+    """One box per claim of the literature with the measurement that tests it; coloured only beyond the noise."""
     for row in verdicts.itertuples():
-        VERDICT_BOX[row.verdict](f"**{row.claim}**: {row.verdict} on this model ({row.held} of {row.compared} "
-                                 f"comparisons). Perplexities: {row.evidence}.")
+        counts = (f" (of {row.compared} comparisons: {row.held} hold, {row.against} do not, {row.within_noise} "
+                  "within noise)" if row.compared > 1 else "")
+        VERDICT_BOX.get(row.verdict, st.info)(f"**{row.claim}**: {row.verdict}{counts}. {row.evidence}.")
+
+
+def visibility_title(mode: str, budget: int) -> str:
+    """The visibility maps' title, saying what the rows are in this mode."""
+    return f"What each query could read at budget {budget} ({mode}: {VISIBILITY_TITLE[mode]})"
 
 
 def at_budget(results: EvictionResults, budget: int) -> tuple[pd.DataFrame, dict[str, np.ndarray], pd.DataFrame]:
@@ -86,14 +105,22 @@ def visibility_maps(maps: Mapping[str, np.ndarray], title: str) -> go.Figure:
 
 
 def perplexity_vs_budget(table: pd.DataFrame) -> go.Figure:
-    """Perplexity per policy vs budget (tokens), the full cache as a dashed line."""
+    """Perplexity over the full cache's (same tokens, paired) per policy vs budget, with 95% intervals."""
     evicting = table[table["policy"] != "full"]
-    fig = figures.line_chart(evicting, "budget_tokens", "ppl", "policy", title="Perplexity vs budget",
-                             x_title="budget (tokens kept)", y_title="perplexity")
-    full = table.loc[table["policy"] == "full", "ppl"]
-    if len(full):
-        fig.add_hline(y=float(full.iloc[0]), line_dash="dash", line_color="#666666",
-                      annotation_text="full cache", annotation_position="top left")
+    fig = go.Figure()
+    for i, (policy, part) in enumerate(evicting.groupby("policy", sort=False)):
+        part = part.sort_values("budget_tokens")
+        fig.add_trace(go.Scatter(
+            x=part["budget_tokens"], y=part["ppl_vs_full"], mode="lines+markers", name=str(policy),
+            line={"color": figures.PALETTE[i % len(figures.PALETTE)], "dash": figures.DASHES[i % len(figures.DASHES)]},
+            error_y={"type": "data", "symmetric": False, "array": part["ppl_vs_full_high"] - part["ppl_vs_full"],
+                     "arrayminus": part["ppl_vs_full"] - part["ppl_vs_full_low"], "thickness": 1.2, "width": 4},
+            customdata=part[["ppl", "ppl_vs_full_low", "ppl_vs_full_high", "vs_full"]],
+            hovertemplate=f"{policy} @ %{{x}}<br>perplexity %{{customdata[0]:.1f}} = %{{y:.3f}} x full "
+                          "[%{customdata[1]:.3f}, %{customdata[2]:.3f}]: %{customdata[3]}<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dash", line_color="#666666")
+    fig = figures.style(fig, "Perplexity vs budget (x full cache, 95% CI)", x="budget (tokens kept)",
+                        y="perplexity / full cache")
     return _room_for_legend(fig)
 
 

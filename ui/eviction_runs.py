@@ -1,16 +1,19 @@
 """Streamlit-cached runs of the Eviction page: the full-cache reference of a text, and each policy run.
 
 A run is cached on its own (keyed by the text and its :class:`~kvcore.eviction.evaluate.RunSpec`), so a
-view that adds a policy or a budget only runs what is new; every use of the model holds its lock.
+view that adds a policy or a budget only runs what is new; every use of the model holds its lock. Runs
+carry decode timings, so they are kept for :data:`RUN_TTL_S` seconds only: a later visitor gets speeds
+measured under the load of their own time, not of the first visit's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import streamlit as st
 
-from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec, run_all, summarize
+from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec, model_claims, run_all, summarize
 from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import RunResult
 from kvcore.models.runtime import text_ids
@@ -35,7 +38,16 @@ def reference(source: EvictionText) -> Reference:
         return reference_pass(shared.model, text_ids(shared.model, shared.tokenizer, source.text, source.max_tokens))
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
+RUN_TTL_S = 900
+
+
+@st.cache_resource(max_entries=4, show_spinner="Checking the literature's claims on this model...")
+def reference_claims(source: EvictionText) -> list[dict[str, Any]]:
+    """Attention sinks and Knorm's premise, measured on the text's reference (they depend on nothing else)."""
+    return model_claims(reference(source))
+
+
+@st.cache_data(max_entries=256, ttl=RUN_TTL_S, show_spinner=False)
 def run(source: EvictionText, spec: RunSpec) -> RunResult:
     """One policy at one budget on the text."""
     shared = shared_model(source.model)
@@ -49,4 +61,4 @@ def sweep(source: EvictionText, config: EvictionConfig) -> EvictionResults:
     runs = with_progress("Running policies...", lambda bar: run_all(
         config.runs(), lambda spec: run(source, spec),
         lambda done, total, label: bar(done / total, f"{label} ({done}/{total})")))
-    return summarize(ref, runs, config, shared_model(source.model).tokenizer)
+    return summarize(ref, runs, config, shared_model(source.model).tokenizer, reference_claims(source))

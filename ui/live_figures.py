@@ -1,4 +1,5 @@
-"""Figures of the Live model page: the run's metrics, the attention heatmap with sinks and heavy hitters marked."""
+"""Figures of the Live model page: the run's metrics and repeated timing, the attention heatmap with sinks and
+heavy hitters marked, and the attention each key receives from far queries."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from kvcore.models.generate import timing_summary
 from kvcore.models.live import LiveRun
+from kvcore.noise import Timing, load_note
 from ui.figures import PALETTE, SEQUENTIAL, style
 from ui.format import bytes_str
 
@@ -48,26 +49,61 @@ def attention_heatmap(attn: np.ndarray, tokens: Sequence[str], patterns: pd.Data
     return style(fig, title, x="key (attended to)", y="query (attending)", height=620)
 
 
-def pattern_bars(patterns: pd.DataFrame, tokens: Sequence[str], title: str) -> go.Figure:
-    """Attention each key receives (mean vs uniform share), sinks and heavy hitters coloured."""
+def pattern_bars(patterns: pd.DataFrame, tokens: Sequence[str], title: str, sink_ratio: float) -> go.Figure:
+    """Attention each key receives from far queries (mean vs uniform share), sinks and heavy hitters coloured.
+
+    Keys with too few far queries to judge (NaN) get no bar; the dashed line is the sink threshold, drawn when
+    some key comes within half of it.
+    """
     labels = token_labels(tokens)
+    judged = patterns[patterns["received_vs_uniform"].notna()]
     colors = [SINK_COLOR if s else HEAVY_COLOR if h else PALETTE[0]
-              for s, h in zip(patterns["sink"], patterns["heavy_hitter"], strict=True)]
-    fig = go.Figure(go.Bar(x=labels, y=patterns["received_vs_uniform"], marker_color=colors,
-                           hovertemplate="key %{x}<br>%{y:.1f} x uniform<extra></extra>"))
-    fig.update_xaxes(showticklabels=len(labels) <= 80, tickangle=-60)
-    fig.update_yaxes(type="log")
-    return style(fig, title, x="key", y="attention received / uniform share", legend=False, height=320)
+              for s, h in zip(judged["sink"], judged["heavy_hitter"], strict=True)]
+    fig = go.Figure(go.Bar(x=[labels[p] for p in judged["position"]], y=judged["received_vs_uniform"],
+                           marker_color=colors, hovertemplate="key %{x}<br>%{y:.2f} x uniform<extra></extra>"))
+    if len(judged) and judged["received_vs_uniform"].max() * 2 >= sink_ratio:
+        fig.add_hline(y=sink_ratio, line={"color": SINK_COLOR, "dash": "dash", "width": 1})
+    fig.update_xaxes(showticklabels=len(judged) <= 80, tickangle=-60)
+    return style(fig, title, x="key", y="far attention / uniform share", legend=False, height=320)
 
 
-def generation_metrics(run: LiveRun) -> None:
-    """Prefill time, decode time per token, the cache now and the mean log-prob of one generation."""
-    timing, last = timing_summary(run.table), run.table.iloc[-1]
+def _ms(t: Timing | None) -> str:
+    return "n/a" if t is None else f"{t.median:.1f} ms"
+
+
+def generation_metrics(run: LiveRun, timing: dict[str, Timing]) -> None:
+    """Prefill and decode time (medians of repeats), the cache now and the mean log-prob of one generation."""
+    last = run.table.iloc[-1]
+    prefill, decode = timing.get("prefill"), timing.get("decode")
+    spread = {k: "" if t is None else f"IQR {t.q1:.1f}-{t.q3:.1f} ms over {t.repeats}" for k, t in
+              (("prefill", prefill), ("decode", decode))}
     metrics = {
-        "Prefill": (f"{timing['prefill_ms']:.1f} ms", f"{run.prompt_len} prompt tokens in one pass"),
-        "Decode, per token": (f"{timing['decode_ms_mean']:.1f} ms", "mean of one-token steps"),
+        "Prefill": (_ms(prefill), f"{run.prompt_len} prompt tokens in one pass; {spread['prefill']}"),
+        "Decode, per token": (_ms(decode), f"one-token steps; {spread['decode']}"),
         "KV cache now": (bytes_str(int(last.kv_bytes)), f"{int(last.kv_tokens)} entries per layer"),
         "Mean log-prob": (f"{run.table['logprob'].mean():.2f}", "nats, generated tokens"),
     }
     for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
         col.metric(label, value, help=why)
+
+
+def timing_caption(timing: dict[str, Timing], age_s: float) -> str:
+    """What the timing is: medians of repeats after a warm-up, their spread, and the load when measured."""
+    parts = [f"{name} {t.describe('calls' if name == 'prefill' else 'steps', load=False)}"
+             for name, t in timing.items()]
+    first = next(iter(timing.values()))
+    return (f"Timing (measured {age_s:.0f} s ago, re-measured after 5 minutes): {'; '.join(parts)}. "
+            f"What else ran: {load_note(first.load_1min, first.cpus)}; a loaded machine stretches every step.")
+
+
+def timing_chart(timing: dict[str, Timing]) -> go.Figure:
+    """Median ms of a prefill and of one decode step, the bars spanning the interquartile range."""
+    names = list(timing)
+    med = [timing[n].median for n in names]
+    fig = go.Figure(go.Bar(x=names, y=med, marker_color=[PALETTE[0], PALETTE[1]][:len(names)],
+                           error_y={"type": "data", "symmetric": False,
+                                    "array": [timing[n].q3 - timing[n].median for n in names],
+                                    "arrayminus": [timing[n].median - timing[n].q1 for n in names]},
+                           hovertemplate="%{x}: median %{y:.2f} ms<extra></extra>"))
+    return style(fig, "Prefill vs decode: medians, IQR bars", x="phase", y="ms per call",
+                 legend=False, height=320)

@@ -6,13 +6,14 @@ A generation streams its text onto the page the first time; finished runs are ke
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import pandas as pd
 import streamlit as st
 
-from kvcore.models.generate import GenerationSettings, compare_to_full
+from kvcore.models.generate import GenerationSettings, compare_to_full, time_generation
 from kvcore.models.live import LiveRun, run_live, stream_run
 from kvcore.models.plan import CachePlan
 from kvcore.plans import make_plan
@@ -20,6 +21,7 @@ from ui.guard import user_errors
 from ui.models import SharedModel
 
 MAX_RUNS = 24  # finished runs kept per model
+TIMING_TTL_S = 300  # a timing is re-measured after this long: it says what the machine did then, not forever
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,3 +104,18 @@ def comparison(shared: SharedModel, request: LiveRequest, full: LiveRun) -> pd.D
                                     request.cache_plan(), full.table)
             _keep(shared, key, table)
     return table
+
+
+@st.cache_data(ttl=TIMING_TTL_S, max_entries=32, show_spinner="Timing prefill and decode (repeated)...")
+def _timing(name: str, request: LiveRequest, ids: tuple[int, ...], prompt_len: int, _shared: SharedModel
+            ) -> tuple[dict, float]:
+    with _shared.lock:
+        return time_generation(_shared.model, ids, prompt_len, request.cache_plan()), time.time()
+
+
+def step_timing(shared: SharedModel, request: LiveRequest, run: LiveRun) -> tuple[dict, float]:
+    """Prefill and decode ms of ``run`` through its plan, warmed up and repeated (:func:`time_generation`), and
+    how many seconds ago they were measured; kept for :data:`TIMING_TTL_S` seconds only."""
+    with user_errors("Timing"):
+        timing, at = _timing(shared.name, request, tuple(run.ids), run.prompt_len, shared)
+    return timing, time.time() - at

@@ -2,12 +2,12 @@
 
 Runs :mod:`kvcore.eviction.runner` for every policy and budget of an :class:`EvictionConfig` on one text
 (the bundled offline model and its held-out sample by default) and gathers the results into
-DataFrames: one row per run, one row per run and layer, one row per token. It also checks two
-results from the literature *against the measured numbers* (never assumed):
-
-* StreamingLLM (Xiao et al. 2023, Fig. 3): at an equal budget, keeping the first tokens as attention
-  sinks gives lower perplexity than a pure sliding window once the first tokens are evicted;
-* H2O (Zhang et al. 2023, Fig. 4) and later work: policies that read attention beat random eviction.
+DataFrames: one row per run, one row per run and layer, one row per token. Every perplexity carries a
+block-bootstrap interval and its ratio to the full cache on the same tokens (paired); decode speed is the
+median and interquartile range of each run's one-token steps (the full cache decodes token by token too),
+with the load average when it ran. It also checks claims from the literature *against the measured
+numbers*, each with its noise (:mod:`kvcore.eviction.claims`): attention sinks (StreamingLLM), StreamingLLM
+vs a sliding window, attention-based policies vs random (H2O), and Knorm's premise.
 
 ``python -m kvcore eviction ...`` (:mod:`kvcore.eviction.cli`) runs the same sweep headless.
 """
@@ -32,13 +32,16 @@ from kvcore.eviction import (
     make_policy,
     resolve_budget,
 )
+from kvcore.eviction.claims import ATTENTION_POLICIES, claims, knorm_claim, run_noise, sink_claim, verdicts
 from kvcore.eviction.reference import Reference, reference_pass
-from kvcore.eviction.runner import MODES, RunResult, run_policy
+from kvcore.eviction.runner import MODES, RunResult, run_decode, run_policy
+from kvcore.models.attention import AttentionPatterns
 from kvcore.models.cache import POSITION_MODES
 from kvcore.models.loader import bundled_text
 from kvcore.models.runtime import text_ids
 
-ATTENTION_POLICIES = tuple(name for name, cls in POLICIES.items() if cls.needs_attention)
+__all__ = ["ATTENTION_POLICIES", "EvictionConfig", "EvictionResults", "RunSpec", "evaluate", "evaluate_text",
+           "model_claims", "run_all", "sample_text", "summarize", "verdicts"]
 Progress = Callable[[int, int, str], None]
 
 
@@ -69,8 +72,13 @@ class RunSpec:
         return f"{self.make_policy().label()} @ {self.budget}"
 
     def run(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
-        """Run it on ``model`` against ``ref`` (:func:`~kvcore.eviction.runner.run_policy`)."""
-        return run_policy(model, ref, self.make_policy(), self.budget, self.positions, self.mode, self.prompt_tokens,
+        """Run it on ``model`` against ``ref`` (:func:`~kvcore.eviction.runner.run_policy`). In decode mode the
+        full cache decodes token by token after its first token, so its speed is measured as every policy's."""
+        policy = self.make_policy()
+        if self.mode == "decode" and policy.keeps_all:
+            return run_decode(model, ref, policy, self.budget, self.positions, self.hit_ratio, threads,
+                              budget_rule=self.budget_rule, full_prefill=1)
+        return run_policy(model, ref, policy, self.budget, self.positions, self.mode, self.prompt_tokens,
                           self.hit_ratio, threads, self.budget_rule)
 
 
@@ -159,9 +167,11 @@ class EvictionResults:
 
     table: one row per run (policy x budget). layers: one row per run and layer (mass retained, output
     error). tokens: one row per fed token (text, accumulated attention, sink and heavy-hitter flags).
-    verdicts: the literature's claims checked on ``table``. visible: ``"policy@budget"`` -> ``[T-1, T-1]``
-    uint8 map, row = query step, column = token, value = share (x255) of (layer, KV head) pairs that
-    could read the token at that step.
+    verdicts: the literature's claims, each with its measurement and noise (:func:`~kvcore.eviction.claims.claims`).
+    visible: ``"policy@budget"`` -> ``[T-1, T-1]`` uint8 map, row = query step, column = token, value =
+    share (x255) of (layer, KV head) pairs that could read the token at that step. attention: ``[L, T-1, T-1]``
+    full-cache attention of each layer, heads averaged (row = query; float16), for the step view.
+    thresholds: the sink and heavy-hitter detector's settings the reference used.
     """
 
     table: pd.DataFrame
@@ -170,6 +180,8 @@ class EvictionResults:
     verdicts: pd.DataFrame
     visible: dict[str, np.ndarray]
     config: EvictionConfig
+    attention: np.ndarray | None = None
+    thresholds: AttentionPatterns = field(default_factory=AttentionPatterns)
 
 
 def sample_text() -> str:
@@ -185,8 +197,23 @@ def run_key(run: RunResult) -> str:
     return f"{run.policy}@{run.budget}"
 
 
+def decode_speed(run: RunResult, warmup: int = 1) -> dict[str, float]:
+    """Median and interquartile range (ms) of a run's one-token decode steps, the first ``warmup`` left out as
+    warm-up; tokens/s from the median; the load average when it ran. NaN in prefill mode (no decode steps)."""
+    steps = np.asarray(run.step_ms, dtype=np.float64)[warmup:]
+    if not len(steps):
+        nan = float("nan")
+        return {"decode_ms": nan, "decode_ms_q1": nan, "decode_ms_q3": nan, "decode_steps": 0, "tokens_per_s": nan,
+                "load_1min": run.load_1min}
+    q1, median, q3 = np.percentile(steps, [25, 50, 75])
+    return {"decode_ms": float(median), "decode_ms_q1": float(q1), "decode_ms_q3": float(q3),
+            "decode_steps": len(steps), "tokens_per_s": 1e3 / float(median) if median > 0 else float("nan"),
+            "load_1min": run.load_1min}
+
+
 def result_row(ref: Reference, run: RunResult) -> dict[str, Any]:
-    """One table row: perplexity vs the full cache, attention retained, counters, speed and bytes."""
+    """One table row: perplexity (with its interval and its ratio to the full cache), attention retained,
+    counters, decode speed (median and IQR of the one-token steps) and bytes."""
     scored = ref.nll[run.scored_from - 1:]
     denominator = (run.scored_from - 1) if run.mode == "prefill" else ref.num_fed
     misses = run.lookups - run.hits
@@ -194,54 +221,15 @@ def result_row(ref: Reference, run: RunResult) -> dict[str, Any]:
         "policy": run.policy, "label": run.label, "mode": run.mode, "positions": run.positions,
         "budget_tokens": run.budget, "budget_share": run.budget / max(1, denominator),
         "scored_tokens": len(run.nll),
-        "ppl": math.exp(float(run.nll.double().mean())), "ppl_full": math.exp(float(scored.double().mean())),
+        "ppl": math.exp(float(run.nll.double().mean())), **run_noise(run.nll, scored, run.policy == "full"),
+        "ppl_full": math.exp(float(scored.double().mean())),
         "mass_retained": float(run.mass.mean()), "output_error": float(run.output_error.mean()),
         "lookups": run.lookups, "hits": run.hits, "misses": misses,
         "hit_rate": run.hits / run.lookups if run.lookups else 1.0,
         "evictions": run.evictions, "sinks_retained": run.sinks_retained, "sinks_total": run.sinks_total,
-        "tokens_per_s": ref.num_fed / run.seconds if run.seconds > 0 else float("nan"),
-        "kv_bytes_held": run.kv_bytes_held, "kv_bytes_full": ref.kv_bytes,
+        **decode_speed(run), "kv_bytes_held": run.kv_bytes_held, "kv_bytes_full": ref.kv_bytes,
         "kv_share": run.kv_bytes_held / ref.kv_bytes if ref.kv_bytes else float("nan"),
     }
-
-
-def _pairs_verdict(claim: str, pairs: list[tuple[str, float, float]], missing: str) -> dict[str, Any]:
-    """Summarise (evidence, winner ppl, loser ppl) comparisons: holds when the first ppl is lower."""
-    held = sum(a < b for _, a, b in pairs)
-    if not pairs:
-        verdict = "not measured"
-    elif held == len(pairs):
-        verdict = "holds"
-    else:
-        verdict = "partly holds" if held else "does not hold"
-    evidence = "; ".join(f"{what}: {a:.3f} vs {b:.3f}" for what, a, b in pairs) or missing
-    return {"claim": claim, "compared": len(pairs), "held": held, "verdict": verdict, "evidence": evidence}
-
-
-def verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Check StreamingLLM > sliding window and attention-based > random on the measured perplexities.
-
-    A comparison counts at one budget where both policies ran and tokens were evicted (budget below
-    the tokens it applies to); "holds" means the first policy had lower perplexity at every such budget.
-    """
-    evicted = table[table["budget_share"] < 1.0]
-    ppl = evicted.pivot_table(index="budget_tokens", columns="policy", values="ppl", aggfunc="first")
-
-    def pairs(a: str, b: str) -> list[tuple[str, float, float]]:
-        if a not in ppl or b not in ppl:
-            return []
-        both = ppl[[a, b]].dropna()
-        return [(f"{a} vs {b} @ {budget} tokens", row[a], row[b]) for budget, row in both.iterrows()]
-
-    attention = [p for p in ATTENTION_POLICIES if p in ppl]
-    rows = [
-        _pairs_verdict("StreamingLLM beats a sliding window at equal budget (Xiao et al. 2023)",
-                       pairs("streaming_llm", "sliding_window"), "run streaming_llm and sliding_window"),
-        _pairs_verdict("attention-based policies beat random eviction (Zhang et al. 2023)",
-                       [pair for p in attention for pair in pairs(p, "random")],
-                       f"run random and one of {', '.join(ATTENTION_POLICIES)}"),
-    ]
-    return pd.DataFrame(rows)
 
 
 def token_table(ref: Reference, tokenizer=None) -> pd.DataFrame:
@@ -254,8 +242,17 @@ def token_table(ref: Reference, tokenizer=None) -> pd.DataFrame:
     return table
 
 
-def summarize(ref: Reference, runs: Sequence[RunResult], config: EvictionConfig, tokenizer=None) -> EvictionResults:
-    """Gather runs of one text into :class:`EvictionResults` (tables, verdicts, visibility maps)."""
+def model_claims(ref: Reference) -> list[dict[str, Any]]:
+    """The claims measured on the full-cache reference alone: attention sinks and Knorm's premise."""
+    return [sink_claim(ref), knorm_claim(ref)]
+
+
+def summarize(ref: Reference, runs: Sequence[RunResult], config: EvictionConfig, tokenizer=None,
+              measured: list[dict[str, Any]] | None = None) -> EvictionResults:
+    """Gather runs of one text into :class:`EvictionResults` (tables, claims, visibility maps).
+
+    measured: :func:`model_claims` of ``ref`` when already computed (the page caches them with the reference).
+    """
     order = list(dict.fromkeys(["full", *config.policies]))
     runs = sorted(runs, key=lambda r: (order.index(r.policy) if r.policy in order else len(order), r.budget))
     table = pd.DataFrame([result_row(ref, r) for r in runs])
@@ -264,8 +261,11 @@ def summarize(ref: Reference, runs: Sequence[RunResult], config: EvictionConfig,
          "output_error": float(e)}
         for r in runs for layer, (m, e) in enumerate(zip(r.mass, r.output_error, strict=True))
     ])
-    return EvictionResults(table, layers, token_table(ref, tokenizer), verdicts(table),
-                           {run_key(r): r.visible for r in runs}, config)
+    nll = {run_key(r): r.nll for r in runs}
+    found = claims(ref, table, nll, measured)
+    attention = ref.attn.mean(dim=1).numpy().astype(np.float16)  # [L, T-1, T-1]
+    return EvictionResults(table, layers, token_table(ref, tokenizer), found, {run_key(r): r.visible for r in runs},
+                           config, attention, ref.thresholds)
 
 
 def run_all(runs: Sequence[RunSpec], run: Callable[[RunSpec], RunResult],

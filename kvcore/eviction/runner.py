@@ -17,16 +17,18 @@ the cache length, as StreamingLLM does (RoPE models only; others raise ValueErro
 
 What is measured (:mod:`kvcore.eviction.metrics`): perplexity of the scored tokens, attention mass
 retained and output error per layer, hit/miss counters, sinks retained, a visibility map; *evictions*
-count KV entries (token x layer x KV head) removed from storage; tokens/s of the forward passes plus the
-policy's work (metric bookkeeping excluded) and the KV bytes the cache's real tensors hold at the end.
-Measured steps are the queries fed after the budget was reached (decode) or after the prompt (prefill).
+count KV entries (token x layer x KV head) removed from storage; the wall time of every one-token decode
+step (forward plus the policy's work, metric bookkeeping excluded) and the KV bytes the cache's real
+tensors hold at the end. Measured steps are the queries fed after the budget was reached (decode) or
+after the prompt (prefill). Given ``full_prefill``, the full cache decodes token by token too after its
+first tokens, so its per-step time is the same quantity as every policy's (the sweep does this).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from kvcore.models.cache import POSITION_MODES, LabCache
 from kvcore.models.capture import attention_outputs
 from kvcore.models.plan import FULL, run_step
 from kvcore.models.runtime import attention_implementation
+from kvcore.noise import load_average
 
 MODES = ("decode", "prefill")
 StepHook = Callable[[int, LabCache], None]
@@ -53,7 +56,9 @@ class RunResult:
 
     budget: tokens kept (resolved). nll: ``[n]`` nats of the scored tokens (targets ``scored_from`` ..
     T-1). mass, output_error: ``[L]`` per-layer means over measured steps. visible: ``[T-1, T-1]`` uint8,
-    row t = share (x255) of (layer, KV head) pairs in which query t could read each token.
+    row t = share (x255) of (layer, KV head) pairs in which query t could read each token. step_ms: wall
+    time (ms) of each one-token decode step (decode mode; empty in prefill mode). load_1min: the machine's
+    1-minute load average when the run ended (what else was running).
     """
 
     policy: str
@@ -73,6 +78,8 @@ class RunResult:
     seconds: float
     kv_bytes_held: int
     visible: np.ndarray
+    step_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    load_1min: float = float("nan")
 
 
 def _check(positions: str, mode: str) -> None:
@@ -89,7 +96,7 @@ def _result(policy: EvictionPolicy, budget: int, positions: str, mode: str, mete
     kept, total = meter.sinks_retained(last_read)
     return RunResult(policy=policy.name, label=policy.label(), budget=budget, positions=positions, mode=mode,
                      mass=mass, output_error=error, lookups=meter.lookups, hits=meter.hits, sinks_retained=kept,
-                     sinks_total=total, visible=meter.visible, **measured)
+                     sinks_total=total, visible=meter.visible, load_1min=load_average(), **measured)
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -99,13 +106,15 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def run_decode(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
                hit_ratio: float = 1.0, threads: int | None = 1, on_step: StepHook | None = None,
-               budget_rule: str = "round") -> RunResult:
+               budget_rule: str = "round", full_prefill: int | None = None) -> RunResult:
     """Decode-time eviction: feed the reference's text one token per step, holding the cache at ``budget``.
 
     budget: tokens (int) or a ratio (float) of the fed tokens. positions: ``"original"`` or
     ``"rerotate"``. hit_ratio: the lookup threshold, as a multiple of the uniform share. threads: CPU
     threads during the run (None: leave as is). on_step: called as ``on_step(t, cache)`` after step t's
     eviction (tests use it to check the cache size). budget_rule: how a share becomes a count (``BUDGET_RULES``).
+    full_prefill: for a policy that keeps everything, the tokens of its first forward (None: the whole text
+    in one forward); the rest are decoded one per step, timed like every other policy's steps.
     """
     _check(positions, "decode")
     n_in, ids = ref.num_fed, ref.ids
@@ -113,7 +122,11 @@ def run_decode(model, ref: Reference, policy: EvictionPolicy, budget: Budget, po
     meter = AttentionMeter(ref, hit_ratio)
     plan = eviction_plan(policy, k, positions)
     hook: EvictionHook = plan.hook
-    nlls, seconds, read = [], 0.0, None
+    if policy.keeps_all and full_prefill is not None:  # decode one by one, as each policy does past its budget
+        if not 1 <= full_prefill <= n_in:
+            raise ValueError(f"full_prefill must be in 1..{n_in}, got {full_prefill}")
+        k = full_prefill
+    nlls, seconds, read, step_ms = [], 0.0, None, []
     with attention_implementation(model, "eager"), attention_outputs(model) as outputs, torch_threads(threads):
         cache = plan.new_cache(model)
         start = time.perf_counter()
@@ -126,7 +139,8 @@ def run_decode(model, ref: Reference, policy: EvictionPolicy, budget: Budget, po
             masked = hook.readable(cache) if policy.stores_all else None  # [Hkv, k]
             mask = None if masked is None else decode_mask(masked, t + 1, ref.groups, cache.layers[0].keys.dtype)
             logits = run_step(model, cache, ids[:, t:t + 1], plan, attention_mask=mask)
-            seconds += time.perf_counter() - start
+            step_ms.append((time.perf_counter() - start) * 1e3)
+            seconds += step_ms[-1] / 1e3
             read = stored if masked is None else masked.expand(ref.num_layers, -1, -1)
             read = torch.cat([read, torch.full((*read.shape[:2], 1), t, device=read.device)], dim=-1)
             meter.step(t, read, torch.stack([o[0, -1] for o in outputs]))
@@ -134,8 +148,8 @@ def run_decode(model, ref: Reference, policy: EvictionPolicy, budget: Budget, po
             if on_step is not None:
                 on_step(t, cache)
         held = cache.nbytes
-    return _result(policy, k, positions, "decode", meter, read, nll=torch.cat(nlls).cpu(), scored_from=1,
-                   evictions=hook.evicted, seconds=seconds, kv_bytes_held=held)
+    return _result(policy, hook.budget, positions, "decode", meter, read, nll=torch.cat(nlls).cpu(), scored_from=1,
+                   evictions=hook.evicted, seconds=seconds, kv_bytes_held=held, step_ms=np.asarray(step_ms))
 
 
 @torch.inference_mode()

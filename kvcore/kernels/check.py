@@ -1,9 +1,13 @@
-"""Check paged decode attention against the contiguous reference on random K/V, and time both."""
+"""Check paged decode attention against the contiguous reference on random K/V, and time both.
+
+Each is warmed up, then timed call by call; the table reports the median, the interquartile range and the
+machine's 1-minute load average, and says "faster" or "slower" only when the two ranges do not overlap
+(:class:`kvcore.noise.Timing`).
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +16,7 @@ import torch
 
 from kvcore.device import get_device
 from kvcore.kernels.attention import KERNELS, contiguous_decode_attention, paged_decode_attention, paged_kernel
+from kvcore.noise import Timing, load_note, time_repeats
 from kvcore.shapes import PRESETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,23 +70,12 @@ def contiguous_reference(problem: PagedProblem) -> torch.Tensor:
                       for b, (k, v) in enumerate(zip(problem.keys, problem.values, strict=True))])
 
 
-def _time_ms(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    out = fn()  # warm-up
-    sync = torch.cuda.synchronize if out.is_cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = fn()
-    sync()
-    return out, (time.perf_counter() - start) / repeats * 1e3
-
-
 @dataclass(slots=True)
 class AttentionCheckConfig:
     """Settings of the paged-vs-contiguous check.
 
     seq_lens: tokens per sequence; block_size: tokens per block; dtype: 'float32', 'float16' or 'bfloat16';
-    device: 'cpu' or 'cuda'; repeats: timed calls after one warm-up.
+    device: 'cpu' or 'cuda'; repeats: timed calls after ``warmup`` untimed ones, for each attention.
     """
 
     num_q_heads: int = 32
@@ -91,14 +85,17 @@ class AttentionCheckConfig:
     block_size: int = 16
     dtype: str = "float32"
     device: str = "cpu"
-    repeats: int = 5
+    repeats: int = 20
     seed: int = 0
+    warmup: int = 2
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if min(self.num_q_heads, self.num_kv_heads, self.head_dim, self.block_size, self.repeats) < 1:
             raise ValueError("heads, head_dim, block_size and repeats must all be >= 1")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 calls, got {self.warmup}")
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
@@ -122,17 +119,38 @@ def ragged_lengths(batch: int, context: int) -> tuple[int, ...]:
 
 
 def check_paged_attention(config: AttentionCheckConfig) -> pd.DataFrame:
-    """One row: max |paged - contiguous|, the time per call of each (ms) and the paged kernel that ran."""
+    """One row: max |paged - contiguous|, each attention's time per call (median and interquartile range, ms,
+    of ``repeats`` calls after ``warmup``), which is faster beyond that spread, the load average, the kernel."""
     p = make_paged_problem(config.seq_lens, config.num_q_heads, config.num_kv_heads, config.head_dim,
                            config.block_size, DTYPES[config.dtype], config.device, config.seed)
-    paged, paged_ms = _time_ms(lambda: paged_decode_attention(p.query, p.key_cache, p.value_cache,
-                                                              p.block_tables, p.seq_lens), config.repeats)
-    ref, ref_ms = _time_ms(lambda: contiguous_reference(p), config.repeats)
+    sync = torch.cuda.synchronize if p.query.is_cuda else None
+    paged, paged_t = time_repeats(lambda: paged_decode_attention(p.query, p.key_cache, p.value_cache, p.block_tables,
+                                                                 p.seq_lens), config.repeats, config.warmup, sync)
+    ref, ref_t = time_repeats(lambda: contiguous_reference(p), config.repeats, config.warmup, sync)
     return pd.DataFrame([{
         "batch": len(config.seq_lens), "tokens": sum(config.seq_lens), "q_heads": config.num_q_heads,
         "kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "block_size": config.block_size,
         "dtype": config.dtype, "device": config.device,
         "max_abs_diff": float((paged.float() - ref.float()).abs().max()),
-        "paged_ms": paged_ms, "contiguous_ms": ref_ms,
+        **_timing_columns("paged", paged_t), **_timing_columns("contiguous", ref_t),
+        "paged_vs_contiguous": paged_t.versus(ref_t), "repeats": config.repeats, "warmup": config.warmup,
+        "load_1min": paged_t.load_1min,
         "kernel": KERNELS[paged_kernel(p.query, p.key_cache, p.value_cache)],
     }])
+
+
+def _timing_columns(name: str, t: Timing) -> dict[str, float]:
+    return {f"{name}_ms": t.median, f"{name}_ms_q1": t.q1, f"{name}_ms_q3": t.q3}
+
+
+def check_summary(check: pd.DataFrame) -> str:
+    """The check in words (first row): the difference, both timings with their spread, the verdict and the load."""
+    row = check.iloc[0]
+    verdict = {"faster": "paged is faster", "slower": "paged is slower"}.get(row.paged_vs_contiguous,
+                                                                          "the two are within noise")
+    return (f"max |paged - contiguous| = {row.max_abs_diff:.2e}. Per call on {row.device}: paged ({row.kernel}) "
+            f"{row.paged_ms:.3g} ms (IQR {row.paged_ms_q1:.3g}-{row.paged_ms_q3:.3g}), contiguous "
+            f"{row.contiguous_ms:.3g} ms (IQR {row.contiguous_ms_q1:.3g}-{row.contiguous_ms_q3:.3g}): medians of "
+            f"{row.repeats} calls after {row.warmup} warm-ups; {verdict} (interquartile ranges "
+            f"{'apart' if row.paged_vs_contiguous != 'within noise' else 'overlap'}). Measured under "
+            f"{load_note(row.load_1min)}. Random K/V in shuffled physical blocks, ragged lengths, fp32 accumulation.")

@@ -32,25 +32,51 @@ def capture_attention(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(slots=True)
 class AttentionPatterns:
-    """Thresholds that call a key a sink or a heavy hitter.
+    """Thresholds that call a key a sink or a heavy hitter (one detector for every page).
 
-    sink_ratio: a key is a sink when the mean attention it gets from later queries (at positions
-    >= min_query) is at least ``sink_ratio`` times the uniform share 1/(t+1).
-    heavy_fraction: the share of keys (0-1] with the largest accumulated attention called heavy hitters.
-    min_query: queries before this position are ignored (every key is "large" when there are few).
+    sink_ratio: a key is a sink when queries at least ``min_distance`` positions after it give it, on
+    average, ``sink_ratio`` times the uniform share 1/(t+1) or more (:func:`far_attention_ratio`).
+    min_queries: a key with fewer such far queries is not judged (too few to tell a sink from a
+    neighbour that local attention favours). heavy_fraction: the share of keys (0-1] with the largest
+    accumulated attention called heavy hitters (H2O).
     """
 
     sink_ratio: float = 5.0
     heavy_fraction: float = 0.05
-    min_query: int = 32
+    min_distance: int = 32
+    min_queries: int = 8
 
     def __post_init__(self) -> None:
         if not self.sink_ratio > 1.0:
             raise ValueError(f"sink_ratio must be > 1 (a multiple of the uniform share), got {self.sink_ratio}")
         if not 0.0 < self.heavy_fraction <= 1.0:
             raise ValueError(f"heavy_fraction must be in (0, 1], got {self.heavy_fraction}")
-        if self.min_query < 0:
-            raise ValueError(f"min_query must be >= 0, got {self.min_query}")
+        if self.min_distance < 1:
+            raise ValueError(f"min_distance must be >= 1 position, got {self.min_distance}")
+        if self.min_queries < 1:
+            raise ValueError(f"min_queries must be >= 1, got {self.min_queries}")
+
+    @classmethod
+    def for_length(cls, tokens: int, **thresholds: float) -> AttentionPatterns:
+        """Thresholds for a ``tokens``-long sequence: ``min_distance`` a quarter of it (at most 32, at least 1)."""
+        return cls(min_distance=max(1, min(32, tokens // 4)), **thresholds)
+
+
+def far_attention_ratio(attn: torch.Tensor, min_distance: int, min_queries: int = 1) -> torch.Tensor:
+    """Per key j of causal ``[..., T, T]`` maps: the mean of ``attn[t, j] / (1 / (t + 1))`` over queries
+    ``t >= j + min_distance``: ``[..., T]``.
+
+    1.0 = the uniform share. NaN where fewer than ``min_queries`` queries are that far (too few to judge).
+    StreamingLLM's sinks (Xiao et al. 2023) draw attention from far-away queries whatever they say;
+    counting only distant queries keeps a key that its neighbours attend to (local attention) from
+    passing for one.
+    """
+    T = attn.shape[-1]
+    q = torch.arange(T)[:, None]
+    far = (q - torch.arange(T)[None, :]) >= min_distance  # [T, T]
+    counts = far.sum(dim=0)  # [T]
+    ratio = (attn.float() * (q + 1) * far).sum(dim=-2) / counts.clamp_min(1)
+    return ratio.masked_fill(counts < max(1, min_queries), float("nan"))
 
 
 def _queries(attn: torch.Tensor, min_query: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,30 +118,29 @@ def top_share(attn: torch.Tensor, fraction: float = 0.05, min_query: int = 32,
 
 
 def detect_patterns(attn: torch.Tensor, patterns: AttentionPatterns) -> pd.DataFrame:
-    """One row per key position of a ``[Tq, Tk]`` map: mean and accumulated attention, sink and heavy-hitter flags.
+    """One row per key of causal ``[T, T]`` maps (or ``[L, T, T]``, one per layer): the sink and heavy-hitter
+    detector every page uses.
 
-    received: mean attention the key gets from queries at >= min_query that can see it, divided by the
-    mean uniform share for those queries (1.0 = average). accumulated: column sum over all queries (H2O).
+    accumulated: the key's column sum (H2O's score; layers averaged). far_queries: queries at least
+    ``min_distance`` after it. received_vs_uniform: :func:`far_attention_ratio` (the largest over layers;
+    NaN below ``min_queries`` far queries). sink: received_vs_uniform >= sink_ratio. heavy_hitter: among
+    the top ``heavy_fraction`` of keys by accumulated attention.
     """
-    Tq, Tk = attn.shape
-    offset = Tk - Tq  # queries are the last Tq positions
-    q_pos = torch.arange(Tq) + offset
-    accumulated = attn.sum(dim=0)  # [Tk]
-    ratios = []
-    for j in range(Tk):
-        sel = q_pos >= max(j, patterns.min_query)
-        if not bool(sel.any()):
-            ratios.append(float("nan"))
-            continue
-        ratios.append(float(attn[sel, j].mean() / (1.0 / (q_pos[sel].float() + 1)).mean()))
-    k = max(1, math.ceil(patterns.heavy_fraction * Tk))
-    heavy = set(accumulated.topk(min(k, Tk)).indices.tolist())
+    maps = attn.float().reshape(-1, *attn.shape[-2:])  # [L, T, T]
+    T = maps.shape[-1]
+    far = far_attention_ratio(maps, patterns.min_distance, patterns.min_queries)  # [L, T]
+    received = torch.where(far.isnan().all(dim=0), torch.nan, far.nan_to_num(float("-inf")).amax(dim=0))
+    accumulated = maps.mean(dim=0).sum(dim=0)  # [T]
+    k = min(T, max(1, math.ceil(patterns.heavy_fraction * T)))
+    heavy = torch.zeros(T, dtype=torch.bool)
+    heavy[accumulated.topk(k).indices] = True
     return pd.DataFrame({
-        "position": range(Tk),
+        "position": range(T),
         "accumulated": accumulated.tolist(),
-        "received_vs_uniform": ratios,
-        "sink": [r >= patterns.sink_ratio for r in ratios],
-        "heavy_hitter": [j in heavy for j in range(Tk)],
+        "far_queries": (T - patterns.min_distance - torch.arange(T)).clamp_min(0).tolist(),
+        "received_vs_uniform": received.tolist(),
+        "sink": (received >= patterns.sink_ratio).tolist(),
+        "heavy_hitter": heavy.tolist(),
     })
 
 

@@ -10,15 +10,19 @@ changes what the model sees exactly as it would in :func:`~kvcore.models.perplex
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
 
+from kvcore.models.cache import LabCache
 from kvcore.models.perplexity import streaming_nll
 from kvcore.models.plan import FULL, CachePlan, run_step
 from kvcore.models.runtime import encode_prompt, model_device
+from kvcore.noise import Timing, time_repeats
+
+Observer = Callable[[int, LabCache], None]
 
 
 @dataclass(slots=True)
@@ -76,11 +80,12 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, gen: torch.Generat
 
 @torch.inference_mode()
 def generate_stream(model, tokenizer, prompt: str | torch.Tensor, settings: GenerationSettings | None = None,
-                    plan: CachePlan = FULL) -> Iterator[TokenEvent]:
+                    plan: CachePlan = FULL, observe: Observer | None = None) -> Iterator[TokenEvent]:
     """Yield one :class:`TokenEvent` per generated token (greedy or sampled), through ``plan``'s cache.
 
     prompt: text (encoded with the tokenizer's special tokens) or ids ``[T]`` / ``[1, T]``. tokenizer: None
-    generates ids only (prompt ids, empty text pieces, no end-of-sequence stop).
+    generates ids only (prompt ids, empty text pieces, no end-of-sequence stop). observe: called as
+    ``observe(step, cache)`` before each step's forward, outside its timing (the cache as the step reads it).
     """
     settings = settings or GenerationSettings()
     ids = encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else torch.as_tensor(prompt).reshape(1, -1)
@@ -91,6 +96,8 @@ def generate_stream(model, tokenizer, prompt: str | torch.Tensor, settings: Gene
     generated: list[int] = []
     text_so_far, step_input = "", ids
     for step in range(settings.max_new_tokens):
+        if observe is not None:
+            observe(step, cache)
         t0 = time.perf_counter()
         logits = run_step(model, cache, step_input, plan)[0, -1].float().cpu()  # [V]
         token = _pick(logits, settings, gen)
@@ -147,11 +154,36 @@ def compare_to_full(model, tokenizer, prompt: str, settings: GenerationSettings,
                          "delta": [p - f for p, f in zip(plan_lp, full["logprob"], strict=True)]})
 
 
-def timing_summary(table: pd.DataFrame) -> dict[str, float]:
-    """Prefill ms, mean and median decode ms per token, and tokens/s of decoding."""
-    decode = table.loc[table["phase"] == "decode", "ms"]
-    prefill = float(table.loc[table["phase"] == "prefill", "ms"].sum())
-    mean = float(decode.mean()) if len(decode) else float("nan")
-    return {"prefill_ms": prefill, "decode_ms_mean": mean,
-            "decode_ms_median": float(decode.median()) if len(decode) else float("nan"),
-            "decode_tokens_per_s": 1e3 / mean if len(decode) and mean > 0 else float("nan")}
+@torch.inference_mode()
+def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, plan: CachePlan = FULL,
+                    repeats: int = 5, warmup: int = 1, decode_steps: int = 16) -> dict[str, Timing]:
+    """Prefill and decode time of a generation, warmed up and repeated: ``{"prefill": ..., "decode": ...}`` (ms).
+
+    ids: prompt + generated token ids; prompt_len: how many are prompt. prefill: one forward of the prompt
+    into a fresh ``plan`` cache, ``warmup`` untimed then ``repeats`` timed. decode: the first ``decode_steps``
+    generated tokens fed one per step after the prompt (the same work as generating them), ``warmup``
+    untimed rounds then ``repeats`` timed ones, each step one sample (absent when nothing was generated).
+    """
+    tokens = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(1, -1)
+    tokens = tokens.to(model_device(model))
+    if not 1 <= prompt_len <= tokens.shape[1]:
+        raise ValueError(f"prompt_len must be in 1..{tokens.shape[1]}, got {prompt_len}")
+    prompt = tokens[:, :prompt_len]
+    sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
+    _, prefill = time_repeats(lambda: run_step(model, plan.new_cache(model), prompt, plan), repeats, warmup, sync)
+    timings = {"prefill": prefill}
+    stop = min(tokens.shape[1], prompt_len + decode_steps)
+    samples: list[float] = []
+    for round_ in range(warmup + repeats if stop > prompt_len else 0):
+        cache = plan.new_cache(model)
+        run_step(model, cache, prompt, plan)
+        for t in range(prompt_len, stop):
+            sync()
+            start = time.perf_counter()
+            run_step(model, cache, tokens[:, t:t + 1], plan)
+            sync()
+            if round_ >= warmup:
+                samples.append((time.perf_counter() - start) * 1e3)
+    if samples:
+        timings["decode"] = Timing.of(samples, warmup)
+    return timings

@@ -1,4 +1,5 @@
-"""The Live model experiment: one generation, its per-token table, and the attention map of what it wrote."""
+"""The Live model experiment: one generation, its per-token table, the attention map of what it wrote, what
+the cache held at every step (for the step-by-step view), and its prefill/decode timing, repeated."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ import pandas as pd
 import torch
 
 from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns
+from kvcore.models.cache import LabCache
 from kvcore.models.generate import GenerationSettings, TokenEvent, events_table, generate_stream
 from kvcore.models.plan import CachePlan
 from kvcore.models.runtime import encode_prompt
+from kvcore.models.steps import StepView, build_view, cache_holdings
 
 
 @dataclass(slots=True)
 class LiveRun:
-    """One generation. ids: prompt + generated token ids; table: :func:`~kvcore.models.generate.events_table`."""
+    """One generation. ids: prompt + generated token ids; table: :func:`~kvcore.models.generate.events_table`.
+
+    held / compressed: per step, the share of (layer, KV head) pairs holding each position the step's query
+    could read (positions 0..query) and the share stored compressed (:func:`~kvcore.models.steps.cache_holdings`;
+    the tokens fed in that step count as held). plan: the cache plan's name.
+    """
 
     prompt_len: int
     ids: list[int]
@@ -25,6 +33,25 @@ class LiveRun:
     text: str
     table: pd.DataFrame
     attention: torch.Tensor | None = field(default=None, repr=False)  # [layers, Hq, T, T], filled on demand
+    held: list[np.ndarray] = field(default_factory=list, repr=False)
+    compressed: list[np.ndarray] = field(default_factory=list, repr=False)
+    plan: str = "full"
+
+
+class HoldingsRecorder:
+    """Records what the cache holds before every step of a generation (``observe`` of ``generate_stream``)."""
+
+    def __init__(self, plan: CachePlan, prompt_len: int) -> None:
+        self.plan, self.prompt_len = plan, prompt_len
+        self.held: list[np.ndarray] = []
+        self.compressed: list[np.ndarray] = []
+
+    def __call__(self, step: int, cache: LabCache) -> None:
+        query = self.prompt_len - 1 + step
+        seen = 0 if step == 0 else query  # positions in the cache before this step's forward
+        held, compressed = cache_holdings(cache, self.plan.hook, seen)
+        self.held.append(np.concatenate([held, np.ones(query + 1 - seen)]))  # this step's tokens are read
+        self.compressed.append(np.concatenate([compressed, np.zeros(query + 1 - seen)]))
 
 
 def stream_run(model, tokenizer, prompt: str, settings: GenerationSettings, plan: CachePlan,
@@ -32,18 +59,22 @@ def stream_run(model, tokenizer, prompt: str, settings: GenerationSettings, plan
     """Yield a generation's text pieces (for ``st.write_stream``), then append its :class:`LiveRun` to ``sink``."""
     prompt_ids = encode_prompt(tokenizer, prompt)[0].tolist()
     events: list[TokenEvent] = []
-    for event in generate_stream(model, tokenizer, prompt, settings, plan):
+    recorder = HoldingsRecorder(plan, len(prompt_ids))
+    for event in generate_stream(model, tokenizer, prompt, settings, plan, observe=recorder):
         events.append(event)
         yield event.text
-    sink.append(finish_run(tokenizer, prompt_ids, events))
+    sink.append(finish_run(tokenizer, prompt_ids, events, recorder))
 
 
-def finish_run(tokenizer, prompt_ids: list[int], events: list[TokenEvent]) -> LiveRun:
-    """Assemble a :class:`LiveRun` from the prompt ids and the generated events."""
+def finish_run(tokenizer, prompt_ids: list[int], events: list[TokenEvent],
+               recorder: HoldingsRecorder | None = None) -> LiveRun:
+    """Assemble a :class:`LiveRun` from the prompt ids, the generated events and what the cache held."""
     ids = prompt_ids + [e.token_id for e in events]
     return LiveRun(len(prompt_ids), ids, tokenizer.convert_ids_to_tokens(ids),
                    tokenizer.decode([e.token_id for e in events], skip_special_tokens=True),
-                   events_table(events, tokenizer))
+                   events_table(events, tokenizer), held=recorder.held if recorder else [],
+                   compressed=recorder.compressed if recorder else [],
+                   plan=recorder.plan.name if recorder else "full")
 
 
 def run_live(model, tokenizer, prompt: str, settings: GenerationSettings, plan: CachePlan) -> LiveRun:
@@ -56,7 +87,7 @@ def run_live(model, tokenizer, prompt: str, settings: GenerationSettings, plan: 
 
 def attention_map(model, run: LiveRun, layer: int, head: int | None) -> np.ndarray:
     """``[T, T]`` attention of one layer over the whole sequence (full cache); ``head=None`` averages heads."""
-    if run.attention is None:
+    if run.attention is None or run.attention.shape[-1] != len(run.ids):
         run.attention = capture_attention(model, torch.tensor(run.ids))  # [L, Hq, T, T]
     L, H = run.attention.shape[:2]
     if not 0 <= layer < L:
@@ -78,3 +109,19 @@ def patterns_table(attn: np.ndarray, tokens: list[str], patterns: AttentionPatte
     table = detect_patterns(torch.from_numpy(attn), patterns)
     table.insert(1, "token", tokens[:len(table)])
     return table
+
+
+def step_view(run: LiveRun, attn: np.ndarray, patterns: AttentionPatterns) -> StepView:
+    """The generation step by step: each step's query attention row (from ``attn``, a ``[T, T]`` map of the
+    whole sequence), what the run's cache held and compressed when it read, the sinks and heavy hitters up to
+    it, and the step's token, cache entries and bytes."""
+    steps = len(run.held)
+    if not steps:
+        raise ValueError("this run recorded no cache holdings (generate it with stream_run)")
+    table = run.table.iloc[:steps]
+    queries = [run.prompt_len - 1 + s for s in range(steps)]
+    frame = pd.DataFrame({"step": range(steps), "query": queries, "token": table["token"].tolist(),
+                          "kv_tokens": table["kv_tokens"].tolist(), "kv_bytes": table["kv_bytes"].tolist()})
+    maps = torch.from_numpy(np.ascontiguousarray(attn)).float()
+    return build_view(frame, attn[queries], {run.plan: run.held}, {run.plan: run.compressed}, maps, patterns,
+                      run.tokens[:queries[-1] + 1])

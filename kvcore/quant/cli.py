@@ -28,14 +28,22 @@ def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) ->
 
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
-    """Load the model, take ``--windows`` windows of ``--tokens`` tokens of its validation text, evaluate."""
+    """Load the model, take ``--windows`` windows of ``--tokens`` tokens of its validation text, evaluate; say how
+    many tokens were scored and what the intervals are, then return the table (with its interval columns)."""
     import torch
 
     from kvcore.models.loader import load_model
+    from kvcore.noise import BLOCK_TOKENS, MIN_UNITS
     from kvcore.quant.evaluate import evaluate, text_windows
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     ids = text_windows(tokenizer, args.tokens, args.seed, args.windows)
-    result = evaluate(model, ids, {n: METHODS[n] for n in args.methods}, args.prompt, batched=not args.sequential)
+    result = evaluate(model, ids, {n: METHODS[n] for n in args.methods}, args.prompt, batched=not args.sequential,
+                      seed=args.seed)
+    blocks = -(-(result.num_tokens - result.prompt_tokens) // BLOCK_TOKENS) * result.windows
+    print(f"perplexity over {result.scored_tokens} scored tokens ({result.windows} x {result.num_tokens}, "
+          f"{result.prompt_tokens} prefilled each); *_low/*_high: 95% paired block bootstrap over {blocks} blocks of "
+          f"{BLOCK_TOKENS} tokens; vs_fp16 is worse/better only when the interval excludes 1"
+          + (f" (under {MIN_UNITS} blocks: nothing is called)" if blocks < MIN_UNITS else ""))
     return result.by_layer if args.by_layer else result.summary

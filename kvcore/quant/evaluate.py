@@ -4,6 +4,12 @@ For one text: exact bytes vs fp16; per layer, K and V reconstruction error (MSE,
 relative error of attention outputs when the model's real queries attend over dequantized instead of
 original K/V; perplexity of teacher-forced decoding through the quantized cache (every scored token
 reads its past from the cache, as in generation); decode speed. ``python -m kvcore quant`` runs it.
+
+Every perplexity carries its noise (:mod:`kvcore.noise`): a paired block bootstrap over the scored
+tokens, cut into blocks of :data:`~kvcore.noise.BLOCK_TOKENS` consecutive tokens of one window, every
+method resampled on the same blocks. A method's ratio to fp16 gets an interval; its ``vs_fp16`` says
+"worse" or "better" only when that interval excludes 1, and "within noise" otherwise. The Pareto front
+counts a perplexity difference only when it is outside the noise.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -19,6 +26,7 @@ from kvcore.models.generate import GenerationSettings, generate_stream
 from kvcore.models.loader import bundled_text
 from kvcore.models.perplexity import Streamed, stream_text
 from kvcore.models.runtime import token_windows
+from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE, block_sums, bootstrap_ratios
 from kvcore.quant.hf_cache import fp16_nbytes_per_row, nbytes_per_row, quantized_plan, seconds_per_row
 from kvcore.quant.methods import METHODS, QuantMethod
 from kvcore.quant.model_kv import CapturedKV, capture_qkv
@@ -28,6 +36,13 @@ from kvcore.quant.stream import QuantizedKV
 # on a 2-core CPU, all methods: 384 tokens took 14 s and 1.0 GB peak, 1024 tokens 33 s and 1.5 GB.
 # The CLI has no such limit.
 PAGE_TOKEN_LIMIT = 512
+# The page's default text: 2 windows of 256 tokens, the second half of each scored (256 scored tokens, 16
+# bootstrap blocks). Measured over 6 window groups of the bundled validation text: at 64 scored tokens
+# (1 x 128) int2-token's ratio to fp16 ran from 0.978 to 1.228 and kivi-2 showed -2% "gains"; at 256
+# scored tokens int2-token stayed above fp16 in every group (1.035-1.121) and int4/kivi-2 within a few
+# percent of 1, which their intervals call within noise. Over 6 groups of 2 windows, the groups' 95%
+# intervals held the 12-window estimate in 91% of (method, group) cases.
+PAGE_TOKENS, PAGE_WINDOWS = 256, 2
 
 def text_windows(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:
     """``windows`` consecutive windows of ``num_tokens`` token ids of ``text``, ``<bos>`` first: ``[W, T]``.
@@ -47,9 +62,9 @@ def text_windows(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, te
 class QuantText:
     """The text a quantization run reads: ``windows`` windows of ``tokens`` tokens, group ``seed`` (a cache key)."""
 
-    tokens: int = 128
+    tokens: int = PAGE_TOKENS
     seed: int = 0
-    windows: int = 1
+    windows: int = PAGE_WINDOWS
 
     def ids(self, tokenizer) -> torch.Tensor:
         """The windows' token ids ``[W, T]`` (:func:`text_windows` of the bundled validation text)."""
@@ -91,16 +106,20 @@ def layer_errors(captured: CapturedKV, method: QuantMethod) -> pd.DataFrame:
 
 
 def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
-                 batched: bool) -> list[dict]:
+                 batched: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Perplexity, bytes held and speed of each method decoding every window (one batched run, or one run
-    per method with one row per window). The cache ends holding each whole window."""
+    per method with one row per window), and each method's scored NLL ``[W, T - prompt_tokens]``. The
+    cache ends holding each whole window."""
     W, M = windows.shape[0], len(methods)
     if batched:  # row r decodes window r // M with method r % M
         run = stream_text(model, windows.repeat_interleave(M, dim=0),
                           quantized_plan([m for _ in range(W) for m in methods]), prompt_tokens, feed_last=True)
-        return [_method_row(run, methods[i], prompt_tokens, list(range(i, W * M, M))) for i in range(M)]
-    return [_method_row(stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True),
-                        method, prompt_tokens, list(range(W))) for method in methods]
+        parts = [(run, methods[i], list(range(i, W * M, M))) for i in range(M)]
+    else:
+        parts = [(stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True), method,
+                  list(range(W))) for method in methods]
+    rows = [_method_row(run, method, prompt_tokens, r) for run, method, r in parts]
+    return rows, {method.name: run.nll[r, prompt_tokens - 1:] for run, method, r in parts}
 
 
 def _method_row(run: Streamed, method: QuantMethod, prompt_tokens: int, rows: list[int]) -> dict:
@@ -130,9 +149,11 @@ def _method_row(run: Streamed, method: QuantMethod, prompt_tokens: int, rows: li
 class QuantEval:
     """What :func:`evaluate` measured.
 
-    summary: one row per method (bytes_ratio, mean K/V/attention errors over layers, perplexity,
-    ppl_vs_fp16, tokens_per_s...). by_layer: one row per method and layer. num_tokens/prompt_tokens:
-    each window's length and how much of it was prefilled before scoring; windows: how many.
+    summary: one row per method (bytes_ratio, mean K/V/attention errors over layers, perplexity and its
+    interval, ppl_vs_fp16 and its interval, vs_fp16, the noise-aware Pareto flag, tokens_per_s...).
+    by_layer: one row per method and layer. num_tokens/prompt_tokens: each window's length and how much of
+    it was prefilled before scoring; windows: how many. nll: each method's scored NLL ``[W, T - prompt]``
+    (nats), what the intervals resample.
     """
 
     summary: pd.DataFrame
@@ -140,11 +161,20 @@ class QuantEval:
     num_tokens: int
     prompt_tokens: int
     windows: int = 1
+    nll: dict[str, torch.Tensor] | None = None
+
+    @property
+    def scored_tokens(self) -> int:
+        """Tokens scored per method (all windows)."""
+        return self.windows * (self.num_tokens - self.prompt_tokens)
 
 
 SUMMARY_COLUMNS = ("method", "family", "bytes_ratio", "bytes", "fp16_bytes", "k_rel_err", "v_rel_err",
-                   "attn_rel_err", "perplexity", "ppl_vs_fp16", "pareto", "tokens_per_s", "cache_ms_per_token",
-                   "k_mse", "v_mse", "k_fp16_tokens", "v_fp16_tokens")
+                   "attn_rel_err", "perplexity", "perplexity_low", "perplexity_high", "ppl_vs_fp16",
+                   "ppl_vs_fp16_low", "ppl_vs_fp16_high", "vs_fp16", "pareto", "scored_tokens", "tokens_per_s",
+                   "cache_ms_per_token", "k_mse", "v_mse", "k_fp16_tokens", "v_fp16_tokens")
+NOISE_COLUMNS = ("perplexity_low", "perplexity_high", "ppl_vs_fp16_low", "ppl_vs_fp16_high", "vs_fp16", "pareto",
+                 "scored_tokens")
 
 
 def pareto_front(df: pd.DataFrame, x: str = "bytes_ratio", y: str = "perplexity") -> pd.Series:
@@ -154,8 +184,74 @@ def pareto_front(df: pd.DataFrame, x: str = "bytes_ratio", y: str = "perplexity"
     return pd.Series([not b for b in beaten], index=df.index, name="pareto")
 
 
+def noisy_pareto_front(sizes: np.ndarray, samples: np.ndarray, level: float = LEVEL, trusted: bool = True
+                       ) -> np.ndarray:
+    """The Pareto front when perplexity differences inside the noise count as ties.
+
+    sizes: ``[M]`` bytes (lower is better). samples: ``[R, M]`` bootstrap samples of each method's mean
+    NLL, resampled alike (paired). Method i beats j when it is no larger and its NLL is lower beyond the
+    noise, or when it is smaller and its NLL is not higher beyond the noise. trusted: False when too few
+    units back the samples to rank anything: no method is marked. ``[M]`` bool: beaten by none.
+    """
+    if not trusted:
+        return np.zeros(len(sizes), dtype=bool)
+    d = samples[:, :, None] - samples[:, None, :]  # [R, M, M]: NLL of i minus NLL of j
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(d, tail, axis=0), np.percentile(d, 100 - tail, axis=0)  # [M, M]
+    smaller, no_larger = sizes[:, None] < sizes[None, :], sizes[:, None] <= sizes[None, :]
+    beats = (no_larger & (high < 0)) | (smaller & (low <= 0))  # [M, M]: i beats j
+    np.fill_diagonal(beats, False)
+    return ~beats.any(axis=0)
+
+
+def noise_columns(nll: Mapping[str, torch.Tensor], sizes: Mapping[str, float], base: str = "fp16",
+                  block: int = BLOCK_TOKENS, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Per method: perplexity interval, ratio to ``base`` with its interval, vs_fp16 and the noise-aware front.
+
+    nll: method -> scored NLL ``[W, n]`` on the same tokens. sizes: method -> bytes ratio. Blocks of
+    ``block`` consecutive scored tokens of one window are the bootstrap units, resampled alike for every
+    method (a paired block bootstrap, :mod:`kvcore.noise`).
+    """
+    names = list(nll)
+    units = [block_sums(nll[n], block) for n in names]
+    counts = units[0][1]
+    sums = np.stack([u[0] for u in units], axis=1)  # [units, M]
+    samples = bootstrap_ratios(sums, counts, seed=seed)  # [R, M] mean NLL per resample
+    tail = (1 - level) / 2 * 100
+    mean = sums.sum(axis=0) / counts.sum()  # [M]
+    low, high = (np.exp(np.percentile(samples, q, axis=0)) for q in (tail, 100 - tail))
+    out = pd.DataFrame({"method": names, "perplexity_low": np.minimum(low, np.exp(mean)),
+                        "perplexity_high": np.maximum(high, np.exp(mean))})
+    if base in nll:
+        b = names.index(base)
+        ratio = np.exp(samples - samples[:, [b]])  # [R, M]
+        point = np.exp(mean - mean[b])
+        r_low, r_high = np.percentile(ratio, tail, axis=0), np.percentile(ratio, 100 - tail, axis=0)
+        out["ppl_vs_fp16_low"], out["ppl_vs_fp16_high"] = np.minimum(r_low, point), np.maximum(r_high, point)
+        trusted = len(counts) >= MIN_UNITS
+        out["vs_fp16"] = [vs_fp16(n == base, lo, hi, trusted) for n, lo, hi in zip(names, out["ppl_vs_fp16_low"],
+                                                                                  out["ppl_vs_fp16_high"], strict=True)]
+    else:
+        out["ppl_vs_fp16_low"] = out["ppl_vs_fp16_high"] = float("nan")
+        out["vs_fp16"] = "no fp16 run"
+    out["pareto"] = noisy_pareto_front(np.array([sizes[n] for n in names]), samples, level,
+                                       trusted=len(counts) >= MIN_UNITS)
+    out["scored_tokens"] = int(counts.sum())
+    return out
+
+
+def vs_fp16(is_base: bool, low: float, high: float, trusted: bool = True) -> str:
+    """"worse" / "better" when the ratio's interval [low, high] excludes 1, "within noise" otherwise (and
+    always when ``trusted`` is False: fewer than :data:`~kvcore.noise.MIN_UNITS` blocks back the interval)."""
+    if is_base:
+        return "baseline"
+    if not trusted:
+        return WITHIN_NOISE
+    return "worse" if low > 1 else "better" if high < 1 else WITHIN_NOISE
+
+
 def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] | None = None,
-             prompt_tokens: int | None = None, batched: bool = True) -> QuantEval:
+             prompt_tokens: int | None = None, batched: bool = True, seed: int = 0) -> QuantEval:
     """Measure each method on ``model``'s KV cache over ``input_ids``: ``[T]`` or ``[W, T]`` (W windows).
 
     methods: name -> method (default every method of :data:`METHODS`). prompt_tokens: tokens of each
@@ -164,7 +260,7 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     (method, window) pair in one batched pass, one row each (same numbers as separate runs, far faster
     on a CPU). bytes: exact bytes one window's cache holds at the end (all layers, K and V);
     fp16_bytes: the same tokens at 2 bytes; errors: means over layers (and windows) of each window's
-    whole K/V stored in one go.
+    whole K/V stored in one go. seed: seeds the bootstrap of the intervals (:func:`noise_columns`).
     """
     methods = dict(METHODS if methods is None else methods)
     if not methods:
@@ -173,7 +269,8 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     prompt = windows.shape[1] // 2 if prompt_tokens is None else prompt_tokens
     with torch_threads(1):
         errors = [layer_errors(capture_qkv(model, w), m) for w in windows for m in methods.values()]
-        decode = pd.DataFrame(_decode_rows(model, windows, list(methods.values()), prompt, batched))
+        rows, nll = _decode_rows(model, windows, list(methods.values()), prompt, batched)
+    decode = pd.DataFrame(rows)
     by_layer = pd.concat(errors).groupby(["method", "layer"], sort=False).mean().reset_index()
     means = by_layer.groupby("method", sort=False)[["k_mse", "k_rel_err", "v_mse", "v_rel_err",
                                                     "attn_rel_err"]].mean().reset_index()
@@ -183,22 +280,31 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     summary["bytes_ratio"] = summary["bytes"] / summary["fp16_bytes"]
     base = summary.loc[summary["method"] == "fp16", "perplexity"]
     summary["ppl_vs_fp16"] = summary["perplexity"] / base.iloc[0] if len(base) else float("nan")
-    summary["pareto"] = pareto_front(summary)
-    return QuantEval(summary[list(SUMMARY_COLUMNS)], by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]))
+    summary = _with_noise(summary, nll, seed)
+    return QuantEval(summary, by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]), nll)
+
+
+def _with_noise(summary: pd.DataFrame, nll: Mapping[str, torch.Tensor], seed: int = 0) -> pd.DataFrame:
+    """``summary`` with its :data:`NOISE_COLUMNS` (re)computed from the scored NLL of its methods."""
+    sizes = dict(zip(summary["method"], summary["bytes_ratio"], strict=True))
+    noise = noise_columns({m: nll[m] for m in summary["method"]}, sizes, seed=seed)
+    summary = summary.drop(columns=[c for c in NOISE_COLUMNS if c in summary]).merge(noise, on="method")
+    return summary[list(SUMMARY_COLUMNS)]
 
 
 def combine(first: QuantEval, second: QuantEval) -> QuantEval:
-    """Rows of ``second`` added to ``first`` (methods already in ``first`` are not repeated); the Pareto
-    front is recomputed over all of them. Both must come from the same text."""
+    """Rows of ``second`` added to ``first`` (methods already in ``first`` are not repeated); intervals
+    and the Pareto front are recomputed over all of them. Both must come from the same text."""
     if (first.num_tokens, first.prompt_tokens, first.windows) != (second.num_tokens, second.prompt_tokens,
                                                                    second.windows):
         raise ValueError("combine results measured on the same windows and prompt length")
     new = ~second.summary["method"].isin(first.summary["method"])
     summary = pd.concat([first.summary, second.summary[new]], ignore_index=True)
-    summary["pareto"] = pareto_front(summary)
+    nll = {**(second.nll or {}), **(first.nll or {})}
+    summary = _with_noise(summary, nll)
     by_layer = pd.concat([first.by_layer, second.by_layer[second.by_layer["method"].isin(
         second.summary.loc[new, "method"])]], ignore_index=True)
-    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows)
+    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows, nll)
 
 
 def methods_table(methods: Mapping[str, QuantMethod] | None = None) -> pd.DataFrame:

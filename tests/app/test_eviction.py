@@ -1,4 +1,7 @@
-"""Eviction page: renders with defaults, reruns on a widget change, restores from the URL, ignores garbage."""
+"""Eviction page: renders with defaults, reruns on a widget change, restores from the URL, ignores garbage; every
+claim comes with the measurement that tests it and its noise."""
+
+import json
 
 import pytest
 
@@ -32,6 +35,49 @@ def test_defaults_compare_the_default_policies_and_check_the_claims(page):
 
 
 @needs_bundled
+def test_claims_carry_their_noise_and_say_what_this_model_cannot_show(page):
+    at = page("eviction")
+    info = [b.value for b in at.info]
+    sink = next(b for b in info if "attention sinks" in b)
+    assert "this model cannot show it" in sink
+    assert "token 0:" in sink
+    assert "SmolLM2-135M" in sink
+    knorm = next(b.value for b in at.warning if b.value.startswith("**Knorm"))
+    assert "does not hold" in knorm
+    assert "rank correlation" in knorm
+    assert "LESS attention" in knorm
+    stream = next(b.value for b in (*at.success, *at.warning, *at.info) if "beats a sliding window" in b.value)
+    assert "ratio" in stream
+    assert "[" in stream
+    for box in at.success:  # green only when every comparison held beyond the noise
+        assert "within noise" not in box.value.split(". ")[0]
+    table = results(at).set_index("policy")
+    assert {"ppl_low", "ppl_high", "ppl_vs_full_low", "ppl_vs_full_high", "vs_full"} <= set(table.columns)
+
+
+@needs_bundled
+def test_every_row_times_the_same_decode_steps_with_their_spread(page):
+    """The defect: full was one parallel forward (2,708 tokens/s) against 90-184 for policies decoding."""
+    table = results(page("eviction", SMALL)).set_index("policy")
+    assert table.loc["full", "decode_steps"] > table.loc["sliding_window", "decode_steps"] > 0
+    assert (table["decode_ms_q1"] <= table["decode_ms"]).all()
+    assert (table["decode_ms"] <= table["decode_ms_q3"]).all()
+    assert table["load_1min"].notna().all()
+
+
+@needs_bundled
+def test_the_step_view_opens_on_the_step_in_the_url(page):
+    at = page("eviction", {**SMALL, "step": "40"})
+    assert at.slider(key="step").value == 40
+    assert next(m for m in at.metric if m.label == "Step").value == "40"
+    player = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if '"frames"' in c.proto.spec)
+    heat = player["data"][3]
+    assert heat["type"] == "heatmap"
+    assert heat["y"] == [f"{p} held" for p in ("sliding_window", "streaming_llm", "h2o", "random")]
+    assert "step 40" in player["layout"]["title"]["text"]
+
+
+@needs_bundled
 def test_changing_positions_reruns_with_rerotated_keys(page):
     at = page("eviction", SMALL)
     assert set(results(at)["positions"]) == {"original"}
@@ -50,6 +96,10 @@ def test_url_restores_the_view(page):
     table = results(at)
     assert table["policy"].tolist() == ["full", "tova", "tova", "attention_window", "attention_window"]
     assert set(table["mode"]) == {"prefill"}
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    maps = next(t for t in titles if t.startswith("What each query could read"))
+    assert "prefill" in maps
+    assert "after each step" not in maps
     assert "tova(per_head=True)" in table["label"].tolist()
     window = table[table["policy"] == "attention_window"]
     assert (window["kv_bytes_held"] == window["kv_bytes_full"]).all()  # attention-only: memory unchanged

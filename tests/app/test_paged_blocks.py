@@ -25,6 +25,19 @@ def test_defaults_render_every_section(page):
     assert float(table(at, "max_abs_diff").loc[0, "max_abs_diff"]) < 1e-5
 
 
+def test_the_attention_check_reports_medians_spreads_and_the_load(page):
+    at = page("paged_blocks")
+    check = table(at, "max_abs_diff").iloc[0]
+    assert check.repeats >= 10
+    assert check.warmup >= 1
+    assert check.paged_ms_q1 <= check.paged_ms <= check.paged_ms_q3
+    assert check.paged_vs_contiguous in ("faster", "slower", "within noise")
+    note = next(c.value for c in at.caption if c.value.startswith("max |paged - contiguous|"))
+    assert "IQR" in note
+    assert "warm-ups" in note
+    assert "1-min load" in note
+
+
 def test_buttons_step_the_pool_and_write_the_url(page):
     at = page("paged_blocks")
     click(at, "Prefill")

@@ -1,0 +1,176 @@
+"""The step player shared by the Live model and Eviction pages: one step's attention row and what each cache held.
+
+Data in (:class:`kvcore.models.steps.StepView`), ``go.Figure`` out: the top panel is the attention the step's
+query gives each key (full cache), with the sinks and heavy hitters the detector finds up to that step; the
+bottom panel has one row per cache: the share of layers and KV heads holding each key (and, for a
+quantized cache, the share stored compressed). Plotly animation frames play the steps (play / pause and a
+frame slider); the page's own step slider, bound to the URL, picks the frame the figure opens on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from kvcore.models.steps import StepView
+from ui.figures import PALETTE, style
+from ui.format import bytes_str
+
+HELD, PARTLY, EVICTED, COMPRESSED = PALETTE[0], PALETTE[5], "#BBBBBB", PALETTE[4]
+SINK, HEAVY = PALETTE[3], PALETTE[1]
+HELD_SCALE = [[0.0, "#F2F2F2"], [1.0, PALETTE[0]]]
+MAX_COLUMNS = 256  # keys are pooled into at most this many columns
+MAX_FRAMES = 64  # animation frames at most (steps evenly spaced, the opening step always among them)
+
+
+def _pool(row: np.ndarray, step: int, how: str) -> np.ndarray:
+    """Pool a row's columns by ``step`` (sum for attention, mean for shares); NaN stays NaN."""
+    if step == 1:
+        return row
+    n = math.ceil(len(row) / step) * step
+    padded = np.full(n, np.nan)
+    padded[:len(row)] = row
+    blocks = padded.reshape(-1, step)
+    with np.errstate(invalid="ignore"):
+        pooled = np.nansum(blocks, axis=1) if how == "sum" else np.nanmean(blocks, axis=1)
+    return np.where(np.isnan(blocks).all(axis=1), np.nan, pooled)
+
+
+def frame_steps(num_steps: int, start: int, max_frames: int = MAX_FRAMES) -> list[int]:
+    """The steps the animation shows: all when few, else evenly spaced ones plus ``start``."""
+    if num_steps <= max_frames:
+        return list(range(num_steps))
+    spaced = np.linspace(0, num_steps - 1, max_frames - 1).round().astype(int).tolist()
+    return sorted({*spaced, start})
+
+
+def _bar_colors(held: np.ndarray | None, compressed: np.ndarray | None) -> list[str] | str:
+    if held is None:
+        return "#444444"
+    colors = []
+    for h, c in zip(held, compressed if compressed is not None else np.zeros_like(held), strict=True):
+        if np.isnan(h):
+            colors.append(EVICTED)
+        elif c > 0:
+            colors.append(COMPRESSED)
+        else:
+            colors.append(HELD if h >= 0.999 else EVICTED if h <= 0.001 else PARTLY)
+    return colors
+
+
+def _frame_data(view: StepView, s: int, pool: int, x: np.ndarray, rows: list[tuple[str, np.ndarray]],
+                colored: str | None, top: float, full: bool = True) -> list[go.BaseTraceType]:
+    """The four traces of step ``s`` (markers drawn above ``top``, the tallest bar of any frame); ``full`` False
+    leaves out what every frame shares (axes, hover text)."""
+    att = _pool(view.attention[s], pool, "sum")
+    held = _pool(view.held[colored][s], pool, "mean") if colored else None
+    comp = _pool(view.compressed[colored][s], pool, "mean") if colored and colored in view.compressed else None
+    z = np.vstack([_pool(r[s], pool, "mean") for _, r in rows])
+    sinks = sorted({p // pool * pool for p in view.sinks[s]})
+    heavy = sorted({p // pool * pool for p in view.heavy[s]})
+    if not full:
+        return [go.Bar(y=np.nan_to_num(att), marker_color=_bar_colors(held, comp)),
+                go.Scatter(x=sinks, y=[top * 1.08] * len(sinks)), go.Scatter(x=heavy, y=[top * 1.16] * len(heavy)),
+                go.Heatmap(z=z)]
+    return [
+        go.Bar(x=x, y=np.nan_to_num(att), marker_color=_bar_colors(held, comp), name="attention", showlegend=False,
+               customdata=[shown_token(view.tokens[min(int(p), len(view.tokens) - 1)]) for p in x],
+               hovertemplate="key %{x}: %{customdata}<br>attention %{y:.3f}<extra></extra>"),
+        go.Scatter(x=sinks, y=[top * 1.08] * len(sinks), mode="markers", name="sink",
+                   marker={"symbol": "triangle-down", "size": 11, "color": SINK}),
+        go.Scatter(x=heavy, y=[top * 1.16] * len(heavy), mode="markers", name="heavy hitter",
+                   marker={"symbol": "diamond", "size": 9, "color": HEAVY}),
+        go.Heatmap(z=z, x=x, y=[name for name, _ in rows], zmin=0, zmax=1, colorscale=HELD_SCALE, showscale=False,
+                   hovertemplate="%{y}<br>key %{x}: %{z:.0%}<extra></extra>"),
+    ]
+
+
+def shown_token(token: object) -> str:
+    """A BPE piece as a reader sees it: a space as ·, a newline as ↵."""
+    return str(token).replace("Ġ", "·").replace("Ċ", "↵").replace("▁", "·")
+
+
+def _title(view: StepView, s: int, title: str) -> str:
+    row = view.steps.iloc[s]
+    made = f", makes {shown_token(row.token)!r}" if "token" in row else ""
+    return f"{title}: step {int(row.step)}, query at {int(row.query)}{made}"
+
+
+def step_player(view: StepView, start: int, title: str, colored: str | None = None) -> go.Figure:
+    """The animated step view, opening on step ``start``.
+
+    colored: the cache whose holdings colour the attention bars (held / partly held / evicted / compressed);
+    None leaves them plain (several caches are compared in the rows below).
+    """
+    start = min(max(0, start), view.num_steps - 1)
+    width = view.attention.shape[1]
+    pool = max(1, math.ceil(width / MAX_COLUMNS))
+    x = np.arange(0, width, pool)
+    rows = [(f"{name} held", held) for name, held in view.held.items()]
+    rows += [(f"{name} compressed", comp) for name, comp in view.compressed.items() if np.nansum(comp) > 0]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.05)
+    shown = frame_steps(view.num_steps, start)
+    bars = [_pool(view.attention[s], pool, "sum") for s in shown]
+    top = max((float(np.nanmax(b)) for b in bars if np.isfinite(b).any()), default=1.0)
+    for trace, row in zip(_frame_data(view, start, pool, x, rows, colored, top), (1, 1, 1, 2), strict=True):
+        fig.add_trace(trace, row=row, col=1)
+    fig.frames = [go.Frame(name=str(s), data=_frame_data(view, s, pool, x, rows, colored, top, full=False),
+                           traces=[0, 1, 2, 3],
+                           layout={"title": {"text": _title(view, s, title)}}) for s in shown]
+    play = {"frame": {"duration": 400, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}}
+    pause = {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}
+    jump = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}
+    fig.update_layout(
+        updatemenus=[{"type": "buttons", "direction": "left", "x": 0.0, "y": -0.16, "xanchor": "left",
+                      "yanchor": "top", "showactive": False,
+                      "buttons": [{"label": "▶ Play", "method": "animate", "args": [None, play]},
+                                  {"label": "❚❚ Pause", "method": "animate", "args": [[None], pause]}]}],
+        sliders=[{"active": shown.index(start), "x": 0.2, "y": -0.1, "len": 0.8,
+                  "currentvalue": {"prefix": "step ", "xanchor": "right"},
+                  "steps": [{"label": str(int(view.steps.iloc[s].step)), "method": "animate",
+                             "args": [[str(s)], jump]} for s in shown]}])
+    style(fig, _title(view, start, title), height=580)
+    fig.update_layout(margin={"b": 130})
+    fig.update_yaxes(title_text="attention", range=[0, top * 1.25], row=1, col=1)
+    fig.update_xaxes(title_text="key position" + (f" (blocks of {pool})" if pool > 1 else ""), row=2, col=1)
+    fig.update_xaxes(range=[-0.5 * pool, width - 0.5 * pool])
+    return fig
+
+
+def step_metrics(view: StepView, step: int) -> None:
+    """What the chosen step made and what its cache held: token, entries, bytes, sinks, heavy hitters."""
+    row = view.steps.iloc[step]
+    metrics = {"Step": (f"{int(row.step)}", f"query at position {int(row.query)}")}
+    if "token" in row:
+        metrics["Token made"] = (shown_token(row.token) or "(empty)", "greedy or sampled")
+    if "kv_bytes" in row:
+        metrics["Cache after the step"] = (bytes_str(int(row.kv_bytes)), f"{int(row.kv_tokens)} entries per layer")
+    metrics["Sinks"] = (_few(row.sinks), f"positions the detector flags up to this step: {row.sinks}")
+    metrics["Heavy hitters"] = (_few(row.heavy_hitters), f"top accumulated attention up to this step: "
+                                                         f"{row.heavy_hitters}")
+    for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
+        col.metric(label, value, help=why)
+
+
+def _few(positions: str, shown: int = 4) -> str:
+    """``"0, 3, 9, 14 (+9)"``: the first few of a comma-separated list of positions."""
+    items = positions.split(", ")
+    return positions if len(items) <= shown else ", ".join(items[:shown]) + f" (+{len(items) - shown})"
+
+
+def holdings_table(view: StepView, step: int) -> pd.DataFrame:
+    """One row per key at ``step``: its token, the attention it got and each cache's held (and compressed) share."""
+    q = int(view.steps.iloc[step].query)
+    table = pd.DataFrame({"position": range(q + 1), "token": [shown_token(t) for t in view.tokens[:q + 1]],
+                          "attention": view.attention[step, :q + 1]})
+    for name, held in view.held.items():
+        table[f"{name} held"] = held[step, :q + 1]
+    for name, comp in view.compressed.items():
+        if np.nansum(comp) > 0:
+            table[f"{name} compressed"] = comp[step, :q + 1]
+    return table
