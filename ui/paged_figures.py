@@ -106,11 +106,3 @@ def fragmentation_caption(config: FragmentationConfig | None = None) -> str:
     c = config or FragmentationConfig()
     return (f"{c.capacity:,} token slots ({c.num_blocks:,} blocks of {c.block_size}), max_seq_len {c.max_seq_len:,}, "
             "FCFS. Token counts are averages over steps; the vLLM paper (Fig. 2) reports 60-80% waste before paging.")
-
-
-def attention_check_caption(check: pd.DataFrame) -> str:
-    """Caption of the paged attention check: error, both timings, the kernel that ran and the device (first row)."""
-    row = check.iloc[0]
-    return (f"max |paged - contiguous| = {row.max_abs_diff:.2e}; paged {row.paged_ms:.2f} ms ({row.kernel}), "
-            f"contiguous {row.contiguous_ms:.2f} ms per call on {row.device}. Random K/V in shuffled physical "
-            "blocks, ragged lengths, fp32 accumulation.")
