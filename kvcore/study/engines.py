@@ -17,11 +17,14 @@ other tasks go on. Every task runs with ``Resources.cpus`` torch threads.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +119,29 @@ def _per_task(resources: Resources | Sequence[Resources] | None, count: int) -> 
     return list(resources)
 
 
+@contextmanager
+def _bare_main() -> Iterator[None]:
+    """Start spawned workers without re-running the parent's main script.
+
+    A spawned worker imports the parent's ``__main__`` by path unless it is a module run with ``-m``; a script
+    that is not safe to import (a notebook cell, a generated app script under test) would fail there. Tasks
+    only need importable functions, so workers start from an empty main while the pool starts them.
+    """
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is not None or not getattr(main, "__file__", None):
+        yield
+        return
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _pool(fn: Callable[[Any], Any], items: Sequence[Any], jobs: int,
           resources: list[Resources]) -> Iterator[TaskResult]:
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context) as pool:
+    with _bare_main(), ProcessPoolExecutor(max_workers=min(jobs, len(items)), mp_context=context) as pool:
         futures = {pool.submit(run_task, fn, item, resources[i].threads): i for i, item in enumerate(items)}
         pending = set(futures)
         while pending:
