@@ -35,9 +35,11 @@ SESSIONS = [
     ("memory_hierarchy", {}),
     ("live_model", {}),
 ]
-# Columns and metrics that hold wall-clock measurements.
+# Columns and metrics that hold wall-clock measurements (and what is read off them: the machine's load at the time,
+# a faster / slower verdict between two timings).
 TIMED = re.compile(r"(^|_)(ms|s|us|sec|secs|seconds|time|timing|latency_measured|tok_s|tokens_per_s|tps|GB_s|"
-                   r"gbps|bandwidth|measured|elapsed|wall)($|_)|/s|per_s|speed|throughput_measured", re.I)
+                   r"gbps|bandwidth|measured|elapsed|wall|load)($|_)|/s|per_s|speed|throughput_measured|"
+                   r"_vs_contiguous", re.I)
 
 
 def snapshot(at) -> dict[str, object]:
