@@ -13,13 +13,13 @@ from ui.figures import PALETTE, style
 from ui.format import bytes_str
 
 POOL_COLUMNS = 32  # blocks per row of the pool map
-FREE_CACHED, SHARED = "#BBBBBB", "#000000"
+FREE_CACHED, SHARED, FREE = "#BBBBBB", "#000000", "#EEEEEE"
 
 
 def run_metrics(report: EngineReport) -> None:
     """Throughput, TTFT and TPOT of the engine (and its ratio to transformers), the pool, the prefix hits."""
     engine = report.summary.iloc[0]
-    versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers"
+    versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers, one run each"
               if len(report.summary) > 1 else None)
     hits, steps = int(report.requests["prefix_hit_tokens"].sum()), report.steps
     values = {
@@ -55,13 +55,16 @@ def step_timeline(steps: pd.DataFrame) -> go.Figure:
 
 def pool_map(pool: pd.DataFrame, num_blocks: int, step: int) -> go.Figure:
     """The pool after ``step``: each block a square, coloured by its first owner; black = shared (ref_cnt > 1),
-    grey = free but still cached (its hash can be hit), blank = free."""
+    grey = free but still cached (its hash can be hit), faint = free and never cached. Block 0 is the null block."""
     at = pool[pool["step"] == step]
     owner = at["owners"].str.split().str[0].fillna("")
     color = [SHARED if r > 1 else FREE_CACHED if r == 0 else PALETTE[int(o.lstrip("r").split("/")[0] or 0)
                                                                      % len(PALETTE)]
              for r, o in zip(at["ref_cnt"], owner, strict=True)]
-    fig = go.Figure(go.Scatter(
+    every = pd.Series(range(num_blocks))
+    fig = go.Figure(go.Scatter(x=every % POOL_COLUMNS, y=every // POOL_COLUMNS, mode="markers", hoverinfo="skip",
+                               marker={"symbol": "square", "size": 13, "color": FREE, "line": {"width": 0}}))
+    fig.add_trace(go.Scatter(
         x=at["block"] % POOL_COLUMNS, y=at["block"] // POOL_COLUMNS, mode="markers",
         marker={"symbol": "square", "size": 13, "color": color, "line": {"width": 0}},
         customdata=at[["block", "ref_cnt", "owners", "hash"]].to_numpy(),
