@@ -355,3 +355,9 @@ def test_timing_is_warmed_up_and_repeated(bundled):
     assert timing["decode"].repeats == 3 * min(4, len(run.ids) - run.prompt_len)
     assert timing["decode"].q1 <= timing["decode"].median <= timing["decode"].q3
     assert "decode" not in time_generation(model, run.ids[:run.prompt_len], run.prompt_len, repeats=1)
+
+
+@pytest.mark.parametrize(("raw", "name"), [(None, "bundled"), ("", "bundled"), ("  ", "bundled"),
+                                           ("bundled", "bundled"), (" gpt2 ", "gpt2"), ("owner/m", "owner/m")])
+def test_a_model_has_one_spelling(raw, name):
+    assert loader.model_name(raw) == name

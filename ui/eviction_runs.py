@@ -16,6 +16,7 @@ import streamlit as st
 from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec, model_claims, run_all, summarize
 from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import RunResult
+from kvcore.models.loader import model_name
 from kvcore.models.runtime import text_ids
 from ui.models import shared_model
 from ui.progress import with_progress
@@ -28,6 +29,9 @@ class EvictionText:
     model: str
     text: str
     max_tokens: int
+
+    def __post_init__(self) -> None:  # one cache entry per model, however the URL spells it
+        object.__setattr__(self, "model", model_name(self.model))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Full-cache reference pass...")

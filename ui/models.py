@@ -14,7 +14,7 @@ from typing import Any
 
 import streamlit as st
 
-from kvcore.models.loader import load_model
+from kvcore.models.loader import load_model, model_name
 
 BUNDLED = "bundled"
 
@@ -45,5 +45,5 @@ def shared_model(name: str | None = None) -> SharedModel:
     Raises what ``kvcore.models.load_model`` raises (ValueError for a bad name or a model too
     large, OSError without network): wrap the call in ``ui.guard.user_errors``.
     """
-    key = (name or "").strip()
-    return _bundled() if key in ("", BUNDLED) else _hub(key)
+    key = model_name(name)
+    return _bundled() if key == BUNDLED else _hub(key)

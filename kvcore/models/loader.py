@@ -30,6 +30,15 @@ PUBLIC_ENV = "KVLAB_PUBLIC"
 MODEL_DIRS_ENV = "KVLAB_MODEL_DIRS"
 
 
+def model_name(name_or_path: str | None) -> str:
+    """The one spelling of a model name: ``"bundled"`` for ``None``, ``""`` or ``"bundled"``, else the name stripped.
+
+    Caches keyed by a model use it, so ``?model=`` and ``?model=bundled`` share one entry.
+    """
+    name = (name_or_path or "").strip()
+    return name or BUNDLED_NAME
+
+
 def load_model(name_or_path: str | None = None, device: str | torch.device | None = None, *,
                max_weight_bytes: float = MAX_WEIGHT_BYTES, attn_implementation: str = "eager",
                timeout_s: float = 10.0, dtype: torch.dtype = torch.float32):
@@ -45,7 +54,7 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
     Raises ValueError for a bad name or a model that will not fit, OSError when the Hub cannot be reached.
     """
     dev = device if isinstance(device, torch.device) else get_device(device)
-    if name_or_path is None or name_or_path.strip() in ("", BUNDLED_NAME):
+    if model_name(name_or_path) == BUNDLED_NAME:
         folder = BUNDLED_DIR
         if not (folder / "model.safetensors").is_file():
             raise OSError(f"the bundled model is missing from {folder}; run scripts/train_bundled_model.py")

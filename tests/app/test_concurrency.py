@@ -30,8 +30,8 @@ SESSIONS = [
     ("home", {"tokens": "65536", "bits": "4"}),
     ("paged_blocks", {}),
     ("continuous_batching", {}),
-    ("eviction", {}),
-    ("quantization", {}),
+    ("eviction", {"ntok": "64"}),  # the two model pages on short texts: what matters is that runs stay apart
+    ("quantization", {"qtokens": "64"}),
     ("memory_hierarchy", {}),
     ("live_model", {}),
 ]

@@ -123,3 +123,10 @@ def test_the_kvpress_toggle_counts_and_keeps_as_kvpress(page):
     tova = table[table["policy"] == "tova"].iloc[0]
     assert tova["label"] == "tova(per_head=False, keep_last=True)"
     assert tova["budget_tokens"] == 7  # int(31 * (1 - 0.75)): kvpress truncates, the lab would round to 8
+
+
+def test_an_empty_model_value_shares_the_bundled_models_cached_runs():
+    from ui.eviction_runs import EvictionText
+
+    assert EvictionText("", "t", 32) == EvictionText(" bundled ", "t", 32) == EvictionText("bundled", "t", 32)
+    assert EvictionText(" gpt2", "t", 32).model == "gpt2"

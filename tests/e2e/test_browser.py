@@ -200,7 +200,7 @@ CHANGES = {
     "paged_blocks": ("Blocks in the pool", "slider", "blocks="),
     "continuous_batching": ("Preemption", "radio:swap", "pre=swap"),
     "serving_engine": ("Seed", "number:3", "eg_seed=3"),
-    "eviction": ("Tokens streamed", "slider", "ntok="),
+    "eviction": ("Step (query position)", "slider:ArrowLeft", "step="),  # the step player: no rerun of the sweep
     "quantization": ("Generated tokens", "number:16", "qgen=16"),
     "sharing": ("Context (tokens)", "number:4096", "sh_tokens=4096"),
     "memory_hierarchy": ("Remote (GB)", "number:200", "h_r_gb=200"),
@@ -215,10 +215,10 @@ def test_each_page_writes_a_changed_setting_to_the_url(server, browser, path):
     page.goto(f"{server}/{path}")
     settle(page)
     assert "?" not in page.url  # defaults are left out of the URL
-    if kind == "slider":
+    if kind.startswith("slider"):
         thumb = page.locator(f"[data-testid='stSlider'] input[type='range'][aria-label='{label}']")
         thumb.focus()
-        thumb.press("ArrowRight")
+        thumb.press(kind.partition(":")[2] or "ArrowRight")
     elif kind.startswith("radio:"):
         page.get_by_role("radio", name=kind.split(":")[1], exact=True).click()
     else:
