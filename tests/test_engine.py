@@ -240,3 +240,27 @@ def test_cuda_engine_generates_as_transformers_on_the_gpu():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert output.outputs[0].token_ids == want
+
+
+def test_the_pages_limits_count_the_prefix_the_pools_and_transformers_scores(bundled):
+    from kvcore.engine.experiment import EngineSettings
+    from kvcore.engine.report import check_page_limits, pool_bytes, prefill_score_bytes
+    from kvcore.engine.workload import ServeWorkload
+
+    model = bundled[0]
+    settings = EngineSettings(1024, 16, 16, 2048, True, True, None)
+    # 1024 blocks x 16 slots x 6 layers x 8 KV heads x 32 dims x 4 bytes, for K and V
+    assert pool_bytes(model, settings) == 2 * 6 * 8 * 1024 * 16 * 32 * 4
+    benchmark = ServeWorkload(64, 5, 400, 8, 64)
+    check_page_limits(model, benchmark, settings, transformers=True)  # the benchmark's workload: allowed
+    assert prefill_score_bytes(model, benchmark, 16) == 4 * 16 * 8 * 400 ** 2
+    with pytest.raises(ValueError, match="shared prefix"):  # the prefix lengthens every prompt that has it
+        check_page_limits(model, ServeWorkload(64, 5, 400, 8, 64, 256, 0.5), settings)
+    check_page_limits(model, ServeWorkload(64, 5, 400, 8, 64, 256, 0.0), settings)  # nobody has it: no cost
+    with pytest.raises(ValueError, match="256 MB"):
+        check_page_limits(model, benchmark, EngineSettings(2048, 16, 16, 2048, True, True, None))
+    check_page_limits(model, benchmark, EngineSettings(2048, 16, 16, 2048, True, True, 8))  # quantized: fits
+    wide = EngineSettings(1024, 16, 32, 2048, True, True, None)
+    with pytest.raises(ValueError, match="batches of 32 x 400"):
+        check_page_limits(model, benchmark, wide, transformers=True)
+    check_page_limits(model, benchmark, wide, transformers=False)  # the engine holds no padded batch

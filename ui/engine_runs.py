@@ -17,7 +17,7 @@ from ui.progress import with_progress
 def report(model: str, workload: ServeWorkload, settings: EngineSettings, transformers: bool) -> EngineReport:
     """Serve the workload on the engine (and on transformers), snapshot the pool, fit and predict."""
     shared = shared_model(model)
-    check_page_limits(shared.model, workload, settings)
+    check_page_limits(shared.model, workload, settings, transformers)
     with shared.lock:
         return with_progress("Serving...", lambda bar: engine_report(shared.model, shared.tokenizer, workload,
                                                                      settings, transformers, bar))

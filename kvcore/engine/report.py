@@ -26,7 +26,12 @@ MAX_SNAPSHOT_STEPS = 400  # pool snapshots kept (evenly spaced) for the step sli
 # model (5.8M parameters) serving 64 requests of up to 400 + 64 tokens on the engine and on transformers took
 # 14-20 s on the 2-core machine of benchmarks/RESULTS.md; the CLI has no limit.
 PAGE_WORK_LIMIT = 64 * 464 * 6e6
-PAGE_POOL_BYTES = 512e6  # the pools are allocated up front: keep a view's memory bounded
+# Memory a view may take on top of the app and its model (the page's goal: under 1.5 GB in all). The pools are
+# allocated up front; transformers' eager prefill of one padded batch holds [batch, heads, width, width] fp32
+# scores, about three copies at once (scores, masked, softmax): measured +376 MB for 16 x 400 tokens, +600 MB for
+# 32 x 400 and +1,350 MB for 32 x 656 with the bundled model.
+PAGE_POOL_BYTES = 256e6
+PAGE_SCORE_BYTES = 128e6
 
 
 @dataclass(slots=True)
@@ -60,18 +65,32 @@ def pool_bytes(model, settings: EngineSettings) -> float:
     return 2.0 * cfg.num_hidden_layers * num_kv_heads(model) * settings.num_blocks * settings.block_size * per_slot
 
 
-def check_page_limits(model, workload: ServeWorkload, settings: EngineSettings) -> None:
-    """Refuse a view that would serve too much for half a minute of CPU, or allocate pools over 512 MB."""
+def prefill_score_bytes(model, workload: ServeWorkload, batch_size: int) -> float:
+    """Bytes of one layer's attention scores when transformers prefills its widest padded batch (eager, fp32)."""
+    heads = text_config(model).num_attention_heads
+    return 4.0 * min(batch_size, workload.num_requests) * heads * workload.longest_prompt ** 2
+
+
+def check_page_limits(model, workload: ServeWorkload, settings: EngineSettings, transformers: bool = False) -> None:
+    """Refuse a view that would serve too much for half a minute of CPU, allocate pools over 256 MB, or (when
+    transformers serves it too) prefill padded batches whose attention scores take over 128 MB per layer."""
     params = sum(p.numel() for p in model.parameters())
-    work = workload.num_requests * (workload.prompt_max + workload.output_max) * params
-    if work > PAGE_WORK_LIMIT:
-        raise ValueError(f"{workload.num_requests} requests of up to {workload.prompt_max} + {workload.output_max} "
-                         f"tokens on a {params / 1e6:.0f}M-parameter model is more than one view serves in about "
-                         "half a minute here: fewer or shorter requests (python -m kvcore engine has no limit)")
+    longest = workload.longest_prompt + workload.output_max
+    if workload.num_requests * longest * params > PAGE_WORK_LIMIT:
+        raise ValueError(f"{workload.num_requests} requests of up to {workload.longest_prompt} + "
+                         f"{workload.output_max} tokens on a {params / 1e6:.0f}M-parameter model is more than one "
+                         "view serves in about half a minute here: fewer or shorter requests, or a shorter shared "
+                         "prefix (python -m kvcore engine has no limit)")
     if pool_bytes(model, settings) > PAGE_POOL_BYTES:
         raise ValueError(f"{settings.num_blocks} blocks of {settings.block_size} tokens take "
                          f"{pool_bytes(model, settings) / 1e6:,.0f} MB of pools for this model; the page allows "
                          f"{PAGE_POOL_BYTES / 1e6:.0f} MB: fewer blocks or quantized pools")
+    scores, batch = prefill_score_bytes(model, workload, settings.max_num_seqs), settings.max_num_seqs
+    if transformers and scores > PAGE_SCORE_BYTES:
+        raise ValueError(f"transformers would prefill padded batches of {min(batch, workload.num_requests)} x "
+                         f"{workload.longest_prompt} tokens, {scores / 1e6:,.0f} MB of attention scores per layer; "
+                         f"the page allows {PAGE_SCORE_BYTES / 1e6:.0f} MB: a smaller max_num_seqs, shorter prompts, "
+                         "or the engine alone (turn off 'Also serve with transformers')")
 
 
 def pool_snapshot(engine: LLMEngine) -> list[dict]:

@@ -43,6 +43,11 @@ class ServeWorkload:
         if self.shared_prefix_tokens < 0:
             raise ValueError(f"shared_prefix_tokens must be >= 0, got {self.shared_prefix_tokens}")
 
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens in the longest prompt the workload can draw: a shared prefix comes before the drawn length."""
+        return self.prompt_max + (self.shared_prefix_tokens if self.shared_fraction > 0 else 0)
+
     def build(self, tokenizer, text: str | None = None) -> tuple[list[list[int]], list[int]]:
         """``(prompts, output lengths)``: token-id prompts (``<bos>`` first) cut from ``text`` (default: the
         bundled held-out documents) at seeded offsets."""

@@ -50,3 +50,9 @@ def test_garbage_url_falls_back_to_defaults(page):
 def test_an_impossible_setting_is_a_message(page):
     at = page("serving_engine", {"eg_blocks": "16", "eg_pmax": "400", "eg_omax": "64", "eg_n": "64", "eg_hf": "false"})
     assert any("the pool has" in e.value for e in at.error)
+
+
+def test_a_view_too_heavy_for_transformers_says_how_to_lighten_it(page):
+    at = page("serving_engine", {"eg_n": "64", "eg_seqs": "32", "eg_pmax": "400"})  # refused before it runs
+    assert any("max_num_seqs" in e.value and "transformers" in e.value for e in at.error)
+    assert not at.exception
