@@ -256,6 +256,26 @@ def test_the_step_view_shows_what_each_policy_let_each_query_read(tiny):
         eviction_steps(results, 99, [5])
 
 
+def test_the_step_view_checks_its_queries_names_its_columns_and_leaves_out_the_full_cache(tiny):
+    from dataclasses import replace
+
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(2))
+    results = evaluate(tiny, ids, small(policies=("sliding_window", "full"), budgets=(8,), max_tokens=24))
+    n = results.attention.shape[-1]
+    assert "full@8" in results.visible or "full@23" in results.visible
+    view = eviction_steps(results, 8, [0, n - 1])  # both ends are queries
+    assert list(view.held) == ["sliding_window"]  # the full cache is the reference, not a row
+    assert list(view.steps.columns[:3]) == ["step", "query", "query_token"]
+    assert view.steps["query_token"].tolist() == [str(t) for t in results.tokens["token_id"].iloc[[0, n - 1]]]
+    named = replace(results, tokens=results.tokens.assign(token=[f"<{i}>" for i in range(len(results.tokens))]))
+    assert eviction_steps(named, 8, [3]).steps["query_token"].tolist() == ["<3>"]
+    for bad in ([], [-1], [n], [0, n]):
+        with pytest.raises(ValueError, match=rf"query positions must lie in 0\.\.{n - 1}, got \["):
+            eviction_steps(results, 8, bad)
+    with pytest.raises(ValueError, match="carry no attention maps"):
+        eviction_steps(replace(results, attention=None), 8, [1])
+
+
 # ---- on the bundled model ------------------------------------------------------------------------------
 
 
