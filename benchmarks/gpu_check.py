@@ -63,7 +63,7 @@ def log(message: str) -> None:
 
 def run_tests(files: list[str], selection: str | None) -> dict:
     """Run pytest in a child process; a CSV row with its summary line."""
-    command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-n", "0"]  # one process
     command += ["-k", selection] if selection else []
     log(f"$ {' '.join(command[2:])}")
     start = time.perf_counter()
