@@ -17,8 +17,11 @@ from kvcore.eviction.claims import (
     CANNOT_SHOW,
     COLUMNS,
     _verdict,
+    knorm_claim,
+    norm_attention_correlation,
     perplexity_interval,
     perplexity_ratio,
+    run_noise,
     sink_claim,
     verdicts,
 )
@@ -101,3 +104,30 @@ def test_the_sink_claim_looks_at_the_first_four_tokens_and_says_what_it_found():
     short = sink_claim(reference(causal(torch.ones(12))[None, None]))  # no query is 16 positions after a key
     assert (short["verdict"], short["compared"], short["against"]) == ("not measured", 0, 0)
     assert short["evidence"].endswith("too few far queries to judge; stream more tokens")
+
+
+def test_a_runs_noise_columns_are_its_interval_and_its_paired_ratio_to_the_full_cache():
+    full = losses(0.0)
+    worse, better, same = losses(0.5, 0.01, 1), losses(-0.5, 0.01, 2), losses(0.0, 0.01, 3)
+    row = run_noise(worse, full)
+    ppl, ratio = perplexity_interval(worse), perplexity_ratio(worse, full)
+    assert row == {"ppl_low": ppl.low, "ppl_high": ppl.high, "ppl_vs_full": ratio.estimate,
+                   "ppl_vs_full_low": ratio.low, "ppl_vs_full_high": ratio.high, "vs_full": "worse"}
+    assert run_noise(better, full)["vs_full"] == "better"
+    assert run_noise(same, full)["vs_full"] == WITHIN_NOISE
+    assert run_noise(full, full, baseline=True)["vs_full"] == "baseline"
+    assert run_noise(worse * 1.02, worse)["vs_full"] == "worse"  # 2% worse on every token is beyond the noise
+
+
+def test_knorms_row_counts_one_comparison_on_its_side():
+    T = 160
+    norms = torch.linspace(1.0, 3.0, T)[torch.randperm(T, generator=torch.Generator().manual_seed(0))]
+    holds = knorm_claim(reference(causal(1.0 / norms ** 4)[None, None], norms[None, None]))
+    assert list(holds) == list(COLUMNS)
+    assert holds["claim"] == "Knorm: keys with a low L2 norm receive more attention (Devoto et al. 2024)"
+    assert [holds[k] for k in ("compared", "held", "against", "within_noise")] == [1, 1, 0, 0]
+    fails = knorm_claim(reference(causal(norms ** 4)[None, None], norms[None, None]))
+    assert [fails[k] for k in ("compared", "held", "against", "within_noise")] == [1, 0, 1, 0]
+    per_layer, corr = norm_attention_correlation(reference(causal(norms ** 4)[None, None], norms[None, None]))
+    assert f"per layer {per_layer['rank_correlation'][0]:+.2f}):" in fails["evidence"]
+    assert corr.format("+.2f") in fails["evidence"]
