@@ -164,6 +164,8 @@ def test_compatible_policies_carry_the_presses_defaults():
     assert kvpress_compatible("snapkv", window_size=8, kernel_size=3) == SnapKV(8, 3, "avg", "topk")
     assert kvpress_compatible("tova") == TOVA(per_head=False, keep_last=True)
     assert kvpress_compatible("observed_attention") == ObservedAttention()
+    with pytest.raises(ValueError, match="n_sink must be an integer"):
+        kvpress_compatible("streaming_llm", n_sink=False)
 
 
 @pytest.mark.parametrize(("press", "kwargs", "message"), [

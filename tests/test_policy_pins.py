@@ -595,19 +595,6 @@ def test_the_base_class_scores_nothing_itself():
 
 
 # ------------------------------------------------------------------------------------------ kvpress presets
-def test_kvpress_presses_build_the_matching_policies():
-    assert kvpress_compatible("streaming_llm") == StreamingLLM(n_sink=4)
-    assert kvpress_compatible("streaming_llm", n_sink=2) == StreamingLLM(n_sink=2)
-    assert kvpress_compatible("streaming_llm", n_sink=0) == SlidingWindow()
-    assert kvpress_compatible("knorm") == KNorm()
-    assert kvpress_compatible("snapkv") == SnapKV(window=64, kernel_size=5, pooling="avg", window_ties="topk")
-    assert kvpress_compatible("snapkv", window_size=8, kernel_size=3) == SnapKV(8, 3, "avg", "topk")
-    assert kvpress_compatible("tova") == TOVA(per_head=False, keep_last=True)
-    assert kvpress_compatible("observed_attention") == ObservedAttention()
-    with pytest.raises(ValueError, match="n_sink must be an integer"):
-        kvpress_compatible("streaming_llm", n_sink=False)
-
-
 @pytest.mark.parametrize(("press", "kwargs", "message"), [
     ("h2o", {}, "unknown press 'h2o'; choose from streaming_llm, knorm, snapkv, tova, observed_attention"),
     ("knorm", {"compression_ratio": 0.5}, "compression_ratio is not a policy setting: pass kvpress_budget("
