@@ -19,7 +19,8 @@ from streamlit.runtime import Runtime
 from streamlit.runtime.caching.storage.dummy_cache_storage import MemoryCacheStorageManager
 from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
-from streamlit.testing.v1 import app_test
+from streamlit.runtime.scriptrunner.script_cache import ScriptCache
+from streamlit.testing.v1 import app_test, local_script_runner
 from streamlit.testing.v1.util import patch_config_options
 
 from tests.app.conftest import assert_clean, open_page
@@ -83,6 +84,13 @@ def one_runtime(monkeypatch):
     shared.cache_storage_manager = MemoryCacheStorageManager()
     monkeypatch.setattr(app_test, "Runtime", _PerRunRuntime)
     monkeypatch.setattr(Runtime, "_instance", shared)
+    # A server compiles each script once, under one lock, for all sessions; AppTest gives every run
+    # its own cache, so eight threads would compile the same pages at once. Python 3.11's compiler
+    # is not safe for that (``SystemError: AST constructor recursion depth mismatch``, fixed in later
+    # CPython releases), so the sessions share one script cache, as they do on a real server.
+    scripts = ScriptCache()
+    monkeypatch.setattr(app_test, "ScriptCache", lambda: scripts)
+    monkeypatch.setattr(local_script_runner, "ScriptCache", lambda: scripts)
     # Per-run patching of the global config races between threads (one run's exit turns testing
     # mode off under another); patch it once around the whole test instead.
     monkeypatch.setattr(app_test, "patch_config_options", _already_patched)
