@@ -379,9 +379,10 @@ def test_the_vllm_rules_reach_the_block_manager():
     assert plain.manager.free_block_queue() == [2, 3, 4, 1, 0]
 
 
-def test_async_preemption_takes_the_in_flight_sample_then_recomputes():
-    """vLLM's AsyncScheduler: r1 is preempted while step 1's sample for it is in flight; that sample still
-    arrives (its token is kept, no placeholder is filled) and r1 later recomputes everything."""
+def _async_preemption() -> tuple[Scheduler, RequestState, SchedulerOutput, SchedulerOutput]:
+    """vLLM's AsyncScheduler on 4 blocks, two 3-token prompts that sample 3 tokens each: step 2 is scheduled
+    once step 0's output is in, and r0's position 4 needs a block, so r1 (the last admitted) is preempted
+    while step 1's sample for it is still in flight. Returns the scheduler, r1, step 1 and step 2."""
     s = make(num_blocks=4, async_scheduling=True)
     r0, r1 = req(0, [1, 2, 3], 3), req(1, [4, 5, 6], 3)
     s.add_request(r0)
@@ -389,8 +390,15 @@ def test_async_preemption_takes_the_in_flight_sample_then_recomputes():
     step0 = s.schedule()
     step1 = s.schedule()
     s.update_from_output(step0)
-    step2 = s.schedule()  # r0's position 4 needs a block: r1 (last admitted) goes, 1 token still in flight
-    assert (grants(step2), rids(step2.preempted)) == ([("r0", 1)], ["r1"])
+    step2 = s.schedule()
+    assert (grants(step2), rids(step2.preempted), s.manager.num_free_blocks) == ([("r0", 1)], ["r1"], 1)
+    return s, r1, step1, step2
+
+
+def test_async_preemption_takes_the_in_flight_sample_then_recomputes():
+    """r1's step-1 sample still arrives after its preemption (its token is kept, no placeholder is filled)
+    and r1 later recomputes everything."""
+    s, r1, step1, step2 = _async_preemption()
     assert (r1.num_stale, r1.num_placeholders, r1.num_computed_tokens) == (1, 0, 0)
     s.update_from_output(step1)  # step 1's sample for r1 arrives: no longer stale
     assert (r1.output_ids, r1.num_stale, r1.num_in_flight) == ([V, V + 1], 0, 0)
@@ -404,37 +412,23 @@ def test_async_preemption_takes_the_in_flight_sample_then_recomputes():
     assert r1.output_ids == [V, V + 1, V + 2]
 
 
-def _preempt_with_a_sample_in_flight(r2: RequestState) -> tuple[Scheduler, RequestState, SchedulerOutput]:
-    """The async scenario above: step 2 preempts r1 while its step-1 sample is in flight and puts it back at
-    the head of the waiting queue; ``r2`` arrives behind it; step 3 (no preemption, so admissions are open)
-    is scheduled before step 1's output is in, so r1 is still stale."""
-    s = make(num_blocks=4, async_scheduling=True)
-    r0, r1 = req(0, [1, 2, 3], 3), req(1, [4, 5, 6], 3)
-    s.add_request(r0)
-    s.add_request(r1)
-    step0 = s.schedule()
-    s.schedule()
-    s.update_from_output(step0)
-    step2 = s.schedule()
-    assert (grants(step2), rids(step2.preempted), s.manager.num_free_blocks) == ([("r0", 1)], ["r1"], 1)
-    s.add_request(r2)
-    return s, r1, s.schedule()
-
-
 def test_a_stale_request_at_the_head_of_the_queue_is_skipped_not_waited_on():
-    """vLLM skips a preempted request whose sample is still in flight and goes on down the waiting queue:
-    r2 (one token) is admitted into the one free block, ahead of r1."""
-    r2 = req(2, [7], 1)
-    s, r1, step3 = _preempt_with_a_sample_in_flight(r2)
+    """vLLM skips a preempted request whose sample is still in flight and goes on down the waiting queue.
+    Step 3 (no preemption, so admissions are open) comes before step 1's output: r1 is still stale, and
+    r2 (one token) is admitted into the one free block, ahead of it."""
+    s, r1, _, _ = _async_preemption()
+    s.add_request(req(2, [7], 1))
+    step3 = s.schedule()
     assert (grants(step3), rids(step3.admitted), s.manager.num_free_blocks) == ([("r0", 1), ("r2", 1)], ["r2"], 0)
     assert (rids(s.waiting), r1.num_stale) == (["r1"], 1)  # r1 keeps its place at the head
 
 
 def test_a_stale_request_keeps_its_place_when_the_next_one_does_not_fit():
-    """r2 (three tokens, two blocks) does not fit the one free block: admission stops there, and the
-    skipped r1 goes back in front of it."""
-    r2 = req(2, [7, 8, 9], 1)
-    s, r1, step3 = _preempt_with_a_sample_in_flight(r2)
+    """As above, but r2 (three tokens, two blocks) does not fit the one free block: admission stops there,
+    and the skipped r1 goes back in front of it."""
+    s, r1, _, _ = _async_preemption()
+    s.add_request(req(2, [7, 8, 9], 1))
+    step3 = s.schedule()
     assert (grants(step3), rids(step3.admitted), s.manager.num_free_blocks) == ([("r0", 1)], [], 1)
     assert (rids(s.waiting), r1.num_stale) == (["r1", "r2"], 1)
 
