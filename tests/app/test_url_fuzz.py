@@ -186,3 +186,34 @@ def test_a_bad_tab_value_opens_the_first_tab(name, value):
     assert_clean(at)
     reference = open_page(name)
     assert [c.proto.spec for c in at.get("plotly_chart")] == [c.proto.spec for c in reference.get("plotly_chart")]
+
+
+@pytest.mark.parametrize(("name", "key", "raw", "allowed"), [
+    ("home", "batch", "99999999999", "a whole number from 1 to 4,096"),
+    ("home", "gpu", "foo", "one of H100 80GB"),
+    ("home", "bits", "", "one of 16, 8, 4, 2"),
+    ("home", "tokens", "inf", "a whole number from 1 to 10,000,000"),
+    ("quantization", "qtokens", "1e9", "one of 64, 128, 192, 256, 384"),
+    ("sharing", "sh_kv", "7", "one of 32, 16, 8, 4, 2, 1"),
+    ("live_model", "lm_step", "-5", "a whole number from 0 to"),
+])
+def test_a_dropped_url_value_is_named_once(name, key, raw, allowed):
+    # Streamlit drops a value its widget cannot take and shows the default without a word; the page says which
+    # value was ignored and what the widget takes, in one warning, and the value leaves the URL (no repeat).
+    at = open_page(name, {key: raw})
+    assert_clean(at)
+    named = [w.value for w in at.warning if f"`{key}={raw}` was ignored" in w.value]
+    assert len(named) == 1, [w.value for w in at.warning]
+    assert f"expected {allowed}" in named[0]
+    assert key not in at.query_params
+    at.run()
+    assert not [w.value for w in at.warning if f"`{key}=" in w.value]
+
+
+def test_a_url_value_that_is_used_brings_no_warning():
+    # the default written out (collapsed from the URL), a value in range, a multiselect with one unknown entry
+    at = open_page("home", {"batch": "1", "tokens": "4096", "bits": "8", "models": ["llama-3-70b", "nope"]})
+    assert_clean(at)
+    assert [w.value.split(":")[0] for w in at.warning] == ["URL parameter `models=nope` was ignored"]
+    assert at.dataframe[0].value["model"].tolist() == ["llama-3-70b"]
+    assert at.number_input(key="tokens").value == 4096
