@@ -14,7 +14,8 @@ def memory_table(shapes: Sequence[ModelShape], num_tokens: int, batch_size: int 
                  gpu: GpuSpec | None = None) -> pd.DataFrame:
     """One row per model: KV bytes per token and in total, and (with a GPU) what fits after the weights.
 
-    Weights are counted at 16 bits; ``bits`` is the KV precision.
+    Weights are counted at 16 bits; ``bits`` is the KV precision. ``weights_fit``: whether the weights alone fit
+    the GPU's memory (when they do not, ``tokens_fit_after_weights`` is 0 for that reason).
     """
     if num_tokens < 1 or batch_size < 1:
         raise ValueError(f"context length and batch size must be >= 1, got {num_tokens} and {batch_size}")
@@ -39,6 +40,7 @@ def memory_table(shapes: Sequence[ModelShape], num_tokens: int, batch_size: int 
             row |= {
                 "gpu": gpu.name,
                 "tokens_fit_after_weights": fit,
+                "weights_fit": weight_bytes(shape) <= gpu.hbm_bytes,
                 "fits": total + weight_bytes(shape) <= gpu.hbm_bytes,
             }
         rows.append(row)

@@ -1,6 +1,7 @@
 """Home page: the KV memory calculator renders, reruns on a widget change, and restores from the URL."""
 
 from kvcore.shapes import PRESETS, kv_bytes
+from ui.format import bytes_str
 
 
 def metric_values(at):
@@ -67,3 +68,38 @@ def test_the_page_icon_needs_no_network():
     source = (ROOT / "app.py").read_text()
     assert re.search(r'PAGE_ICON = "[^":]+"', source)
     assert "page_icon=PAGE_ICON" in source
+
+
+def test_every_chosen_model_has_its_metrics(page):
+    # the metrics once covered only the first model of three
+    at = page("home")
+    labels = [m.label for m in at.metric]
+    for model in ("llama-2-7b", "llama-3-8b", "mistral-7b"):
+        assert f"{model}: KV per token" in labels
+    table = at.dataframe[0].value
+    assert [m.value for m in at.metric][4::3] == [bytes_str(v) for v in table["kv_bytes_total"]][1:]
+
+
+def test_lines_that_coincide_are_one_line_that_says_so(page):
+    # llama-3-8b and mistral-7b have the same KV shape: three legend entries, two visible lines
+    import json
+
+    at = page("home")
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = [t["name"] for t in fig["data"]]
+    assert names == ["llama-2-7b", "llama-3-8b = mistral-7b"]
+    assert "llama-3-8b and mistral-7b coincide" in fig["layout"]["title"]["text"].replace("<br>", " ")
+    lone = page("home", {"models": ["llama-2-7b", "gpt2"]})
+    fig = json.loads(lone.get("plotly_chart")[0].proto.spec)
+    assert [t["name"] for t in fig["data"]] == ["llama-2-7b", "gpt2"]
+    assert "coincide" not in fig["layout"]["title"]["text"]
+
+
+def test_weights_that_do_not_fit_the_gpu_say_so(page):
+    at = page("home", {"models": ["llama-3-70b", "llama-3-8b"], "gpu": "L4 24GB"})
+    values = [m.value for m in at.metric if m.label.startswith("Tokens fit")]
+    assert values[0] == "none"
+    assert values[1] != "none"
+    assert len(at.warning) == 1
+    assert "llama-3-70b (141 GB) do not fit the L4 24GB" in at.warning[0].value
+    assert "llama-3-8b" not in at.warning[0].value
