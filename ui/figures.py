@@ -108,6 +108,52 @@ LOG_MANTISSAS = ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8),
                  (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9))
 
 
+LABEL_SPOTS = ("top center", "bottom center", "middle right", "middle left", "top right", "top left",
+               "bottom right", "bottom left")
+LABEL_CHAR_EM, LABEL_GAP_PX = 0.6, 4  # a label character's width in font sizes; room between marker and label
+
+
+def label_box(x_px: float, y_px: float, text: str, spot: str, font_px: float = 11, marker_px: float = 11
+              ) -> tuple[float, float, float, float]:
+    """The box (left, bottom, right, top, in px with y up) that Plotly's ``textposition=spot`` gives ``text`` beside
+    a marker at (``x_px``, ``y_px``)."""
+    lines = text.split("<br>")
+    width = max(len(line) for line in lines) * LABEL_CHAR_EM * font_px
+    height = 1.25 * font_px * len(lines)
+    off = marker_px / 2 + LABEL_GAP_PX / 2
+    vertical, horizontal = spot.split()
+    left = {"center": x_px - width / 2, "right": x_px + off, "left": x_px - off - width}[horizontal]
+    bottom = {"middle": y_px - height / 2, "top": y_px + off, "bottom": y_px - off - height}[vertical]
+    return left, bottom, left + width, bottom + height
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_labels(points: Sequence[tuple[float, float]], texts: Sequence[str], size_px: tuple[float, float],
+                 font_px: float = 11, marker_px: float = 11) -> list[str]:
+    """A ``textposition`` per point so that no label covers another label or a marker, as far as the plot allows.
+
+    points: (x, y) of every marker in axis fractions (0-1 across the plot area), labelled or not; texts: the label
+    of each point ("" for none); size_px: the plot area's (width, height). Labels are placed one by one, left to
+    right, each at the first of :data:`LABEL_SPOTS` that is clear and inside the plot, else where it covers least.
+    """
+    width, height = size_px
+    px = [(x * width, y * height) for x, y in points]
+    half = marker_px / 2
+    taken = [(x - half, y - half, x + half, y + half) for x, y in px]
+    spots = ["top center"] * len(points)
+    for i in sorted((i for i, t in enumerate(texts) if t), key=lambda i: px[i]):
+        def cost(spot: str, i: int = i) -> float:
+            box = label_box(*px[i], texts[i], spot, font_px, marker_px)
+            outside = (box[0] < 0) + (box[2] > width) + (box[1] < 0) + (box[3] > height)
+            return sum(_overlap(box, other) for j, other in enumerate(taken) if j != i) + 1e6 * outside
+        spots[i] = min(LABEL_SPOTS, key=cost)  # min keeps the first of equal costs: the clear spot listed first
+        taken.append(label_box(*px[i], texts[i], spots[i], font_px, marker_px))
+    return spots
+
+
 def axis_values(fig: go.Figure) -> dict[str, np.ndarray]:
     """The numeric data each axis shows (layout name, e.g. ``xaxis2``, -> finite values); categorical axes are left
     out. Bars count their base and their end."""

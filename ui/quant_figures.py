@@ -11,15 +11,18 @@ import streamlit as st
 
 from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE
 from kvcore.quant.evaluate import QuantEval
-from ui.figures import PALETTE, heatmap, line_chart, style
+from ui.figures import PALETTE, heatmap, line_chart, place_labels, style
+from ui.format import signed_pct
 
 TABS = ["Memory vs perplexity", "K/V magnitudes", "Error by layer", "Generated text", "Results"]
 ERRORS = {"k_rel_err": "keys", "v_rel_err": "values", "attn_rel_err": "attention output"}
 
 
 def ratio_text(row: pd.Series) -> str:
-    """``"+9.6% [+7.1%, +12.3%]"``: the change of perplexity vs fp16 with its interval."""
-    return f"{row.ppl_vs_fp16 - 1:+.1%} [{row.ppl_vs_fp16_low - 1:+.1%}, {row.ppl_vs_fp16_high - 1:+.1%}]"
+    """``"+9.6% [+7.1%, +12.3%]"``: the change of perplexity vs fp16 with its interval (never "-0.0%")."""
+    low, mid, high = (signed_pct(100 * (r - 1), 1) for r in (row.ppl_vs_fp16_low, row.ppl_vs_fp16,
+                                                              row.ppl_vs_fp16_high))
+    return f"{mid} [{low}, {high}]"
 
 
 def perplexity_delta(row: pd.Series) -> tuple[str | None, str]:
@@ -81,25 +84,45 @@ def layer_errors(by_layer: pd.DataFrame, method: str) -> go.Figure:
                       x_title="layer", y_title="||x̂ - x|| / ||x||")
 
 
+PARETO_HEIGHT, PARETO_MARGIN = 500, {"l": 60, "r": 150, "t": 60, "b": 50}
+PARETO_WIDTH = 940  # the main column at a 1400 px browser: the labels are placed for this width
+
+
+def pareto_labels(summary: pd.DataFrame, highlight: str | None, ceiling: float) -> pd.Series:
+    """The name written beside each method's marker ("" for none): the front, fp16, the highlighted method, and
+    ratios above ``ceiling`` with their value."""
+    above = summary["ppl_vs_fp16"] > ceiling
+    return pd.Series([(f"{m} ({r:.2f}x)" if a else m) if (a or f or m in (highlight, "fp16")) else ""
+                      for m, r, a, f in zip(summary["method"], summary["ppl_vs_fp16"], above, summary["pareto"],
+                                            strict=True)], index=summary.index)
+
+
 def pareto(summary: pd.DataFrame, highlight: str | None = None, ceiling: float = 1.3) -> go.Figure:
     """Bytes vs perplexity / fp16 perplexity with each ratio's interval, one marker per method coloured by family.
 
     The noise-aware Pareto front (:func:`kvcore.quant.evaluate.noisy_pareto_front`) is joined by a line; names
-    are written next to front points, fp16 and the highlighted method (hover shows every name and interval).
-    A method within noise of fp16 is drawn hollow. Ratios above ``ceiling`` are drawn as triangles on the
-    top edge, labelled with their value, so the methods that matter keep the vertical resolution.
+    are written next to front points, fp16 and the highlighted method (hover shows every name and interval), each
+    on the side of its marker where it covers no other name or marker (:func:`ui.figures.place_labels`). A method
+    within noise of fp16 is drawn hollow. Ratios above ``ceiling`` are drawn as triangles on the top edge,
+    labelled with their value, so the methods that matter keep the vertical resolution.
     """
+    low = float(min(summary["ppl_vs_fp16_low"].min(), 1.0))
+    x_range, y_range = (0.0, 1.08), (low - 0.02, ceiling + 0.05)
+    labels = pareto_labels(summary, highlight, ceiling)
+    points = [((x - x_range[0]) / (x_range[1] - x_range[0]), (y - y_range[0]) / (y_range[1] - y_range[0]))
+              for x, y in zip(summary["bytes_ratio"], summary["ppl_vs_fp16"].clip(upper=ceiling), strict=True)]
+    plot_px = (PARETO_WIDTH - PARETO_MARGIN["l"] - PARETO_MARGIN["r"],
+               PARETO_HEIGHT - PARETO_MARGIN["t"] - PARETO_MARGIN["b"])
+    spots = pd.Series(place_labels(points, list(labels), plot_px, marker_px=14), index=summary.index)
     fig = go.Figure()
     for i, (family, part) in enumerate(summary.groupby("family", sort=False)):
         above = part["ppl_vs_fp16"] > ceiling
         noise = part["vs_fp16"] == WITHIN_NOISE
-        label = [(f"{m} ({r:.2f}x)" if a else m) if (a or f or m in (highlight, "fp16")) else ""
-                 for m, r, a, f in zip(part["method"], part["ppl_vs_fp16"], above, part["pareto"], strict=True)]
         y = part["ppl_vs_fp16"].clip(upper=ceiling)
         color = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(
-            x=part["bytes_ratio"], y=y, mode="markers+text", name=str(family), text=label,
-            textposition="top center", textfont={"size": 11},
+            x=part["bytes_ratio"], y=y, mode="markers+text", name=str(family), text=list(labels[part.index]),
+            textposition=list(spots[part.index]), textfont={"size": 11},
             error_y={"type": "data", "symmetric": False, "thickness": 1.2, "width": 3, "color": color,
                      "array": (part["ppl_vs_fp16_high"] - part["ppl_vs_fp16"]).where(~above, 0),
                      "arrayminus": (part["ppl_vs_fp16"] - part["ppl_vs_fp16_low"]).where(~above, 0)},
@@ -123,10 +146,9 @@ def pareto(summary: pd.DataFrame, highlight: str | None = None, ceiling: float =
                                  mode="markers", name=highlight, hoverinfo="skip",
                                  marker={"size": 22, "symbol": "circle-open", "line": {"width": 3},
                                          "color": "#D55E00"}))
-    low = float(min(summary["ppl_vs_fp16_low"].min(), 1.0))
-    fig.update_xaxes(range=[0, 1.08])
-    fig.update_yaxes(range=[low - 0.02, ceiling + 0.05])
+    fig.update_xaxes(range=list(x_range))
+    fig.update_yaxes(range=list(y_range))
     style(fig, "Memory vs perplexity (lower left is better; hollow: within noise)",
-          x="KV bytes / fp16 bytes", y="perplexity / fp16 perplexity", height=500)
-    return fig.update_layout(margin={"r": 150, "t": 60}, legend={"orientation": "v", "x": 1.02, "xanchor": "left",
-                                                                 "y": 1.0, "yanchor": "top", "yref": "paper"})
+          x="KV bytes / fp16 bytes", y="perplexity / fp16 perplexity", height=PARETO_HEIGHT)
+    return fig.update_layout(margin=PARETO_MARGIN, legend={"orientation": "v", "x": 1.02, "xanchor": "left",
+                                                           "y": 1.0, "yanchor": "top", "yref": "paper"})

@@ -206,7 +206,8 @@ def noisy_pareto_front(sizes: np.ndarray, samples: np.ndarray, level: float = LE
 
 def noise_columns(nll: Mapping[str, torch.Tensor], sizes: Mapping[str, float], base: str = "fp16",
                   block: int = BLOCK_TOKENS, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
-    """Per method: perplexity interval, ratio to ``base`` with its interval, vs_fp16 and the noise-aware front.
+    """Per method: perplexity interval, ratio to ``base`` with its interval, vs_fp16 and the noise-aware front
+    (over ``base`` and the methods that differ from it beyond the noise: one within noise is never on it).
 
     nll: method -> scored NLL ``[W, n]`` on the same tokens. sizes: method -> bytes ratio. Blocks of
     ``block`` consecutive scored tokens of one window are the bootstrap units, resampled alike for every
@@ -234,8 +235,11 @@ def noise_columns(nll: Mapping[str, torch.Tensor], sizes: Mapping[str, float], b
     else:
         out["ppl_vs_fp16_low"] = out["ppl_vs_fp16_high"] = float("nan")
         out["vs_fp16"] = "no fp16 run"
-    out["pareto"] = noisy_pareto_front(np.array([sizes[n] for n in names]), samples, level,
-                                       trusted=len(counts) >= MIN_UNITS)
+    # a method within noise of fp16 is neither on the front nor beats another onto or off it
+    ranked = (out["vs_fp16"] != WITHIN_NOISE).to_numpy()
+    out["pareto"] = False
+    out.loc[ranked, "pareto"] = noisy_pareto_front(np.array([sizes[n] for n in names])[ranked], samples[:, ranked],
+                                                   level, trusted=len(counts) >= MIN_UNITS)
     out["scored_tokens"] = int(counts.sum())
     return out
 

@@ -5,6 +5,7 @@ import pytest
 
 from kvcore.models.loader import BUNDLED_DIR
 from kvcore.quant.methods import METHODS
+from ui.format import signed_pct
 
 HAVE_MODEL = (BUNDLED_DIR / "model.safetensors").is_file()
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason=f"the bundled model is not trained yet ({BUNDLED_DIR})")
@@ -57,7 +58,8 @@ def test_a_delta_is_coloured_only_beyond_the_noise(page, method):
     else:
         assert "within noise" not in ppl.delta
         assert ppl.proto.color != GRAY
-    assert f"[{row.ppl_vs_fp16_low - 1:+.1%}, {row.ppl_vs_fp16_high - 1:+.1%}]" in ppl.delta
+    assert f"[{signed_pct(100 * (row.ppl_vs_fp16_low - 1), 1)}, {signed_pct(100 * (row.ppl_vs_fp16_high - 1), 1)}]" \
+        in ppl.delta
 
 
 @needs_model
@@ -107,3 +109,85 @@ def test_garbage_url_falls_back_to_defaults(page):
     assert at.selectbox(key="qhead").value == "all"
     assert at.number_input(key="qresidual").value == 32
     assert at.slider(key="qoutliers").value == 0.0
+
+
+@needs_model
+def test_the_pareto_front_passes_through_no_point_within_noise(page):
+    # The dashed "Pareto front (beyond noise)" ran through int3-token, a hollow within-noise marker
+    # (CSV: vs_fp16=within noise, pareto=True).
+    import json
+
+    at = page("quantization", RESULTS)
+    summary = at.dataframe[0].value
+    assert not summary[(summary["vs_fp16"] == "within noise") & summary["pareto"]].size
+    assert summary["pareto"].any()
+    chart = page("quantization")
+    fig = next(f for f in (json.loads(c.proto.spec) for c in chart.get("plotly_chart"))
+               if any(t.get("name") == "Pareto front (beyond noise)" for t in f["data"]))
+    front = next(t for t in fig["data"] if t.get("name") == "Pareto front (beyond noise)")
+    ratios = set(summary.loc[summary["vs_fp16"] == "within noise", "bytes_ratio"].round(9))
+    assert not {round(float(x), 9) for x in decode(front["x"])} & ratios
+
+
+def decode(value):
+    from tests.app.test_figures import decode as decode_array
+
+    return list(decode_array(value))
+
+
+def label_boxes(points_px, texts, spots, font=11.0, marker=14.0):
+    """Each label's box in px (y up), estimated apart from the placer: 0.62 em a character, 1.3 em a line."""
+    boxes = []
+    for (x, y), text, spot in zip(points_px, texts, spots, strict=True):
+        if not text:
+            continue
+        w, h, off = 0.62 * font * len(text), 1.3 * font, marker / 2 + 1
+        vertical, horizontal = spot.split()
+        left = {"center": x - w / 2, "right": x + off, "left": x - off - w}[horizontal]
+        bottom = {"middle": y - h / 2, "top": y + off, "bottom": y - off - h}[vertical]
+        boxes.append((text, left, bottom, left + w, bottom + h))
+    return boxes
+
+
+def test_pareto_labels_do_not_cover_each_other():
+    # int2-channel, kivi-2 and int3-token (all labelled: front, chosen, front) sat on top of each other
+    import pandas as pd
+
+    from ui.quant_figures import PARETO_MARGIN, PARETO_WIDTH, pareto
+
+    rows = [("fp16", "baseline", 1.0, 1.0, "baseline", True), ("int2-channel", "per-channel", 0.1875, 1.037,
+            "worse", True), ("kivi-2", "KIVI", 0.289, 1.027, "worse", False),
+            ("int3-token", "per-token", 0.25, 1.02, "worse", True), ("int4-token", "per-token", 0.3125, 1.012,
+                                                                       "worse", True)]
+    summary = pd.DataFrame(rows, columns=["method", "family", "bytes_ratio", "ppl_vs_fp16", "vs_fp16", "pareto"])
+    summary["ppl_vs_fp16_low"], summary["ppl_vs_fp16_high"] = summary["ppl_vs_fp16"] - 0.01, summary["ppl_vs_fp16"]
+    summary["perplexity"] = 10 * summary["ppl_vs_fp16"]
+    fig = pareto(summary, "kivi-2")
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    width = PARETO_WIDTH - PARETO_MARGIN["l"] - PARETO_MARGIN["r"]
+    height = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    texts, spots, points = [], [], []
+    for trace in fig.data:
+        if trace.mode != "markers+text":
+            continue
+        texts += list(trace.text)
+        spots += list(trace.textposition)
+        points += [((x - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in
+                   zip(trace.x, trace.y, strict=True)]
+    boxes = label_boxes(points, texts, spots)
+    assert {b[0] for b in boxes} == {"fp16", "int2-channel", "kivi-2", "int3-token", "int4-token"}
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            apart = a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2]
+            assert apart, (a, b)
+        for x, y in points:  # a label covers no marker
+            assert not (a[1] < x < a[3] and a[2] < y < a[4]), (a, x, y)
+
+
+def test_a_change_near_zero_never_reads_minus_zero():
+    import pandas as pd
+
+    from ui.quant_figures import ratio_text
+
+    text = ratio_text(pd.Series({"ppl_vs_fp16": 0.99996, "ppl_vs_fp16_low": 0.9991, "ppl_vs_fp16_high": 1.0008}))
+    assert text == "0.0% [-0.1%, +0.1%]"
