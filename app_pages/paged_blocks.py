@@ -42,12 +42,11 @@ c1, c2, c3 = st.columns([3, 2, 3], vertical_alignment="bottom")
 prompt = params.widget(c1.selectbox, "Prompt", key="prompt", options=range(len(config.prompts)),
                        format_func=lambda i: f"{i}: {config.prompts[i][:60]}")
 c1.button("Prefill", on_click=push, args=(actions, f"P{prompt}"), icon=":material/input:")
-if st.session_state.get("req") not in state.running:
-    st.session_state.pop("req", None)  # a finished or not-yet-created request: fall back to the first one
+params.hold_choice("req", state.running)  # a finished or not-yet-created request: the first running one
 req = params.widget(c2.selectbox, "Request", key="req", options=state.running)
-num = (req or "r0")[1:]
-c2.button("Fork", on_click=push, args=(actions, f"C{num}"), disabled=req is None, icon=":material/call_split:")
-c2.button("Finish", on_click=push, args=(actions, f"X{num}"), disabled=req is None, icon=":material/done:")
+c2.button("Fork", on_click=push, args=(actions, f"C{(req or '')[1:]}"), disabled=req is None,
+          icon=":material/call_split:")
+c2.button("Finish", on_click=push, args=(actions, f"X{(req or '')[1:]}"), disabled=req is None, icon=":material/done:")
 c3.button("Decode step", on_click=push, args=(actions, "D"), disabled=not state.running, icon=":material/redo:")
 c3.button("Reset", on_click=push, args=(actions, None), disabled=not actions, icon=":material/restart_alt:")
 c1.button("Example: shared prefix, then a fork", on_click=params.set_query_value, args=("steps", stepper.EXAMPLE),

@@ -24,11 +24,22 @@ def _short(word: str, limit: int = 7) -> str:
     return word if len(word) <= limit else word[:limit - 1] + "…"
 
 
+LABEL_FONT_PX = 9  # the block labels' font size
+LABEL_CHAR_PX = 5.6  # width of one character of a block label (9 px font)
+
+
+def blocks_per_row(block_size: int) -> int:
+    """Blocks drawn side by side: 8 up to 8-token blocks, 12 for longer (taller) ones, so a pool of 64 blocks
+    stays a few screens high and every block is wide enough for its label ("#12 ref=1", 9 characters)."""
+    return 8 if block_size <= 8 else 12
+
+
 def block_grid_figure(grid: pd.DataFrame, block_size: int) -> go.Figure:
     """Physical blocks in id order, each a column of slots (token per slot, top to bottom): fill = first
-    owner's colour (light grey when free, darker when free but still cached), thick outline = shared."""
-    per_row = 8 if block_size <= 4 else 16
-    width, pitch = 4.0, block_size + 1.8  # block width and vertical pitch, in slot heights
+    owner's colour (light grey when free, darker when free but still cached), thick outline = shared. Above each
+    block, two short lines: "#id ref=n" and the first characters of its hash."""
+    per_row = blocks_per_row(block_size)
+    width, pitch = 4.0, block_size + 2.4  # block width and vertical pitch, in slot heights (room for 2 label lines)
     xs, ys, words, hx, hy, hover, shapes, labels = [], [], [], [], [], [], [], []
     for row in grid.itertuples(index=False):
         x0, top = (row.block % per_row) * (width + 0.6), -(row.block // per_row) * pitch
@@ -37,7 +48,7 @@ def block_grid_figure(grid: pd.DataFrame, block_size: int) -> go.Figure:
         shapes.append({"type": "rect", "x0": x0, "x1": x0 + width, "y0": top - block_size, "y1": top,
                        "fillcolor": fill, "opacity": 0.45 if owner else 1.0, "layer": "below",
                        "line": {"width": 3 if row.ref_cnt > 1 else 1, "color": "#000000" if owner else EMPTY_TEXT}})
-        labels.append(f"#{row.block} ref={row.ref_cnt}" + (f" {row.hash[:4]}" if row.hash else ""))
+        labels.append(f"#{row.block} ref={row.ref_cnt}" + (f"<br>{row.hash[:4]}" if row.hash else ""))
         hx.append(x0 + width / 2)
         hy.append(top - block_size / 2)
         hover.append(f"block {row.block}: {row.state}<br>owners: {row.owners or '-'}<br>ref_cnt {row.ref_cnt}"
@@ -50,12 +61,13 @@ def block_grid_figure(grid: pd.DataFrame, block_size: int) -> go.Figure:
                                showlegend=False))
     fig.add_trace(go.Scatter(x=hx, y=hy, mode="markers", marker={"opacity": 0, "size": 30}, hovertext=hover,
                              hoverinfo="text", showlegend=False))
-    fig.add_trace(go.Scatter(x=hx, y=[y + block_size / 2 + 0.6 for y in hy], text=labels, mode="text",
-                             textfont={"size": 9}, hoverinfo="skip", showlegend=False))
+    fig.add_trace(go.Scatter(x=hx, y=[y + block_size / 2 + 0.1 for y in hy], text=labels, mode="text",
+                             textposition="top center", textfont={"size": LABEL_FONT_PX}, hoverinfo="skip",
+                             showlegend=False))
     fig.update_layout(shapes=shapes)
     fig.update_xaxes(visible=False, range=[-0.3, per_row * (width + 0.6)])
-    fig.update_yaxes(visible=False)
     rows = -(-len(grid) // per_row)
+    fig.update_yaxes(visible=False, range=[-rows * pitch + (pitch - block_size) - 0.3, pitch - block_size])
     return style(fig, "Physical blocks: #id, ref_cnt, hash (colour = owner, thick outline = shared)",
                  height=90 + int(16 * pitch * rows), legend=False)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import streamlit as st
@@ -246,6 +246,22 @@ def set_query_value(name: str, value: str | None) -> None:
         st.query_params.pop(name, None)
     else:
         st.query_params[name] = value
+
+
+def hold_choice(key: str, options: Sequence[Any]) -> None:
+    """Before a URL-bound select whose options change (requests that come and go): keep its choice when it is
+    still an option (from this session or the URL), else choose the first option, or nothing when there is none.
+
+    The choice is written to session state, so the browser's select shows it: a select keeps its identity when its
+    options change, and one first drawn with no options kept "Choose an option" while the page used the first.
+    """
+    current = st.session_state.get(key, st.query_params.get(key))
+    if current in options:
+        return
+    if options:
+        st.session_state[key] = options[0]
+    else:
+        st.session_state.pop(key, None)
 
 
 PAGE_KEY = "_kvlab_page"

@@ -90,3 +90,52 @@ def test_example_button_replays_the_shared_prefix_and_fork_example(page):
     assert at.query_params["steps"] == "P0.P1.D.D.C0.D"
     tables = at.dataframe[0].value.to_csv()
     assert "r2" in tables  # the fork of r0 holds a block table
+
+
+def test_after_example_the_request_select_shows_the_request_the_page_uses(page):
+    # A select first drawn with no options kept "Choose an option" in the browser once r0-r2 existed, while Fork
+    # forked r0: the page writes its choice to the session, so the browser is sent the value (set_value) too.
+    at = page("paged_blocks")
+    assert at.selectbox(key="req").options == []
+    click(at, "Example: shared prefix, then a fork")
+    select = at.selectbox(key="req")
+    assert select.options == ["r0", "r1", "r2"]
+    assert select.value == "r0"
+    assert select.proto.set_value
+    select.set_value("r2").run()
+    click(at, "Fork")
+    assert at.query_params["steps"].endswith(".C2")  # Fork forks the request shown
+    click(at, "Finish")
+    assert at.query_params["steps"].endswith(".C2.X2")
+    assert at.selectbox(key="req").value == "r0"  # r2 finished: back to the first running request
+    reopened = page("paged_blocks", {"steps": "P0.P1.D.D.C0.D", "req": "r1"})  # the URL of a choice brings it back
+    assert reopened.selectbox(key="req").value == "r1"
+    assert not reopened.warning
+
+
+def test_block_labels_fit_beside_each_other_at_every_block_size():
+    # At block size 8 the labels ran into each other ("e2d1#1 ref=1 d0c7#2"): each label must fit the distance to
+    # the next block's label, across and down, in the main column's width.
+    from kvcore.paged import stepper, views
+    from tests.app.test_figures import MAIN_PX
+    from ui.paged_figures import LABEL_CHAR_PX, LABEL_FONT_PX, block_grid_figure
+
+    for block_size in (1, 2, 4, 8, 16):
+        config = stepper.StepperConfig(tuple(stepper.DEFAULT_PROMPTS), 64, block_size, True)
+        grid = views.block_grid(stepper.replay(config, stepper.load_actions(stepper.EXAMPLE, config)))
+        fig = block_grid_figure(grid, block_size)
+        label = fig.data[2]
+        x_px = (MAIN_PX - fig.layout.margin.l - fig.layout.margin.r) / (fig.layout.xaxis.range[1]
+                                                                         - fig.layout.xaxis.range[0])
+        y_px = (fig.layout.height - fig.layout.margin.t - fig.layout.margin.b) / (fig.layout.yaxis.range[1]
+                                                                               - fig.layout.yaxis.range[0])
+        across = min(b - a for a, b in zip(label.x, label.x[1:], strict=False) if b > a) * x_px
+        widest = max(len(line) for text in label.text for line in text.split("<br>")) * LABEL_CHAR_PX
+        assert widest + 6 <= across, (block_size, widest, across)
+        lines = max(text.count("<br>") + 1 for text in label.text)
+        row_bottoms = sorted({shape.y0 for shape in fig.layout.shapes}, reverse=True)
+        second_row_foot = sorted(set(label.y), reverse=True)[1]
+        room = (row_bottoms[0] - second_row_foot) * y_px  # from a label's foot to the blocks of the row above
+        assert lines * LABEL_FONT_PX * 1.3 <= room, (block_size, lines, room)
+        if block_size == 8:
+            assert any("<br>" in text for text in label.text)  # the hash is on its own line
