@@ -9,7 +9,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from kvcore.engine.report import EngineReport
-from ui.figures import PALETTE, style
+from ui.figures import PALETTE, round_ticks, style
 from ui.format import bytes_str
 
 POOL_COLUMNS = 32  # blocks per row of the pool map
@@ -19,7 +19,7 @@ FREE_CACHED, SHARED, FREE = "#BBBBBB", "#000000", "#EEEEEE"
 def run_metrics(report: EngineReport) -> None:
     """Throughput, TTFT and TPOT of the engine (and its ratio to transformers), the pool, the prefix hits."""
     engine = report.summary.iloc[0]
-    versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers, one run each"
+    versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers"
               if len(report.summary) > 1 else None)
     hits, steps = int(report.requests["prefix_hit_tokens"].sum()), report.steps
     values = {
@@ -30,8 +30,11 @@ def run_metrics(report: EngineReport) -> None:
                            f"pools {bytes_str(report.kv_bytes)}"),
         "Prefix-cache hits": (f"{hits:,} tokens", f"{int(steps['batch_tokens'].sum()):,} computed"),
     }
+    helps = {"Output tokens/s": "engine vs transformers' generate on the same requests, one run each"}
     for col, (label, (value, note)) in zip(st.columns(len(values)), values.items(), strict=True):
-        col.metric(label, value, note, delta_color="off")
+        # only the ratio to transformers is a change; the other notes (p99, pool bytes, tokens) get no arrow
+        col.metric(label, value, note, delta_color="off", delta_arrow="auto" if label in helps else "off",
+                   help=helps.get(label))
 
 
 def step_timeline(steps: pd.DataFrame) -> go.Figure:
@@ -47,7 +50,9 @@ def step_timeline(steps: pd.DataFrame) -> go.Figure:
                              line={"color": PALETTE[2], "width": 2, "shape": "hv"}), row=2, col=1)
     fig.update_layout(barmode="stack", bargap=0.05)
     fig.update_yaxes(title_text="tokens", row=1, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="ms", row=1, col=1, secondary_y=True, rangemode="tozero")
+    ticks = round_ticks(0.0, float(steps["step_s"].max() * 1e3) if len(steps) else 1.0)
+    fig.update_yaxes(title_text="ms", row=1, col=1, secondary_y=True, range=[0, ticks[-1]], tickmode="array",
+                     tickvals=ticks, showgrid=False)  # round ms, not ticks aligned to the tokens' grid
     fig.update_yaxes(title_text="blocks", row=2, col=1, rangemode="tozero")
     fig.update_xaxes(title_text="engine step", row=2, col=1)
     return style(fig, "Every step, as measured", height=520)

@@ -104,6 +104,21 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     return below + [t for t in ticks if lo <= t <= hi] + above
 
 
+def round_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About ``count`` ticks at a round step (1, 2, 2.5 or 5 x 10^k) from at or below ``lo`` to at or above ``hi``:
+    (0, 94.1) -> [0, 20, 40, 60, 80, 100]. For a linear axis whose own ticks would not be round (a secondary axis
+    that Plotly aligns with the primary's grid reads 31.4, 62.7, 94.1)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo or count < 1:
+        raise ValueError(f"need finite lo <= hi and count >= 1, got {lo}, {hi}, {count}")
+    if hi == lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / count
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [float(f"{k * step:.10g}") for k in range(first, last + 1)]
+
+
 LOG_MANTISSAS = ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8),
                  (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9))
 

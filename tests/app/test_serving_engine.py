@@ -56,3 +56,42 @@ def test_a_view_too_heavy_for_transformers_says_how_to_lighten_it(page):
     at = page("serving_engine", {"eg_n": "64", "eg_seqs": "32", "eg_pmax": "400"})  # refused before it runs
     assert any("max_num_seqs" in e.value and "transformers" in e.value for e in at.error)
     assert not at.exception
+
+
+DELTA_CHAR_PX, ARROW_PX = 7.5, 20  # a metric's delta text (14 px font) and the arrow beside it
+NO_ARROW = 2  # MetricProto.MetricDirection.NONE
+
+
+def test_metric_notes_fit_and_only_the_change_has_an_arrow(page):
+    # "2.55x transformers, on..." was cut, and up-arrows sat on p99 latencies and the pool's bytes (not changes)
+    from streamlit.testing.v1.element_tree import Metric
+
+    from tests.app.test_figures import placed
+
+    at = page("serving_engine", SMALL)
+    widths = {p.node.label: p.width for p in placed(at) if isinstance(p.node, Metric)}
+    for metric in at.metric:
+        assert len(metric.delta or "") * DELTA_CHAR_PX + ARROW_PX <= widths[metric.label], (metric.label, metric.delta)
+    arrows = {m.label: m.proto.direction for m in at.metric}
+    assert arrows.pop("Output tokens/s") != NO_ARROW  # the ratio to transformers is a change
+    assert set(arrows.values()) == {NO_ARROW}, arrows
+    assert at.metric[1].delta.startswith("p99 ")
+
+
+def test_the_step_time_axis_has_round_ticks(page):
+    # the step-time axis read 31.4, 62.7, 94.1 (ticks aligned to the tokens' grid)
+    import json
+    import math
+
+    at = page("serving_engine", {**SMALL, "eg_hf": "false"})
+    fig = next(f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+               if f["layout"]["title"]["text"].startswith("Every step"))
+    axis = fig["layout"]["yaxis2"]
+    ticks = axis["tickvals"]
+    step = ticks[1] - ticks[0]
+    mantissa = round(step / 10 ** math.floor(math.log10(step)), 6)
+    assert mantissa in (1, 2, 2.5, 5), ticks
+    assert all(abs(t / step - round(t / step)) < 1e-9 for t in ticks), ticks
+    steps = next(d.value for d in at.dataframe if "step_s" in d.value.columns)
+    assert ticks[-1] >= steps["step_s"].max() * 1e3 >= ticks[-2]
+    assert axis["range"] == [0, ticks[-1]]
