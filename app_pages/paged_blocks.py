@@ -4,8 +4,7 @@ import streamlit as st
 
 from kvcore import paged
 from kvcore.device import get_device
-from kvcore.kernels import AttentionCheckConfig
-from kvcore.kernels.check import check_summary
+from kvcore.paged.attention_check import AttentionCheckConfig, check_summary
 from kvcore.paged import stepper, views
 from kvcore.shapes import PRESETS
 from ui import figures, paged_figures, params, tables

@@ -6,7 +6,7 @@
 All methods attend the same query over the same K/V: torch SDPA on the contiguous ``[B, Hkv, T, D]``
 layout (``enable_gqa=True``), :func:`kvcore.kernels.contiguous_decode_attention`,
 :func:`kvcore.kernels.paged_decode_attention` on a vLLM pool ``[num_blocks, block_size, Hkv, D]`` whose
-blocks are shuffled (on CPU also the torch chunk loop it falls back to, ``paged_torch``), and
+blocks are shuffled (also the batched torch path it falls back to, ``paged_torch``), and
 :func:`kvcore.kernels.quantized_paged_decode_attention` on that pool quantized
 to int4 per token and head. Calls are timed in interleaved rounds (a random order each round) and the
 median is kept, so machine load drifts hit every method alike; ratios are to SDPA in the same run.
@@ -37,17 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvcore.kernels import (  # noqa: E402
+    BACKENDS,
+    choose_backend,
     contiguous_decode_attention,
     native,
     paged_decode_attention,
     quantize_paged_cache,
     quantized_paged_decode_attention,
 )
-from kvcore.kernels.attention import KERNELS, paged_kernel  # noqa: E402
-from kvcore.kernels.paged_cpu import paged_attention_cpu  # noqa: E402
-from kvcore.kernels.paged_native import LIBRARY, paged_attention_native  # noqa: E402
-from kvcore.kernels.parallel import DEFAULT_WORKERS, resolve_workers  # noqa: E402
-from kvcore.kernels.quantized import chunk_workspace_bytes  # noqa: E402
+from kvcore.kernels.native_paged import LIBRARY  # noqa: E402
 from kvcore.quant import QuantizedTensor  # noqa: E402
 
 SMOKE = {"batch": 2, "q_heads": 4, "kv_heads": 2, "head_dim": 32, "lengths": [64, 160], "repeats": 2,
@@ -97,35 +95,29 @@ def make_problem(args: argparse.Namespace, length: int, dtype: torch.dtype, devi
                    torch.full((B,), length, dtype=torch.int32, device=device))
 
 
-def methods(p: Problem, workers: int | None = DEFAULT_WORKERS) -> dict[str, Callable[[], torch.Tensor]]:
-    """The timed calls, by name; ``workers`` sets how many threads run the CPU kernels' chunk spans
-    (None: the kernels' default, one per torch intra-op thread). On CPU ``paged`` is the public kernel
-    choice (the fused C kernel when it is built) and ``paged_torch`` the chunk loop of torch ops."""
-    scale = p.query.shape[-1] ** -0.5
+def methods(p: Problem, workers: int | None = None) -> dict[str, Callable[[], torch.Tensor]]:
+    """The timed calls, by name; ``workers`` sets how many threads run the C kernel's spans (None: one per
+    torch intra-op thread). ``paged`` is the public choice of backend (the C kernel on CPU when it is built,
+    Triton on CUDA) and ``paged_torch`` the batched torch path it falls back to."""
     args = (p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens)
-    calls = {
+    return {
         "sdpa": lambda: F.scaled_dot_product_attention(p.query[:, :, None], p.keys, p.values,
                                                        enable_gqa=True)[:, :, 0],
         "contiguous": lambda: contiguous_decode_attention(p.query, p.keys, p.values),
-        "paged": lambda: paged_decode_attention(*args),
+        "paged": lambda: paged_decode_attention(*args, workers=workers),
         "paged_int4": lambda: quantized_paged_decode_attention(p.query, p.key_int4, p.value_int4, p.block_tables,
                                                                p.seq_lens, workers=workers),
+        "paged_torch": lambda: paged_decode_attention(*args, backend="torch"),
     }
-    if p.query.device.type == "cpu":
-        if workers is not None:  # the public choice of kernel, called with these workers
-            paged = paged_attention_native if paged_kernel(*args[:3]) == "fused" else paged_attention_cpu
-            calls["paged"] = lambda: paged(*args, scale=scale, workers=workers)
-        calls["paged_torch"] = lambda: paged_attention_cpu(*args, scale=scale, workers=workers)
-    return calls
 
 
-def paged_kernel_line(p: Problem) -> str:
-    """Which kernel the ``paged`` row ran, and why not the fused one on CPU."""
-    kernel = paged_kernel(p.query, p.key_cache, p.value_cache)
-    if kernel != "torch":
-        return f"paged: {KERNELS[kernel]}"
+def paged_backend_line(p: Problem) -> str:
+    """Which backend the ``paged`` row ran, and why not the C kernel on CPU."""
+    backend = choose_backend(p.query, p.key_cache, p.value_cache)
+    if backend != "torch" or p.query.device.type != "cpu":
+        return f"paged: {backend} ({BACKENDS[backend]})"
     why = native.unavailable_reason(LIBRARY) or "a shape or dtype it does not cover"
-    return f"paged: {KERNELS[kernel]}; fused kernel not used: {why}"
+    return f"paged: torch ({BACKENDS['torch']}); the C kernel not used: {why}"
 
 
 def kv_bytes(p: Problem) -> dict[str, int]:
@@ -216,7 +208,8 @@ def lean_int4_pool(num_blocks: int, block_size: int, heads: int, dim: int, bits:
 def peak_memory_child(args: argparse.Namespace) -> None:
     """(Child process) print the peak resident memory one attention call adds over an int4 pool, in MiB.
 
-    ``args.child_memory`` is ``chunked`` (the int4 kernel) or ``dequantized`` (dequantize both pools with
+    ``args.child_memory`` is ``chunked`` (the int4 kernel, codes read in registers) or ``dequantized``
+    (dequantize both pools with
     ``QuantizedTensor.dequantize``, then paged attention): the path the chunked kernel avoids. Linux only:
     the peak is reset just before the call (``/proc/self/clear_refs``) and read after (``VmHWM``).
     """
@@ -236,8 +229,7 @@ def peak_memory_child(args: argparse.Namespace) -> None:
         paged_decode_attention(query, kq.dequantize(), vq.dequantize(), tables, lens)
     print(json.dumps({"mode": args.child_memory, "pool_mib": (kq.nbytes + vq.nbytes) / 2**20,
                       "peak_added_mib": (rss_kib("VmHWM") - before) / 1024,
-                      "fp32_cache_mib": 2 * kq.codes.shape[0] * bs * Hkv * D * 4 / 2**20,
-                      "chunk_tensors_mib": chunk_workspace_bytes(kq, Hq) / 2**20}))
+                      "fp32_cache_mib": 2 * kq.codes.shape[0] * bs * Hkv * D * 4 / 2**20}))
 
 
 def peak_memory(args: argparse.Namespace, length: int) -> list[dict[str, object]]:
@@ -272,9 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=128, help="quantized pool: channels per scale")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="threads running the CPU kernels' chunk spans (default: one per torch thread; "
-                             "kvcore.kernels.parallel)")
+    parser.add_argument("--workers", type=int, help="threads running the C kernel's spans (default: one per "
+                                                    "torch thread; kvcore.kernels.native_paged)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", help="float32 (CPU default), float16 (CUDA default) or bfloat16")
     parser.add_argument("--bandwidth-mib", type=int, default=1024, help="tensor summed for the read bandwidth")
@@ -301,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "float16"))
     print(f"{machine(torch.get_num_threads())}; device {device}, {dtype}")
     print(f"B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} D={args.head_dim} block_size={args.block_size}, "
-          f"int{args.bits} groups of {args.group_size} channels, kernel workers {resolve_workers(args.workers)}, "
+          f"int{args.bits} groups of {args.group_size} channels, kernel workers {args.workers or 'one per thread'}, "
           f"median of {args.repeats} interleaved rounds")
-    print(paged_kernel_line(make_problem(args, args.lengths[0], dtype, device)))
+    print(paged_backend_line(make_problem(args, args.lengths[0], dtype, device)))
     big = torch.ones(args.bandwidth_mib << 18, device=device)  # MiB of fp32
     rows = [row for t in args.lengths for row in rows_for_length(args, t, dtype, device, big)]
     table = pd.DataFrame(rows)

@@ -46,36 +46,52 @@ def last_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
 
 
-def check_against_transformers(model, engine: LLMEngine, prompts, outputs, max_tokens: int) -> None:
+def record_logits(engine: LLMEngine, monkeypatch) -> dict[str, torch.Tensor]:
+    """Sequence id -> the logits row it last sampled from, read off the runner's output each step."""
+    rows: dict[str, torch.Tensor] = {}
+    execute = engine.runner.execute
+
+    def spy(chunks):
+        logits = execute(chunks)
+        rows.update(zip([c.seq_id for c in chunks if c.wants_logits], logits, strict=True))
+        return logits
+
+    monkeypatch.setattr(engine.runner, "execute", spy)
+    return rows
+
+
+def check_against_transformers(model, logits: dict[str, torch.Tensor], prompts, outputs, max_tokens: int) -> None:
     for prompt, output in zip(prompts, outputs, strict=True):
         tokens = output.outputs[0].token_ids
         assert tokens == reference(model, prompt, max_tokens)
-        final = engine.last_logits[output.request_id]
+        final = logits[output.request_id]
         assert torch.allclose(final, last_logits(model, prompt + tokens[:-1]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(("caching", "chunked"), [(True, True), (False, True), (True, False), (False, False)])
-def test_greedy_outputs_and_last_logits_equal_transformers(bundled, mixed_prompts, caching, chunked):
+def test_greedy_outputs_and_last_logits_equal_transformers(bundled, mixed_prompts, caching, chunked, monkeypatch):
     model, _ = bundled
     engine = LLMEngine(model, num_blocks=512, block_size=16, max_num_seqs=8, max_num_batched_tokens=512,
                        enable_prefix_caching=caching, enable_chunked_prefill=chunked)
+    logits = record_logits(engine, monkeypatch)
     outputs = engine.generate(mixed_prompts, SamplingParams(max_tokens=12))
-    check_against_transformers(model, engine, mixed_prompts, outputs, 12)
+    check_against_transformers(model, logits, mixed_prompts, outputs, 12)
     assert [o.prompt_token_ids for o in outputs] == mixed_prompts
     if caching:  # the three prompts after the first of the shared prefix hit its 6 full blocks
         assert engine.stats.prefix_cache_hit_tokens >= 2 * 96
         assert [o.num_cached_tokens for o in outputs][-2:] == [96, 112]  # the repeated prompt hits 7 blocks
 
 
-def test_a_small_pool_preempts_and_recomputes_to_the_same_tokens(bundled, mixed_prompts):
+def test_a_small_pool_preempts_and_recomputes_to_the_same_tokens(bundled, mixed_prompts, monkeypatch):
     model, _ = bundled
     engine = LLMEngine(model, num_blocks=40, block_size=16, max_num_seqs=8, max_num_batched_tokens=256)
+    logits = record_logits(engine, monkeypatch)
     outputs = engine.generate(mixed_prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     assert engine.stats.preemptions > 0
     for prompt, output in zip(mixed_prompts, outputs, strict=True):
         tokens = output.outputs[0].token_ids
         assert len(tokens) == 24
-        final = engine.last_logits[output.request_id]
+        final = logits[output.request_id]
         assert torch.allclose(final, last_logits(model, prompt + tokens[:-1]), atol=1e-4, rtol=0)
     assert engine.stats.peak_blocks_used <= 39  # the null block is never used
 
@@ -101,6 +117,7 @@ def test_parallel_samples_fork_the_prompt_and_copy_on_write(bundled, monkeypatch
     engine = LLMEngine(model, num_blocks=64, block_size=16, max_num_seqs=4)
     copy = engine.runner.copy_block
     monkeypatch.setattr(engine.runner, "copy_block", lambda src, dst: (copies.append((src, dst)), copy(src, dst)))
+    logits = record_logits(engine, monkeypatch)
     out = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=7, ignore_eos=True))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # three draws, not three copies
@@ -109,7 +126,7 @@ def test_parallel_samples_fork_the_prompt_and_copy_on_write(bundled, monkeypatch
     for i, sample in enumerate(out.outputs):
         rid = out.request_id if i == 0 else f"{out.request_id}/{i}"
         tokens = sample.token_ids
-        assert torch.allclose(engine.last_logits[rid], last_logits(model, prompt + tokens[:-1]), atol=1e-4, rtol=0)
+        assert torch.allclose(logits[rid], last_logits(model, prompt + tokens[:-1]), atol=1e-4, rtol=0)
     greedy = engine.generate([prompt], SamplingParams(max_tokens=6, n=2))[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids == reference(model, prompt, 6)
 

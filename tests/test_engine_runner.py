@@ -24,9 +24,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from kvcore.engine import forward
 from kvcore.engine.runner import ModelRunner, SequenceChunk, unsupported
+from kvcore.kernels import DecodeBatch
 from kvcore.models import load_model
+from kvcore.quant import QuantizedTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,16 +205,22 @@ def test_a_mixed_batch_equals_each_sequence_alone(tiny_models):
     assert (follow[0] - hf_logits(model, ids["chunk"] + [3])[-1]).abs().max() < 1e-4
 
 
+def spy_decode_calls(monkeypatch, quantized: bool = False) -> list[int]:
+    """Record the batch size of every decode-kernel call (over quantized pools when ``quantized``)."""
+    calls, real = [], DecodeBatch.attend
+
+    def spy(self, query, key_cache, *args):
+        assert isinstance(key_cache, QuantizedTensor) == quantized
+        calls.append(query.shape[0])
+        return real(self, query, key_cache, *args)
+
+    monkeypatch.setattr(DecodeBatch, "attend", spy)
+    return calls
+
+
 def test_decode_rows_share_one_kernel_call_per_layer(tiny_models, monkeypatch):
     model = tiny_models["llama-gqa"]
-    calls = []
-
-    def spy(query, *args, **kwargs):
-        calls.append(query.shape[0])
-        return real(query, *args, **kwargs)
-
-    real = forward.paged_decode_attention
-    monkeypatch.setattr(forward, "paged_decode_attention", spy)
+    calls = spy_decode_calls(monkeypatch)
     runner = ModelRunner(model, NUM_BLOCKS, BLOCK_SIZE)
     tables = [[1, 2], [3, 4], [5, 6]]
     runner.execute([SequenceChunk(str(i), token_ids(5, seed=i), 0, t) for i, t in enumerate(tables)])
@@ -242,10 +249,7 @@ def test_quantized_decode_reads_the_same_codes_as_prefill(tiny_models, bits, mon
     """Prefill reads K/V back from the quantized pools too, so a token decoded through the quantized
     kernel gets the logits that a one-chunk prefill of the same tokens gets (fp32 rounding apart)."""
     model = tiny_models["qwen3-qk-norm"]
-    calls = []
-    real = forward.quantized_paged_decode_attention
-    monkeypatch.setattr(forward, "quantized_paged_decode_attention",
-                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    calls = spy_decode_calls(monkeypatch, quantized=True)
     ids, table = token_ids(18), shuffled_table(18)
     decoded, positions = run_sequence(ModelRunner(model, NUM_BLOCKS, BLOCK_SIZE, kv_bits=bits), ids, (12,), table)
     assert calls == [1] * 2 * 6  # six decode steps, one call per layer each

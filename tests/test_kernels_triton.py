@@ -30,12 +30,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcore.kernels import make_paged_problem, paged_decode_attention, quantized_paged_decode_attention
-from kvcore.kernels.attention import KERNELS, _paged_decode_attention_gather, contiguous_decode_attention, paged_kernel
-from kvcore.kernels.check import DTYPES
-from kvcore.kernels.paged_native import supports
+from kvcore.kernels import (
+    BACKENDS,
+    choose_backend,
+    contiguous_decode_attention,
+    paged_decode_attention,
+    quantize_paged_cache,
+    quantized_paged_decode_attention,
+)
+from kvcore.kernels.native_paged import unsupported
 from kvcore.kernels.paged_triton import SplitPlan, kernels, paged_attention_triton, quantized_paged_attention_triton
-from kvcore.kernels.quantized import quantize_paged_cache, quantized_kernel
+from kvcore.paged.attention_check import DTYPES, contiguous_reference, make_paged_problem
 from kvcore.quant import QuantizedTensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +147,6 @@ def run_case(case: Case, device: str) -> dict:
                     t[~owned] = float("nan")
         pools = tuple(quantized_to(q, device) for q in pools)
     args = (p.query.to(**to), *pools, p.block_tables.to(**to), p.seq_lens.to(**to))
-    kernel = paged_kernel if case.bits is None else quantized_kernel
     start = time.perf_counter()
     if case.split_tokens is None:  # the public entry points, backend forced
         public = paged_decode_attention if case.bits is None else quantized_paged_decode_attention
@@ -155,7 +159,7 @@ def run_case(case: Case, device: str) -> dict:
     return {"name": case.name, "dtype": case.dtype, "seconds": seconds, "splits": plan.num_splits,
             "out_dtype": str(out.dtype).removeprefix("torch."), "finite": bool(torch.isfinite(out).all()),
             "max_abs_err": float((out.cpu().float() - expected.float()).abs().max()),
-            "kernel": kernel(*args[:3], backend="triton"), "default_kernel": kernel(*args[:3])}
+            "kernel": choose_backend(*args[:3], backend="triton"), "default_kernel": choose_backend(*args[:3])}
 
 
 def interpreter_checks() -> list[dict]:
@@ -303,7 +307,7 @@ def test_kernel_compiles_for_the_gpu_without_one(children, check):
 
 @needs_triton
 def test_the_interpreter_is_never_the_default_on_cpu(interpreted):
-    assert {r["default_kernel"] for r in interpreted.values()} <= {"fused", "torch"}
+    assert {r["default_kernel"] for r in interpreted.values()} <= {"native", "torch"}
 
 
 # --- backend selection, in this process ---------------------------------------------------------------
@@ -316,9 +320,12 @@ def inputs(p):
     return p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens
 
 
-def test_kernels_table_names_the_triton_kernel():
-    assert "triton" in KERNELS
-    assert "kvcore.kernels.paged_triton" in KERNELS["triton"]
+def test_every_backend_names_the_file_that_runs_it():
+    """The pages show BACKENDS' descriptions: each names a file of the package that exists."""
+    assert set(BACKENDS) == {"native", "triton", "torch"}
+    for description in BACKENDS.values():
+        path = description[description.index("(") + 1: description.index(")")]
+        assert (ROOT / path).is_file(), description
 
 
 def test_an_unknown_backend_is_refused():
@@ -330,11 +337,11 @@ def test_an_unknown_backend_is_refused():
         quantized_paged_decode_attention(p.query, kq, vq, p.block_tables, p.seq_lens, backend="flash")
 
 
-def test_forced_torch_backend_runs_the_chunk_loop_on_cpu():
+def test_forced_torch_backend_runs_the_batched_torch_path_on_cpu():
     p = small_problem()
-    assert paged_kernel(*inputs(p)[:3], backend="torch") == "torch"
+    assert choose_backend(*inputs(p)[:3], backend="torch") == "torch"
     out = paged_decode_attention(*inputs(p), backend="torch")
-    torch.testing.assert_close(out, _paged_decode_attention_gather(*inputs(p)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, contiguous_reference(p), atol=1e-5, rtol=0)
 
 
 def test_forced_native_backend_names_why_it_cannot_run():
@@ -349,11 +356,11 @@ def test_forced_native_backend_names_why_it_cannot_run():
 
 def test_forced_native_backend_runs_the_c_kernel_where_it_builds():
     p = small_problem()
-    if not supports(*inputs(p)[:3]):
-        pytest.skip("the fused C kernel is not available here")
-    assert paged_kernel(*inputs(p)[:3], backend="native") == "fused"
-    torch.testing.assert_close(paged_decode_attention(*inputs(p), backend="native"),
-                               _paged_decode_attention_gather(*inputs(p)), atol=1e-5, rtol=0)
+    if unsupported(*inputs(p)[:3]):
+        pytest.skip("the C kernel is not available here")
+    assert choose_backend(*inputs(p)[:3], backend="native") == "native"
+    torch.testing.assert_close(paged_decode_attention(*inputs(p), backend="native"), contiguous_reference(p),
+                               atol=1e-5, rtol=0)
 
 
 @needs_triton
@@ -370,12 +377,12 @@ import sys
 sys.modules["triton"] = None  # as if triton were not installed
 import torch
 import kvcore.kernels
-from kvcore.kernels import make_paged_problem, paged_decode_attention
-from kvcore.kernels.attention import paged_kernel
+from kvcore.kernels import choose_backend, paged_decode_attention
+from kvcore.paged.attention_check import make_paged_problem
 p = make_paged_problem((40, 7), 8, 2, 64, 16)
 args = (p.query, p.key_cache, p.value_cache, p.block_tables, p.seq_lens)
 paged_decode_attention(*args)
-assert paged_kernel(*args[:3]) in {"fused", "torch"}
+assert choose_backend(*args[:3]) in {"native", "torch"}
 try:
     paged_decode_attention(*args, backend="triton")
 except ValueError as e:
@@ -434,7 +441,7 @@ def test_cuda_long_contexts_are_split_by_the_planner(dtype):
     p = make_paged_problem((5000, 1200, 17), 32, 8, 128, 16, DTYPES[dtype], "cuda")
     assert SplitPlan.of(3, 8, 5000, p.query.device).num_splits > 1
     out = paged_decode_attention(*inputs(p))
-    expected = _paged_decode_attention_gather(*inputs(p))
+    expected = contiguous_reference(p)
     assert (out.float() - expected.float()).abs().max().item() <= TOLERANCE[dtype]
 
 

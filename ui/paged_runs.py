@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from kvcore import paged
-from kvcore.kernels import AttentionCheckConfig, check_paged_attention
+from kvcore.paged.attention_check import AttentionCheckConfig, check_paged_attention
 
 
 @st.cache_data(show_spinner="Simulating three allocators...")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,34 +28,39 @@ from kvcore.engine.params import CompletionOutput, EngineStats, RequestOutput, S
 from kvcore.engine.runner import ModelRunner, SequenceChunk
 from kvcore.models.runtime import max_positions
 from kvcore.sched.config import SimConfig
-from kvcore.sched.cost import FittedCost
 from kvcore.sched.metrics import SimResult, build_result
 from kvcore.sched.recorder import Recorder
 from kvcore.sched.request import Request, RequestState
 from kvcore.sched.scheduler import Scheduler, SchedulerOutput
 from kvcore.sched.workload import Workload
 
-UNTIMED = FittedCost("measured by the engine", 0.0)  # the scheduler never reads time
 
+@dataclass(slots=True, eq=False)
+class EngineSequence(RequestState):
+    """One sequence the engine runs (vLLM's ``Request``): the scheduler's state and how it samples.
 
-@dataclass(slots=True)
-class _Sequence:
-    """The engine's side of one running sequence: its request, its sample index and its random stream."""
+    request_id: the request it belongs to (its n samples share it); index: which of the n it is;
+    generator: its random stream (None: greedy).
+    """
 
-    request_id: str
-    index: int
-    params: SamplingParams
-    generator: torch.Generator | None
+    request_id: str = ""
+    index: int = 0
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
 
     @classmethod
-    def of(cls, request_id: str, index: int, params: SamplingParams, seed: int) -> _Sequence:
-        generator = None if params.temperature == 0 else torch.Generator().manual_seed(hash((seed, index)) & 0x7FFFFFFF)
-        return cls(request_id, index, params, generator)
+    def of(cls, req: Request, prompt: list[int], stops: tuple[int, ...], params: SamplingParams, request_id: str,
+           index: int, seed: int) -> EngineSequence:
+        """Sample ``index`` of request ``request_id`` (the first one holds the request's n seats until it forks)."""
+        seq = cls.new(req, prompt, stops, params.n if index == 0 else 1,
+                      request_id if index == 0 else f"{request_id}/{index}")
+        seq.request_id, seq.index, seq.params = request_id, index, params
+        if params.temperature > 0:
+            seq.generator = torch.Generator().manual_seed(hash((seed, index)) & 0x7FFFFFFF)
+        return seq
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """Greedy (argmax) or a draw from softmax(logits / temperature); logits ``[V]`` float32."""
-        if self.generator is None:
-            return int(logits.argmax())
+    def draw(self, logits: torch.Tensor) -> int:
+        """A draw from softmax(logits / temperature); logits ``[V]`` float32."""
         probs = torch.softmax(logits / self.params.temperature, dim=-1)  # [V]
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
@@ -67,18 +72,18 @@ class LLMEngine:
     the null block). max_num_seqs / max_num_batched_tokens / enable_prefix_caching / enable_chunked_prefill:
     vLLM's scheduler settings. kv_bits: None keeps K/V in the model's dtype; 8 or 4 quantizes each token's
     K/V per head. sliding_window: tokens each query attends to (None: the model's own, e.g. Mistral's).
-    threads: torch intra-op threads for each step (None: leave the process's setting). On a shared CPU one
-    thread is often fastest for decode steps: OpenMP barriers stall whenever another process holds a core.
+    threads: torch intra-op threads for each step (None: leave the process's setting); the C decode kernel
+    runs on as many threads. backend: the decode kernels' backend (None: the best for the device).
     """
 
     def __init__(self, model, *, num_blocks: int, block_size: int = 16, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, kv_bits: int | None = None,
-                 sliding_window: int | None = None, threads: int | None = None) -> None:
+                 sliding_window: int | None = None, threads: int | None = None, backend: str | None = None) -> None:
         self.model = model
         self.threads = threads
-        self.runner = ModelRunner(model, num_blocks, block_size, kv_bits, sliding_window)
-        self.config = SimConfig.vllm(UNTIMED, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        self.runner = ModelRunner(model, num_blocks, block_size, kv_bits, sliding_window, backend=backend)
+        self.config = SimConfig.vllm(None, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                      enable_chunked_prefill=enable_chunked_prefill,
                                      enable_prefix_caching=enable_prefix_caching, block_size=block_size,
                                      num_blocks=num_blocks, max_model_len=max_positions(model))
@@ -95,10 +100,8 @@ class LLMEngine:
         self.stats = EngineStats()
         self._start = time.perf_counter()
         self._outputs: dict[str, RequestOutput] = {}
-        self._states: list[RequestState] = []  # every request's first sequence, in arrival order
-        self._sequences: dict[str, _Sequence] = {}
+        self._firsts: list[EngineSequence] = []  # every request's first sequence, in arrival order
         self._pending: dict[str, int] = {}  # request id -> samples still running
-        self.last_logits: dict[str, torch.Tensor] = {}  # sequence id -> logits ``[V]`` it last sampled from
 
     def _now(self) -> float:
         return time.perf_counter() - self._start
@@ -131,18 +134,17 @@ class LLMEngine:
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_token_ids]
         self.check_request(prompt, params)
-        index = len(self._states)
+        index = len(self._firsts)
         rid = request_id or f"r{index}"
         if rid in self._outputs:
             raise ValueError(f"request id {rid!r} is already in use")
         req = Request(index, self._now(), len(prompt), params.max_tokens)
         stops = () if params.ignore_eos else self.stop_token_ids
-        state = RequestState.new(req, prompt, stops, params.n, rid)
-        self._states.append(state)
+        first = EngineSequence.of(req, prompt, stops, params, rid, 0, index if params.seed is None else params.seed)
+        self._firsts.append(first)
         self._outputs[rid] = RequestOutput(rid, prompt)
-        self._sequences[rid] = _Sequence.of(rid, 0, params, index if params.seed is None else params.seed)
         self._pending[rid] = params.n
-        self.scheduler.add_request(state)
+        self.scheduler.add_request(first)
         return rid
 
     def has_unfinished_requests(self) -> bool:
@@ -159,12 +161,14 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not (out.scheduled or out.preempted):
             return []
-        hits = sum(self.scheduler.manager.num_cached_tokens(r.rid) for r in out.admitted)
-        chunks = [SequenceChunk(r.rid, r.slot_ids(r.num_computed_tokens - n, r.num_computed_tokens),
-                                r.num_computed_tokens - n, self.scheduler.manager.block_table(r.rid),
-                                r in out.sampling) for r, n in out.scheduled]
+        manager = self.scheduler.manager
+        hits = sum(manager.num_cached_tokens(r.rid) for r in out.admitted)
+        sampling = {id(r) for r in out.sampling}
+        chunks = [SequenceChunk(r.rid, r.token_ids_between(r.num_computed_tokens - n, r.num_computed_tokens),
+                                r.num_computed_tokens - n, manager.block_ids(r.rid), id(r) in sampling)
+                  for r, n in out.scheduled]
         logits = self.runner.execute(chunks)  # [samplers, V]
-        sampled, children = self._sample(out, logits)
+        sampled, children = self._sample(out.sampling, logits)
         finished = self.scheduler.update_from_output(out, sampled)
         finished += self._start_children(children)
         self._release_window()
@@ -174,31 +178,32 @@ class LLMEngine:
         self._count(out, hits)
         return self._collect(finished)
 
-    def _sample(self, out: SchedulerOutput, logits: torch.Tensor
-                ) -> tuple[dict[str, int], list[tuple[RequestState, int]]]:
-        """Each sampler's token; a request whose prompt is done forks its other samples (with their first tokens)."""
+    def _sample(self, sampling: list[EngineSequence], logits: torch.Tensor
+                ) -> tuple[dict[str, int], list[tuple[EngineSequence, int]]]:
+        """Each sampler's token (every greedy row with one argmax and one host read); a request whose prompt is
+        done forks its other samples, each drawing its first token from the same row."""
+        tokens = logits.argmax(dim=-1).tolist()
         sampled, children = {}, []
-        for r, row in zip(out.sampling, logits, strict=True):
-            sampled[r.rid] = self._sequences[r.rid].sample(row)
-            self.last_logits[r.rid] = row
+        for i, r in enumerate(sampling):
+            if r.generator is not None:
+                tokens[i] = r.draw(logits[i])
+            sampled[r.rid] = tokens[i]
             if r.seats > 1:
-                kids = [self._child(r, i) for i in range(1, r.seats)]
+                kids = [self._child(r, j) for j in range(1, r.seats)]
                 self.scheduler.fork(r, kids)
-                children += [(kid, self._sequences[kid.rid].sample(row)) for kid in kids]
-                self.last_logits |= dict.fromkeys((kid.rid for kid in kids), row)
+                children += [(kid, tokens[i] if kid.generator is None else kid.draw(logits[i])) for kid in kids]
         return sampled, children
 
-    def _child(self, parent: RequestState, index: int) -> RequestState:
-        """Sample ``index`` of ``parent``'s request: its own sequence over the same prompt."""
-        rid = f"{parent.rid}/{index}"
-        first = self._sequences[parent.rid]
-        seed = parent.req.index if first.params.seed is None else first.params.seed
-        self._sequences[rid] = _Sequence.of(parent.rid, index, first.params, seed)
-        child = RequestState.new(parent.req, parent.prompt_ids, parent.stop_token_ids, 1, rid)
-        child.phase, child.phase_start_s = "decode", self._now()
+    def _child(self, parent: EngineSequence, index: int) -> EngineSequence:
+        """Sample ``index`` of ``parent``'s request: its own sequence over the same prompt, decoding from now."""
+        seed = parent.req.index if parent.params.seed is None else parent.params.seed
+        child = EngineSequence.of(parent.req, parent.prompt_ids, parent.stop_token_ids, parent.params,
+                                  parent.request_id, index, seed)
+        times = self.recorder.of(child)
+        times.phase, times.phase_start_s = "decode", self._now()
         return child
 
-    def _start_children(self, children: list[tuple[RequestState, int]]) -> list[RequestState]:
+    def _start_children(self, children: list[tuple[EngineSequence, int]]) -> list[EngineSequence]:
         """Give each new sample its first token; the ones that already end are finished."""
         done = []
         for child, token in children:
@@ -225,18 +230,17 @@ class LLMEngine:
         stats.prefix_cache_hit_tokens += hits
         stats.peak_blocks_used = max(stats.peak_blocks_used, out.kv_blocks_used)
 
-    def _collect(self, finished: list[RequestState]) -> list[RequestOutput]:
+    def _collect(self, finished: list[EngineSequence]) -> list[RequestOutput]:
         """Record finished samples in their requests' outputs; return the requests whose samples all ended."""
         done = []
         for r in finished:
-            sequence = self._sequences[r.rid]
-            output = self._outputs[sequence.request_id]
+            output = self._outputs[r.request_id]
             reason = "stop" if r.output_ids and r.output_ids[-1] in r.stop_token_ids else "length"
-            output.outputs.append(CompletionOutput(sequence.index, list(r.output_ids), reason))
-            if sequence.index == 0:
+            output.outputs.append(CompletionOutput(r.index, list(r.output_ids), reason))
+            if r.index == 0:
                 output.num_cached_tokens = r.prefix_hit_tokens
-            self._pending[sequence.request_id] -= 1
-            if not self._pending[sequence.request_id]:
+            self._pending[r.request_id] -= 1
+            if not self._pending[r.request_id]:
                 output.outputs.sort(key=lambda c: c.index)
                 output.finished = True
                 done.append(output)
@@ -275,12 +279,13 @@ class LLMEngine:
     def result(self) -> SimResult:
         """The last run as the simulator reports one: requests (TTFT, TPOT...), steps, phases and the summary,
         every time measured on this machine."""
-        if not self._states:
+        if not self._firsts:
             raise ValueError("nothing has run yet: call generate() first")
-        workload = Workload.from_prompts([s.prompt_ids for s in self._states], [s.output_len for s in self._states],
-                                         [s.req.arrival_s for s in self._states], name="engine")
+        firsts = self._firsts
+        workload = Workload.from_prompts([s.prompt_ids for s in firsts], [s.output_len for s in firsts],
+                                         [s.req.arrival_s for s in firsts], name="engine")
         itl = np.asarray(self.recorder.itl_s) if self.recorder.itl_s else np.empty(0)
-        return build_result(workload, self.config, self.config.num_blocks, self._states, self.recorder,
+        return build_result(workload, self.config, self.config.num_blocks, list(firsts), self.recorder,
                             self.scheduler, itl)
 
     @property

@@ -1,21 +1,23 @@
-"""One engine step through a Llama-family model's own modules, with K/V only in the paged pools.
+"""One engine step through a Llama-family model's own weights, with K/V only in the paged pools.
 
-Follows vLLM's model runner and its PagedAttention backends (Kwon et al., SOSP 2023): every new token of
-every sequence in the step is one row of a flattened ``[T, hidden]`` batch (varlen, no padding), so the
-embeddings, norms, q/k/v/o projections, RoPE and MLP run once per layer for the whole step; only
-attention is split per sequence. Each layer writes the step's K/V into their slots first
-(``reshape_and_cache``), then attends:
+Follows vLLM's model runner and its PagedAttention backends (Kwon et al., SOSP 2023), and the lean
+decode loops of nano-vllm and gpt-fast: every new token of every sequence in the step is one row of a
+flattened ``[T, hidden]`` batch (varlen, no padding), decode rows first, so the embeddings, norms, q/k/v/o
+projections, RoPE and MLP run once per layer for the whole step and the decode rows are a view; only
+attention is split. Each layer writes the step's K/V into their slots first (``reshape_and_cache``), then
+attends:
 
-* decode rows (one new token, context already cached): one call per layer to
-  :func:`kvcore.kernels.paged_decode_attention` (or :func:`kvcore.kernels.quantized_paged_decode_attention`
-  for quantized pools) over the whole decode batch, reading K/V through the block tables;
+* decode rows (one new token, context already cached): one :class:`kvcore.kernels.DecodeBatch` call per
+  layer over the whole decode batch, reading K/V through the block tables (the C kernel on CPU, Triton on
+  CUDA), with tables, lengths and the kernel's plan built once per step;
 * prefill and chunked-prefill rows, and decode rows whose sliding window has cut into their context
-  (the paged kernel has no window): keys read through the block table from the pools, then
+  (the paged kernels take no window): keys read through the block table from the pools, then
   ``torch.nn.functional.scaled_dot_product_attention`` with a causal (and window) mask.
 
-The modules are called as transformers 5.24 calls them in ``LlamaAttention.forward`` /
-``LlamaDecoderLayer.forward`` (``modeling_llama.py``; Mistral, Qwen2 and Qwen3 are the same with a
-window, q/k/v biases inside the Linear modules, and per-head ``q_norm``/``k_norm`` before RoPE).
+The weights are applied as transformers 5.24 applies them in ``LlamaDecoderLayer.forward`` and
+``LlamaAttention.forward`` (``modeling_llama.py``; Mistral, Qwen2 and Qwen3 are the same with a window,
+q/k/v biases, and per-head ``q_norm``/``k_norm`` before RoPE), called as functions (``F.linear``,
+``F.rms_norm``) rather than through module calls: the same math with fewer ops per layer.
 """
 
 from __future__ import annotations
@@ -27,34 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from kvcore.engine.pools import KVPools
-from kvcore.kernels import paged_decode_attention, quantized_paged_decode_attention
+from kvcore.kernels import DecodeBatch
 
 RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(slots=True)
-class PagedDecode:
-    """The step's decode rows that the paged decode kernel serves, in one call per layer.
-
-    rows: ``[B]`` rows of the flattened step; block_tables: int32 ``[B, max_blocks]`` (padded with 0);
-    seq_lens: int32 ``[B]`` tokens each row attends to (its context plus itself).
-    """
-
-    rows: torch.Tensor
-    block_tables: torch.Tensor
-    seq_lens: torch.Tensor
 
 
 @dataclass(slots=True)
 class GatheredAttention:
     """Queries that attend to keys read from the pools through their block tables (one SDPA call).
 
-    rows: ``[S, n]`` rows of the flattened step (S sequences of n queries each);
+    rows: the slice of the step's rows (S sequences of n queries each, consecutive);
     key_slots: ``[S, L]`` pool slots of the keys they may see, in position order;
     mask: bool ``[S, 1, n, L]`` (True = attend) or None; causal: SDPA's ``is_causal`` (only when L == n).
     """
 
-    rows: torch.Tensor
+    rows: slice
     key_slots: torch.Tensor
     mask: torch.Tensor | None
     causal: bool
@@ -62,19 +51,22 @@ class GatheredAttention:
 
 @dataclass(slots=True)
 class AttentionPlan:
-    """How every row of a step attends under one sliding window (None = full attention)."""
+    """How every row of a step attends under one sliding window (None = full attention).
 
-    decode: PagedDecode | None = None
+    decode: the decode rows ``[0, B)`` that the paged kernel serves, or None; gathered: the rest.
+    """
+
+    decode: DecodeBatch | None = None
     gathered: list[GatheredAttention] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class StepBatch:
-    """A step's flattened inputs, shared by every layer.
+    """A step's flattened inputs, shared by every layer (built once per step by the runner).
 
-    token_ids/positions/slots: ``[T]`` int64 (the slot each new token's K/V is written to);
-    logits_rows: ``[R]`` rows whose logits are returned; plans: one :class:`AttentionPlan` per distinct
-    layer window.
+    token_ids/positions/slots: ``[T]`` int64 (the slot each new token's K/V is written to); logits_rows:
+    ``[R]`` rows whose logits are returned, in the order the caller asked; plans: one :class:`AttentionPlan`
+    per distinct layer window.
     """
 
     token_ids: torch.Tensor
@@ -85,77 +77,113 @@ class StepBatch:
 
 
 @dataclass(slots=True)
+class Layer:
+    """One decoder layer's weights and norms as the step applies them."""
+
+    input_norm: torch.nn.Module
+    post_norm: torch.nn.Module
+    q: torch.nn.Linear
+    k: torch.nn.Linear
+    v: torch.nn.Linear
+    o: torch.nn.Linear
+    q_norm: torch.nn.Module | None
+    k_norm: torch.nn.Module | None
+    mlp: torch.nn.Module
+    head_dim: int
+    scale: float
+    window: int | None
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, window: int | None) -> Layer:
+        attn = layer.self_attn
+        return cls(layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj, attn.v_proj,
+                   attn.o_proj, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), layer.mlp,
+                   attn.head_dim, attn.scaling, window)
+
+
+@dataclass(slots=True)
 class ModelParts:
-    """The model's own modules the step calls, found once.
+    """The model's own modules the step calls, found once; rope: the modeling module's ``apply_rotary_pos_emb``."""
 
-    layers: the decoder layers; windows: each layer's sliding window (None = full attention);
-    rope: the modeling module's ``apply_rotary_pos_emb``.
-    """
-
-    embed: torch.nn.Module
-    layers: list[torch.nn.Module]
+    embed: torch.nn.Embedding
+    layers: list[Layer]
     norm: torch.nn.Module
     rotary: torch.nn.Module
-    lm_head: torch.nn.Module
+    lm_head: torch.nn.Linear
     rope: RopeFn
-    windows: list[int | None]
+
+    @property
+    def windows(self) -> set[int | None]:
+        """The distinct sliding windows of the layers (None = full attention)."""
+        return {layer.window for layer in self.layers}
 
 
-def attend(q: torch.Tensor, pools: KVPools, layer: int, plan: AttentionPlan, scale: float) -> torch.Tensor:
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-style RMSNorm (``weight * x / rms(x)``, transformers' ``LlamaRMSNorm``) as one op."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``)."""
+    return linear(module.down_proj, module.act_fn(linear(module.gate_proj, x)) * linear(module.up_proj, x))
+
+
+def attend(q: torch.Tensor, pools: KVPools, index: int, plan: AttentionPlan, scale: float) -> torch.Tensor:
     """Attention output ``[T, Hq, D]`` of the step's queries ``q`` ``[T, Hq, D]`` over one layer's pools."""
+    decode, gathered = plan.decode, plan.gathered
+    keys, values = pools.keys[index], pools.values[index]
+    if not gathered:  # a pure decode step: the kernel's output is the whole step's
+        return decode.attend(q, keys, values, scale)
     out = torch.empty_like(q)  # [T, Hq, D]
-    if plan.decode is not None:
-        out[plan.decode.rows] = decode_attention(q[plan.decode.rows], pools, layer, plan.decode, scale)
-    for group in plan.gathered:
-        out[group.rows] = gathered_attention(q[group.rows], pools, layer, group, scale)
+    if decode is not None:
+        B = len(decode.lengths)
+        out[:B] = decode.attend(q[:B], keys, values, scale)
+    for group in gathered:
+        out[group.rows] = gathered_attention(q[group.rows], pools, index, group, scale)
     return out
 
 
-def decode_attention(q: torch.Tensor, pools: KVPools, layer: int, decode: PagedDecode, scale: float) -> torch.Tensor:
-    """The paged decode kernel over the batch's queries ``[B, Hq, D]`` -> ``[B, Hq, D]``."""
-    args = (q, pools.keys[layer], pools.values[layer], decode.block_tables, decode.seq_lens)
-    if pools.kv_bits is None:
-        return paged_decode_attention(*args, scale=scale)
-    return quantized_paged_decode_attention(*args, scale=scale)
-
-
-def gathered_attention(q: torch.Tensor, pools: KVPools, layer: int, group: GatheredAttention,
+def gathered_attention(q: torch.Tensor, pools: KVPools, index: int, group: GatheredAttention,
                        scale: float) -> torch.Tensor:
-    """Queries ``[S, n, Hq, D]`` over keys read through their slots -> ``[S, n, Hq, D]`` (GQA kept grouped)."""
+    """Queries ``[S * n, Hq, D]`` over keys read through their slots -> ``[S * n, Hq, D]`` (GQA kept grouped)."""
     S, L = group.key_slots.shape
-    keys, values = pools.read(layer, group.key_slots.reshape(-1))  # [S * L, Hkv, D] each
+    keys, values = pools.read(index, group.key_slots.reshape(-1))  # [S * L, Hkv, D] each
     keys = keys.view(S, L, *keys.shape[1:]).transpose(1, 2)  # [S, Hkv, L, D]
     values = values.view(S, L, *values.shape[1:]).transpose(1, 2)  # [S, Hkv, L, D]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=group.mask,  # [S, Hq, n, D]
-                                         is_causal=group.causal, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2)  # [S, n, Hq, D]
+    q = q.view(S, -1, *q.shape[1:]).transpose(1, 2)  # [S, Hq, n, D]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, is_causal=group.causal,
+                                         scale=scale, enable_gqa=True)  # [S, Hq, n, D]
+    return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3])  # [S * n, Hq, D]
 
 
 def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                   pools: KVPools, step: StepBatch) -> torch.Tensor:
     """One decoder layer over the step's rows ``[T, hidden]`` (``LlamaDecoderLayer.forward``)."""
     layer = parts.layers[index]
-    attn = layer.self_attn
-    T, D = hidden.shape[0], attn.head_dim
-    x = layer.input_layernorm(hidden)  # [T, hidden]
-    q = attn.q_proj(x).view(T, -1, D)  # [T, Hq, D]
-    k = attn.k_proj(x).view(T, -1, D)  # [T, Hkv, D]
-    v = attn.v_proj(x).view(T, -1, D)  # [T, Hkv, D]
-    if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's D channels, before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    T, D = hidden.shape[0], layer.head_dim
+    x = rms_norm(layer.input_norm, hidden)  # [T, hidden]
+    q = linear(layer.q, x).view(T, -1, D)  # [T, Hq, D]
+    k = linear(layer.k, x).view(T, -1, D)  # [T, Hkv, D]
+    v = linear(layer.v, x).view(T, -1, D)  # [T, Hkv, D]
+    if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's D channels, before RoPE
+        q, k = rms_norm(layer.q_norm, q), rms_norm(layer.k_norm, k)
     cos, sin = rotary  # [T, D] each
     q, k = parts.rope(q, k, cos, sin, unsqueeze_dim=1)  # heads on dim 1: cos/sin broadcast as [T, 1, D]
     pools.write(index, step.slots, k, v)  # every row's K/V lands before any row attends
-    out = attend(q, pools, index, step.plans[parts.windows[index]], attn.scaling)  # [T, Hq, D]
-    hidden = hidden + attn.o_proj(out.reshape(T, -1))  # [T, hidden]
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))  # [T, hidden]
+    out = attend(q, pools, index, step.plans[layer.window], layer.scale)  # [T, Hq, D]
+    hidden = hidden + linear(layer.o, out.reshape(T, -1))  # [T, hidden]
+    return hidden + mlp(layer.mlp, rms_norm(layer.post_norm, hidden))  # [T, hidden]
 
 
 def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.Tensor:
     """Logits ``[R, vocab]`` (float32, the model's device) of the step's ``logits_rows``."""
-    hidden = parts.embed(step.token_ids)  # [T, hidden]
+    hidden = F.embedding(step.token_ids, parts.embed.weight)  # [T, hidden]
     cos, sin = parts.rotary(hidden[None], step.positions[None])  # [1, T, D] each, at the true positions
     for index in range(len(parts.layers)):
         hidden = layer_forward(parts, index, hidden, (cos[0], sin[0]), pools, step)
-    last = parts.norm(hidden.index_select(0, step.logits_rows))  # [R, hidden]: norm is per token
-    return parts.lm_head(last).float()  # [R, vocab]
+    last = rms_norm(parts.norm, hidden.index_select(0, step.logits_rows))  # [R, hidden]: norm is per token
+    return linear(parts.lm_head, last).float()  # [R, vocab]

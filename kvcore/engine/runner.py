@@ -27,11 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcore.engine.forward import AttentionPlan, GatheredAttention, ModelParts, PagedDecode, StepBatch, model_forward
+from kvcore.engine.forward import AttentionPlan, GatheredAttention, Layer, ModelParts, StepBatch, model_forward
 from kvcore.engine.pools import KVPools
-from kvcore.kernels.quantized import KERNEL_BITS
+from kvcore.kernels import KERNEL_BITS, DecodeBatch, choose_backend
 from kvcore.models.runtime import model_device, num_kv_heads, text_config
-from kvcore.paged import slot_mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # SmolLM2 and the bundled model are llama
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies fixed per position: cached keys stay valid
@@ -103,6 +102,9 @@ def _layout_problem(model, model_type: str) -> str | None:
             return f"{model_type}: a decoder layer lacks {LAYER_PARTS} or attention {ATTENTION_PARTS}"
         if hasattr(attn, "q_norm") != hasattr(attn, "k_norm"):
             return f"{model_type}: attention has only one of q_norm / k_norm"
+        norms = [layer.input_layernorm, layer.post_attention_layernorm, getattr(attn, "q_norm", None)]
+        if any(n is not None and not (hasattr(n, "weight") and hasattr(n, "variance_epsilon")) for n in norms):
+            return f"{model_type}: a norm is not an RMSNorm with weight and variance_epsilon"
     layer_types = getattr(text_config(model), "layer_types", None) or []
     if any(t not in LAYER_TYPES for t in layer_types):
         return f"{model_type}: layer types {sorted(set(layer_types))} include one outside {LAYER_TYPES}"
@@ -142,11 +144,13 @@ def layer_windows(model, sliding_window: int | None) -> list[int | None]:
 
 
 def model_parts(model, sliding_window: int | None) -> ModelParts:
-    """The modules :func:`kvcore.engine.forward.model_forward` calls, and each layer's window."""
+    """The weights :func:`kvcore.engine.forward.model_forward` applies, and each layer's window."""
     inner = model.model
     attn_module = inspect.getmodule(type(inner.layers[0].self_attn))
-    return ModelParts(inner.embed_tokens, list(inner.layers), inner.norm, inner.rotary_emb, model.lm_head,
-                      attn_module.apply_rotary_pos_emb, layer_windows(model, sliding_window))
+    layers = [Layer.of(layer, window) for layer, window in zip(inner.layers, layer_windows(model, sliding_window),
+                                                                strict=True)]
+    return ModelParts(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, model.lm_head,
+                      attn_module.apply_rotary_pos_emb)
 
 
 class ModelRunner:
@@ -157,11 +161,13 @@ class ModelRunner:
     ``KVCacheManager`` counts them. kv_bits: None keeps K/V in the model's dtype; 8, 4 (or 2) store them
     as :func:`kvcore.kernels.quantize_paged_cache` pools (per token and head, ``kv_group_size`` channels
     per scale, None = the whole head). sliding_window: tokens each query sees in every layer (None: the
-    model config's windows, e.g. Mistral's ``sliding_window``).
+    model config's windows, e.g. Mistral's ``sliding_window``). backend: the decode kernels' backend (None:
+    the best for the device, :func:`kvcore.kernels.choose_backend`).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, kv_bits: int | None = None,
-                 sliding_window: int | None = None, kv_group_size: int | None = None) -> None:
+                 sliding_window: int | None = None, kv_group_size: int | None = None,
+                 backend: str | None = None) -> None:
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(reason)
@@ -169,12 +175,15 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.parts = model_parts(model, sliding_window)
-        head_dim = self.parts.layers[0].self_attn.head_dim
+        head_dim = self.parts.layers[0].head_dim
         if kv_bits is not None and head_dim % (8 // kv_bits):
             raise ValueError(f"head_dim {head_dim} does not fill whole bytes of {kv_bits}-bit codes")
         self.device = model_device(model)
         self.pools = KVPools.allocate(len(self.parts.layers), num_blocks, block_size, num_kv_heads(model), head_dim,
                                       self.parts.embed.weight.dtype, self.device, kv_bits, kv_group_size)
+        self.num_q_heads = text_config(model).num_attention_heads
+        probe = torch.empty(1, self.num_q_heads, head_dim, dtype=self.parts.embed.weight.dtype, device=self.device)
+        self.backend = choose_backend(probe, self.pools.keys[0], self.pools.values[0], backend)
 
     @property
     def num_blocks(self) -> int:
@@ -187,27 +196,21 @@ class ModelRunner:
         return self.pools.nbytes
 
     @property
-    def layer_windows(self) -> list[int | None]:
-        """Each layer's sliding window (None = full attention)."""
-        return list(self.parts.windows)
-
-    @property
     def sliding_window(self) -> int | None:
         """The window every layer shares, or None: only then may blocks before all windows be freed."""
-        windows = set(self.parts.windows)
+        windows = self.parts.windows
         return windows.pop() if len(windows) == 1 else None
 
-    def execute(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+    def execute(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
         """Run one engine step: write the chunks' K/V into their slots and return the sampled logits.
 
         Returns ``[number of chunks with wants_logits, vocab]`` float32 on CPU, rows in chunk order
-        (each the logits after the chunk's last token).
+        (each the logits after the chunk's last token). Chunks are validated here, once per step.
         """
         with torch.inference_mode():
             if not chunks:
                 return torch.empty(0, self.parts.lm_head.out_features)
-            step = self.plan(chunks)
-            return model_forward(self.parts, self.pools, step).cpu()
+            return model_forward(self.parts, self.pools, self.plan(chunks)).cpu()
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: every layer's K and V of block ``src`` into block ``dst``."""
@@ -218,60 +221,81 @@ class ModelRunner:
             self.pools.copy_block(src, dst)
 
     def plan(self, chunks: Sequence[SequenceChunk]) -> StepBatch:
-        """The step's flattened token ids, positions, slot mapping, logits rows and attention plans."""
+        """The step's flattened inputs and attention plans, built with plain integers then one tensor each.
+
+        Rows are ordered decodes first (so the decode batch is a view of the step's rows), then the rest;
+        logits rows follow the chunks' order.
+        """
         self._check_chunks(chunks)
-        offsets = [0]
-        for chunk in chunks:
-            offsets.append(offsets[-1] + len(chunk.token_ids))
-        ids = [t for chunk in chunks for t in chunk.token_ids]
-        positions = torch.cat([torch.arange(c.start, c.end) for c in chunks])  # [T]
-        slots = torch.cat([self._slots(c, c.start, c.end) for c in chunks])  # [T]
-        logits_rows = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.wants_logits]
-        plans = {w: self._attention_plan(chunks, offsets, w) for w in set(self.parts.windows)}
-        to = self.device
-        return StepBatch(torch.tensor(ids, device=to), positions.to(to), slots.to(to),
-                         torch.tensor(logits_rows, dtype=torch.long, device=to), plans)
+        windows = self.parts.windows
+        decodes = [i for i, c in enumerate(chunks) if c.is_decode]
+        fits_all = [i for i in decodes if all(w is None or chunks[i].end <= w for w in windows)]
+        first = set(fits_all)
+        order = fits_all + [i for i in decodes if i not in first]
+        order += [i for i, c in enumerate(chunks) if not c.is_decode]
+        offsets, ids, positions, slots, row = {}, [], [], [], 0
+        bs = self.block_size
+        for i in order:
+            chunk = chunks[i]
+            offsets[i] = row
+            row += len(chunk.token_ids)
+            ids += chunk.token_ids
+            table = chunk.block_table
+            span = range(chunk.start, chunk.end)
+            positions += span
+            slots += [table[p // bs] * bs + p % bs for p in span]
+        logits_rows = [offsets[i] + len(c.token_ids) - 1 for i, c in enumerate(chunks) if c.wants_logits]
+        plans = {w: self._attention_plan(chunks, order, len(decodes), offsets, w) for w in windows}
+        long = {"dtype": torch.long, "device": self.device}
+        return StepBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), torch.tensor(slots, **long),
+                         torch.tensor(logits_rows, **long), plans)
 
     def _check_chunks(self, chunks: Sequence[SequenceChunk]) -> None:
-        seen, vocab = set(), self.parts.embed.num_embeddings
+        seen, vocab, bs = set(), self.parts.embed.num_embeddings, self.block_size
         for chunk in chunks:
-            if chunk.seq_id in seen:
-                raise ValueError(f"sequence {chunk.seq_id!r} appears twice in one step")
-            seen.add(chunk.seq_id)
-            if any(not 0 <= t < vocab for t in chunk.token_ids):
-                raise ValueError(f"sequence {chunk.seq_id!r}: token ids must be in 0..{vocab - 1}")
+            name = chunk.seq_id
+            if name in seen:
+                raise ValueError(f"sequence {name!r} appears twice in one step")
+            seen.add(name)
+            if min(chunk.token_ids) < 0 or max(chunk.token_ids) >= vocab:
+                raise ValueError(f"sequence {name!r}: token ids must be in 0..{vocab - 1}")
+            needed = -(-chunk.end // bs)
+            if needed > len(chunk.block_table):
+                raise ValueError(f"sequence {name!r}: positions up to {chunk.end - 1} do not fit its block table of "
+                                 f"{len(chunk.block_table)} blocks x {bs} slots")
+            used = chunk.block_table[:needed]
+            if min(used) < 0 or max(used) >= self.num_blocks:
+                raise ValueError(f"sequence {name!r}: block table entries {used} must be in "
+                                 f"0..{self.num_blocks - 1}")
 
-    def _blocks(self, chunk: SequenceChunk, first: int, stop: int) -> list[int]:
-        """Block-table entries holding positions ``first .. stop - 1``; ValueError when one is outside the pool."""
-        if stop > len(chunk.block_table) * self.block_size:
-            raise ValueError(f"sequence {chunk.seq_id!r}: positions up to {stop - 1} do not fit its block table of "
-                             f"{len(chunk.block_table)} blocks x {self.block_size} slots")
-        blocks = chunk.block_table[first // self.block_size: -(-stop // self.block_size)]
-        if any(not 0 <= b < self.num_blocks for b in blocks):
-            raise ValueError(f"sequence {chunk.seq_id!r}: block table entries {blocks} for positions {first}.."
-                             f"{stop - 1} must be in 0..{self.num_blocks - 1}")
-        return blocks
+    def _slots(self, chunk: SequenceChunk, first: int, stop: int) -> list[int]:
+        """Pool slots of positions ``first .. stop - 1`` (vLLM's slot mapping)."""
+        table, bs = chunk.block_table, self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(first, stop)]
 
-    def _slots(self, chunk: SequenceChunk, first: int, stop: int) -> torch.Tensor:
-        """Slots ``[stop - first]`` (int64, CPU) of positions ``first .. stop - 1`` (vLLM's slot mapping)."""
-        self._blocks(chunk, first, stop)
-        return slot_mapping(chunk.block_table, self.block_size, first, stop - first)
-
-    def _attention_plan(self, chunks: Sequence[SequenceChunk], offsets: list[int], window: int | None) -> AttentionPlan:
-        """How each chunk's rows attend under ``window`` (see the module docstring)."""
-        plan, kernel, windowed = AttentionPlan(), [], []
-        for i, chunk in enumerate(chunks):
-            if chunk.is_decode and (window is None or chunk.end <= window):
-                kernel.append(i)
-            elif chunk.is_decode:
-                windowed.append(i)
-            else:
-                plan.gathered.append(self._prefill(chunk, offsets[i], window))
-        if kernel:
-            plan.decode = self._paged_decode([chunks[i] for i in kernel], [offsets[i] for i in kernel])
-        if windowed:
-            plan.gathered.append(self._windowed_decode([chunks[i] for i in windowed],
-                                                       [offsets[i] for i in windowed], window))
+    def _attention_plan(self, chunks: Sequence[SequenceChunk], order: list[int], num_decodes: int,
+                        offsets: dict[int, int], window: int | None) -> AttentionPlan:
+        """How each row attends under ``window``: the leading decodes that the window does not cut go to the
+        paged kernel in one batch; decodes the window cut into attend to exactly their window (one batch when
+        consecutive); everything else as a (chunked) prefill."""
+        plan = AttentionPlan()
+        decodes = [chunks[i] for i in order[:num_decodes]]
+        num_kernel = next((j for j, c in enumerate(decodes) if window is not None and c.end > window), num_decodes)
+        if num_kernel:
+            tables = [c.block_table[:-(-c.end // self.block_size)] for c in decodes[:num_kernel]]
+            width = max(len(t) for t in tables)
+            padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=self.device)
+            plan.decode = DecodeBatch.of(self.backend, padded, [c.end for c in decodes[:num_kernel]], self.num_q_heads,
+                                         self.parts.layers[0].head_dim)
+        cut = decodes[num_kernel:]
+        rest = order[num_kernel:]
+        if cut and all(c.end > window for c in cut):  # every other decode sees exactly its last `window` keys
+            start = offsets[order[num_kernel]]
+            key_slots = [self._slots(c, c.end - window, c.end) for c in cut]
+            plan.gathered.append(GatheredAttention(slice(start, start + len(cut)),
+                                                   torch.tensor(key_slots, device=self.device), None, False))
+            rest = order[num_decodes:]
+        plan.gathered += [self._prefill(chunks[i], offsets[i], window) for i in rest]
         return plan
 
     def _prefill(self, chunk: SequenceChunk, offset: int, window: int | None) -> GatheredAttention:
@@ -279,8 +303,8 @@ class ModelRunner:
         n = len(chunk.token_ids)
         first = 0 if window is None else max(0, chunk.start - window + 1)  # the first query's oldest key
         to = self.device
-        rows = torch.arange(offset, offset + n, device=to)[None]  # [1, n]
-        key_slots = self._slots(chunk, first, chunk.end)[None].to(to)  # [1, L]
+        rows = slice(offset, offset + n)
+        key_slots = torch.tensor([self._slots(chunk, first, chunk.end)], device=to)  # [1, L]
         if first == chunk.start == 0 and (window is None or n <= window):
             return GatheredAttention(rows, key_slots, None, True)  # L == n: SDPA's causal mask is the one
         q_pos = torch.arange(chunk.start, chunk.end, device=to)[:, None]  # [n, 1]
@@ -289,22 +313,6 @@ class ModelRunner:
         if window is not None:
             mask &= k_pos > q_pos - window
         return GatheredAttention(rows, key_slots, mask[None, None], False)  # mask [1, 1, n, L]
-
-    def _windowed_decode(self, chunks: list[SequenceChunk], offsets: list[int], window: int) -> GatheredAttention:
-        """Decode tokens whose window cut into their context: each sees exactly its last ``window`` keys."""
-        rows = torch.tensor(offsets, device=self.device)[:, None]  # [S, 1]
-        key_slots = torch.stack([self._slots(c, c.end - window, c.end) for c in chunks])  # [S, W]
-        return GatheredAttention(rows, key_slots.to(self.device), None, False)
-
-    def _paged_decode(self, chunks: list[SequenceChunk], offsets: list[int]) -> PagedDecode:
-        """The decode batch of the paged kernel: rows, block tables padded with 0, and lengths."""
-        tables = [self._blocks(chunk, 0, chunk.end) for chunk in chunks]
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        to = self.device
-        return PagedDecode(torch.tensor(offsets, device=to),
-                           torch.tensor(padded, dtype=torch.int32, device=to),  # [B, max_blocks]
-                           torch.tensor([c.end for c in chunks], dtype=torch.int32, device=to))  # [B]
 
 
 def _check_settings(num_blocks: int, block_size: int, kv_bits: int | None, sliding_window: int | None) -> None:

@@ -1,37 +1,36 @@
-"""Decode attention: a contiguous reference and paged attention reading K/V through block tables.
+"""Decode attention over paged KV pools: one entry point, three backends, metadata built once per step.
 
-The paged version follows vLLM's PagedAttention contract (Kwon et al., SOSP 2023): K/V live in
-``[num_blocks, block_size, Hkv, D]`` pools and each sequence names its blocks in a block table.
-:func:`paged_decode_attention` picks a chunked split-K kernel (flash-decoding, Dao et al. 2023) by
-device and problem size (Triton on CUDA, the C kernel or torch ops on CPU; ``backend`` forces one);
-:func:`_paged_decode_attention_gather`, which copies every sequence's whole KV out of the pool padded
-to the longest one and then attends, is kept as the clear reference.
+The paged contract is vLLM's PagedAttention (Kwon et al., SOSP 2023): K/V live in
+``[num_blocks, block_size, Hkv, D]`` pools (plain, or 2/4/8-bit codes with per-token scales) and each
+sequence names its blocks in a block table. Three backends run it, all split-K (flash-decoding, Dao et al.
+2023) and all equal to contiguous attention: ``"native"``, the C kernel on CPU
+(:mod:`kvcore.kernels.native_paged`); ``"triton"`` on CUDA (:mod:`kvcore.kernels.paged_triton`); and
+``"torch"``, batched torch ops on any device (:mod:`kvcore.kernels.torch_paged`), the reference and the
+fallback. A :class:`DecodeBatch` holds what every layer of a step shares (tables, lengths, the C kernel's
+span plan), validated once, as vLLM's attention metadata; :func:`paged_decode_attention` builds one per call.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from kvcore.kernels.paged_batched import batched_chunk_tokens, paged_attention_batched
-from kvcore.kernels.paged_cpu import CPU_CHUNK_TOKENS, paged_attention_cpu
-from kvcore.kernels.paged_native import paged_attention_native, unsupported
-from kvcore.kernels.paged_triton import compiled_for, paged_attention_triton, unavailable
-from kvcore.kernels.validate import check_paged, check_query
+from kvcore.kernels import native_paged as native
+from kvcore.kernels.paged_triton import compiled_for, paged_attention_triton, quantized_paged_attention_triton
+from kvcore.kernels.paged_triton import unavailable as triton_unavailable
+from kvcore.kernels.torch_paged import attend, paged_attention_torch
+from kvcore.kernels.validate import check_paged, check_quantized, check_query
+from kvcore.quant import QuantizedTensor, quantize
 
-
-def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-            scale: float) -> torch.Tensor:
-    """query [B, Hq, D]; keys/values [B, Hkv, T, D]; mask [B, T] (True = attend). fp32 math."""
-    B, Hq, D = query.shape
-    Hkv = keys.shape[1]
-    q = query.float().reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]: query head h reads KV head h // G
-    scores = (q @ keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, T]
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ values.float()  # [B, Hkv, G, D]
-    return out.reshape(B, Hq, D).to(query.dtype)  # [B, Hq, D]
+BACKENDS = {
+    "native": "C kernel (kvcore/kernels/csrc/paged_decode.c)",
+    "triton": "Triton kernel (kvcore/kernels/triton_decode.py)",
+    "torch": "batched torch ops (kvcore/kernels/torch_paged.py)",
+}
+KERNEL_BITS = (2, 4, 8)  # widths whose codes never straddle a byte
+Pool = torch.Tensor | QuantizedTensor
 
 
 def contiguous_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -48,124 +47,129 @@ def contiguous_decode_attention(query: torch.Tensor, keys: torch.Tensor, values:
     if keys.shape[0] != query.shape[0] or keys.shape[2] < 1:
         raise ValueError(f"keys must hold the query's batch ({query.shape[0]}) and >= 1 token, "
                          f"got {tuple(keys.shape)}")
-    scale = 1.0 / math.sqrt(query.shape[2]) if scale is None else scale
-    return _attend(query, keys, values, None, scale)
+    return attend(query, keys, values, 1.0 / math.sqrt(query.shape[2]) if scale is None else scale)
 
 
-def _paged_decode_attention_gather(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                                   scale: float | None = None) -> torch.Tensor:
-    """Reference paged attention: gather every sequence's blocks (padded to the longest), mask, attend.
+def choose_backend(query: torch.Tensor, key_cache: Pool, value_cache: Pool, backend: str | None = None) -> str:
+    """The backend that runs these (valid) arguments: the forced ``backend``, else the best for the device.
 
-    Same contract as :func:`paged_decode_attention`; materializes ``[B, Hkv, max_blocks * block_size, D]``
-    for K and for V, so it is memory- and time-hungry; tests compare the fast kernels with it.
+    On a GPU Triton when it is installed, else torch; on CPU the C kernel when it can run the call, else
+    torch. A forced backend that cannot run the call raises ValueError naming why.
     """
-    check_paged(query, key_cache, value_cache, block_tables, seq_lens)
-    B, _, D = query.shape
-    num_blocks, block_size, Hkv, _ = key_cache.shape
-    max_blocks = block_tables.shape[1]
-    device = key_cache.device
-    seq_lens = seq_lens.to(device)
-    positions = torch.arange(max_blocks * block_size, device=device)  # [max_blocks * block_size]
-    mask = positions[None, :] < seq_lens[:, None]  # [B, T_max]
-    blocks = block_tables.to(device=device, dtype=torch.long).clamp(0, num_blocks - 1)  # padding -> any block
-    heads = torch.arange(Hkv, device=device)
-    # Gather head-major: index [B, 1, max_blocks] x [1, Hkv, 1] -> [B, Hkv, max_blocks, block_size, D]
-    index = (blocks[:, None, :], slice(None), heads[None, :, None])
-    keys = key_cache[index].reshape(B, Hkv, max_blocks * block_size, D)  # [B, Hkv, T_max, D]
-    values = value_cache[index].reshape(B, Hkv, max_blocks * block_size, D)  # [B, Hkv, T_max, D]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    return _attend(query.to(device), keys, values, mask, scale)
-
-
-KERNELS = {
-    "batched": "batch-vectorized torch ops (kvcore.kernels.paged_batched)",
-    "fused": "fused C kernel (kvcore.kernels.paged_native)",
-    "torch": "torch chunk loop (kvcore.kernels.paged_cpu)",
-    "triton": "Triton split-K kernel (kvcore.kernels.paged_triton)",
-}
-BACKENDS = (None, "torch", "native", "triton")  # what the ``backend`` argument of the decode kernels accepts
-
-
-def check_backend(backend: str | None) -> None:
-    """Raise unless ``backend`` is one of :data:`BACKENDS`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be None (best for the device), 'torch', 'native' or 'triton', "
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None (best for the device) or one of {', '.join(BACKENDS)}, "
                          f"got {backend!r}")
-
-
-def forced_kernel(backend: str, device: torch.device, native_unsupported: str) -> str:
-    """The :data:`KERNELS` key that a forced ``backend`` runs on ``device``; ValueError naming why it cannot.
-
-    native_unsupported: why the C kernel cannot run the call (``""`` when it can).
-    """
+    device = key_cache.device
     if backend == "torch":
-        return "torch" if device.type == "cpu" else "batched"
-    reason = native_unsupported if backend == "native" else unavailable(device)
-    if reason:
-        raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
-    return "fused" if backend == "native" else "triton"
-
-
-def choose_kernel(device: torch.device, backend: str | None, native_reason: str) -> str:
-    """The key in :data:`KERNELS` to run on ``device``: the forced ``backend``, else the best there is.
-
-    native_reason: why the fused C kernel cannot run the call (``""`` when it can). On a GPU the Triton
-    kernel when it compiles, else the batched torch ops; on CPU the C kernel when it can, else torch.
-    """
-    check_backend(backend)
+        return backend
     if backend is not None:
-        return forced_kernel(backend, device, native_reason)
+        native_reason = native.unsupported(query, key_cache, value_cache) if backend == "native" else ""
+        reason = native_reason if backend == "native" else triton_unavailable(device)
+        if reason:
+            raise ValueError(f"backend {backend!r} cannot run this call: {reason}")
+        return backend
     if device.type != "cpu":
-        return "triton" if compiled_for(device) else "batched"
-    return "torch" if native_reason else "fused"
+        return "triton" if compiled_for(device) else "torch"
+    return "torch" if native.unsupported(query, key_cache, value_cache) else "native"
 
 
-def paged_kernel(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 backend: str | None = None) -> str:
-    """The key in :data:`KERNELS` of the kernel :func:`paged_decode_attention` runs for these (valid) tensors.
+@dataclass(slots=True)
+class DecodeBatch:
+    """What every layer of a decode step shares: block tables, lengths and the backend's plan.
 
-    backend: as in :func:`paged_decode_attention`; a forced backend that cannot run the call raises
-    ValueError naming why.
+    block_tables: int ``[B, max_blocks]`` on the pools' device; seq_lens: int32 ``[B]`` there; lengths: the
+    same as Python ints; native: the C kernel's span plan (``backend == "native"`` only).
     """
-    return choose_kernel(key_cache.device, backend, unsupported(query, key_cache, value_cache))
+
+    backend: str
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    lengths: list[int]
+    native: native.NativePlan | None = None
+
+    @classmethod
+    def of(cls, backend: str, block_tables: torch.Tensor, lengths: list[int], num_q_heads: int, head_dim: int,
+           workers: int | None = None) -> DecodeBatch:
+        """A batch for ``backend`` from valid tables and lengths; workers: the C kernel's threads (None: one per
+        torch intra-op thread)."""
+        device = block_tables.device
+        plan = None
+        if backend == "native":
+            plan = native.NativePlan.of(block_tables, lengths, num_q_heads * head_dim,
+                                        max(1, workers or torch.get_num_threads()))
+        return cls(backend, block_tables, torch.tensor(lengths, dtype=torch.int32, device=device), lengths, plan)
+
+    def attend(self, query: torch.Tensor, key_cache: Pool, value_cache: Pool, scale: float) -> torch.Tensor:
+        """Decode attention of ``query`` ``[B, Hq, D]`` over one layer's pools -> ``[B, Hq, D]``."""
+        quantized = isinstance(key_cache, QuantizedTensor)
+        if self.backend == "native":
+            run = native.quantized_attention_native if quantized else native.paged_attention_native
+            return run(query, key_cache, value_cache, self.native, scale)
+        if self.backend == "triton":
+            run = quantized_paged_attention_triton if quantized else paged_attention_triton
+            return run(query, key_cache, value_cache, self.block_tables, self.seq_lens, scale)
+        return paged_attention_torch(query, key_cache, value_cache, self.block_tables, self.lengths, scale)
 
 
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
+                           backend: str | None = None, workers: int | None = None) -> torch.Tensor:
     """Decode attention reading each sequence's K/V through its block table (vLLM PagedAttention).
 
     query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]``; block_tables int
-    ``[B, max_blocks]`` (entries past a sequence's last block are ignored, any value);
-    seq_lens int ``[B]`` tokens per sequence; scale defaults to 1/sqrt(D). Hq must be a multiple of Hkv.
+    ``[B, max_blocks]`` (entries past a sequence's last block are ignored, any value); seq_lens int ``[B]``
+    tokens per sequence; scale defaults to 1/sqrt(D). Hq must be a multiple of Hkv (any group: GQA, MQA).
     Returns ``[B, Hq, D]`` in the query's dtype (fp32 accumulation).
 
-    backend: None picks the best kernel for the tensors' device; ``"torch"``, ``"native"`` (the CPU C
-    kernel) or ``"triton"`` force one, and raise ValueError naming why when it cannot run the call
-    (``"triton"`` on CPU tensors needs the process started with ``TRITON_INTERPRET=1``).
-
-    Kernel choice (each reads only the blocks a sequence uses, with split-K softmax; :func:`paged_kernel`
-    names it): on a GPU the Triton kernel (:mod:`kvcore.kernels.paged_triton`: one program per sequence,
-    KV head and split, FlashDecoding) when triton is installed, else the batch-vectorized torch kernel
-    (:mod:`kvcore.kernels.paged_batched`: few large launches); on CPU the fused C kernel
-    (:mod:`kvcore.kernels.paged_native`) when it is built and supports the call (fp32, head dim a
-    multiple of 16, 1-16 query heads per KV head), else the per-sequence chunk loop of torch ops
-    (:mod:`kvcore.kernels.paged_cpu`), which was faster than the batched kernel and the gather at every
-    size measured, tiny batches included.
+    backend: None picks the best for the tensors' device (:func:`choose_backend`); ``"torch"``, ``"native"``
+    (the CPU C kernel) or ``"triton"`` force one, and raise ValueError naming why when it cannot run the call
+    (``"triton"`` on CPU tensors needs the process started with ``TRITON_INTERPRET=1``). workers: the C
+    kernel's threads (None: one per torch intra-op thread).
     """
     check_paged(query, key_cache, value_cache, block_tables, seq_lens)
-    kernel = paged_kernel(query, key_cache, value_cache, backend)
-    B, _, D = query.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    return _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, backend, workers)
+
+
+def quantized_paged_decode_attention(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
+                                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
+                                     backend: str | None = None, workers: int | None = None) -> torch.Tensor:
+    """:func:`paged_decode_attention` over :func:`quantize_paged_cache` pools (2, 4 or 8 bits, per token and head).
+
+    Equals attention over ``cache.dequantize()`` up to fp32 rounding; the C and Triton kernels read the
+    packed codes straight into registers and fold scales and zero points into the dot products (KIVI,
+    Liu et al. 2024), so the fp32 cache never exists.
+    """
+    check_quantized(query, key_cache, value_cache, block_tables, seq_lens, KERNEL_BITS)
+    return _decode(query, key_cache, value_cache, block_tables, seq_lens, scale, backend, workers)
+
+
+def _decode(query: torch.Tensor, key_cache: Pool, value_cache: Pool, block_tables: torch.Tensor,
+            seq_lens: torch.Tensor, scale: float | None, backend: str | None, workers: int | None) -> torch.Tensor:
+    chosen = choose_backend(query, key_cache, value_cache, backend)
+    B, Hq, D = query.shape
     if B == 0:
         return query.new_empty(query.shape)
-    args = (query, key_cache, value_cache, block_tables, seq_lens, scale)
-    if kernel == "triton":
-        return paged_attention_triton(*args)
-    if kernel == "batched":
-        return paged_attention_batched(*args, chunk_tokens=batched_chunk_tokens(B, key_cache.shape[2], D,
-                                                                                key_cache.shape[1]))
-    if kernel == "fused":
-        return paged_attention_native(*args, chunk_tokens=CPU_CHUNK_TOKENS)
-    return paged_attention_cpu(*args, chunk_tokens=CPU_CHUNK_TOKENS)
+    tables = block_tables.to(key_cache.device)
+    batch = DecodeBatch.of(chosen, tables, seq_lens.tolist(), Hq, D, workers)
+    return batch.attend(query.to(key_cache.device), key_cache, value_cache, D ** -0.5 if scale is None else scale)
+
+
+def quantize_paged_cache(cache: torch.Tensor, bits: int = 4, group_size: int | None = None,
+                         symmetric: bool = False, blocks_per_step: int = 1024) -> QuantizedTensor:
+    """Quantize a ``[num_blocks, block_size, Hkv, D]`` pool per token and head, ``blocks_per_step`` at a time.
+
+    Same result as ``kvcore.quant.quantize(cache, bits, axis=-1, group_size, symmetric)`` (KIVI's per-token
+    layout, used here for keys too, so a block can be appended to without requantizing it); stepping bounds
+    the fp32 temporaries. bits: 2, 4 or 8; group_size: channels per scale (None = all D).
+    """
+    if cache.dim() != 4 or not cache.is_floating_point():
+        raise ValueError(f"cache must be a float [num_blocks, block_size, Hkv, D] tensor, got "
+                         f"{cache.dtype} {tuple(cache.shape)}")
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"bits must be one of {KERNEL_BITS} for the paged kernels, got {bits}")
+    parts = [quantize(cache[i:i + blocks_per_step], bits, axis=-1, group_size=group_size, symmetric=symmetric)
+             for i in range(0, cache.shape[0], blocks_per_step)]
+    zeros = None if symmetric else torch.cat([p.zeros for p in parts])
+    return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), zeros,
+                           bits, 3, parts[0].group_size, tuple(cache.shape), cache.dtype)
+

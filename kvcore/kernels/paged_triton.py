@@ -199,7 +199,7 @@ def quantized_paged_attention_triton(query: torch.Tensor, key_cache: QuantizedTe
                                      split_tokens: int | None = None) -> torch.Tensor:
     """Paged decode attention over quantized pools, dequantized in registers (KIVI-style per-token layout).
 
-    key_cache/value_cache: :func:`kvcore.kernels.quantized.quantize_paged_cache` pools of
+    key_cache/value_cache: :func:`kvcore.kernels.quantize_paged_cache` pools of
     ``[num_blocks, block_size, Hkv, D]`` (2, 4 or 8 bits, same bits and groups); the rest as in
     :func:`paged_attention_triton`. Dot products run in the query's dtype for a 16-bit query (fp32
     accumulation), else in fp32. Returns ``[B, Hq, D]`` in the query's dtype.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kvcore.quant.integer import QuantizedTensor
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -50,5 +52,23 @@ def check_paged(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if key_cache.dtype not in FLOAT_DTYPES or value_cache.dtype not in FLOAT_DTYPES:
         raise ValueError(f"cache dtype must be float32, float16 or bfloat16, got {key_cache.dtype}, "
                          f"{value_cache.dtype}")
+    check_query(query, key_cache.shape[2], key_cache.shape[3])
+    check_block_tables(block_tables, seq_lens, query.shape[0], key_cache.shape[0], key_cache.shape[1])
+
+
+def check_quantized(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, bits: tuple[int, ...]) -> None:
+    """Raise unless the arguments follow the ``quantized_paged_decode_attention`` contract (widths in ``bits``)."""
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(cache, QuantizedTensor) or len(cache.shape) != 4 or cache.axis != 3:
+            raise ValueError(f"{name} must be a QuantizedTensor of a [num_blocks, block_size, Hkv, D] pool along D "
+                             f"(axis 3); use quantize_paged_cache")
+        if cache.bits not in bits:
+            raise ValueError(f"{name} bits must be one of {bits}, got {cache.bits}")
+    if key_cache.shape != value_cache.shape or (key_cache.bits, key_cache.group_size) != (
+            value_cache.bits, value_cache.group_size):
+        raise ValueError("key_cache and value_cache must have the same shape, bits and group_size")
+    if key_cache.shape[3] % (8 // key_cache.bits):
+        raise ValueError(f"head_dim {key_cache.shape[3]} must fill whole bytes of {key_cache.bits}-bit codes")
     check_query(query, key_cache.shape[2], key_cache.shape[3])
     check_block_tables(block_tables, seq_lens, query.shape[0], key_cache.shape[0], key_cache.shape[1])

@@ -1,4 +1,5 @@
-"""Check paged decode attention against the contiguous reference on random K/V, and time both.
+"""Check paged decode attention against the contiguous reference on random K/V, and time both (the Paged
+blocks page's attention check, ``python -m kvcore paged --experiment attention``).
 
 Each is warmed up, then timed call by call; the table reports the median, the interquartile range and the
 machine's 1-minute load average, and says "faster" or "slower" only when the two ranges do not overlap
@@ -15,7 +16,7 @@ import pandas as pd
 import torch
 
 from kvcore.device import get_device
-from kvcore.kernels.attention import KERNELS, contiguous_decode_attention, paged_decode_attention, paged_kernel
+from kvcore.kernels import BACKENDS, choose_backend, contiguous_decode_attention, paged_decode_attention
 from kvcore.noise import Timing, load_note, time_repeats
 from kvcore.shapes import PRESETS
 
@@ -120,7 +121,8 @@ def ragged_lengths(batch: int, context: int) -> tuple[int, ...]:
 
 def check_paged_attention(config: AttentionCheckConfig) -> pd.DataFrame:
     """One row: max |paged - contiguous|, each attention's time per call (median and interquartile range, ms,
-    of ``repeats`` calls after ``warmup``), which is faster beyond that spread, the load average, the kernel."""
+    of ``repeats`` calls after ``warmup``), which is faster beyond that spread, the load average, the backend
+    that ran."""
     p = make_paged_problem(config.seq_lens, config.num_q_heads, config.num_kv_heads, config.head_dim,
                            config.block_size, DTYPES[config.dtype], config.device, config.seed)
     sync = torch.cuda.synchronize if p.query.is_cuda else None
@@ -135,7 +137,7 @@ def check_paged_attention(config: AttentionCheckConfig) -> pd.DataFrame:
         **_timing_columns("paged", paged_t), **_timing_columns("contiguous", ref_t),
         "paged_vs_contiguous": paged_t.versus(ref_t), "repeats": config.repeats, "warmup": config.warmup,
         "load_1min": paged_t.load_1min,
-        "kernel": KERNELS[paged_kernel(p.query, p.key_cache, p.value_cache)],
+        "backend": choose_backend(p.query, p.key_cache, p.value_cache),
     }])
 
 
@@ -148,8 +150,9 @@ def check_summary(check: pd.DataFrame) -> str:
     row = check.iloc[0]
     verdict = {"faster": "paged is faster", "slower": "paged is slower"}.get(row.paged_vs_contiguous,
                                                                           "the two are within noise")
-    return (f"max |paged - contiguous| = {row.max_abs_diff:.2e}. Per call on {row.device}: paged ({row.kernel}) "
-            f"{row.paged_ms:.3g} ms (IQR {row.paged_ms_q1:.3g}-{row.paged_ms_q3:.3g}), contiguous "
+    return (f"max |paged - contiguous| = {row.max_abs_diff:.2e}. Per call on {row.device}: paged "
+            f"({row.backend}: {BACKENDS[row.backend]}) {row.paged_ms:.3g} ms (IQR {row.paged_ms_q1:.3g}-"
+            f"{row.paged_ms_q3:.3g}), contiguous "
             f"{row.contiguous_ms:.3g} ms (IQR {row.contiguous_ms_q1:.3g}-{row.contiguous_ms_q3:.3g}): medians of "
             f"{row.repeats} calls after {row.warmup} warm-ups; {verdict} (interquartile ranges "
             f"{'apart' if row.paged_vs_contiguous != 'within noise' else 'overlap'}). Measured under "

@@ -30,7 +30,7 @@ def _fragmentation_config(args: argparse.Namespace) -> FragmentationConfig:
 
 
 def _attention(args: argparse.Namespace) -> pd.DataFrame:
-    from kvcore.kernels import AttentionCheckConfig, check_paged_attention  # imports torch
+    from kvcore.paged.attention_check import AttentionCheckConfig, check_paged_attention  # imports torch
 
     return check_paged_attention(AttentionCheckConfig.for_model(
         args.model, args.batch, args.context, block_size=args.block_size, dtype=args.dtype, device=args.device,

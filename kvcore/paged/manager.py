@@ -122,6 +122,10 @@ class KVCacheManager:
         """The request's block table: logical block i -> physical block id."""
         return self._request(request_id).block_ids.copy()
 
+    def block_ids(self, request_id: str) -> Sequence[int]:
+        """The request's live block table, not copied (an engine step reads it; nobody may change it)."""
+        return self._request(request_id).block_ids
+
     def num_tokens(self, request_id: str) -> int:
         """Tokens the request holds in its blocks (prompt + appended); all of them are computed."""
         return len(self._request(request_id).token_ids)

@@ -27,6 +27,8 @@ class SimConfig:
     preemption: 'recompute' (vLLM v1 default: free the blocks, recompute later) or 'swap' (copy the KV to
     host memory over the host link and back). host_kv_blocks: size of the host swap pool in blocks; None =
     unbounded. When a sized pool is full, the victim is recomputed instead.
+    cost: the step time of a simulation; None for a config that only schedules (a real engine measures its
+    own steps), which :func:`kvcore.sched.simulate` refuses.
     enable_prefix_caching: vLLM automatic prefix caching in the block manager.
     block_size: tokens per KV block. num_blocks: KV pool size in blocks; None = what fits on the GPU after
     weights and a ``reserve_fraction`` of HBM (``CostModel.kv_capacity_blocks``).
@@ -40,7 +42,7 @@ class SimConfig:
     (a request never computes its last position's token past it; None = no limit).
     """
 
-    cost: CostModel | FittedCost
+    cost: CostModel | FittedCost | None
     policy: str = "continuous"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -57,7 +59,7 @@ class SimConfig:
     max_model_len: int | None = None
 
     @classmethod
-    def vllm(cls, cost: CostModel | FittedCost, *, max_num_seqs: int, max_num_batched_tokens: int,
+    def vllm(cls, cost: CostModel | FittedCost | None, *, max_num_seqs: int, max_num_batched_tokens: int,
              enable_chunked_prefill: bool, enable_prefix_caching: bool, block_size: int, num_blocks: int,
              async_scheduling: bool = False, max_model_len: int | None = None) -> SimConfig:
         """An engine whose every rule is vLLM 0.33's v1 scheduler's (checked step for step against recordings
@@ -114,5 +116,5 @@ class SimConfig:
         if self.num_blocks is not None:
             return self.num_blocks
         if not isinstance(self.cost, CostModel):
-            raise ValueError("a fitted cost model knows no GPU capacity: give num_blocks")
+            raise ValueError("only a GPU cost model knows the GPU's capacity: give num_blocks")
         return self.cost.kv_capacity_blocks(self.block_size, self.reserve_fraction)

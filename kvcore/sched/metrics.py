@@ -60,7 +60,7 @@ class SimResult:
 def build_result(workload: Workload, config: SimConfig, num_blocks: int, states: list[RequestState],
                  rec: Recorder, sched: Scheduler, itl_s: np.ndarray) -> SimResult:
     """Turn the simulator's lists into DataFrames and the summary row (pandas only here, after the loop)."""
-    requests = request_table(states)
+    requests = request_table(states, rec)
     timeline = pd.DataFrame(rec.columns)
     timeline["kv_usage"] = timeline["kv_blocks_used"] / sched.manager.num_usable_blocks
     phases = pd.DataFrame(rec.phases, columns=["request", "phase", "start_s", "end_s"])
@@ -71,17 +71,18 @@ def build_result(workload: Workload, config: SimConfig, num_blocks: int, states:
     return SimResult(config, requests, timeline, phases, summary, num_blocks, schedule, preemptions)
 
 
-def request_table(states: list[RequestState]) -> pd.DataFrame:
-    """One row per request: lengths, times and latencies."""
+def request_table(states: list[RequestState], rec: Recorder) -> pd.DataFrame:
+    """One row per request: lengths, times (from the run's recorder) and latencies."""
+    times = [rec.of(s) for s in states]
     df = pd.DataFrame({
         "request": [s.req.index for s in states],
         "arrival_s": [s.req.arrival_s for s in states],
         "prompt_tokens": [s.req.prompt_tokens for s in states],
         "output_tokens": [s.req.output_tokens for s in states],
         "prefix_id": pd.array([s.req.prefix_id for s in states], dtype="Int64"),
-        "first_scheduled_s": [s.first_scheduled_s for s in states],
-        "first_token_s": [s.first_token_s for s in states],
-        "finish_s": [s.finish_s for s in states],
+        "first_scheduled_s": [t.first_scheduled_s for t in times],
+        "first_token_s": [t.first_token_s for t in times],
+        "finish_s": [t.finish_s for t in times],
         "generated_tokens": [s.num_generated for s in states],
         "preemptions": [s.num_preemptions for s in states],
         "prefix_hit_tokens": [s.prefix_hit_tokens for s in states],
@@ -127,10 +128,11 @@ def summarize(config: SimConfig, requests: pd.DataFrame, timeline: pd.DataFrame,
     row |= percentiles(itl_s * 1e3, "itl_ms")
     row |= percentiles(requests["e2e_ms"], "e2e_ms")
     row |= percentiles(requests["queue_ms"], "queue_ms")
+    bytes_per_token = 0.0 if config.cost is None else config.cost.kv_bytes_per_token  # no cost: nothing swaps
     row |= {
         "preemptions": sched.num_preemptions,
         "swap_fallbacks": sched.swap_fallbacks,
-        "swap_GB": float(timeline["swap_tokens"].sum() * config.cost.kv_bytes_per_token / 1e9),
+        "swap_GB": float(timeline["swap_tokens"].sum() * bytes_per_token / 1e9),
         "prefix_hit_rate": first_hits / prompt_tokens if config.enable_prefix_caching else 0.0,
         "prefix_hit_tokens": first_hits,
         "readmit_hit_tokens": int(requests["readmit_hit_tokens"].sum()),

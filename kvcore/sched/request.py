@@ -57,7 +57,7 @@ class RequestState:
     (asynchronous scheduling); num_in_flight: scheduled tokens whose step's output is not processed yet;
     num_stale: in-flight tokens of a request preempted meanwhile. stop_token_ids: sampled tokens that end
     the request (empty: it runs to ``output_len``). seats: running slots it holds (its parallel samples
-    before they are forked). The ``*_s`` fields are times of the run that drives the scheduler.
+    before they are forked). What happened when is the run's business (:class:`kvcore.sched.recorder.Recorder`).
     """
 
     req: Request
@@ -80,12 +80,6 @@ class RequestState:
     finished: bool = False
     prefix_hit_tokens: int = 0
     readmit_hit_tokens: int = 0
-    first_scheduled_s: float = math.nan
-    first_token_s: float = math.nan
-    finish_s: float = math.nan
-    last_token_s: float = math.nan
-    phase: str = "waiting"
-    phase_start_s: float = 0.0
 
     @classmethod
     def new(cls, req: Request, prompt_ids: list[int], stop_token_ids: tuple[int, ...] = (), seats: int = 1,
@@ -94,7 +88,7 @@ class RequestState:
         if len(prompt_ids) != req.prompt_tokens:
             raise ValueError(f"request {req.index}: {len(prompt_ids)} prompt ids for {req.prompt_tokens} prompt tokens")
         return cls(req, rid or req.request_id, prompt_ids, req.prompt_tokens, req.output_tokens, req.prompt_tokens,
-                   stop_token_ids=stop_token_ids, seats=seats, phase_start_s=req.arrival_s)
+                   stop_token_ids=stop_token_ids, seats=seats)
 
     @property
     def num_generated(self) -> int:
@@ -106,7 +100,7 @@ class RequestState:
         p = self.prompt_len
         return self.prompt_ids[:end] if end <= p else self.prompt_ids + self.output_ids[:end - p]
 
-    def slot_ids(self, start: int, stop: int) -> list[int | None]:
+    def token_ids_between(self, start: int, stop: int) -> list[int | None]:
         """Token ids of positions ``start .. stop - 1``; None for samples still in flight."""
         p = self.prompt_len
         ids = self.prompt_ids[start:stop] if start < p else []

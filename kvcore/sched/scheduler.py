@@ -166,7 +166,7 @@ class Scheduler:
                 decodes += 1
                 decode_context += c
             else:
-                if not self._reserve(r, r.slot_ids(c, c + n), out):
+                if not self._reserve(r, r.token_ids_between(c, c + n), out):
                     break
                 out.grant(r, n)
             budget -= n

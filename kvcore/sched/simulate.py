@@ -33,6 +33,8 @@ def simulate(workload: Workload, config: SimConfig, progress: Callable[[float], 
     Raises ValueError when a request can never be served (longer than the KV pool, or, without chunked
     prefill, than the token budget).
     """
+    if config.cost is None:
+        raise ValueError("a simulation needs a cost model for its step times (config.cost is None)")
     num_blocks = config.pool_blocks()
     _check_fits(workload, config, num_blocks - config.null_block)
     sched, rec = Scheduler(config, num_blocks), Recorder()

@@ -1,19 +1,20 @@
 /*
- * Paged decode attention over one span of one sequence, fp32: the fused CPU kernel.
+ * Paged decode attention on CPU over fp32 or 2/4/8-bit pools: the C kernel of kvcore/kernels/native_paged.py.
  *
- * Follows vLLM PagedAttention (Kwon et al., SOSP 2023) for the layout and flash-decoding
- * (Dao et al. 2023) for the split-K softmax: the caller cuts each sequence into spans, this
- * function returns one span's partial state (m, l, o) and the caller merges the partials
- * (kvcore/kernels/paged_native.py). Each K and V row is read once, straight from its block, into
- * registers: no gathered copy, no score row for the whole sequence.
+ * Follows vLLM PagedAttention (Kwon et al., SOSP 2023) for the layout and flash-decoding (Dao et al.
+ * 2023) for the split-K softmax. The caller plans a step's work once: a list of spans (sequence, first
+ * token, tokens, partial slot); each worker thread calls an entry point with the same arguments and
+ * takes the next span from a shared counter until none is left, leaving each span's partial softmax
+ * state (m, l, o); kvlab_merge then reduces every sequence's partials into its output. K and V rows are
+ * read once, straight from their blocks, into registers: no gathered copy, no score row per sequence.
  *
- * Layout: key_cache/value_cache [num_blocks, block_size, Hkv, D] contiguous; q [Hkv, G, D] already
- * multiplied by the softmax scale; blocks: the span's block ids (its first token is at slot 0 of
- * blocks[0]); outputs m, l [Hkv, G] and o [Hkv, G, D].
+ * Layout: pools [num_blocks, block_size, Hkv, D] contiguous (quantized: codes [.., Hkv, D * bits / 8],
+ * fp16 scales and zeros [.., Hkv, ng]); q [B, Hkv, G, D] unscaled; block tables int64 [B, table_stride];
+ * partials m, l [slots, Hkv * G] and o [slots, Hkv * G, D].
  *
- * Register blocking: R = 16 / G tokens of one KV head against its G query heads make 16 dot
- * products, summed by one shuffle tree into one vector; the value pass adds R rows per load and
- * store of the output. Requirements (checked by the caller): D % 16 == 0, G in {1, 2, 4, 8, 16}.
+ * Register blocking: R = 16 / G' tokens of one KV head against G' of its query heads (G' = min(G, 16))
+ * make at most 16 dot products, summed by one shuffle tree; any G runs (3 for SmolLM2, 7 for Qwen2.5),
+ * in subgroups of G'. Requirements (checked by the caller): D % 16 == 0.
  * Built with -ffast-math but linked without it, so loading never sets flush-to-zero for the process;
  * -FLT_MAX (not -inf) marks "no score yet" so finite-math optimizations stay exact.
  */
@@ -25,8 +26,10 @@
 
 #define TILE 128 /* tokens whose scores are held before one online-softmax update */
 #define LANES 16
+#define MAX_GROUPS 64
 
 typedef float vec __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
+typedef uint8_t bytes16 __attribute__((vector_size(16)));
 
 static inline vec load(const float *p) { vec v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
@@ -48,69 +51,31 @@ static inline vec reduce16(const vec *acc) {
     return pair_sum(c[0], c[1]);
 }
 
-/* out[r * stride + j] = q_j . rows[r] for R rows and G queries of d floats (R * G == 16). */
-static inline __attribute__((always_inline)) void dot_rows(int R, int G, const float *const *rows,
-                                                           const float *q, int64_t d, float *out,
-                                                           int64_t stride) {
-    vec acc[LANES];
-    for (int i = 0; i < LANES; i++) acc[i] = (vec){0};
-    for (int64_t x = 0; x < d; x += LANES) {
-        vec qv[LANES];
-        for (int j = 0; j < G; j++) qv[j] = load(q + j * d + x);
-        for (int r = 0; r < R; r++) {
-            vec k = load(rows[r] + x);
-            for (int j = 0; j < G; j++) acc[r * G + j] += qv[j] * k;
-        }
-    }
-    vec s = reduce16(acc);
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < G; j++) out[r * stride + j] = s[r * G + j];
-}
-
-/* o_j += sum_r p[r * stride + j] * rows[r] for G outputs of d floats. */
-static inline __attribute__((always_inline)) void add_rows(int R, int G, const float *const *rows,
-                                                           const float *p, int64_t stride, float *o,
-                                                           int64_t d) {
-    for (int64_t x = 0; x < d; x += LANES) {
-        vec v[LANES];
-        for (int r = 0; r < R; r++) v[r] = load(rows[r] + x);
-        for (int j = 0; j < G; j++) {
-            vec acc = load(o + j * d + x);
-            for (int r = 0; r < R; r++) acc += p[r * stride + j] * v[r];
-            store(o + j * d + x, acc);
-        }
-    }
-}
-
+/* A step's shared inputs. Quantized pools: codes != NULL; zeros NULL means symmetric codes. */
 typedef struct {
-    const float *key_cache, *value_cache;
-    const int64_t *blocks;
-    int64_t tokens, block_size, heads, dim;
-} Span;
+    const float *key, *value;            /* fp32 pools */
+    const uint8_t *kcodes, *vcodes;      /* quantized pools */
+    const uint16_t *kscales, *kzeros, *vscales, *vzeros;
+    const float *q;
+    const int64_t *tables, *spans;
+    int64_t table_stride, block_size, heads, group, dim, bits, groups;
+    float scale;
+    float *m, *l, *o;
+} Step;
 
-/* Pool slots (block * block_size + offset) of the R tokens of the register group at tile token t; rows
-   past the tile's n tokens repeat token t: read, then weighed 0 (clear_padding). */
-static inline void group_slots(const int64_t *blocks, int64_t block_size, int R, int64_t t0, int64_t t, int64_t n,
+/* Pool slot (block * block_size + offset) of position pos of a sequence. */
+static inline int64_t slot_of(const Step *st, const int64_t *table, int64_t pos) {
+    return table[pos / st->block_size] * st->block_size + pos % st->block_size;
+}
+
+/* Slots of the R tokens of the register group at position t (rows past stop repeat t: read, then weighed 0). */
+static inline void group_slots(const Step *st, const int64_t *table, int R, int64_t t, int64_t stop,
                                int64_t *slot) {
-    for (int r = 0; r < R; r++) {
-        int64_t tok = t0 + (t + r < n ? t + r : t);
-        slot[r] = blocks[tok / block_size] * block_size + tok % block_size;
-    }
+    for (int r = 0; r < R; r++) slot[r] = slot_of(st, table, t + r < stop ? t + r : t);
 }
 
-/* An empty partial state: m = -FLT_MAX (no score yet), l = 0, o = 0. */
-static inline void start_partial(float *m, float *l, float *o, int64_t hg, int64_t d) {
-    for (int64_t i = 0; i < hg; i++) { m[i] = -FLT_MAX; l[i] = 0.f; }
-    memset(o, 0, hg * d * sizeof(float));
-}
-
-/* Probabilities of the padded rows of the tile's last register group (rows n .. up to a multiple of R) := 0. */
-static inline void clear_padding(float *p, int64_t n, int R, int64_t hg) {
-    memset(p + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float));
-}
-
-/* Online softmax over n tokens of scores s[t * hg + i]: s becomes p; m, l, o (and the nz floats per
-   row of zsum, when given) are rescaled to the new maxima. */
+/* Online softmax over n tokens of scores s[t * hg + i]: s becomes p; m, l, o (and the nz floats per row of
+   zsum, when given) are rescaled to the new maxima. */
 static void softmax_update(float *s, int64_t n, int64_t hg, int64_t d, float *m, float *l, float *o,
                            float *zsum, int64_t nz, float *work) {
     float *mx = work, *sum = work + hg;
@@ -134,67 +99,86 @@ static void softmax_update(float *s, int64_t n, int64_t hg, int64_t d, float *m,
     }
 }
 
-static inline __attribute__((always_inline)) int span_g(int G, const Span *sp, const float *q, float *m,
-                                                        float *l, float *o) {
-    const int R = LANES / G;
-    int64_t heads = sp->heads, d = sp->dim, hg = heads * G, row = heads * d;
-    float *s = malloc(((TILE + LANES) * hg + 2 * hg) * sizeof(float)); /* scores, then mx and sum */
-    if (!s) return 1;
+/* ---------------------------------------------------------------------------------------- fp32 pools */
+
+/* out[r * stride + j] = q_j . rows[r] for R rows and g queries of d floats (R * g <= 16). */
+static inline __attribute__((always_inline)) void dot_rows(int R, int g, const float *const *rows,
+                                                           const float *q, int64_t d, float *out, int64_t stride) {
+    vec acc[LANES];
+    for (int i = 0; i < LANES; i++) acc[i] = (vec){0};
+    for (int64_t x = 0; x < d; x += LANES) {
+        vec qv[LANES];
+        for (int j = 0; j < g; j++) qv[j] = load(q + j * d + x);
+        for (int r = 0; r < R; r++) {
+            vec k = load(rows[r] + x);
+            for (int j = 0; j < g; j++) acc[r * g + j] += qv[j] * k;
+        }
+    }
+    vec s = reduce16(acc);
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < g; j++) out[r * stride + j] = s[r * g + j];
+}
+
+/* o_j += sum_r p[r * stride + j] * rows[r] for g outputs of d floats. */
+static inline __attribute__((always_inline)) void add_rows(int R, int g, const float *const *rows, const float *p,
+                                                           int64_t stride, float *o, int64_t d) {
+    for (int64_t x = 0; x < d; x += LANES) {
+        vec v[LANES];
+        for (int r = 0; r < R; r++) v[r] = load(rows[r] + x);
+        for (int j = 0; j < g; j++) {
+            vec acc = load(o + j * d + x);
+            for (int r = 0; r < R; r++) acc += p[r * stride + j] * v[r];
+            store(o + j * d + x, acc);
+        }
+    }
+}
+
+/* One span over fp32 pools, query subgroups of GS heads (R = 16 / GS tokens per register group). */
+static inline __attribute__((always_inline)) int span_f32(int GS, const Step *st, const int64_t *sp, float *q,
+                                                          float *s, float *m, float *l, float *o) {
+    const int R = LANES / GS;
+    int64_t heads = st->heads, G = st->group, d = st->dim, hg = heads * G, row = heads * d;
+    const int64_t *table = st->tables + sp[0] * st->table_stride;
     const float *rows[LANES];
     int64_t slot[LANES];
-    start_partial(m, l, o, hg, d);
-    for (int64_t t0 = 0; t0 < sp->tokens; t0 += TILE) {
-        int64_t n = sp->tokens - t0 < TILE ? sp->tokens - t0 : TILE;
-        for (int64_t t = 0; t < n; t += R) {
-            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
+    for (int64_t x = 0; x < hg * d; x++) q[x] = st->q[sp[0] * hg * d + x] * st->scale;
+    for (int64_t t0 = sp[1]; t0 < sp[1] + sp[2]; t0 += TILE) {
+        int64_t stop = sp[1] + sp[2] < t0 + TILE ? sp[1] + sp[2] : t0 + TILE, n = stop - t0;
+        for (int64_t t = t0; t < stop; t += R) {
+            group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) rows[r] = sp->key_cache + slot[r] * row + h * d;
-                dot_rows(R, G, rows, q + h * G * d, d, s + t * hg + h * G, hg);
+                for (int r = 0; r < R; r++) rows[r] = st->key + slot[r] * row + h * d;
+                for (int64_t j = 0; j < G; j += GS) {
+                    int g = G - j < GS ? (int)(G - j) : GS;
+                    dot_rows(R, g, rows, q + (h * G + j) * d, d, s + (t - t0) * hg + h * G + j, hg);
+                }
             }
         }
         softmax_update(s, n, hg, d, m, l, o, NULL, 0, s + (TILE + LANES) * hg);
-        clear_padding(s, n, R, hg);
-        for (int64_t t = 0; t < n; t += R) {
-            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
+        memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
+        for (int64_t t = t0; t < stop; t += R) {
+            group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) rows[r] = sp->value_cache + slot[r] * row + h * d;
-                add_rows(R, G, rows, s + t * hg + h * G, hg, o + h * G * d, d);
+                for (int r = 0; r < R; r++) rows[r] = st->value + slot[r] * row + h * d;
+                for (int64_t j = 0; j < G; j += GS) {
+                    int g = G - j < GS ? (int)(G - j) : GS;
+                    add_rows(R, g, rows, s + (t - t0) * hg + h * G + j, hg, o + (h * G + j) * d, d);
+                }
             }
         }
     }
-    free(s);
     return 0;
 }
 
-/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. */
-int kvlab_paged_span_f32(const float *q, const float *key_cache, const float *value_cache,
-                         const int64_t *blocks, int64_t tokens, int64_t block_size, int64_t heads,
-                         int64_t group, int64_t dim, float *m, float *l, float *o) {
-    if (tokens < 1 || dim % LANES != 0) return 2;
-    Span sp = {key_cache, value_cache, blocks, tokens, block_size, heads, dim};
-    switch (group) {
-    case 1: return span_g(1, &sp, q, m, l, o);
-    case 2: return span_g(2, &sp, q, m, l, o);
-    case 4: return span_g(4, &sp, q, m, l, o);
-    case 8: return span_g(8, &sp, q, m, l, o);
-    case 16: return span_g(16, &sp, q, m, l, o);
-    default: return 2;
-    }
-}
-
+/* ----------------------------------------------------------------------------------- quantized pools */
 /*
- * Quantized pools (kvcore/kernels/quantized.py's layout): packed codes [num_blocks, block_size, Hkv,
- * D * bits / 8] and fp16 scales and zero points [num_blocks, block_size, Hkv, ng], per token and head.
  * Codes are read plane by plane (bit field p of every byte), so q and o are in that "plane order"
- * (position p * D / planes + byte); the caller permutes q once and un-permutes o once. Scales and
+ * (position p * D / planes + byte); q is permuted once per span and kvlab_merge un-permutes o. Scales and
  * zeros are folded in as in KIVI's fused kernels (Liu et al. 2024), never building fp32 K or V:
  *     q . k = sum_g s_g (q_g . c_g) + sum_g z_g sum(q_g)
  *     sum_t p_t v_t = sum_t (p_t s_tg) c_t + sum_t p_t z_tg      (z sums added once, at the end)
- * Requirements (checked): bits 2, 4 or 8; every group covers a multiple of 16 bytes of each plane.
+ * Requirements (checked by the caller): every group covers a multiple of 16 bytes of each plane.
  */
-#define MAX_GROUPS 64
-
-typedef uint8_t bytes16 __attribute__((vector_size(16)));
 
 static inline float half_to_float(uint16_t bits) { _Float16 h; memcpy(&h, &bits, sizeof h); return (float)h; }
 
@@ -205,154 +189,218 @@ static inline vec unpack16(const uint8_t *bytes, int shift, uint8_t mask) {
     return __builtin_convertvector((b >> shift) & mask, vec);
 }
 
-typedef struct {
-    const uint8_t *codes;
-    const uint16_t *scales, *zeros; /* zeros NULL: symmetric codes, zero = -2^(bits-1) * scale */
-} QCache;
-
-typedef struct {
-    QCache key, value;
-    const int64_t *blocks;
-    int64_t tokens, block_size, heads, dim, bits, groups, row_bytes, group_bytes;
-} QSpan;
-
-/* fp32 scales and zeros of one token (pool slot) and head. */
-static inline void row_params(const QSpan *sp, const QCache *c, int64_t slot, int64_t h, float *scale,
-                              float *zero) {
-    int64_t at = (slot * sp->heads + h) * sp->groups;
-    float offset = -(float)(1 << (sp->bits - 1));
-    for (int64_t g = 0; g < sp->groups; g++) {
-        scale[g] = half_to_float(c->scales[at + g]);
-        zero[g] = c->zeros ? half_to_float(c->zeros[at + g]) : offset * scale[g];
+/* Code rows, fp32 scales and zeros of head h for the R tokens in `slot`. */
+static inline void quant_rows(const Step *st, const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
+                              int R, const int64_t *slot, int64_t h, const uint8_t **rows,
+                              float scale[][MAX_GROUPS], float zero[][MAX_GROUPS]) {
+    int64_t rb = st->dim * st->bits / 8, ng = st->groups;
+    float offset = -(float)(1 << (st->bits - 1));
+    for (int r = 0; r < R; r++) {
+        int64_t at = (slot[r] * st->heads + h) * ng;
+        rows[r] = codes + (slot[r] * st->heads + h) * rb;
+        for (int64_t g = 0; g < ng; g++) {
+            scale[r][g] = half_to_float(scales[at + g]);
+            zero[r][g] = zeros ? half_to_float(zeros[at + g]) : offset * scale[r][g];
+        }
     }
 }
 
-/* out[r * stride + j] = q_j . k_r for R quantized rows and G queries (plane order). */
-static inline __attribute__((always_inline)) void qdot_rows(int R, int G, const QSpan *sp,
-                                                            const uint8_t *const *rows,
-                                                            float scale[][MAX_GROUPS],
-                                                            float zero[][MAX_GROUPS], const float *q,
-                                                            const float *qsum, float *out, int64_t stride) {
-    int planes = (int)(8 / sp->bits), bits = (int)sp->bits;
+/* out[r * stride + j] = q_j . k_r for R quantized rows and g queries (plane order). */
+static inline __attribute__((always_inline)) void qdot_rows(int R, int g, const Step *st, const uint8_t *const *rows,
+                                                            float scale[][MAX_GROUPS], float zero[][MAX_GROUPS],
+                                                            const float *q, const float *qsum, float *out,
+                                                            int64_t stride) {
+    int planes = (int)(8 / st->bits), bits = (int)st->bits;
     uint8_t mask = (uint8_t)((1 << bits) - 1);
-    int64_t rb = sp->row_bytes, gb = sp->group_bytes, ng = sp->groups;
+    int64_t ng = st->groups, rb = st->dim / planes, gb = rb / ng;
     float res[LANES] = {0};
-    for (int64_t g = 0; g < ng; g++) {
+    for (int64_t gi = 0; gi < ng; gi++) {
         vec acc[LANES];
         for (int i = 0; i < LANES; i++) acc[i] = (vec){0};
         for (int p = 0; p < planes; p++)
-            for (int64_t x = g * gb; x < (g + 1) * gb; x += LANES) {
+            for (int64_t x = gi * gb; x < (gi + 1) * gb; x += LANES) {
                 vec qv[LANES];
-                for (int j = 0; j < G; j++) qv[j] = load(q + j * sp->dim + p * rb + x);
+                for (int j = 0; j < g; j++) qv[j] = load(q + j * st->dim + p * rb + x);
                 for (int r = 0; r < R; r++) {
                     vec c = unpack16(rows[r] + x, p * bits, mask);
-                    for (int j = 0; j < G; j++) acc[r * G + j] += qv[j] * c;
+                    for (int j = 0; j < g; j++) acc[r * g + j] += qv[j] * c;
                 }
             }
         vec red = reduce16(acc);
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < G; j++)
-                res[r * G + j] += scale[r][g] * red[r * G + j] + zero[r][g] * qsum[j * ng + g];
+            for (int j = 0; j < g; j++)
+                res[r * g + j] += scale[r][gi] * red[r * g + j] + zero[r][gi] * qsum[j * ng + gi];
     }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < G; j++) out[r * stride + j] = res[r * G + j];
+        for (int j = 0; j < g; j++) out[r * stride + j] = res[r * g + j];
 }
 
-/* o_j += sum_r p_rj s_rg c_r (plane order) and zsum_jg += sum_r p_rj z_rg, for R rows and G outputs. */
-static inline __attribute__((always_inline)) void qadd_rows(int R, int G, const QSpan *sp,
-                                                            const uint8_t *const *rows,
-                                                            float scale[][MAX_GROUPS],
-                                                            float zero[][MAX_GROUPS], const float *p,
-                                                            int64_t stride, float *o, float *zsum) {
-    int planes = (int)(8 / sp->bits), bits = (int)sp->bits;
+/* o_j += sum_r p_rj s_rg c_r (plane order) and zsum_jg += sum_r p_rj z_rg, for R rows and g outputs. */
+static inline __attribute__((always_inline)) void qadd_rows(int R, int g, const Step *st, const uint8_t *const *rows,
+                                                            float scale[][MAX_GROUPS], float zero[][MAX_GROUPS],
+                                                            const float *p, int64_t stride, float *o, float *zsum) {
+    int planes = (int)(8 / st->bits), bits = (int)st->bits;
     uint8_t mask = (uint8_t)((1 << bits) - 1);
-    int64_t rb = sp->row_bytes, gb = sp->group_bytes, ng = sp->groups;
-    for (int64_t g = 0; g < ng; g++) {
+    int64_t ng = st->groups, rb = st->dim / planes, gb = rb / ng;
+    for (int64_t gi = 0; gi < ng; gi++) {
         float w[LANES];
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < G; j++) {
-                w[r * G + j] = p[r * stride + j] * scale[r][g];
-                zsum[j * ng + g] += p[r * stride + j] * zero[r][g];
+            for (int j = 0; j < g; j++) {
+                w[r * g + j] = p[r * stride + j] * scale[r][gi];
+                zsum[j * ng + gi] += p[r * stride + j] * zero[r][gi];
             }
         for (int pl = 0; pl < planes; pl++)
-            for (int64_t x = g * gb; x < (g + 1) * gb; x += LANES) {
+            for (int64_t x = gi * gb; x < (gi + 1) * gb; x += LANES) {
                 vec c[LANES];
                 for (int r = 0; r < R; r++) c[r] = unpack16(rows[r] + x, pl * bits, mask);
-                for (int j = 0; j < G; j++) {
-                    float *oj = o + j * sp->dim + pl * rb + x;
+                for (int j = 0; j < g; j++) {
+                    float *oj = o + j * st->dim + pl * rb + x;
                     vec acc = load(oj);
-                    for (int r = 0; r < R; r++) acc += w[r * G + j] * c[r];
+                    for (int r = 0; r < R; r++) acc += w[r * g + j] * c[r];
                     store(oj, acc);
                 }
             }
     }
 }
 
-/* Code rows, scales and zeros of head h for the R tokens in `slot`. */
-static inline void quant_rows(const QSpan *sp, const QCache *c, int R, const int64_t *slot, int64_t h,
-                              const uint8_t **rows, float scale[][MAX_GROUPS], float zero[][MAX_GROUPS]) {
-    for (int r = 0; r < R; r++) {
-        rows[r] = c->codes + (slot[r] * sp->heads + h) * sp->row_bytes;
-        row_params(sp, c, slot[r], h, scale[r], zero[r]);
-    }
+/* The scaled query in plane order and each query's sum over each group's positions. */
+static void plane_query(const Step *st, const float *src, float *q, float *qsum) {
+    int64_t hg = st->heads * st->group, d = st->dim, planes = 8 / st->bits, rb = d / planes, gb = rb / st->groups;
+    for (int64_t i = 0; i < hg; i++)
+        for (int64_t p = 0; p < planes; p++)
+            for (int64_t x = 0; x < rb; x++) q[i * d + p * rb + x] = src[i * d + x * planes + p] * st->scale;
+    for (int64_t i = 0; i < hg; i++)
+        for (int64_t gi = 0; gi < st->groups; gi++) {
+            float sum = 0.f;
+            for (int64_t p = 0; p < planes; p++)
+                for (int64_t x = gi * gb; x < (gi + 1) * gb; x++) sum += q[i * d + p * rb + x];
+            qsum[i * st->groups + gi] = sum;
+        }
 }
 
-static inline __attribute__((always_inline)) int qspan_g(int G, const QSpan *sp, const float *q,
-                                                         const float *qsum, float *m, float *l, float *o) {
-    const int R = LANES / G;
-    int64_t heads = sp->heads, d = sp->dim, hg = heads * G, ng = sp->groups;
-    float *s = malloc(((TILE + LANES) * hg + 2 * hg + hg * ng) * sizeof(float)); /* scores, work, zsum */
-    if (!s) return 1;
-    float *work = s + (TILE + LANES) * hg, *zsum = work + 2 * hg;
+static inline __attribute__((always_inline)) int span_quantized(int GS, const Step *st, const int64_t *sp, float *q,
+                                                                float *s, float *m, float *l, float *o) {
+    const int R = LANES / GS;
+    int64_t heads = st->heads, G = st->group, d = st->dim, hg = heads * G, ng = st->groups;
+    const int64_t *table = st->tables + sp[0] * st->table_stride;
+    float *work = s + (TILE + LANES) * hg, *zsum = work + 2 * hg, *qsum = zsum + hg * ng;
     float scale[LANES][MAX_GROUPS], zero[LANES][MAX_GROUPS];
     const uint8_t *rows[LANES];
     int64_t slot[LANES];
-    start_partial(m, l, o, hg, d);
+    plane_query(st, st->q + sp[0] * hg * d, q, qsum);
     memset(zsum, 0, hg * ng * sizeof(float));
-    for (int64_t t0 = 0; t0 < sp->tokens; t0 += TILE) {
-        int64_t n = sp->tokens - t0 < TILE ? sp->tokens - t0 : TILE;
-        for (int64_t t = 0; t < n; t += R) {
-            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
+    for (int64_t t0 = sp[1]; t0 < sp[1] + sp[2]; t0 += TILE) {
+        int64_t stop = sp[1] + sp[2] < t0 + TILE ? sp[1] + sp[2] : t0 + TILE, n = stop - t0;
+        for (int64_t t = t0; t < stop; t += R) {
+            group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                quant_rows(sp, &sp->key, R, slot, h, rows, scale, zero);
-                qdot_rows(R, G, sp, rows, scale, zero, q + h * G * d, qsum + h * G * ng, s + t * hg + h * G, hg);
+                quant_rows(st, st->kcodes, st->kscales, st->kzeros, R, slot, h, rows, scale, zero);
+                for (int64_t j = 0; j < G; j += GS) {
+                    int g = G - j < GS ? (int)(G - j) : GS;
+                    qdot_rows(R, g, st, rows, scale, zero, q + (h * G + j) * d, qsum + (h * G + j) * ng,
+                              s + (t - t0) * hg + h * G + j, hg);
+                }
             }
         }
         softmax_update(s, n, hg, d, m, l, o, zsum, ng, work);
-        clear_padding(s, n, R, hg);
-        for (int64_t t = 0; t < n; t += R) {
-            group_slots(sp->blocks, sp->block_size, R, t0, t, n, slot);
+        memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
+        for (int64_t t = t0; t < stop; t += R) {
+            group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                quant_rows(sp, &sp->value, R, slot, h, rows, scale, zero);
-                qadd_rows(R, G, sp, rows, scale, zero, s + t * hg + h * G, hg, o + h * G * d, zsum + h * G * ng);
+                quant_rows(st, st->vcodes, st->vscales, st->vzeros, R, slot, h, rows, scale, zero);
+                for (int64_t j = 0; j < G; j += GS) {
+                    int g = G - j < GS ? (int)(G - j) : GS;
+                    qadd_rows(R, g, st, rows, scale, zero, s + (t - t0) * hg + h * G + j, hg, o + (h * G + j) * d,
+                              zsum + (h * G + j) * ng);
+                }
             }
         }
     }
+    int64_t rb = d * st->bits / 8, gb = rb / ng;
     for (int64_t i = 0; i < hg; i++) /* the zero-point sums, onto each group's positions of every plane */
-        for (int64_t x = 0; x < d; x++) o[i * d + x] += zsum[i * ng + (x % sp->row_bytes) / sp->group_bytes];
-    free(s);
+        for (int64_t x = 0; x < d; x++) o[i * d + x] += zsum[i * ng + (x % rb) / gb];
     return 0;
 }
 
-/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. q and o in plane order;
-   qsum [Hkv, G, ng]: each query's sum over each group's channels. */
-int kvlab_paged_span_quantized(const float *q, const float *qsum, const uint8_t *key_codes,
-                               const uint16_t *key_scales, const uint16_t *key_zeros,
-                               const uint8_t *value_codes, const uint16_t *value_scales,
-                               const uint16_t *value_zeros, const int64_t *blocks, int64_t tokens,
-                               int64_t block_size, int64_t heads, int64_t group, int64_t dim, int64_t bits,
-                               int64_t groups, float *m, float *l, float *o) {
-    if (tokens < 1 || (bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS) return 2;
+/* ---------------------------------------------------------------------------------------- the work loop */
+
+#define CASES(F, st, sp, q, s, m, l, o)                                                                       \
+    switch ((st)->group < LANES ? (st)->group : LANES) {                                                    \
+    case 1: F(1, st, sp, q, s, m, l, o); break;   case 2: F(2, st, sp, q, s, m, l, o); break;                 \
+    case 3: F(3, st, sp, q, s, m, l, o); break;   case 4: F(4, st, sp, q, s, m, l, o); break;                 \
+    case 5: F(5, st, sp, q, s, m, l, o); break;   case 6: F(6, st, sp, q, s, m, l, o); break;                 \
+    case 7: F(7, st, sp, q, s, m, l, o); break;   case 8: F(8, st, sp, q, s, m, l, o); break;                 \
+    default: F(16, st, sp, q, s, m, l, o); break; /* 9-15 run as one partial subgroup of 16 */             \
+    }
+
+/* Take spans from the shared counter until none is left; each writes partial slot sp[3]. */
+static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
+    int64_t hg = st->heads * st->group, d = st->dim, ng = st->groups;
+    float *buf = malloc((hg * d + (TILE + LANES) * hg + 2 * hg + 2 * hg * ng) * sizeof(float));
+    if (!buf) return 1;
+    float *q = buf, *s = buf + hg * d;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+        if (i >= num_spans) break;
+        const int64_t *sp = st->spans + 4 * i;
+        float *m = st->m + sp[3] * hg, *l = st->l + sp[3] * hg, *o = st->o + sp[3] * hg * d;
+        for (int64_t x = 0; x < hg; x++) { m[x] = -FLT_MAX; l[x] = 0.f; }
+        memset(o, 0, hg * d * sizeof(float));
+        if (quantized) {
+            CASES(span_quantized, st, sp, q, s, m, l, o)
+        } else {
+            CASES(span_f32, st, sp, q, s, m, l, o)
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. spans [num_spans, 4]. */
+int kvlab_decode_f32(const float *q, const float *key, const float *value, const int64_t *tables,
+                     const int64_t *spans, int64_t num_spans, int64_t *next, int64_t table_stride,
+                     int64_t block_size, int64_t heads, int64_t group, int64_t dim, float scale, float *m, float *l,
+                     float *o) {
+    if (dim % LANES != 0 || group < 1) return 2;
+    Step st = {key, value, NULL, NULL, NULL, NULL, NULL, NULL, q, tables, spans, table_stride, block_size, heads,
+               group, dim, 0, 1, scale, m, l, o};
+    return work(&st, num_spans, next, 0);
+}
+
+/* As kvlab_decode_f32 over quantized pools (zeros NULL: symmetric); o is left in plane order. */
+int kvlab_decode_quantized(const float *q, const uint8_t *key_codes, const uint16_t *key_scales,
+                           const uint16_t *key_zeros, const uint8_t *value_codes, const uint16_t *value_scales,
+                           const uint16_t *value_zeros, const int64_t *tables, const int64_t *spans,
+                           int64_t num_spans, int64_t *next, int64_t table_stride, int64_t block_size, int64_t heads,
+                           int64_t group, int64_t dim, int64_t bits, int64_t groups, float scale, float *m, float *l,
+                           float *o) {
+    if ((bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS || group < 1) return 2;
     int64_t planes = 8 / bits;
     if (dim % planes != 0 || (dim / planes) % groups != 0 || (dim / planes / groups) % LANES != 0) return 2;
-    QSpan sp = {{key_codes, key_scales, key_zeros}, {value_codes, value_scales, value_zeros}, blocks, tokens,
-                block_size, heads, dim, bits, groups, dim / planes, dim / planes / groups};
-    switch (group) {
-    case 1: return qspan_g(1, &sp, q, qsum, m, l, o);
-    case 2: return qspan_g(2, &sp, q, qsum, m, l, o);
-    case 4: return qspan_g(4, &sp, q, qsum, m, l, o);
-    case 8: return qspan_g(8, &sp, q, qsum, m, l, o);
-    case 16: return qspan_g(16, &sp, q, qsum, m, l, o);
-    default: return 2;
-    }
+    Step st = {NULL, NULL, key_codes, value_codes, key_scales, key_zeros, value_scales, value_zeros, q, tables,
+               spans, table_stride, block_size, heads, group, dim, bits, groups, scale, m, l, o};
+    return work(&st, num_spans, next, 1);
+}
+
+/* out[b] = merge of partial slots first[b] .. first[b] + count[b] - 1 (flash-decoding's reduction), rows of
+   hg x d floats; channel x of a merged row goes to position order[x] (NULL: x), undoing the plane order. */
+int kvlab_merge(const float *m, const float *l, const float *o, const int64_t *first, const int64_t *count,
+                int64_t batch, int64_t hg, int64_t d, const int64_t *order, float *out) {
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t i = 0; i < hg; i++) {
+            float top = -FLT_MAX, denominator = 0.f, *dst = out + (b * hg + i) * d;
+            for (int64_t s = first[b]; s < first[b] + count[b]; s++) top = fmaxf(top, m[s * hg + i]);
+            for (int64_t x = 0; x < d; x++) dst[x] = 0.f;
+            for (int64_t s = first[b]; s < first[b] + count[b]; s++) {
+                float w = expf(m[s * hg + i] - top);
+                const float *src = o + (s * hg + i) * d;
+                denominator += w * l[s * hg + i];
+                if (order)
+                    for (int64_t x = 0; x < d; x++) dst[order[x]] += w * src[x];
+                else
+                    for (int64_t x = 0; x < d; x++) dst[x] += w * src[x];
+            }
+            for (int64_t x = 0; x < d; x++) dst[x] /= denominator;
+        }
+    return 0;
 }

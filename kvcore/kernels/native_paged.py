@@ -1,0 +1,184 @@
+"""Paged decode attention on CPU with the C kernel (``csrc/paged_decode.c``): a step's plan, its workers, the merge.
+
+Follows vLLM PagedAttention V2 (Kwon et al., SOSP 2023) and flash-decoding (Dao et al. 2023): a decode
+batch is cut once per step into spans (a sequence's run of tokens; long sequences split so that every
+worker has work), and every layer hands the same span list to the kernel. Each worker thread calls the
+kernel with the same arguments and takes the next span from a shared counter (ctypes releases the GIL, so
+the threads run in parallel); ``kvlab_merge`` then reduces each sequence's partial softmax states into its
+output. Small batches run on the calling thread alone: waking another core costs more than they take.
+No torch op runs inside a worker, so the caller's inference mode and thread settings never matter there.
+Supported: fp32 contiguous pools with head dim a multiple of 16 (any query heads per KV head), and
+2/4/8-bit pools of :func:`kvcore.kernels.quantize_paged_cache` whose scale groups cover whole 16-byte
+vectors of each bit plane; :func:`unsupported` says why a call is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+
+from kvcore.kernels import native
+from kvcore.quant.integer import QuantizedTensor
+
+LIBRARY = "paged_decode"
+ERRORS = {1: "out of memory", 2: "unsupported shape"}
+PARALLEL_WORK = 1 << 21  # query-key products (tokens x Hq x D) below which one thread does the batch
+SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
+MIN_SPAN_TOKENS = 256
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {"kvlab_decode_f32": [_P] * 5 + [_I, _P] + [_I] * 5 + [_F] + [_P] * 3,
+              "kvlab_decode_quantized": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 3,
+              "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2}
+
+
+@cache
+def functions() -> dict[str, ctypes._CFuncPtr] | None:
+    """The kernel's entry points, typed; None when the library cannot be built or loaded (looked up once)."""
+    library = native.load(LIBRARY)
+    if library is None:
+        return None
+    out = {}
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(library, name)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        out[name] = fn
+    return out
+
+
+def unsupported(query: torch.Tensor, key_cache: torch.Tensor | QuantizedTensor,
+                value_cache: torch.Tensor | QuantizedTensor) -> str:
+    """Why the C kernel cannot run this (validated) call, or ``""`` when it can."""
+    if key_cache.device.type != "cpu" or query.device.type != "cpu":
+        return f"the C kernel runs on CPU tensors, got {key_cache.device.type}"
+    if query.shape[-1] % 16:
+        return f"the C kernel needs a head dim that is a multiple of 16, got {query.shape[-1]}"
+    quantized = isinstance(key_cache, QuantizedTensor)
+    parts = [t for c in (key_cache, value_cache) for t in ((c.codes, c.scales, c.zeros) if quantized else (c,))
+             if t is not None]
+    if not all(t.is_contiguous() for t in parts):
+        return "the C kernel needs contiguous pools"
+    if quantized:
+        reason = _quantized_layout(key_cache, value_cache)
+        if reason:
+            return reason
+    elif not key_cache.dtype == value_cache.dtype == torch.float32:
+        return f"the C kernel needs fp32 pools, got {key_cache.dtype}"
+    if functions() is None:
+        return f"the C kernel is not available: {native.unavailable_reason(LIBRARY)}"
+    return ""
+
+
+def _quantized_layout(key_cache: QuantizedTensor, value_cache: QuantizedTensor) -> str:
+    if not all(c.scales.dtype == torch.float16 and (c.zeros is None or c.zeros.dtype == torch.float16)
+               for c in (key_cache, value_cache)):
+        return "the C kernel needs fp16 scales and zeros"
+    dim, per_byte, group = key_cache.shape[3], 8 // key_cache.bits, key_cache.group_size
+    if dim % group or group % (16 * per_byte) or dim // group > 64:
+        return (f"the C kernel needs scale groups that divide head_dim ({dim}), span a multiple of {16 * per_byte} "
+                f"channels and number at most 64, got group_size {group}")
+    return ""
+
+
+@cache
+def _pool(helpers: int) -> ThreadPoolExecutor:
+    """A long-lived pool: starting threads per call cost 10-40% of a 1k-token call."""
+    return ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="kvcore-decode")
+
+
+@dataclass(slots=True)
+class NativePlan:
+    """A decode batch's work list for the C kernel, built once per step and used by every layer.
+
+    spans: int64 ``[S, 4]`` = (sequence, first token, tokens, partial slot), longest first; first/count: int64
+    ``[B]`` each sequence's partial slots; tables: int64 ``[B, max_blocks]``; workers: threads per call.
+    """
+
+    spans: torch.Tensor
+    first: torch.Tensor
+    count: torch.Tensor
+    tables: torch.Tensor
+    workers: int
+    counter: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))
+    buffers: dict[tuple[int, int], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tables: torch.Tensor, lengths: list[int], work_per_token: int, workers: int) -> NativePlan:
+        """Spans over ``lengths`` tokens per sequence. work_per_token: Hq x D; workers: threads available (one
+        is used when the whole batch is under :data:`PARALLEL_WORK`)."""
+        total = sum(lengths)
+        if total * work_per_token < PARALLEL_WORK:
+            workers = 1
+        size = max(lengths) if workers <= 1 else max(MIN_SPAN_TOKENS, -(-total // (SPANS_PER_WORKER * workers)))
+        spans, first, count = [], [], []
+        for b, n in enumerate(lengths):
+            first.append(len(spans))
+            pieces = -(-n // size)
+            count.append(pieces)
+            step = -(-n // pieces)
+            spans += [[b, start, min(step, n - start), len(spans) + i] for i, start in enumerate(range(0, n, step))]
+        spans.sort(key=lambda s: -s[2])
+        as_long = {"dtype": torch.int64}
+        return cls(torch.tensor(spans, **as_long), torch.tensor(first, **as_long), torch.tensor(count, **as_long),
+                   tables.to(torch.int64).contiguous(), workers)
+
+    def partials(self, rows: int, dim: int) -> tuple[torch.Tensor, ...]:
+        """m, l ``[slots, rows]`` and o ``[slots, rows, dim]`` fp32 buffers, allocated once per step."""
+        if (rows, dim) not in self.buffers:
+            slots = len(self.spans)
+            self.buffers[(rows, dim)] = (torch.empty(slots, rows), torch.empty(slots, rows),
+                                         torch.empty(slots, rows, dim))
+        return self.buffers[(rows, dim)]
+
+    def run(self, name: str, pointers: tuple[int | None, ...], sizes: tuple[int, ...], scale: float,
+            query: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Every span through entry point ``name`` on :attr:`workers` threads, then the merge: ``[B, Hq, D]`` fp32.
+
+        pointers: the pools' data pointers; sizes: the entry point's shape arguments after the table stride;
+        order: for quantized pools, where each plane-order channel goes (None: channels are in order).
+        """
+        fns = functions()
+        B, Hq, D = query.shape
+        m, l, o = self.partials(Hq, D)
+        q = query.float().contiguous()
+        self.counter.zero_()
+        args = (q.data_ptr(), *pointers, self.tables.data_ptr(), self.spans.data_ptr(), len(self.spans),
+                self.counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(), o.data_ptr())
+        helpers = [_pool(self.workers - 1).submit(fns[name], *args) for _ in range(self.workers - 1)]
+        statuses = [fns[name](*args), *(h.result() for h in helpers)]
+        if any(statuses):
+            raise RuntimeError(f"paged_decode.c: {ERRORS.get(max(statuses), f'error {max(statuses)}')}")
+        out = torch.empty(B, Hq, D)
+        fns["kvlab_merge"](m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(), self.count.data_ptr(), B,
+                           Hq, D, None if order is None else order.data_ptr(), out.data_ptr())
+        return out
+
+
+def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           plan: NativePlan, scale: float) -> torch.Tensor:
+    """Decode attention over fp32 pools with the C kernel; ``[B, Hq, D]`` in the query's dtype (valid inputs)."""
+    block_size, Hkv, D = key_cache.shape[1:]
+    sizes = (block_size, Hkv, query.shape[1] // Hkv, D)
+    out = plan.run("kvlab_decode_f32", (key_cache.data_ptr(), value_cache.data_ptr()), sizes, scale, query)
+    return out.to(query.dtype)
+
+
+@cache
+def plane_order(dim: int, bits: int) -> torch.Tensor:
+    """Channel at each position of the kernel's plane order: bit field p of byte x is channel x * 8/bits + p."""
+    per_byte = 8 // bits
+    return torch.arange(dim).view(dim // per_byte, per_byte).t().reshape(-1).contiguous()  # [D] int64
+
+
+def quantized_attention_native(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
+                               plan: NativePlan, scale: float) -> torch.Tensor:
+    """Decode attention over quantized pools with the C kernel, codes unpacked in registers (KIVI-style folding)."""
+    block_size, Hkv, D = key_cache.shape[1:]
+    pointers = tuple(None if t is None else t.data_ptr() for c in (key_cache, value_cache)
+                     for t in (c.codes, c.scales, c.zeros))
+    sizes = (block_size, Hkv, query.shape[1] // Hkv, D, key_cache.bits, key_cache.scales.shape[-1])
+    out = plan.run("kvlab_decode_quantized", pointers, sizes, scale, query, plane_order(D, key_cache.bits))
+    return out.to(query.dtype)
