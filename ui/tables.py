@@ -27,7 +27,8 @@ def csv_name(page: str, table: str, settings: Mapping[str, object] | None = None
 def number_format(name: str, values: pd.Series) -> str | None:
     """How a numeric column is shown (a Streamlit format string), or None to leave it as it is (not a number).
 
-    Integers: thousands separators. Columns named ``*_pct``: one decimal and "%". Other floats: enough decimals for
+    Integers, and floats that are all whole numbers (counts with a gap, which pandas keeps as floats): thousands
+    separators, no decimals. Columns named ``*_pct``: one decimal and "%". Other floats: enough decimals for
     ``SIGNIFICANT`` digits of the smallest non-zero value (at most ``MAX_DECIMALS``), thousands separators; a column
     whose values are all below 0.001 in scientific notation.
     """
@@ -39,7 +40,7 @@ def number_format(name: str, values: pd.Series) -> str | None:
         return "%,.1f%%"
     finite = np.abs(values.to_numpy(dtype=float))
     finite = finite[np.isfinite(finite) & (finite > 0)]
-    if not finite.size:
+    if not finite.size or (finite == np.round(finite)).all():
         return "%,.0f"
     if finite.max() < 1e-3:
         return "%.2e"
@@ -57,21 +58,40 @@ def column_config(df: pd.DataFrame) -> dict[Any, Any]:
     return config
 
 
+def shown_decimals(fmt: str) -> int | None:
+    """Decimals a fixed-point format string shows ("%,.2f" -> 2, "%,.1f%%" -> 1); None for other formats."""
+    found = re.search(r"\.(\d+)f", fmt)
+    return int(found.group(1)) if found else None
+
+
 def readable(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` for the screen: text columns whose name says "token" hold tokenizer pieces, shown with
-    :func:`ui.format.token_text` ('Ġis' -> '·is', 'Ċ' -> '↵')."""
+    :func:`ui.format.token_text` ('Ġis' -> '·is', 'Ċ' -> '↵'); a float that its column's format would show as a
+    negative zero ("-0.0000", "-0.0%") is shown as 0."""
     pieces = {name: df[name].map(lambda v: token_text(v) if isinstance(v, str) else v) for name in df.columns
               if "token" in str(name).lower() and not pd.api.types.is_numeric_dtype(df[name])}
-    return df.assign(**pieces) if pieces else df
+    zeros = {}
+    for name, values in df.items():
+        fmt = number_format(str(name), values)
+        if fmt is None or pd.api.types.is_integer_dtype(values):
+            continue
+        decimals = shown_decimals(fmt)
+        shown_zero = (values.round(decimals) == 0) if decimals is not None else (values == 0)
+        if (shown_zero & (values != 0) | (values == 0) & np.signbit(values.to_numpy(dtype=float))).any():
+            zeros[name] = values.mask(shown_zero, 0.0)
+    changed = pieces | zeros
+    return df.assign(**changed) if changed else df
 
 
 def show_table(df: pd.DataFrame, page: str, table: str, settings: Mapping[str, object] | None = None,
                *, caption: str | None = None, hide_index: bool = True, height: int | str = "auto") -> None:
-    """st.dataframe with formatted columns (:func:`column_config`, :func:`readable`) plus a "Download CSV" button
-    whose file holds exactly the rows shown, at full precision and with the tokenizer's own pieces."""
+    """st.dataframe with formatted columns (:func:`column_config`, :func:`readable`; a missing value shows as an
+    empty cell) plus a "Download CSV" button whose file holds exactly the rows shown, at full precision and with
+    the tokenizer's own pieces."""
     if caption:
         st.caption(caption)
-    st.dataframe(readable(df), hide_index=hide_index, height=height, column_config=column_config(df))
+    st.dataframe(readable(df), hide_index=hide_index, height=height, column_config=column_config(df),
+                 placeholder="")  # a missing value is an empty cell, not "None"
     st.download_button(
         "Download CSV",
         data=df.to_csv(index=not hide_index).encode(),

@@ -259,15 +259,28 @@ def figure_problems(fig: dict, width: float) -> list[str]:
 
 
 def table_problems(at) -> list[str]:
-    """Tables: every numeric column has a display format; no tokenizer piece shows raw ('Ġis', 'Ċ')."""
+    """Tables: every numeric column has a display format, whole numbers show no decimals ("6,569.0000"), nothing
+    reads "-0.0" or "-0.0000", a missing value is not shown as "None"; no tokenizer piece shows raw ('Ġis', 'Ċ')."""
     problems = []
     for i, table in enumerate(at.dataframe):
         config, df = json.loads(table.proto.columns or "{}"), table.value
+        if df.isna().any().any() and not (table.proto.HasField("placeholder") and table.proto.placeholder in
+                                          ("", "-", "n/a")):
+            problems.append(f"table {i}: missing values show as 'None' (columns "
+                            f"{[str(c) for c in df.columns[df.isna().any()]]})")
         for name in df.columns:
             values = df[name]
             numeric_column = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-            if numeric_column and not config.get(str(name), {}).get("type_config", {}).get("format"):
+            fmt = config.get(str(name), {}).get("type_config", {}).get("format")
+            if numeric_column and not fmt:
                 problems.append(f"table {i}: column {name!r} has no number format (shows e.g. {values.iloc[0]!r})")
+            if numeric_column and fmt and (decimals := re.search(r"\.(\d+)f", fmt)):
+                shown = [fmt.replace(",", "") % v for v in values.dropna()]
+                if any(re.fullmatch(r"-0(\.0+)?%?", text) for text in shown):
+                    problems.append(f"table {i}: column {name!r} shows a negative zero")
+                whole = values.dropna()
+                if int(decimals.group(1)) and len(whole) and (whole == whole.round()).all() and whole.abs().max() >= 1:
+                    problems.append(f"table {i}: column {name!r} of whole numbers shows decimals ({fmt})")
             if "token" in str(name) and values.map(lambda v: isinstance(v, str) and bool(RAW_PIECE.search(v))).any():
                 problems.append(f"table {i}: column {name!r} shows raw tokenizer pieces ({values.iloc[0]!r})")
     return problems
@@ -426,6 +439,33 @@ def test_signed_pct_never_shows_minus_zero():
     assert [signed_pct(v) for v in (-12.3, -0.2, 0.0, -0.0, 0.4, 4)] == ["-12%", "0%", "0%", "0%", "0%", "+4%"]
     assert signed_pct(-0.04, 1) == "0.0%"
     assert signed_pct(float("nan")) == "n/a"
+
+
+def test_the_table_check_finds_none_cells_negative_zeros_and_decimals_on_counts():
+    from streamlit.proto.Dataframe_pb2 import Dataframe
+
+    df = pd.DataFrame({"t": [float("nan"), 0.5], "d": [-0.00001, 0.5], "n": [6569.0, 12.0]})
+    proto = Dataframe(columns=json.dumps({c: {"type_config": {"format": f}} for c, f in
+                                          (("t", "%,.4f"), ("d", "%,.4f"), ("n", "%,.4f"))}))
+    problems = table_problems(SimpleNamespace(dataframe=[SimpleNamespace(value=df, proto=proto)]))
+    assert len(problems) == 3, problems
+    proto.placeholder = ""
+    assert len(table_problems(SimpleNamespace(dataframe=[SimpleNamespace(value=df, proto=proto)]))) == 2
+
+
+def test_what_a_table_shows_never_reads_minus_zero_and_counts_show_no_decimals():
+    from ui.tables import number_format, readable
+
+    df = pd.DataFrame({"d": [-0.00001, 0.5, 1.25], "change_pct": [-0.04, 3.0, float("nan")],
+                       "n": [6569.0, 12.0, float("nan")], "x": [-0.0, 1e-5, 2e-4]})
+    shown = readable(df)
+    assert shown["d"].tolist() == [0.0, 0.5, 1.25]
+    assert not math.copysign(1, shown["d"].iloc[0]) < 0
+    assert shown["change_pct"].iloc[0] == 0.0
+    assert not math.copysign(1, shown["x"].iloc[0]) < 0
+    assert df["d"].iloc[0] == -0.00001  # the CSV keeps the value
+    assert number_format("n", df["n"]) == "%,.0f"
+    assert number_format("ratio", pd.Series([0.5, 2.0])) == "%,.4f"
 
 
 def test_table_formats_follow_dtype_and_name():
