@@ -7,10 +7,10 @@ import streamlit as st
 from kvcore import sched
 from kvcore.sched.compare import RULES, ServingSetup, rules_difference
 from kvcore.shapes import GPU_PRESETS
-from ui import batching_figures, figures, params, tables
+from ui import batching_figures, figures, params, search_figures, tables
 from ui.batching_runs import CALIBRATED, DEFAULT_MODEL, DEFAULT_WORKLOAD, UploadedTrace, run, setup_for
 from ui.guard import user_errors
-from ui.search_runs import search_section
+from ui.search_runs import deployment_of, run_search
 
 st.title("Continuous batching")
 st.markdown("A serving engine runs one forward pass per **step** and decides, each step, which requests get how "
@@ -102,12 +102,7 @@ figures.show(batching_figures.gantt_figure(result.phases, names, drawn), key="ga
 figures.show(batching_figures.timeline_figure(result.timeline, names), key="timeline")
 figures.show(batching_figures.cdf_figure(result.requests, names), key="cdf")
 settings = {"model": model, "gpu": gpu, "seed": seed}
-tables.show_table(result.summary, "batching", "metrics", settings,
-                  caption="Latencies in ms, p50/p90/p99 over requests (ITL over tokens). Prefix hit rate = prompt "
-                          "tokens served from the prefix cache / prompt tokens looked up, once per request at its "
-                          "first admission; hits of a request re-admitted after preemption (its own blocks) are "
-                          "counted apart in readmit_hit_tokens. Hits are whole blocks and the last prompt token is "
-                          "always computed, so a shared prefix shorter than a block never hits.")
+tables.show_table(result.summary, "batching", "metrics", settings, caption=batching_figures.METRICS_CAPTION)
 with st.expander("What vLLM 0.33's own rules change on this workload"):
     st.caption(batching_figures.RULES_NOTE)
     with user_errors("Rules comparison", stop=False):
@@ -119,4 +114,10 @@ with st.expander("Per-request and per-step tables"):
     tables.show_table(result.timeline, "batching", "steps", settings, height=300)
 with st.expander("How each step is timed and scheduled", expanded=False):
     batching_figures.cost_notes(setup.configs()[0].cost)
-search_section(workload, setup)
+st.subheader("Search serving configurations")
+st.markdown(search_figures.intro())
+if params.widget(st.toggle, "Run the search", key="so_on", value=False):
+    with user_errors("Search", stop=False):
+        request = search_figures.search_settings()
+        if request is not None:
+            search_figures.answer(run_search(workload, deployment_of(setup), request), settings)

@@ -133,6 +133,25 @@ def test_when_no_configuration_meets_the_slos_the_closest_one_is_probed_downward
     assert 50.0 <= result.capacity_rps < result.failing_rps <= 100.0  # halving: 200 and 100 miss, 50 meets
     assert result.capacity["rate_rps"].min() == 50.0
     assert "No configuration meets the SLOs" in result.lines[1]
+    assert "SLO binds" in result.lines[1] or "Both SLOs bind" in result.lines[1]
+
+
+def test_when_none_meets_the_slos_the_binding_one_is_named():
+    from kvcore.study.search import binding_slo
+
+    def table(*rows):  # (ttft p99, tpot p99, error)
+        return pd.DataFrame(rows, columns=["ttft_ms_p99", "tpot_ms_p99", "error"])
+
+    slo = SLO(2000.0, 50.0)
+    ttft = binding_slo(table((23_582.5, 27.9, None), (18_203.6, 41.5, None), (math.nan, math.nan, "too long")), slo)
+    assert ttft == ("The TTFT SLO binds: the lowest TTFT p99 is 18,204 ms against 2,000 ms (2 of 2 configurations "
+                    "meet the TPOT SLO).")
+    assert binding_slo(table((900.0, 61.0, None), (1500.0, 55.25, None)), slo).startswith(
+        "The TPOT SLO binds: the lowest TPOT p99 is 55.2 ms against 50 ms (2 of 2")
+    assert binding_slo(table((2500.0, 61.0, None)), slo).startswith("Both SLOs bind: the lowest TTFT p99 is 2,500 ms")
+    assert binding_slo(table((2500.0, 40.0, None), (1000.0, 60.0, None)), slo).startswith(
+        "Each SLO is met on its own (1 configuration meets the TTFT SLO, 1 the TPOT SLO)")
+    assert binding_slo(table((math.nan, math.nan, "x")), slo).startswith("No configuration could serve")
 
 
 def test_search_command_prints_the_answer_and_writes_the_table(tmp_path, capsys):
@@ -149,41 +168,23 @@ def test_search_command_prints_the_answer_and_writes_the_table(tmp_path, capsys)
 
 
 def test_the_page_section_answers_within_30_seconds():
-    from streamlit.testing.v1 import AppTest
+    from tests.app.conftest import open_page
 
-    def section():
-        from kvcore.sched.compare import ServingSetup
-        from ui.batching_runs import DEFAULT_MODEL, DEFAULT_WORKLOAD
-        from ui.search_runs import search_section
-
-        search_section(DEFAULT_WORKLOAD, ServingSetup(DEFAULT_MODEL, "H100 80GB"))
-
-    at = AppTest.from_function(section, default_timeout=180)
-    at.query_params["so_on"] = "true"
     started = time.perf_counter()
-    at.run()
+    at = open_page("continuous_batching", {"so_on": "true"})
     took = time.perf_counter() - started
     assert not at.exception, [e.value for e in at.exception]
-    assert len(at.metric) == 3
+    assert [m.label for m in at.metric][-3:] == ["Configurations meeting the SLOs", "Best: output tokens/s",
+                                                 "Capacity (requests/s)"]
     assert any("configurations meet" in c.value for c in at.caption)
     assert took < 60  # 30 s on a quiet 2-core machine; a shared one gets slack
-    frame = at.dataframe[0].value
+    frame = next(d.value for d in at.dataframe if "meets_slo" in d.value.columns and "pareto" in d.value.columns)
     assert len(frame) == 2 * 2 * 2  # max_num_seqs x max_num_batched_tokens x schedulers by default
 
 
 def test_the_page_section_refuses_a_grid_over_its_bound():
-    from streamlit.testing.v1 import AppTest
+    from tests.app.conftest import open_page
 
-    def section():
-        from kvcore.sched.compare import ServingSetup
-        from ui.batching_runs import DEFAULT_MODEL, DEFAULT_WORKLOAD
-        from ui.search_runs import search_section
-
-        search_section(DEFAULT_WORKLOAD, ServingSetup(DEFAULT_MODEL, "H100 80GB"))
-
-    at = AppTest.from_function(section, default_timeout=60)
-    at.query_params["so_on"] = "true"
-    at.query_params["so_seqs"] = ["16", "32", "64", "128", "256"]
-    at.run()
+    at = open_page("continuous_batching", {"so_on": "true", "so_seqs": ["16", "32", "64", "128", "256"]})
     assert not at.exception
-    assert "the page searches at most 16" in at.warning[0].value
+    assert any("the page searches at most 16" in w.value for w in at.warning)

@@ -106,6 +106,11 @@ def pool_caption(comparison: Comparison) -> str:
         "Switch Preemption to compare recompute with swap.")
 
 
+METRICS_CAPTION = ("Latencies in ms, p50/p90/p99 over requests (ITL over tokens). Prefix hit rate = prompt tokens "
+                   "served from the prefix cache / prompt tokens looked up, once per request at its first admission; "
+                   "hits of a request re-admitted after preemption (its own blocks) are counted apart in "
+                   "readmit_hit_tokens. Hits are whole blocks and the last prompt token is always computed, so a "
+                   "shared prefix shorter than a block never hits.")
 RULES_NOTE = ("The simulator follows vLLM 0.33.0's v1 scheduler with its rules on: replayed on 14 recordings of the "
               "real scheduler (7 traces, sync and async), it makes the same grants, preemptions, block ids and prefix "
               "hits at every step (docs/agreement.md). Below: the same workload under the other rules.")

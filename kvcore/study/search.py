@@ -308,6 +308,28 @@ def describe_config(row: dict[str, object]) -> str:
             f"block {row['block_size']}, prefix caching {'on' if row['prefix_caching'] else 'off'}")
 
 
+def binding_slo(table: pd.DataFrame, slo: SLO) -> str:
+    """Why no configuration of ``table`` (the search's configs) meets ``slo``, in one sentence: the SLO that none of
+    the configurations that ran meets ("binds"), with the lowest p99 reached against its target; both when neither
+    is met; or that each is met, but never both by one configuration."""
+    ran = table[table["error"].isna()]
+    if ran.empty:
+        return "No configuration could serve the workload (each row's error says why)."
+    ttft_ok = int((ran["ttft_ms_p99"] <= slo.ttft_p99_ms).sum())
+    tpot_ok = int((ran["tpot_ms_p99"] <= slo.tpot_p99_ms).sum())
+    ttft = f"the lowest TTFT p99 is {ran['ttft_ms_p99'].min():,.0f} ms against {slo.ttft_p99_ms:,g} ms"
+    tpot = f"the lowest TPOT p99 is {ran['tpot_ms_p99'].min():,.1f} ms against {slo.tpot_p99_ms:,g} ms"
+    if not ttft_ok and not tpot_ok:
+        return f"Both SLOs bind: {ttft}, and {tpot}."
+    if not ttft_ok:
+        return f"The TTFT SLO binds: {ttft} ({tpot_ok} of {len(ran)} configurations meet the TPOT SLO)."
+    if not tpot_ok:
+        return f"The TPOT SLO binds: {tpot} ({ttft_ok} of {len(ran)} configurations meet the TTFT SLO)."
+    meet = f"configuration{'s meet' if ttft_ok != 1 else ' meets'}"
+    return (f"Each SLO is met on its own ({ttft_ok} {meet} the TTFT SLO, {tpot_ok} the TPOT SLO), but never both by "
+            "one configuration.")
+
+
 def summary_lines(result: SearchResult) -> list[str]:
     """What the search found, in sentences computed from its tables."""
     slo = f"TTFT p99 <= {result.slo.ttft_p99_ms:g} ms and TPOT p99 <= {result.slo.tpot_p99_ms:g} ms"
@@ -315,7 +337,7 @@ def summary_lines(result: SearchResult) -> list[str]:
     lines = [f"{meeting} of {len(result.configs)} configurations meet {slo} at {result.rate:.3g} requests/s "
              f"({result.simulations} simulations, {result.seconds:.1f} s)."]
     if result.best is None:
-        lines.append("No configuration meets the SLOs at this rate.")
+        lines.append(f"No configuration meets the SLOs at this rate. {binding_slo(result.configs, result.slo)}")
     else:
         b = result.best
         lines.append(f"Best: {describe_config(b)}: {float(b['output_tok_per_s']):,.0f} output tokens/s, TTFT p99 "

@@ -92,3 +92,41 @@ def test_the_engine_calibrated_on_this_machine_times_the_steps(page):
     assert len(at.metric) == 1
     assert any("the bundled model's engine on this machine" in c.value for c in at.caption)  # the pool caption
     assert any("R^2" in c.value for c in at.caption)  # the fitted step time, in the notes
+
+
+VALUE_CHAR_PX = 17.0  # a metric's value (36 px font): wider text is cut ("none meets the S...")
+
+
+def search_table(at):
+    return next(d.value for d in at.dataframe if "meets_slo" in d.value.columns and "pareto" in d.value.columns)
+
+
+def test_the_default_search_finds_a_configuration_and_its_metrics_fit(page):
+    # With the page's defaults no configuration met the SLOs, and the metric read "none meets the S..."
+    from streamlit.testing.v1.element_tree import Metric
+
+    from tests.app.test_figures import placed
+
+    at = page("continuous_batching", {"so_on": "true"})
+    configs = search_table(at)
+    assert configs["meets_slo"].any()
+    assert configs["best"].sum() == 1
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Configurations meeting the SLOs"] == f"{int(configs['meets_slo'].sum())} of {len(configs)}"
+    assert metrics["Best: output tokens/s"] == f"{configs.loc[configs['best'], 'output_tok_per_s'].iloc[0]:,.0f}"
+    for p in placed(at):
+        if isinstance(p.node, Metric):
+            assert len(p.node.value) * VALUE_CHAR_PX <= p.width, (p.node.label, p.node.value, p.width)
+    assert not [w.value for w in at.warning if "binds" in w.value]
+
+
+def test_when_no_configuration_meets_the_slos_the_page_says_which_binds(page):
+    # at the workload's own rate (32 requests/s) every configuration's TTFT p99 is tens of seconds
+    at = page("continuous_batching", {"so_on": "true", "so_rate": "1.0"})
+    configs = search_table(at)
+    assert not configs["meets_slo"].any()
+    assert {m.label: m.value for m in at.metric}["Best: output tokens/s"] == "none"
+    ran = configs[configs["error"].isna()]
+    binding = [w.value for w in at.warning if "binds" in w.value]
+    assert len(binding) == 1
+    assert f"The TTFT SLO binds: the lowest TTFT p99 is {ran['ttft_ms_p99'].min():,.0f} ms" in binding[0]

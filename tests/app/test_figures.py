@@ -43,7 +43,7 @@ VIEWS = {  # page -> views: a default and one changed view, plus every tab of a 
     "home": [{}, {"models": ["llama-3-70b", "gpt2", "custom"], "bits": "4", "tokens": "200000", "batch": "16"}],
     "paged_blocks": [{}, {"steps": stepper.EXAMPLE, "dist": "uniform", "bs": "8", "blocks": "24"}],
     "continuous_batching": [{}, {"pre": "swap", "n": "60", "sch": ["continuous", "chunked"], "apc": "true",
-                                 "shr": "0.5"}],
+                                 "shr": "0.5"}, {"so_on": "true"}, {"so_on": "true", "so_rate": "1.0"}],
     "serving_engine": [{}, {"eg_n": "6", "eg_apc": "false", "eg_bits": "8-bit", "eg_step": "3"}],
     "eviction": [{}, {"mode": "prefill", "ntok": "128"}],
     "quantization": [{}, {"qmethod": "int4-token", "qtokens": "64"}],
