@@ -8,6 +8,7 @@ command modules import model code (transformers) inside ``run``, so ``--help`` s
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -42,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_CELL = 40  # characters of a text cell printed (an error message is cut; the CSV keeps it whole)
+
+
+def printable(table: pd.DataFrame, width: int | None = None) -> str:
+    """``table`` as a terminal can read it: text cells cut to ``MAX_CELL`` characters and the columns wrapped into
+    blocks no wider than ``width`` (default: the terminal's, or ``COLUMNS``, else 100)."""
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    return table.to_string(index=False, max_colwidth=MAX_CELL, line_width=width)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand, print its table, optionally write it as CSV; return the exit code."""
     parser = build_parser()
@@ -51,8 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    with pd.option_context("display.max_columns", 30, "display.width", 200, "display.max_rows", 60):
-        print(table.to_string(index=False))
+    print(printable(table))
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"wrote {len(table)} rows to {args.csv}")

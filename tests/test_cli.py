@@ -51,3 +51,21 @@ def test_paged_subcommand_runs_each_part_of_the_page(tmp_path):
     check = pd.read_csv(out).iloc[0]
     assert (check.batch, check.tokens, check.q_heads, check.kv_heads) == (2, 150, 32, 8)
     assert check.max_abs_diff < 1e-5
+
+
+def test_search_prints_a_table_a_terminal_can_read(tmp_path, capsys, monkeypatch):
+    # a configuration that cannot serve the workload carries its error message: printed whole, it made one column
+    # hundreds of characters wide
+    monkeypatch.setenv("COLUMNS", "100")
+    out = tmp_path / "configs.csv"
+    code = main(["search", "--requests", "30", "--prompt-mean", "256", "--output-mean", "32", "--max-num-seqs", "8",
+                 "--max-num-batched-tokens", "512", "2048", "--schedulers", "continuous", "--block-sizes", "16",
+                 "--prefix-caching", "off", "--probes", "0", "--csv", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in printed) <= 100
+    error = pd.read_csv(out)["error"].dropna()
+    assert len(error) == 1
+    assert len(error.iloc[0]) > 40  # the CSV keeps the whole message
+    assert any(error.iloc[0][:30] in line for line in printed)
+    assert not any(error.iloc[0] in line for line in printed)  # the terminal gets it cut

@@ -32,14 +32,10 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     return compare(workload_from_args(args), setup.configs()).summary
 
 
-def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    """Register ``batching``: throughput, TTFT, TPOT, preemptions of each scheduler on one workload."""
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The flags :func:`workload_from_args` reads: a trace CSV, or a synthetic workload (defaults from
+    :class:`~kvcore.sched.workload.WorkloadConfig`). Shared by ``batching`` and ``search``."""
     w = WorkloadConfig()
-    p = sub.add_parser("batching", parents=[parent],
-                       help="static vs continuous batching vs chunked prefill on the real block manager")
-    p.add_argument("--schedulers", nargs="+", default=list(POLICIES), choices=POLICIES, help="schedulers to run")
-    p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS), help="model preset")
-    p.add_argument("--gpu", default="H100 80GB", choices=sorted(GPU_PRESETS), help="GPU preset")
     p.add_argument("--trace", metavar="CSV", help="arrival_s,prompt_tokens,output_tokens[,prefix_id] per row")
     p.add_argument("--requests", type=int, default=w.num_requests, help="synthetic requests")
     p.add_argument("--arrival", default=w.arrival, choices=ARRIVALS, help="arrival process")
@@ -54,6 +50,16 @@ def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) ->
     p.add_argument("--shared-prefix", type=float, default=w.shared_prefix_fraction,
                    help="fraction of requests starting with a shared prefix (0..1)")
     p.add_argument("--prefix-tokens", type=int, default=w.prefix_tokens, help="shared prefix length (tokens)")
+
+
+def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
+    """Register ``batching``: throughput, TTFT, TPOT, preemptions of each scheduler on one workload."""
+    p = sub.add_parser("batching", parents=[parent],
+                       help="static vs continuous batching vs chunked prefill on the real block manager")
+    p.add_argument("--schedulers", nargs="+", default=list(POLICIES), choices=POLICIES, help="schedulers to run")
+    p.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--gpu", default="H100 80GB", choices=sorted(GPU_PRESETS), help="GPU preset")
+    add_workload_args(p)
     p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at most (static: batch size)")
     p.add_argument("--budget", type=int, default=DEFAULT_BUDGETS["continuous"],
                    help="continuous batching: max_num_batched_tokens per step")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvcore.sched.cli import add_workload_args, workload_from_args
 from kvcore.sched.compare import RULES
-from kvcore.sched.workload import ARRIVALS, LENGTHS, WorkloadConfig
 from kvcore.shapes import GPU_PRESETS, PRESETS
 from kvcore.study.engines import ENGINES, Resources, TaskResult
 
@@ -177,7 +177,6 @@ def run_sweep(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def _add_search(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:
-    w = WorkloadConfig()
     p = sub.add_parser("search", parents=[parent],
                        help="serving-config search under TTFT/TPOT p99 SLOs on the simulator: best config, Pareto "
                             "front, capacity")
@@ -197,20 +196,7 @@ def _add_search(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
     p.add_argument("--prefix-caching", nargs="+", default=["off", "on"], choices=("off", "on"), help="values searched")
     p.add_argument("--pareto-latency", default="tpot_ms_p99", choices=LATENCIES, help="latency of the Pareto front")
     p.add_argument("--probes", type=int, default=4, help="rates per capacity round (0: no capacity search)")
-    p.add_argument("--requests", type=int, default=w.num_requests, help="synthetic requests")
-    p.add_argument("--arrival", default=w.arrival, choices=ARRIVALS, help="arrival process")
-    p.add_argument("--rate", type=float, default=w.rate, help="mean arrival rate (requests/s)")
-    p.add_argument("--burst-cv", type=float, default=w.burst_cv, help="bursty: CV of inter-arrival gaps")
-    p.add_argument("--lengths", default=w.lengths, choices=LENGTHS, help="length distribution")
-    p.add_argument("--prompt-mean", type=int, default=w.prompt_mean, help="mean prompt length (tokens)")
-    p.add_argument("--output-mean", type=int, default=w.output_mean, help="mean output length (tokens)")
-    p.add_argument("--spread", type=float, default=w.spread, help="uniform: +- fraction; lognormal: sigma")
-    p.add_argument("--max-prompt", type=int, default=w.max_prompt, help="longest prompt (tokens)")
-    p.add_argument("--max-output", type=int, default=w.max_output, help="longest output (tokens)")
-    p.add_argument("--shared-prefix", type=float, default=w.shared_prefix_fraction,
-                   help="fraction of requests starting with a shared prefix (0..1)")
-    p.add_argument("--prefix-tokens", type=int, default=w.prefix_tokens, help="shared prefix length (tokens)")
-    p.add_argument("--trace", metavar="CSV", help="arrival_s,prompt_tokens,output_tokens[,prefix_id] per row")
+    add_workload_args(p)
     p.add_argument("--engine", default="local", choices=ENGINES, help="local process pool or Ray tasks")
     p.add_argument("--jobs", type=int, default=1, help="simulations at once (1 = in this process)")
     p.add_argument("--address", default=None, help="ray: a running cluster to join")
@@ -221,7 +207,6 @@ def _add_search(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser
 
 def run_search(args: argparse.Namespace) -> pd.DataFrame:
     """Build the workload and the deployment, search, print the findings; return the table ``--table`` names."""
-    from kvcore.sched.cli import workload_from_args
     from kvcore.study.search import SLO, Deployment, SearchSpace, search
 
     workload = workload_from_args(args)
