@@ -19,6 +19,7 @@ from kvcore.engine import cli as engine_cli
 from kvcore.eviction import cli as eviction_cli
 from kvcore.hierarchy import cli as hierarchy_cli
 from kvcore.models import cli as models_cli
+from kvcore.needle import cli as needle_cli
 from kvcore.paged import cli as paged_cli
 from kvcore.quant import cli as quant_cli
 from kvcore.sched import cli as sched_cli
@@ -27,7 +28,7 @@ from kvcore.study import cli as study_cli
 
 # The modules registering a subcommand, in the order --help lists them.
 EXPERIMENTS = (calculator, paged_cli, hierarchy_cli, sched_cli, engine_cli, quant_cli, models_cli, eviction_cli,
-               sharing_cli, study_cli)
+               needle_cli, sharing_cli, study_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

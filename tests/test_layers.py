@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-# Lower index = lower layer. DESIGN: models <- eviction, quant <- plans <- engine, pages.
+# Lower index = lower layer. DESIGN: models <- eviction, quant <- plans, needle <- engine, pages.
 LAYERS = (
     ("kvcore.checks", "kvcore.tensors", "kvcore.device", "kvcore.noise"),
     ("kvcore.shapes",),
@@ -24,7 +24,7 @@ LAYERS = (
     ("kvcore.eviction", "kvcore.quant", "kvcore.sharing"),
     ("kvcore.kernels",),
     ("kvcore.paged",),
-    ("kvcore.sched", "kvcore.plans"),
+    ("kvcore.sched", "kvcore.plans", "kvcore.needle"),
     ("kvcore.hierarchy", "kvcore.engine"),
     ("kvcore.study",),
     ("kvcore.cli",),

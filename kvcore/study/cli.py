@@ -64,6 +64,9 @@ def _add_study(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser)
     p.add_argument("--minicache-t", type=float, default=0.6, help="minicache: SLERP weight of the upper layer")
     p.add_argument("--gqa-groups", type=int, default=None, help="gqa: KV heads after pooling (default a quarter)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--needles", type=int, default=4,
+                   help="needle-in-a-haystack prompts per method for the retrieval column (0: none)")
+    p.add_argument("--needle-tokens", type=int, default=512, help="haystack tokens of each needle prompt")
     p.add_argument("--out", metavar="DIR", default=None, help="results folder (default ./study-<model>-<hash>)")
     p.add_argument("--resume", action="store_true", help="keep the methods the folder already holds")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
@@ -86,7 +89,8 @@ def study_settings(args: argparse.Namespace):
     cap = None if args.no_weight_cap else MAX_WEIGHT_BYTES / 1e9
     return StudySettings(args.model, dtype, args.device, cap, tuple(args.methods),
                          args.new_tokens, args.prompt, args.prompt_tokens, args.repeats, args.warmup_tokens,
-                         args.ppl_tokens, args.threads, args.seed, method)
+                         args.ppl_tokens, args.threads, args.seed, method, needles=args.needles,
+                         needle_tokens=args.needle_tokens)
 
 
 def run_study(args: argparse.Namespace) -> pd.DataFrame:

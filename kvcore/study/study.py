@@ -15,6 +15,10 @@ For each method (:mod:`kvcore.study.methods`) on the same prompt, greedy decodin
   cache, with a 95% block-bootstrap interval, and its ratio to the full cache's on the same blocks (paired).
 * **agreement** with the full cache's greedy text: the share of positions holding the same token, and the
   first position that differs.
+* **retrieval**: the share of ``needles`` needle-in-a-haystack prompts (``needle_tokens`` tokens of the bundled
+  corpus, a fact with a random value hidden at spread depths, then its question) whose greedy answer through the
+  method's cache holds the value, with Wilson's interval (:mod:`kvcore.needle.probe`). Perplexity flatters
+  recency; retrieval asks for one fact from anywhere in the context.
 
 Runs are deterministic apart from the timings. Every finished method is saved at once
 (:mod:`kvcore.study.results`), so ``resume`` skips it after an interruption.
@@ -45,6 +49,8 @@ from kvcore.models.generate import GenerationSettings, TokenEvent, generate_stre
 from kvcore.models.loader import MAX_WEIGHT_BYTES, bundled_text, load_model
 from kvcore.models.perplexity import stream_text
 from kvcore.models.runtime import max_positions, model_device
+from kvcore.needle.probe import plan_answers, spread_prompts
+from kvcore.needle.tables import wilson_interval
 from kvcore.noise import Timing, block_sums, bootstrap_interval, load_average, paired_difference
 from kvcore.study import results
 from kvcore.study.methods import FAMILIES, METHODS, MethodSettings, build_method
@@ -65,6 +71,8 @@ class StudySettings:
     ``prompt_tokens`` tokens of the bundled held-out text). repeats: timed generations per method.
     warmup_tokens: tokens of the untimed warm-up generation. ppl_tokens: tokens scored for perplexity.
     threads: torch CPU threads (None = leave as is). seed: bootstrap seed. method: the methods' settings.
+    needles: needle-in-a-haystack prompts per method (0 = no retrieval column). needle_tokens: haystack tokens
+    of each.
     """
 
     model: str | None = None
@@ -81,6 +89,8 @@ class StudySettings:
     threads: int | None = 1
     seed: int = 0
     method: MethodSettings = field(default_factory=MethodSettings)
+    needles: int = 4
+    needle_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -92,6 +102,10 @@ class StudySettings:
         self.methods = tuple(dict.fromkeys(("full", *self.methods)))
         for name, low in (("new_tokens", 2), ("prompt_tokens", 1), ("repeats", 1), ("warmup_tokens", 1),
                           ("ppl_tokens", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low in (("needles", 0), ("needle_tokens", 32)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -196,6 +210,7 @@ def run_method(name: str, model, tokenizer, prompt: torch.Tensor, ppl_ids: torch
     if progress is not None:
         progress(settings.ppl_tokens, f"{name}: perplexity")
     sums, counts = block_sums(streamed.nll[0])
+    needles = needle_probe(method, tokenizer, settings, progress)
     return {
         "method": name, "family": method.family, "label": method.label,
         "tokens": [e.token_id for e in events], "text": "".join(e.text for e in events),
@@ -205,13 +220,25 @@ def run_method(name: str, model, tokenizer, prompt: torch.Tensor, ppl_ids: torch
                   for e in runs[0]],
         "load_1min": load, "peak_bytes": peak.bytes, "peak_how": peak.how,
         "kv_bytes": events[-1].kv_bytes, "kv_tokens": events[-1].kv_tokens,
-        "nll_sums": sums.tolist(), "nll_counts": counts.tolist(), "seconds": time.perf_counter() - began,
+        "nll_sums": sums.tolist(), "nll_counts": counts.tolist(), "needle_answers": [a for a, _ in needles],
+        "needle_found": [f for _, f in needles], "seconds": time.perf_counter() - began,
     }
+
+
+def needle_probe(method, tokenizer, settings: StudySettings,
+                 progress: Progress | None = None) -> list[tuple[str, bool]]:
+    """The method's answers to the study's needle prompts and whether each holds its needle's value."""
+    if not settings.needles:
+        return []
+    prompts = spread_prompts(tokenizer, settings.needles, settings.needle_tokens, settings.seed)
+    on_prompt = None if progress is None else (lambda tokens: progress(tokens, f"{method.name}: needles"))
+    return plan_answers(method.model, tokenizer, method.plan, prompts, on_prompt=on_prompt)
 
 
 def method_tokens(settings: StudySettings) -> int:
     """Tokens one method processes (warm-up, the peak-memory run, the timed runs, perplexity): a progress total."""
-    return settings.warmup_tokens + settings.new_tokens * (1 + settings.repeats) + settings.ppl_tokens
+    return (settings.warmup_tokens + settings.new_tokens * (1 + settings.repeats) + settings.ppl_tokens
+            + settings.needles * settings.needle_tokens)
 
 
 def run_study(settings: StudySettings, folder: Path | None = None, *, resume: bool = False,
@@ -286,7 +313,7 @@ def _summary_row(r: dict[str, Any], full: dict[str, Any] | None, seed: int) -> d
             "tokens_per_s": 1e3 / timing.median,
             "prefill_ms": float(np.median(r["prefill_ms"])), "peak_memory_bytes": r["peak_bytes"],
             "kv_bytes": r["kv_bytes"], "kv_tokens": r["kv_tokens"], "perplexity": ppl.estimate,
-            "ppl_low": ppl.low, "ppl_high": ppl.high}
+            "ppl_low": ppl.low, "ppl_high": ppl.high, **_retrieval(r.get("needle_found", []))}
     if full is None:
         return row
     ratio = paired_difference(sums, np.asarray(full["nll_sums"]), counts, transform=math.exp, seed=seed)
@@ -296,6 +323,15 @@ def _summary_row(r: dict[str, Any], full: dict[str, Any] | None, seed: int) -> d
                   float(np.median(full["decode_ms"])), "ppl_vs_full": ratio.estimate, "ppl_vs_full_low": ratio.low,
                   "ppl_vs_full_high": ratio.high, "agreement": float(np.mean(same)) if same else float("nan"),
                   "first_divergence": first}
+
+
+def _retrieval(found: list[bool]) -> dict[str, Any]:
+    """The retrieval column: the share of needles found with Wilson's interval (NaN with no needles)."""
+    if not found:
+        nan = float("nan")
+        return {"retrieval": nan, "retrieval_low": nan, "retrieval_high": nan, "needles": 0}
+    rate = wilson_interval(sum(found), len(found))
+    return {"retrieval": rate.estimate, "retrieval_low": rate.low, "retrieval_high": rate.high, "needles": len(found)}
 
 
 def steps_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
