@@ -10,6 +10,7 @@ from ui import step_figures as sf
 from ui.eviction_runs import EvictionText, sweep
 from ui.format import bytes_str
 from ui.guard import user_errors
+from ui.needle_figures import needle_section
 
 TOKEN_BUDGETS = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
 SHARE_BUDGETS = [0.05, 0.1, 0.125, 0.25, 0.5, 0.75]
@@ -103,3 +104,4 @@ tables.show_table(table, "eviction", "results", settings, caption=eviction_figur
 with st.expander("Per-layer and per-token tables"):
     tables.show_table(results.layers, "eviction", "layers", settings)
     tables.show_table(results.tokens, "eviction", "tokens", settings)
+needle_section()

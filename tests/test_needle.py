@@ -149,14 +149,15 @@ def test_summary_calls_a_loss_only_beyond_the_noise():
 
 
 def test_agreement_names_the_disagreements_each_beyond_its_noise():
-    def row(ppl_low, ppl_high, verdict):
+    def row(ppl_low, ppl_high, verdict, haystacks=12):
         return pd.Series({"method": "evict:x", "ppl_vs_full": (ppl_low + ppl_high) / 2, "ppl_vs_full_low": ppl_low,
-                          "ppl_vs_full_high": ppl_high, "verdict": verdict})
+                          "ppl_vs_full_high": ppl_high, "verdict": verdict, "haystacks": haystacks})
     assert agreement(row(0.99, 1.05, LOSES)) == FINE_LOST
     assert agreement(row(1.3, 1.6, "within noise")) == WORSE_KEPT
     assert agreement(row(1.3, 1.6, LOSES)) == "both worse"
     assert agreement(row(0.99, 1.05, "within noise")) == "both fine"
     assert "band" in agreement(row(1.05, 1.2, LOSES))  # the interval straddles the tolerance: no call
+    assert agreement(row(1.3, 1.6, "within noise", haystacks=3)).startswith("too few haystacks")
 
 
 # --- one prefill, every method: the same as each method's own plan ---------------------------------------------------
@@ -260,7 +261,7 @@ def test_cli_summary_joins_the_eviction_sweeps_perplexity(tmp_path):
 
 def test_join_keys_each_budget_to_its_own_perplexity_row():
     summary = pd.DataFrame({"method": ["full", "evict:a", "evict:a"], "budget": pd.Series([None, 8, 0.5], dtype=object),
-                            "verdict": ["baseline", LOSES, "within noise"]})
+                            "verdict": ["baseline", LOSES, "within noise"], "haystacks": [12, 12, 12]})
     ppl = pd.DataFrame({"method": ["full", "evict:a", "evict:a"], "budget": pd.Series([None, 0.5, 8], dtype=object),
                         "ppl": [10.0, 11.0, 30.0], "ppl_low": [9.0, 10.0, 25.0], "ppl_high": [11.0, 12.0, 35.0],
                         "ppl_vs_full": [1.0, 1.1, 3.0], "ppl_vs_full_low": [1.0, 1.05, 2.5],

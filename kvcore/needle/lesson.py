@@ -22,11 +22,13 @@ from kvcore.eviction.runner import run_policy
 from kvcore.models.runtime import text_ids
 from kvcore.needle.config import NeedleConfig
 from kvcore.needle.tables import BASELINE, LOSES, describe_rate
+from kvcore.noise import MIN_UNITS
 
 PPL_TOLERANCE = 0.10  # a perplexity ratio surely under 1 + this is "fine"; surely over it, "worse"
 PPL_COLUMNS = ["ppl", "ppl_low", "ppl_high", "ppl_vs_full", "ppl_vs_full_low", "ppl_vs_full_high", "ppl_verdict",
                "ppl_tokens"]
-FINE_LOST, WORSE_KEPT = "perplexity fine, needle lost", "perplexity worse, needle not lost"
+FINE_LOST, WORSE_KEPT = "perplexity fine, needle lost", "perplexity worse, no needle lost beyond the noise"
+TOO_FEW = f"too few haystacks to judge retrieval (fewer than {MIN_UNITS})"
 Progress = Callable[[int, int, str], None]
 
 
@@ -55,11 +57,14 @@ def _key(frame: pd.DataFrame) -> pd.Series:
 
 
 def agreement(row: Any, tolerance: float = PPL_TOLERANCE) -> str:
-    """What perplexity and retrieval say of one method at one budget, each beyond its noise or not."""
+    """What perplexity and retrieval say of one method at one budget, each beyond its noise or not (retrieval is
+    judged only over :data:`~kvcore.noise.MIN_UNITS` haystacks or more)."""
     if row.method == "full":
         return BASELINE
     if not isinstance(row.ppl_vs_full, float) or math.isnan(row.ppl_vs_full):
         return "no perplexity run"
+    if row.haystacks < MIN_UNITS:
+        return TOO_FEW
     fine, worse = row.ppl_vs_full_high <= 1 + tolerance, row.ppl_vs_full_low > 1 + tolerance
     lost = row.verdict == LOSES
     if fine:
