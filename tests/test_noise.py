@@ -43,13 +43,18 @@ def test_a_constant_has_no_noise_and_the_estimate_is_the_ratio_of_sums():
     assert exp.estimate == pytest.approx(math.exp(2.0))
 
 
-def test_the_same_seed_gives_the_same_interval_and_resamples_are_rows_of_units():
+def test_the_seed_chooses_the_resamples_and_every_unit_can_be_drawn():
+    """Seeded (the same URL shows the same interval), and the seed is used: another seed moves the ends.
+    Each row is one bootstrap sample of all 7 units, drawn with replacement from all of them."""
     x = np.random.default_rng(1).normal(size=40)
     assert bootstrap_interval(x, seed=3) == bootstrap_interval(x, seed=3)
-    idx = resample_indices(7, 5, seed=0)
-    assert idx.shape == (5, 7)
-    assert idx.min() >= 0
-    assert idx.max() < 7
+    assert bootstrap_interval(x, seed=3) != bootstrap_interval(x, seed=4)
+    idx = resample_indices(7, 2000, seed=0)
+    assert idx.shape == (2000, 7)
+    assert sorted(set(idx.ravel().tolist())) == list(range(7))  # unit 0 and unit 6 included, nothing else
+    assert (resample_indices(7, 5, seed=0) != resample_indices(7, 5, seed=1)).any()
+    counts = np.bincount(idx.ravel(), minlength=7) / idx.size
+    assert np.abs(counts - 1 / 7).max() < 0.01  # uniform over the units
 
 
 def test_the_interval_of_a_mean_is_about_four_standard_errors_wide():

@@ -18,12 +18,11 @@ import pytest
 from kvcore.cli import main
 from kvcore.models.loader import bundled_text, load_model
 from kvcore.models.perplexity import token_nll
-from kvcore.study import cli as study_cli
 from kvcore.study import study as study_module
 from kvcore.study.methods import METHODS, MethodSettings, gqa_default
+from kvcore.study.names import TABLES
 from kvcore.study.results import settings_difference
-from kvcore.study.search import LATENCIES
-from kvcore.study.study import DTYPES, TABLES, StudySettings, summary_table
+from kvcore.study.study import StudySettings, summary_table
 
 TINY = ["--new-tokens", "6", "--prompt-tokens", "8", "--repeats", "2", "--warmup-tokens", "2", "--ppl-tokens", "40",
         "--budget", "8", "--no-progress"]
@@ -184,13 +183,6 @@ def test_full_is_always_the_first_method_and_settings_differences_are_named():
     a, b = StudySettings(), StudySettings(new_tokens=8)
     assert settings_difference(a.record(), b.record()) == ["new_tokens"]
     assert a.folder_name() == StudySettings(methods=("int4",)).folder_name() != b.folder_name()
-
-
-def test_the_command_line_lists_what_the_package_defines():
-    assert study_cli.STUDY_METHODS == METHODS
-    assert tuple(DTYPES) == study_cli.DTYPES
-    assert study_cli.STUDY_TABLES == TABLES
-    assert study_cli.LATENCIES == LATENCIES
 
 
 def test_half_precision_weights_run_a_method(tmp_path):

@@ -14,13 +14,9 @@ from kvcore.sched.cli import add_workload_args, workload_from_args
 from kvcore.sched.compare import RULES
 from kvcore.shapes import GPU_PRESETS, PRESETS
 from kvcore.study.engines import ENGINES, Resources, TaskResult
-
-# kvcore.study.methods.METHODS and kvcore.study.study.DTYPES / TABLES, kept here so --help stays fast
-STUDY_METHODS = ("full", "streaming_llm", "sliding_window", "h2o", "minicache", "int8", "int4", "kivi-2", "gqa")
-DTYPES = ("float32", "float16", "bfloat16")
-STUDY_TABLES = ("summary", "steps", "texts")
-SEARCH_TABLES = ("configs", "capacity", "pareto")
-LATENCIES = ("ttft_ms_p99", "tpot_ms_p99", "e2e_ms_p99")  # kvcore.study.search.LATENCIES
+from kvcore.study.names import DTYPES, LATENCIES, SEARCH_TABLES
+from kvcore.study.names import METHODS as STUDY_METHODS
+from kvcore.study.names import TABLES as STUDY_TABLES
 
 
 def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) -> None:

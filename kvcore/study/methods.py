@@ -26,10 +26,8 @@ from kvcore.quant.hf_cache import quantized_plan
 from kvcore.quant.methods import METHODS as QUANT_METHODS
 from kvcore.sharing.convert import pool_kv_heads, valid_groups
 from kvcore.sharing.crosslayer import CrossLayerSettings, cross_layer_plan
+from kvcore.study.names import EVICTION, METHODS, QUANTIZED
 
-EVICTION = ("streaming_llm", "sliding_window", "h2o")
-QUANTIZED = {"int8": "int8-token", "int4": "int4-token", "kivi-2": "kivi-2"}
-METHODS = ("full", *EVICTION, "minicache", *QUANTIZED, "gqa")
 FAMILIES = {"full": "baseline", **dict.fromkeys(EVICTION, "eviction"), "minicache": "cross-layer",
             **dict.fromkeys(QUANTIZED, "quantization"), "gqa": "heads"}
 

@@ -34,9 +34,9 @@ from kvcore.sched.cost import FittedCost
 from kvcore.sched.simulate import simulate
 from kvcore.sched.workload import Workload
 from kvcore.study.engines import TaskResult, run_tasks
+from kvcore.study.names import LATENCIES
 
 SCHEDULERS = ("continuous", "chunked")
-LATENCIES = ("ttft_ms_p99", "tpot_ms_p99", "e2e_ms_p99")
 CONFIG_COLUMNS = ("scheduler", "max_num_seqs", "max_num_batched_tokens", "block_size", "prefix_caching")
 METRICS = ("output_tok_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99",
            "e2e_ms_p99", "preemptions", "peak_kv_usage", "prefix_hit_rate", "kv_blocks")

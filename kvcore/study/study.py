@@ -54,9 +54,9 @@ from kvcore.needle.tables import wilson_interval
 from kvcore.noise import Timing, block_sums, bootstrap_interval, load_average, paired_difference
 from kvcore.study import results
 from kvcore.study.methods import FAMILIES, METHODS, MethodSettings, build_method
+from kvcore.study.names import DTYPES as DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TABLES = ("summary", "steps", "texts")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 Progress = Callable[[int, str], None]  # (tokens processed since the last call, what is running)
 
 
