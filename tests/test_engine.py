@@ -225,11 +225,43 @@ def test_the_measured_run_reads_like_a_simulation(bundled, mixed_prompts):
     result = engine.result()
     assert len(result.requests) == 8
     assert (result.requests["generated_tokens"] == 6).all()
-    assert (result.requests["ttft_ms"] > 0).all()
     assert result.timeline["batch_tokens"].sum() == engine.stats.model_tokens
     assert len(result.timeline) == engine.stats.steps
     assert result.summary["output_tokens"].iloc[0] == 48
     assert (result.timeline["batch_tokens"] <= 128).all()
+
+
+def test_latencies_follow_the_measured_steps(bundled, monkeypatch):
+    """A clock that only the model moves, 10 ms per sequence in a step, makes every time countable by hand.
+
+    Two seats, three 20-token prompts of 3 output tokens each: step 0 prefills r0 and r1 (20 ms, both first
+    tokens at 20 ms), steps 1-2 decode them (40, 60 ms: both finish); r2 waits for a seat, step 3 prefills it
+    (70 ms) and steps 4-5 decode it (80, 90 ms).
+    """
+    import kvcore.engine.engine as engine_module
+
+    model, _ = bundled
+    clock = [0.0]
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
+    engine = LLMEngine(model, num_blocks=64, max_num_seqs=2, max_num_batched_tokens=64)
+    execute = engine.runner.execute
+
+    def timed(chunks):
+        clock[0] += 0.010 * len(chunks)
+        return execute(chunks)
+
+    monkeypatch.setattr(engine.runner, "execute", timed)
+    engine.generate([[5 + i] * 20 for i in range(3)], SamplingParams(max_tokens=3, ignore_eos=True))
+    result = engine.result()
+    requests = result.requests.set_index("request")
+    assert requests["ttft_ms"].round(6).tolist() == [20.0, 20.0, 70.0]
+    assert requests["tpot_ms"].round(6).tolist() == [20.0, 20.0, 10.0]  # (60 - 20) / 2 and (90 - 70) / 2
+    assert requests["e2e_ms"].round(6).tolist() == [60.0, 60.0, 90.0]
+    assert requests["queue_ms"].round(6).tolist() == [0.0, 0.0, 60.0]
+    assert (result.timeline["step_s"] * 1e3).round(6).tolist() == [20.0, 20.0, 20.0, 10.0, 10.0, 10.0]
+    summary = result.summary.iloc[0]
+    assert summary["makespan_s"] == pytest.approx(0.090)
+    assert summary["output_tok_per_s"] == pytest.approx(9 / 0.090)
 
 
 def test_cli_serves_a_workload_and_compares_it(tmp_path, capsys):
