@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kvcore.cli import main
+from kvcore.cli import build_parser, main
 from kvcore.eviction import H2O, TOVA, RandomEviction, SlidingWindow, SnapKV, StreamingLLM
 from kvcore.eviction.hook import eviction_plan
 from kvcore.models.loader import bundled_text, load_model
@@ -24,8 +24,10 @@ from kvcore.needle.run import read_prefill
 from kvcore.needle.tables import LOSES, summary_table, wilson_interval
 from kvcore.quant.hf_cache import quantized_plan
 from kvcore.quant.methods import METHODS
+from kvcore.study.grid import grid_cells, read_grid
 from kvcore.study.methods import MethodSettings, build_method
 from kvcore.study.study import StudySettings, needle_probe, run_study
+from kvcore.study.sweep import sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # one-token steps: threads only thrash on a shared CPU
 
@@ -298,3 +300,16 @@ def test_study_summary_has_a_retrieval_column_with_its_interval(tmp_path):
             summary.loc["full", "retrieval_high"]) == (rate.estimate, rate.low, rate.high)
     assert summary.loc["int8", "retrieval_low"] <= summary.loc["int8", "retrieval"] <= summary.loc["int8",
                                                                                                     "retrieval_high"]
+
+
+def test_a_needle_grid_runs_through_the_sweep(tmp_path):
+    grid = tmp_path / "needle.toml"
+    grid.write_text('experiment = "needle"\n[settings]\nmodel = "bundled"\nmethods = ["sliding_window"]\n'
+                    'budgets = [16]\nlengths = [64]\ndepths = [0.5]\nneedles = 1\ntable = "summary"\n'
+                    '[grid]\nquestion = ["compressed", "after"]\n')
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    done = sweep(grid_cells(read_grid(grid), sub.choices), engine="local", jobs=1)
+    assert done.failed == 0
+    assert done.table["cell"].tolist() == [0, 0, 1, 1]
+    assert done.table["question"].tolist() == ["compressed", "compressed", "after", "after"]
+    assert done.table["method"].tolist() == ["full", "evict:sliding_window"] * 2
