@@ -19,19 +19,24 @@ st.markdown(
     "**Cross-layer** sharing lets adjacent layers keep one K/V between them (CLA, Brandon et al. 2024; MiniCache, "
     "Liu et al. 2024). Below: the memory each saves on real model shapes, then what it costs on the bundled model, "
     "converted after training or trained that way from scratch.")
-with st.sidebar:
-    preset = params.widget(st.selectbox, "Model preset", key="sh_model", options=list(PRESETS), index=2)
-    shape, options = PRESETS[preset], sharing.divisors(PRESETS[preset].num_q_heads)
-    kv = params.widget(st.selectbox, "KV heads", key="sh_kv", options=options, index=options.index(shape.num_kv_heads))
-    tokens = params.widget(st.number_input, "Context (tokens)", key="sh_tokens", min_value=1, max_value=2_000_000,
-                           value=8192, step=1024)
-    batch = params.widget(st.number_input, "Batch (sequences)", key="sh_batch", min_value=1, max_value=4096, value=8)
-    bits = params.widget(st.segmented_control, "KV bits", key="sh_bits", options=list(KV_BITS), default=16,
-                         required=True)
-    gpu = params.widget(st.selectbox, "GPU", key="sh_gpu", options=list(GPU_PRESETS))
-    seed = params.widget(st.number_input, "Seed (training runs)", key="sh_seed", min_value=0, max_value=9999, value=0)
-
 tab_heads, tab_layers, tab_convert, tab_scratch = params.widget(st.tabs, sf.TABS, key="sh_tab")
+calc = not tab_heads.open  # the calculator's settings shape the Heads tab only: greyed out on the others
+with st.sidebar:
+    preset = params.widget(st.selectbox, "Model preset", key="sh_model", options=list(PRESETS), index=2, disabled=calc)
+    shape, options = PRESETS[preset], sharing.divisors(PRESETS[preset].num_q_heads)
+    kv = params.widget(st.selectbox, "KV heads", key="sh_kv", options=options, index=options.index(shape.num_kv_heads),
+                       disabled=calc)
+    tokens = params.widget(st.number_input, "Context (tokens)", key="sh_tokens", min_value=1, max_value=2_000_000,
+                           value=8192, step=1024, disabled=calc)
+    batch = params.widget(st.number_input, "Batch (sequences)", key="sh_batch", min_value=1, max_value=4096, value=8,
+                          disabled=calc)
+    bits = params.widget(st.segmented_control, "KV bits", key="sh_bits", options=list(KV_BITS), default=16,
+                         required=True, disabled=calc)
+    gpu = params.widget(st.selectbox, "GPU", key="sh_gpu", options=list(GPU_PRESETS), disabled=calc)
+    seed = params.widget(st.number_input, "Seed (training runs)", key="sh_seed", min_value=0, max_value=9999, value=0,
+                         disabled=tab_heads.open or tab_layers.open)
+    st.caption(sf.sidebar_note(tab_heads.open, tab_layers.open))
+
 if tab_heads.open:
     with tab_heads, user_errors("Calculator"):
         table = sharing.kv_heads_table(shape, tokens, batch, bits, GPU_PRESETS[gpu])
@@ -39,7 +44,10 @@ if tab_heads.open:
         figures.show(sf.head_groups(shape.num_q_heads, kv, f"{preset} with {kv} KV heads: {row.attention}, "
                                     f"{row.q_heads_per_kv_head} query head(s) per KV head"), key="groups")
         sf.head_metrics(row, tokens, batch, gpu)
-        sf.side_by_side([sf.bytes_per_token(table, bits), sf.capacity(shape, GPU_PRESETS[gpu], bits, tokens)], "calc")
+        if note := sf.weights_note(table, kv, GPU_PRESETS[gpu]):
+            st.warning(note)
+        fit = sf.capacity(shape, GPU_PRESETS[gpu], bits, tokens)
+        sf.side_by_side([sf.bytes_per_token(table, bits), *([fit] if fit else [])], "calc")
         tables.show_table(table, "sharing", "kv-heads", {"model": preset, "tokens": tokens, "batch": batch,
                                                          "bits": bits}, caption=sf.HEADS_CAPTION)
 
@@ -57,6 +65,7 @@ if tab_layers.open:
         with user_errors("Cross-layer sharing"):
             cl = crosslayer(mode, t if mode != "share" else 0.5).table
         st.caption(sf.MODE_TEXT[mode])
+        st.caption(sf.crosslayer_summary(cl, start))
         left, right = st.columns([3, 2])
         with left:
             figures.show(sf.crosslayer(cl, start), key="cl")
@@ -94,5 +103,6 @@ if tab_scratch.open:
                                    value=20, step=10)
             with user_errors("Training"):
                 run = live(live_settings(lsteps, seed))
+            st.caption(sf.shipped_caption(run.summary, "Live run"))
             sf.side_by_side(sf.curves(run.curves, "Live run"), "live")
             tables.show_table(run.summary, "sharing", "kv-heads-live", {"steps": lsteps, "seed": seed})

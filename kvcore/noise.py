@@ -145,6 +145,35 @@ def paired_difference(a, b, counts=None, *, transform: Callable[[float], float] 
     return bootstrap_interval(a - b, counts, transform=transform, resamples=resamples, level=level, seed=seed)
 
 
+def paired_means(runs: Sequence, base: int = 0, *, block: int = BLOCK_TOKENS, resamples: int = RESAMPLES,
+                 level: float = LEVEL, seed: int = 0) -> tuple[list[Interval], list[Interval]]:
+    """Each run's mean and its difference from run ``base``, with intervals from one paired block bootstrap.
+
+    runs: M runs' per-token values on the same tokens (e.g. NLL in nats), each ``[n]`` or ``[W, n]`` (W windows;
+    a block never crosses one). Every run is resampled on the same blocks of ``block`` consecutive tokens, so
+    a difference carries only the runs' own noise, not the text's. Returns (M mean intervals, M difference
+    intervals; the base's is exactly 0). ``math.exp`` maps a mean NLL to a perplexity and a difference to a
+    perplexity ratio (:meth:`Interval.map`).
+    """
+    if not runs or not 0 <= base < len(runs):
+        raise ValueError(f"need at least one run and 0 <= base < {len(runs)}, got base {base}")
+    units = [block_sums(run, block) for run in runs]
+    if any(not np.array_equal(u[1], units[0][1]) for u in units):
+        raise ValueError("paired runs must score the same tokens (the same shape)")
+    counts = units[0][1]
+    sums = np.stack([u[0] for u in units], axis=1)  # [units, M]
+    samples = bootstrap_ratios(sums, counts, resamples=resamples, seed=seed).reshape(resamples, -1)  # [R, M]
+    mean = sums.sum(axis=0) / counts.sum()  # [M]
+    low, high = _percentiles(samples, level)
+    d_low, d_high = _percentiles(samples - samples[:, [base]], level)
+    n = len(counts)
+    means = [Interval(float(m), float(min(lo, m)), float(max(hi, m)), level, n)
+             for m, lo, hi in zip(mean, low, high, strict=True)]
+    diffs = [Interval(float(d), float(min(lo, d)), float(max(hi, d)), level, n)
+             for d, lo, hi in zip(mean - mean[base], d_low, d_high, strict=True)]
+    return means, diffs
+
+
 def block_sums(values, block: int = BLOCK_TOKENS) -> tuple[np.ndarray, np.ndarray]:
     """Per-unit totals of ``values`` ``[n]`` or ``[rows, n]`` cut into blocks of ``block`` consecutive entries.
 

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
+from kvcore.noise import load_average, load_note
 from kvcore.sharing.variants import (
     CURVES_CSV,
     RESULTS_DIR,
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-batch", type=int, default=d.decode_batch, help="sequences decoded together")
     p.add_argument("--decode-prompt", type=int, default=d.decode_prompt, help="prompt tokens in the cache")
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens, help="timed decode steps")
-    p.add_argument("--decode-rounds", type=int, default=d.decode_rounds, help="interleaved rounds (median kept)")
+    p.add_argument("--decode-rounds", type=int, default=d.decode_rounds, help="interleaved rounds (median, IQR kept)")
     p.add_argument("--decode-only", action="store_true",
                    help="only re-measure the decode speed of the shipped summary (model shape from run.json)")
     p.add_argument("--threads", type=int, default=1,
@@ -96,12 +97,15 @@ def markdown_table(df: pd.DataFrame) -> str:
 def readme(run: dict, summary: pd.DataFrame) -> str:
     """The results folder's README: what was run, how, where, and the summary table."""
     s = run["settings"]
-    cols = ["variant", "params", "val_bits_per_byte", "val_perplexity", "kv_bytes_per_token_16bit",
-            "decode_tokens_per_s", "train_s"]
+    cols = [c for c in ("variant", "params", "val_bits_per_byte", "val_bits_per_byte_low", "val_bits_per_byte_high",
+                        "val_perplexity", "kv_bytes_per_token_16bit", "decode_tokens_per_s", "decode_tokens_per_s_q1",
+                        "decode_tokens_per_s_q3", "train_s") if c in summary]
     d = {"batch": s["decode_batch"], "prompt": s["decode_prompt"], "tokens": s["decode_tokens"],
          "rounds": s["decode_rounds"]} | run.get("decode", {})
     note = (f" (re-measured with `{d['command']}` on freshly initialized models of the same shapes: speed does not "
             "depend on the weight values)" if "command" in d else "")
+    if "load_1min" in d:
+        note += f"; {load_note(d['load_1min'], os.cpu_count())} when it finished"
     return f"""# Tiny models that differ only in KV heads
 
 Produced by `scripts/train_kv_head_variants.py`; read by `kvcore.sharing.variants.shipped_results()` and the
@@ -118,14 +122,25 @@ Sharing page. `run.json` holds the same facts as this file, for programs.
 - Wall time: {run['wall_min']:.1f} min for training, evaluation and the first decode timing
 - Machine: {run['machine']}; the CPU was shared with other jobs, so times and tokens/s are indicative only
 - Decode speed: greedy, batch {d['batch']}, a {d['prompt']}-token prompt in the cache, {d['tokens']} timed steps,
-  median of {d['rounds']} rounds interleaved over the variants, transformers SDPA attention{note}
+  median of {d['rounds']} rounds interleaved over the variants (`_q1`, `_q3`: the interquartile range of the
+  rounds), transformers SDPA attention{note}
 
 {markdown_table(summary[cols])}
 
 `kv_heads_curves.csv`: one row per variant and step (`train_loss`, `train_loss_ema`, `lr`, `elapsed_s` = seconds
 in training steps); `val_*` columns are filled at step 0, every {s['eval_every']} steps and the last step.
-`kv_heads_summary.csv`: one row per variant, measured after the last step.
+`kv_heads_summary.csv`: one row per variant, measured after the last step{interval_note(summary)}
 """
+
+
+def interval_note(summary: pd.DataFrame) -> str:
+    """What the summary says about the noise of its validation numbers."""
+    if "val_bits_per_byte_low" in summary:
+        return ("; `_low` / `_high`: 95% intervals from a paired block bootstrap over the validation tokens "
+                "(`bpb_vs_mha`: the difference from MHA on the same tokens, `vs_mha`: better or worse only beyond "
+                "the noise).")
+    return (". This run kept no per-token validation losses, so its bits per byte carry no interval and the "
+            "variants are not ranked by them; a new training run writes the intervals.")
 
 
 def settings_from(values: dict) -> VariantSettings:
@@ -140,11 +155,12 @@ def decode_only(args: argparse.Namespace) -> None:
     settings = settings_from(run["settings"] | {f"decode_{k}": v for k, v in decode.items()})
     summary = remeasure_decode(settings, pd.read_csv(args.out / SUMMARY_CSV.name))
     run["decode"] = decode | {"command": "python scripts/train_kv_head_variants.py " + " ".join(sys.argv[1:]),
-                              "machine": machine()}
+                              "machine": machine(), "load_1min": round(load_average(), 2)}
     summary.to_csv(args.out / SUMMARY_CSV.name, index=False)
     (args.out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     (args.out / "README.md").write_text(readme(run, summary))
-    print(summary[["variant", "decode_batch", "decode_context", "decode_tokens_per_s"]].to_string(index=False))
+    print(summary[["variant", "decode_batch", "decode_context", "decode_tokens_per_s", "decode_tokens_per_s_q1",
+                   "decode_tokens_per_s_q3", "decode_rounds"]].to_string(index=False))
 
 
 def main(argv: list[str] | None = None) -> None:

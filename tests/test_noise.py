@@ -160,3 +160,30 @@ def test_time_repeats_warms_up_then_times_each_call():
     assert 0 <= timing.minimum <= timing.median <= timing.maximum
     with pytest.raises(ValueError, match="repeats"):
         time_repeats(lambda: None, repeats=0)
+
+
+def test_paired_means_remove_the_texts_own_difficulty():
+    import torch
+
+    from kvcore.noise import paired_means
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.rand(4, 64, generator=g) * 6  # [W, n]: hard and easy tokens, shared by every run
+    shifted = text + 0.25  # the same tokens, 0.25 nats worse each
+    jitter = text + 0.02 * torch.randn(4, 64, generator=g)
+    means, diffs = paired_means([text, shifted, jitter], base=0)
+    assert means[0].estimate == pytest.approx(float(text.double().mean()))
+    assert (means[0].low, means[0].high) != (means[0].estimate, means[0].estimate)  # the text's spread ...
+    assert diffs[1].low == pytest.approx(0.25)  # ... cancels in a paired difference: a constant shift is exact
+    assert diffs[1].high == pytest.approx(0.25)
+    assert (diffs[0].estimate, diffs[0].low, diffs[0].high) == (0.0, 0.0, 0.0)
+    assert diffs[2].includes(0.0) or abs(diffs[2].estimate) < 0.01
+    assert diffs[1].units == 16  # 4 windows x 4 blocks of 16 tokens
+    ratio = diffs[1].map(math.exp)
+    assert ratio.versus(1.0, below="better", above="worse") == "worse"
+    again = paired_means([text, shifted, jitter], base=0)
+    assert again[1][2] == diffs[2]  # seeded
+    with pytest.raises(ValueError, match="same tokens"):
+        paired_means([text, text[:, :32]])
+    with pytest.raises(ValueError, match="base"):
+        paired_means([text], base=1)

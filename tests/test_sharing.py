@@ -303,3 +303,59 @@ def test_cli_calc_writes_the_table(tmp_path, capsys):
     assert table["kv_heads"].tolist() == divisors(32)
     assert "MQA" in capsys.readouterr().out
     assert cli_main(["sharing", "--experiment", "calc", "--tokens", "0"]) == 2
+
+
+# --- noise of the compared numbers --------------------------------------------------------------------------------
+
+
+def test_cross_layer_rows_carry_paired_intervals_against_the_full_cache(ids):
+    model = tiny()
+    table = crosslayer_experiment(model, ids, [CrossLayerSettings(m, 2, 0.6) for m in MODES]).table
+    assert table["vs_full"].iloc[0] == "baseline"
+    assert (table.loc[0, ["ppl_vs_full", "ppl_vs_full_low", "ppl_vs_full_high"]] == 1.0).all()
+    assert (table["perplexity_low"] <= table["perplexity"]).all()
+    assert (table["perplexity"] <= table["perplexity_high"]).all()
+    assert set(table["vs_full"].iloc[1:]) <= {"worse", "better", "within noise"}
+    assert table["t"].isna().tolist() == [True, True, False, False]  # the full cache and share merge nothing
+    assert table.loc[2, "t"] == 0.6
+    ratio = table["perplexity"] / table["perplexity"].iloc[0]
+    assert table["ppl_vs_full"].to_numpy() == pytest.approx(ratio.to_numpy())
+
+
+def test_conversion_rows_carry_paired_intervals_and_say_what_uptraining_did():
+    tokenizer = bundled_tokenizer()
+    model = tiny(vocab=len(tokenizer))
+    streams = data_streams(tokenizer, "bundled")
+    settings = ConvertSettings(groups=(8, 1), context=32, eval_windows=4, uptrain_steps=2, uptrain_batch=2)
+    table = convert_experiment(model, tokenizer, settings, streams=streams).table
+    assert table["vs_original"].tolist()[0] == "original"
+    mqa = table.iloc[-1]
+    assert mqa.ppl_vs_original_low <= mqa.ppl_vs_original <= mqa.ppl_vs_original_high
+    assert mqa.ppl_vs_original == pytest.approx(mqa.perplexity / table.iloc[0].perplexity)
+    assert mqa.perplexity_uptrained_low <= mqa.perplexity_uptrained <= mqa.perplexity_uptrained_high
+    assert mqa.uptrained_vs_pooled == pytest.approx(mqa.perplexity_uptrained / mqa.perplexity)
+    assert set(table["uptraining"]) <= {"better", "worse", "within noise"}
+    # the perplexity is evaluate()'s, per token: the same windows give the same mean
+    from kvcore.models.training import evaluate
+    from kvcore.sharing.convert import pool_kv_heads
+
+    val_ids, val_bytes = streams[1], streams[2]
+    direct = evaluate(pool_kv_heads(model, 1), val_ids, 32, tokenizer.bos_token_id, val_bytes, max_windows=4)
+    assert mqa.perplexity == pytest.approx(math.exp(direct["val_nats_per_token"]), rel=1e-5)
+    assert mqa.bits_per_byte == pytest.approx(direct["val_bits_per_byte"], rel=1e-5)
+
+
+def test_a_speed_is_faster_only_when_the_interquartile_ranges_part():
+    from kvcore.sharing.variants import decode_columns, speed_versus
+
+    rows = pd.DataFrame(decode_columns([[500, 520, 540, 560, 580], [900, 950, 1000, 1050, 1100],
+                                        [500, 550, 700, 800, 1200], [900], [2000]]))
+    mha, mqa, wide, once, once_fast = (rows.iloc[i] for i in range(5))
+    assert mha.decode_tokens_per_s == 540
+    assert (mha.decode_tokens_per_s_q1, mha.decode_tokens_per_s_q3) == (520, 560)
+    assert speed_versus(mqa, mha) == "faster"
+    assert speed_versus(mha, mqa) == "slower"
+    assert speed_versus(wide, mha) == "within noise"  # a higher median, but its IQR (550-800) overlaps 520-560
+    assert speed_versus(once_fast, once) == "within noise"  # one round each: no spread to tell
+    shipped = pd.Series({"decode_tokens_per_s": 538.0})
+    assert speed_versus(shipped, shipped) == "no spread measured"

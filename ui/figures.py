@@ -83,6 +83,9 @@ def style(fig: go.Figure, title: str | None = None, *, x: str | None = None, y: 
         if fig.layout[name].type == "log" and (positive := values[values > 0]).size:
             ticks = log_ticks(float(positive.min()), float(positive.max()))
             fig.layout[name].update(tickmode="array", tickvals=ticks, ticktext=[tick_text(t) for t in ticks])
+            if fig.layout[name].range is None and fig.layout[name].autorange is None:
+                # from the tick below the data to the tick above it, so both ends of the axis are labelled
+                fig.layout[name].update(range=[math.log10(ticks[0]), math.log10(ticks[-1])])
     return fig
 
 
@@ -171,7 +174,7 @@ def place_labels(points: Sequence[tuple[float, float]], texts: Sequence[str], si
 
 def axis_values(fig: go.Figure) -> dict[str, np.ndarray]:
     """The numeric data each axis shows (layout name, e.g. ``xaxis2``, -> finite values); categorical axes are left
-    out. Bars count their base and their end."""
+    out. Bars count their base and their end; error bars their ends."""
     found: dict[str, list[np.ndarray]] = {}
     for trace in fig.data:
         horizontal = getattr(trace, "orientation", None) == "h"
@@ -182,6 +185,7 @@ def axis_values(fig: go.Figure) -> dict[str, np.ndarray]:
             base = _numeric(getattr(trace, "base", None)) if trace.type == "bar" else None
             if base is not None and (letter == "x") == horizontal:
                 values = np.concatenate([base, values + base]) if base.size == values.size else values
+            values = np.concatenate([values, *_error_ends(trace, letter, values)])
             axis = getattr(trace, f"{letter}axis", None) or letter
             found.setdefault(f"{letter}axis{axis[1:]}", []).append(values[np.isfinite(values)])
     return {name: np.concatenate(parts) for name, parts in found.items()}
@@ -199,6 +203,21 @@ def vline(fig: go.Figure, x: float, text: str | None = None, *, color: str = "#9
         at = math.log10(x) if fig.layout.xaxis.type == "log" else x
         fig.add_annotation(x=at, xref="x", y=1.0, yref="y domain", text=text, showarrow=False, xanchor="left",
                            yanchor="top", font={"color": color})
+
+
+def _error_ends(trace, letter: str, values: np.ndarray) -> list[np.ndarray]:
+    """The ends of a trace's error bars along ``letter`` (``error_y`` of type "data" with arrays), if any."""
+    error = getattr(trace, f"error_{letter}", None)
+    if error is None or error.type != "data" or error.visible is False:
+        return []
+    up = _numeric(error.array)
+    down = up if error.symmetric is not False else _numeric(error.arrayminus)
+    if up is None or up.size != values.size:
+        return []
+    ends = [values + up]
+    if down is not None and down.size == values.size:
+        ends.append(values - down)
+    return ends
 
 
 def _numeric(values) -> np.ndarray | None:

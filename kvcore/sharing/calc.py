@@ -54,7 +54,8 @@ def kv_heads_table(shape: ModelShape, num_tokens: int, batch_size: int = 1, bits
     """One row per KV head count: KV bytes per token and in total, and (with a GPU) what fits after the weights.
 
     num_tokens: context length; batch_size: sequences; bits: KV precision (weights at 16 bits).
-    ``max_batch_at_context``: sequences of ``num_tokens`` tokens whose KV fits next to the weights.
+    ``max_batch_at_context``: sequences of ``num_tokens`` tokens whose KV fits next to the weights;
+    ``weights_fit``: whether the 16-bit weights alone fit the GPU (when they do not, nothing else does).
     """
     if num_tokens < 1 or batch_size < 1:
         raise ValueError(f"context length and batch size must be >= 1, got {num_tokens} and {batch_size}")
@@ -71,7 +72,8 @@ def kv_heads_table(shape: ModelShape, num_tokens: int, batch_size: int = 1, bits
         }
         if gpu is not None:
             fit = tokens_that_fit(v, gpu, bits)
-            row |= {"gpu": gpu.name, "tokens_fit_after_weights": fit, "max_batch_at_context": fit // num_tokens}
+            row |= {"gpu": gpu.name, "weights_fit": weight_bytes(v) <= gpu.hbm_bytes, "tokens_fit_after_weights": fit,
+                    "max_batch_at_context": fit // num_tokens}
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from kvcore.models.corpus import build_corpus
 from kvcore.models.loader import bundled_documents, model_shape
 from kvcore.models.plan import FULL, run_step
 from kvcore.models.runtime import model_device, text_config
-from kvcore.models.training import TrainSettings, evaluate, text_bytes, token_stream, train
+from kvcore.models.training import TrainSettings, batch_at, text_bytes, token_stream, train
+from kvcore.noise import paired_means
 from kvcore.shapes import kv_bytes
 
 DATA_SOURCES = ("bundled", "corpus")
@@ -167,7 +169,28 @@ def measured_kv_bytes_per_token(model, input_ids: torch.Tensor) -> float:
     return cache.nbytes / input_ids.numel()
 
 
-def _row(model, groups: int, heads: int, q_heads: int, metrics: dict, probe: torch.Tensor) -> dict:
+@torch.inference_mode()
+def window_nll(model, stream: torch.Tensor, context: int, bos: int, max_windows: int | None = None,
+               batch: int = 16) -> torch.Tensor:
+    """NLL (nats) of every token that :func:`kvcore.models.training.evaluate` scores, kept per token: ``[W, C]``
+    over the first ``W`` consecutive windows of ``context`` tokens of ``stream`` ``[N]`` (each restarted with
+    ``<bos>``). Its mean is evaluate's ``val_nats_per_token``; per token, it gives intervals. Leaves the model
+    in the train/eval mode it was in."""
+    windows = len(stream) // context if max_windows is None else min(len(stream) // context, max_windows)
+    if windows < 1:
+        raise ValueError(f"the validation stream ({len(stream)} tokens) is shorter than one window of {context}")
+    was_training = model.training
+    model.eval()
+    rows = []
+    for w0 in range(0, windows, batch):
+        inputs, targets = batch_at(stream, torch.arange(w0, min(windows, w0 + batch)) * context, context, bos)
+        logits = model(input_ids=inputs, use_cache=False).logits.float()  # [B, C, V]
+        rows.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))  # [B, C]
+    model.train(was_training)
+    return torch.cat(rows)  # [W, C]
+
+
+def _row(model, groups: int, heads: int, q_heads: int, probe: torch.Tensor) -> dict:
     shape = model_shape(model)
     bits = torch.finfo(next(model.parameters()).dtype).bits
     return {
@@ -175,8 +198,39 @@ def _row(model, groups: int, heads: int, q_heads: int, metrics: dict, probe: tor
         "q_heads_per_kv_head": q_heads // groups, "pooled_heads_per_group": heads // groups,
         "params": shape.num_params, "kv_bits": bits, "kv_bytes_per_token": kv_bytes(shape, 1, bits=bits),
         "kv_bytes_per_token_measured": measured_kv_bytes_per_token(model, probe),
-        "perplexity": math.exp(metrics["val_nats_per_token"]), "bits_per_byte": metrics["val_bits_per_byte"],
     }
+
+
+def quality_columns(nll: Sequence[torch.Tensor], base: int | None, tokens_per_byte: float, suffix: str = "",
+                    seed: int = 0) -> dict[str, list]:
+    """Perplexity and bits per byte of each model with its interval, and (``base`` given) its perplexity ratio to
+    model ``base`` with the ratio's interval and ``vs_original``: "worse" / "better" only beyond the noise.
+
+    nll: per-token NLL ``[W, C]`` of each model on the same windows (paired block bootstrap,
+    :func:`kvcore.noise.paired_means`). tokens_per_byte: of the validation text (bits per byte = mean NLL x
+    tokens per byte / ln 2). suffix: appended to the perplexity and bits-per-byte column names.
+    """
+    means, diffs = paired_means(nll, base=base or 0, seed=seed)
+    ppl = [m.map(math.exp) for m in means]
+    bpb = [m.map(lambda v: v * tokens_per_byte / math.log(2)) for m in means]
+    out = {f"perplexity{suffix}": [p.estimate for p in ppl], f"perplexity{suffix}_low": [p.low for p in ppl],
+           f"perplexity{suffix}_high": [p.high for p in ppl], f"bits_per_byte{suffix}": [b.estimate for b in bpb]}
+    if base is not None and not suffix:
+        ratio = [d.map(math.exp) for d in diffs]
+        out |= {"ppl_vs_original": [r.estimate for r in ratio], "ppl_vs_original_low": [r.low for r in ratio],
+                "ppl_vs_original_high": [r.high for r in ratio],
+                "vs_original": ["original" if i == base else r.versus(1.0, below="better", above="worse")
+                                for i, r in enumerate(ratio)]}
+    return out
+
+
+def uptraining_columns(before: torch.Tensor, after: torch.Tensor, seed: int = 0) -> dict[str, object]:
+    """What uptraining did to one model, on the same windows: its perplexity ratio after / before with the
+    interval, and ``uptraining``: "better" / "worse" beyond the noise, else "within noise"."""
+    ratio = paired_means([before, after], base=0, seed=seed)[1][1].map(math.exp)
+    return {"uptrained_vs_pooled": ratio.estimate, "uptrained_vs_pooled_low": ratio.low,
+            "uptrained_vs_pooled_high": ratio.high,
+            "uptraining": ratio.versus(1.0, below="better", above="worse")}
 
 
 def convert_experiment(model, tokenizer, settings: ConvertSettings | None = None,
@@ -201,14 +255,18 @@ def convert_experiment(model, tokenizer, settings: ConvertSettings | None = None
     train_ids, val_ids, val_bytes = streams or eval_streams(tokenizer, settings.data)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     probe = torch.cat([torch.tensor([bos]), val_ids[:15]]).unsqueeze(0)  # [1, 16]: bytes per token need few tokens
-    rows, curves = [], []
+    rows, curves, before, after = [], [], [], []
+
+    def score(m) -> torch.Tensor:
+        return window_nll(m, val_ids, settings.context, bos, settings.eval_windows)  # [W, C]
+
     for i, g in enumerate(groups):
         if progress is not None:
             progress(i / len(groups), f"pooling to {g} KV heads")
         pooled = pool_kv_heads(model, g)
+        rows.append(_row(pooled, g, heads, q_heads, probe))
+        before.append(score(pooled))
         if not settings.uptrain_steps:
-            before = evaluate(pooled, val_ids, settings.context, bos, val_bytes, max_windows=settings.eval_windows)
-            rows.append(_row(pooled, g, heads, q_heads, before, probe))
             continue
 
         def on_step(done: int, total: int, loss: float, i: int = i, g: int = g) -> None:
@@ -216,16 +274,17 @@ def convert_experiment(model, tokenizer, settings: ConvertSettings | None = None
                 progress((i + done / total) / len(groups), f"uptraining {g} KV heads: step {done}/{total}")
 
         log = train(pooled, train_ids, val_ids, val_bytes, bos, settings.train_settings(), on_step)
-        rows.append(_row(pooled, g, heads, q_heads, log[0], probe) | {  # log[0]: evaluated before any step
-            "perplexity_uptrained": math.exp(log[-1]["val_nats_per_token"]),
-            "bits_per_byte_uptrained": log[-1]["val_bits_per_byte"]})
+        after.append(score(pooled))
+        rows[-1] |= uptraining_columns(before[-1], after[-1], settings.seed)
         curves += [{"kv_heads": g, "step": r["step"], "train_loss": r["train_loss"]} for r in log[1:]]
     table = pd.DataFrame(rows)
-    base = table.loc[table.kv_heads == heads, "perplexity"]
-    if len(base):
-        table["ppl_vs_original"] = table["perplexity"] / base.iloc[0]
-        if settings.uptrain_steps:
-            gap = table["perplexity"] - base.iloc[0]
+    base = groups.index(heads) if heads in groups else None
+    tokens_per_byte = len(val_ids) / val_bytes
+    table = table.assign(**quality_columns(before, base, tokens_per_byte, seed=settings.seed))
+    if settings.uptrain_steps:
+        table = table.assign(**quality_columns(after, base, tokens_per_byte, "_uptrained", settings.seed))
+        if base is not None:
+            gap = table["perplexity"] - table.loc[base, "perplexity"]
             closed = (table["perplexity"] - table["perplexity_uptrained"]) / gap
             table["gap_closed"] = closed.where(table.kv_heads != heads)
     if progress is not None:

@@ -39,6 +39,7 @@ from kvcore.models.perplexity import stream_text
 from kvcore.models.plan import CachePlan
 from kvcore.models.runtime import text_config
 from kvcore.models.training import batch_at
+from kvcore.noise import paired_means
 from kvcore.tensors import tensor_bytes
 
 MODES = ("share", "merge-linear", "merge-slerp")
@@ -255,34 +256,46 @@ def stream_nll(model, ids: torch.Tensor, plan: CachePlan, one_shot: bool = False
 
 @dataclass(slots=True)
 class CrossLayerResult:
-    """``table``: one row per configuration (the unshared model first): pairs, bytes, perplexity."""
+    """``table``: one row per configuration (the unshared model first): pairs, bytes, perplexity with its interval
+    and its ratio to the full cache with the ratio's interval (``vs_full``: worse / better beyond the noise)."""
 
     table: pd.DataFrame
 
 
-def crosslayer_experiment(model, ids: torch.Tensor, configs: list[CrossLayerSettings]) -> CrossLayerResult:
+def crosslayer_experiment(model, ids: torch.Tensor, configs: list[CrossLayerSettings], seed: int = 0
+                          ) -> CrossLayerResult:
     """Perplexity and measured KV bytes of ``model`` on ``ids`` ``[B, T]`` for the full cache and each config.
 
-    Rows: ``mode, start_layer, t, pairs, stored_layers, kv_bytes_per_token`` (measured from the cache
-    tensors at the end), ``kv_vs_full``, ``perplexity``, ``ppl_vs_full``. ``share`` and the full cache
-    are scored in one forward, the merge modes token by token (see module doc).
+    Rows: ``mode, start_layer, t`` (the merge weight; empty for the full cache and ``share``, which use none),
+    ``pairs, stored_layers, kv_bytes_per_token`` (measured from the cache tensors at the end), ``kv_vs_full``,
+    ``perplexity`` with ``perplexity_low/high``, ``ppl_vs_full`` with ``ppl_vs_full_low/high`` and ``vs_full``.
+    Intervals: 95%, a paired block bootstrap over the scored tokens (:func:`kvcore.noise.paired_means`, every
+    configuration resampled on the same blocks; ``seed`` seeds it). ``share`` and the full cache are scored in one
+    forward, the merge modes token by token (see module doc).
     """
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be [B, T] with T >= 2, got {list(ids.shape)}")
     L = _num_layers(model)
-    rows = []
+    rows, nlls = [], []
     full = CrossLayerSettings(start_layer=L)
     for s in [full, *configs]:
         nll, nbytes = stream_nll(model, ids, cross_layer_plan(model, s), one_shot=s.mode == "share")
         pairs = s.pairs(L)
+        merged = bool(pairs) and s.mode != "share"
         rows.append({"mode": "none" if not pairs else s.mode, "start_layer": s.start_layer,
-                     "t": s.t if s.mode != "share" else math.nan, "pairs": len(pairs),
-                     "stored_layers": L - len(pairs), "kv_bytes_per_token": nbytes / nll.numel(),
-                     "perplexity": math.exp(float(nll.double().mean()))})
+                     "t": s.t if merged else math.nan, "pairs": len(pairs), "stored_layers": L - len(pairs),
+                     "kv_bytes_per_token": nbytes / nll.numel()})
+        nlls.append(nll)
     table = pd.DataFrame(rows)
-    table.insert(table.columns.get_loc("kv_bytes_per_token") + 1, "kv_vs_full",
-                 table["kv_bytes_per_token"] / table["kv_bytes_per_token"].iloc[0])
-    table["ppl_vs_full"] = table["perplexity"] / table["perplexity"].iloc[0]
+    table["kv_vs_full"] = table["kv_bytes_per_token"] / table["kv_bytes_per_token"].iloc[0]
+    means, diffs = paired_means(nlls, base=0, seed=seed)
+    ppl, ratio = [m.map(math.exp) for m in means], [d.map(math.exp) for d in diffs]
+    table["perplexity"], table["perplexity_low"], table["perplexity_high"] = zip(
+        *((p.estimate, p.low, p.high) for p in ppl), strict=True)
+    table["ppl_vs_full"], table["ppl_vs_full_low"], table["ppl_vs_full_high"] = zip(
+        *((r.estimate, r.low, r.high) for r in ratio), strict=True)
+    table["vs_full"] = ["baseline" if i == 0 else r.versus(1.0, below="better", above="worse")
+                        for i, r in enumerate(ratio)]
     return CrossLayerResult(table)
 
 

@@ -21,13 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from kvcore.models.corpus import build_corpus
 from kvcore.models.loader import BUNDLED_DIR, bundled_documents, model_shape
 from kvcore.models.training import ModelSpec, TrainSettings, text_bytes, token_stream, train
+from kvcore.noise import WITHIN_NOISE, paired_means
 from kvcore.shapes import kv_bytes
+from kvcore.sharing.convert import window_nll
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CURVES_CSV = RESULTS_DIR / "kv_heads_curves.csv"
@@ -79,7 +82,7 @@ class VariantSettings:
     decode_batch: int = 16
     decode_prompt: int = 1024
     decode_tokens: int = 16
-    decode_rounds: int = 3
+    decode_rounds: int = 9
     seed: int = 0
     specs: list[ModelSpec] = field(init=False, repr=False)
 
@@ -107,7 +110,7 @@ def live_settings(steps: int = 30, seed: int = 0) -> VariantSettings:
     """A short version for the page and tests: 2 layers of width 128, 8 heads, context 128, the shipped text."""
     return VariantSettings(layers=2, hidden=128, heads=8, ffn=344, steps=steps, batch=8, context=128, lr=3e-3,
                            warmup=max(1, steps // 10), eval_every=max(1, steps // 3), eval_windows=16,
-                           data="bundled", decode_batch=4, decode_prompt=128, decode_tokens=16, decode_rounds=1,
+                           data="bundled", decode_batch=4, decode_prompt=128, decode_tokens=16, decode_rounds=5,
                            seed=seed)
 
 
@@ -155,13 +158,64 @@ def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return prompt.shape[0] * new_tokens / (time.perf_counter() - t0)
 
 
-def decode_speeds(models: Sequence, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> list[float]:
-    """Median decode tokens/s of each model over ``rounds`` interleaved rounds (model 1, 2, ..., 1, 2, ...)."""
+def decode_samples(models: Sequence, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> list[list[float]]:
+    """Decode tokens/s of each model in each of ``rounds`` interleaved rounds (model 1, 2, ..., 1, 2, ...), so a
+    busy moment of the machine slows every model alike: ``[models][rounds]``."""
     runs: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
         for i, model in enumerate(models):
             runs[i].append(decode_tokens_per_s(model, prompt, new_tokens))
-    return [statistics.median(r) for r in runs]
+    return runs
+
+
+def decode_speeds(models: Sequence, prompt: torch.Tensor, new_tokens: int, rounds: int = 3) -> list[float]:
+    """Median decode tokens/s of each model over ``rounds`` interleaved rounds (:func:`decode_samples`)."""
+    return [statistics.median(r) for r in decode_samples(models, prompt, new_tokens, rounds)]
+
+
+MIN_ROUNDS = 3  # fewer interleaved rounds and a spread says nothing: no speed is called faster
+
+
+def decode_columns(samples: Sequence[Sequence[float]]) -> dict[str, list]:
+    """Per model: the median decode tokens/s of its rounds, the interquartile range (``_q1``, ``_q3``) and the
+    number of rounds."""
+    quartiles = [np.percentile(np.asarray(r, dtype=np.float64), [50, 25, 75]) for r in samples]
+    return {"decode_tokens_per_s": [float(q[0]) for q in quartiles],
+            "decode_tokens_per_s_q1": [float(q[1]) for q in quartiles],
+            "decode_tokens_per_s_q3": [float(q[2]) for q in quartiles],
+            "decode_rounds": [len(r) for r in samples]}
+
+
+def speed_versus(row: pd.Series, other: pd.Series) -> str:
+    """"faster" or "slower" than ``other`` (rows of a summary) when their decode IQRs do not overlap over at least
+    :data:`MIN_ROUNDS` rounds each, else "within noise"; "no spread measured" for a summary without quartiles."""
+    if "decode_tokens_per_s_q1" not in row or pd.isna(row.get("decode_tokens_per_s_q1")):
+        return "no spread measured"
+    if min(row.decode_rounds, other.decode_rounds) < MIN_ROUNDS:
+        return WITHIN_NOISE
+    if row.decode_tokens_per_s_q1 > other.decode_tokens_per_s_q3:
+        return "faster"
+    if row.decode_tokens_per_s_q3 < other.decode_tokens_per_s_q1:
+        return "slower"
+    return WITHIN_NOISE
+
+
+def quality_columns(nll: Sequence[torch.Tensor], base: int, tokens_per_byte: float, seed: int = 0
+                    ) -> dict[str, list]:
+    """Validation NLL, perplexity and bits per byte of each variant with the bits' interval, and its difference
+    in bits per byte from variant ``base`` (MHA) with that interval; ``vs_mha``: "better" / "worse" beyond the
+    noise, else "within noise". nll: per-token NLL ``[W, C]`` of each variant on the same validation windows
+    (a paired block bootstrap, :func:`kvcore.noise.paired_means`)."""
+    means, diffs = paired_means(nll, base=base, seed=seed)
+    bits = [m.map(lambda v: v * tokens_per_byte / math.log(2)) for m in means]
+    delta = [d.map(lambda v: v * tokens_per_byte / math.log(2)) for d in diffs]
+    return {"val_nats_per_token": [m.estimate for m in means],
+            "val_perplexity": [math.exp(m.estimate) for m in means],
+            "val_bits_per_byte": [b.estimate for b in bits], "val_bits_per_byte_low": [b.low for b in bits],
+            "val_bits_per_byte_high": [b.high for b in bits], "bpb_vs_mha": [d.estimate for d in delta],
+            "bpb_vs_mha_low": [d.low for d in delta], "bpb_vs_mha_high": [d.high for d in delta],
+            "vs_mha": ["baseline" if i == base else d.versus(0.0, below="better", above="worse")
+                       for i, d in enumerate(delta)]}
 
 
 def decode_prompt(settings: VariantSettings, val_ids: torch.Tensor) -> torch.Tensor:
@@ -181,9 +235,8 @@ def _summary_row(model, spec: ModelSpec, rows: list[dict], settings: VariantSett
         "variant": variant_name(spec.kv_heads, spec.heads), "attention": kind_of(spec.kv_heads, spec.heads),
         "kv_heads": spec.kv_heads, "q_heads": spec.heads, "params": sum(p.numel() for p in model.parameters()),
         "steps": settings.steps, "tokens_seen": last["tokens_seen"], "train_s": last["elapsed_s"],
-        "final_train_loss_ema": last["train_loss_ema"], "val_nats_per_token": last["val_nats_per_token"],
-        "val_perplexity": math.exp(last["val_nats_per_token"]), "val_bits_per_byte": last["val_bits_per_byte"],
-        "kv_bytes_per_token_16bit": per_token, "kv_vs_mha": per_token / mha_bytes,
+        "final_train_loss_ema": last["train_loss_ema"], "kv_bytes_per_token_16bit": per_token,
+        "kv_vs_mha": per_token / mha_bytes,
         "decode_batch": settings.decode_batch, "decode_context": settings.decode_prompt,
     }
 
@@ -217,8 +270,12 @@ def train_variants(settings: VariantSettings, tokenizer=None, progress: Progress
         models.append(model)
     if progress is not None:
         progress(1.0, "measuring decode speed")
-    speeds = decode_speeds(models, prompt, settings.decode_tokens, settings.decode_rounds)
-    table = pd.DataFrame(summary).assign(decode_tokens_per_s=speeds)
+    context = settings.context
+    nll = [window_nll(m, val_ids, context, tokenizer.bos_token_id, settings.eval_windows) for m in models]
+    base = next((i for i, spec in enumerate(settings.specs) if spec.kv_heads == spec.heads), 0)
+    quality = quality_columns(nll, base, len(val_ids) / val_bytes, settings.seed)
+    speeds = decode_columns(decode_samples(models, prompt, settings.decode_tokens, settings.decode_rounds))
+    table = pd.DataFrame(summary).assign(**quality, **speeds)
     return VariantResult(pd.DataFrame(curves), table)
 
 
@@ -236,9 +293,9 @@ def remeasure_decode(settings: VariantSettings, summary: pd.DataFrame, tokenizer
         raise ValueError(f"no model spec for KV heads {missing}; pass --kv-heads with every shipped variant")
     torch.manual_seed(settings.seed)
     models = [specs[kv].build(tokenizer).eval() for kv in summary["kv_heads"]]
-    speeds = decode_speeds(models, decode_prompt(settings, val_ids), settings.decode_tokens, settings.decode_rounds)
+    samples = decode_samples(models, decode_prompt(settings, val_ids), settings.decode_tokens, settings.decode_rounds)
     return summary.assign(decode_batch=settings.decode_batch, decode_context=settings.decode_prompt,
-                          decode_tokens_per_s=speeds)
+                          **decode_columns(samples))
 
 
 def shipped_results(folder: Path = RESULTS_DIR) -> VariantResult | None:

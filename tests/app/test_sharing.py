@@ -98,3 +98,126 @@ def test_garbage_url_falls_back_to_defaults(page):
     at = page("sharing", CONVERT | {"sh_windows": "lots", "sh_uptrain": "maybe"})
     assert at.number_input(key="sh_windows").value == 4
     assert not at.toggle(key="sh_uptrain").value
+
+
+def figure(at, title_start: str) -> dict:
+    import json
+
+    return next(f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+                if f["layout"]["title"]["text"].startswith(title_start))
+
+
+def decoded(value) -> list:
+    from tests.app.test_figures import decode
+
+    return list(decode(value))
+
+
+@needs_model
+def test_cross_layer_perplexities_carry_their_intervals(page):
+    # 143.3 vs 136.0 were single numbers compared without noise
+    at = page("sharing", LAYERS)
+    cross = table_with(at, "stored_layers")
+    assert (cross["perplexity_low"] <= cross["perplexity"]).all()
+    assert (cross["perplexity"] <= cross["perplexity_high"]).all()
+    assert (cross["ppl_vs_full_low"] <= cross["ppl_vs_full"]).all()
+    assert (cross["ppl_vs_full"] <= cross["ppl_vs_full_high"]).all()
+    assert cross["vs_full"].iloc[0] == "baseline"
+    assert set(cross["vs_full"].iloc[1:]) <= {"worse", "better", "within noise"}
+    assert cross["t"].isna().all()  # share merges nothing: no merge weight (an empty cell, not "None")
+    row = cross[(cross["mode"] == "share") & (cross["start_layer"] == 2)].iloc[0]
+    summary = next(c.value for c in at.caption if c.value.startswith("Sharing from layer 2"))
+    assert f"a ratio of {row.ppl_vs_full:.3f}x [{row.ppl_vs_full_low:.3f}, {row.ppl_vs_full_high:.3f}]" in summary
+    fig = figure(at, "Cross-layer sharing")
+    share = next(t for t in fig["data"] if t["name"] == "share")
+    assert share["error_y"]["type"] == "data"
+    hollow = [c == "white" for c in share["marker"]["color"]]
+    assert hollow == (cross.loc[cross["mode"] == "share", "vs_full"] == "within noise").tolist()
+
+
+@needs_model
+def test_conversion_says_its_ratio_with_the_interval_and_labels_both_axis_ends(page):
+    import math
+
+    at = page("sharing", CONVERT)
+    table = table_with(at, "ppl_vs_original")
+    mqa = table.iloc[-1]
+    assert mqa.ppl_vs_original_low <= mqa.ppl_vs_original <= mqa.ppl_vs_original_high
+    caption = next(c.value for c in at.caption if c.value.startswith("Mean-pooling"))
+    interval = f"{mqa.ppl_vs_original:.2f} [{mqa.ppl_vs_original_low:.2f}, {mqa.ppl_vs_original_high:.2f}]"
+    assert interval in caption
+    fig = figure(at, "Bundled model converted")
+    axis = fig["layout"]["yaxis"]
+    low, high = (10 ** v for v in axis["range"])
+    assert math.isclose(low, axis["tickvals"][0])  # the axis starts and ends at a labelled tick
+    assert math.isclose(high, axis["tickvals"][-1])
+    assert low <= table["perplexity_low"].min()
+    assert high >= table["perplexity_high"].max()
+
+
+@needs_model
+def test_the_shipped_run_says_what_it_cannot_compare(page):
+    at = page("sharing", {"sh_tab": "Trained from scratch"})
+    caption = next(c.value for c in at.caption if c.value.startswith("Shipped run"))
+    summary = table_with(at, "decode_tokens_per_s")
+    if "bpb_vs_mha" not in summary:
+        assert "carries no interval and is not ranked" in caption
+    if "decode_tokens_per_s_q1" in summary:
+        mha = summary.iloc[0]
+        assert f"{mha.decode_tokens_per_s:,.0f} (IQR {mha.decode_tokens_per_s_q1:,.0f}-" in caption
+    else:
+        assert "without its spread: not compared" in caption
+
+
+def test_weights_that_do_not_fit_the_gpu_say_so_and_draw_no_empty_plot(page):
+    # llama-3-70b on an L4: "Sequences that fit 0", an empty log-axis plot and a clipped title
+    at = page("sharing", {"sh_model": "llama-3-70b", "sh_gpu": "L4 24GB"})
+    assert metrics(at)["Sequences that fit on L4 24GB"] == "none"
+    assert len(at.warning) == 1
+    assert "With 8 KV heads the 16-bit weights (141 GB) do not fit the L4 24GB" in at.warning[0].value
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert len(specs) == 2  # the head groups and the bytes per token; no capacity chart without a sequence
+    assert not any("Sequences that fit" in spec for spec in specs)
+
+
+@pytest.mark.parametrize(("tab", "enabled"), [({}, {"sh_model", "sh_kv", "sh_tokens", "sh_batch", "sh_bits",
+                                                    "sh_gpu"}),
+                                              (LAYERS, set()), (CONVERT, {"sh_seed"})])
+def test_sidebar_settings_that_do_nothing_on_a_tab_are_greyed_out_and_said(page, tab, enabled):
+    if tab and not HAVE_MODEL:
+        pytest.skip("no bundled model")
+    at = page("sharing", tab)
+    keys = ["sh_model", "sh_kv", "sh_tokens", "sh_batch", "sh_bits", "sh_gpu", "sh_seed"]
+    live = {w.key for w in at.sidebar.children.values() if getattr(w, "key", None) in keys and not w.disabled}
+    assert live == enabled
+    note = at.sidebar.caption[0].value
+    assert ("None of these settings" in note) == (tab == LAYERS)
+
+
+def test_captions_rank_nothing_inside_the_noise():
+    import pandas as pd
+
+    from ui.sharing_figures import convert_caption, shipped_caption
+
+    base = {"steps": 20, "tokens_seen": 20480, "params": 1000, "decode_batch": 4, "decode_context": 128,
+            "kv_vs_mha": 1.0, "decode_rounds": 5}
+    summary = pd.DataFrame([
+        base | {"variant": "MHA (8 KV heads)", "val_bits_per_byte": 3.049, "val_bits_per_byte_low": 3.025,
+                "val_bits_per_byte_high": 3.074, "bpb_vs_mha": 0.0, "bpb_vs_mha_low": 0.0, "bpb_vs_mha_high": 0.0,
+                "vs_mha": "baseline", "decode_tokens_per_s": 5485.0, "decode_tokens_per_s_q1": 4164.0,
+                "decode_tokens_per_s_q3": 5540.0},
+        base | {"variant": "MQA (1 KV heads)", "kv_vs_mha": 0.125, "val_bits_per_byte": 3.050,
+                "val_bits_per_byte_low": 3.026, "val_bits_per_byte_high": 3.075, "bpb_vs_mha": 0.001,
+                "bpb_vs_mha_low": -0.004, "bpb_vs_mha_high": 0.006, "vs_mha": "within noise",
+                "decode_tokens_per_s": 3785.0, "decode_tokens_per_s_q1": 3733.0, "decode_tokens_per_s_q3": 5701.0}])
+    text = shipped_caption(summary, "Live run")
+    assert "+0.001 [-0.004, +0.006] bits/byte on the same tokens, within noise" in text
+    assert "5,485 (IQR 4,164-5,540) vs 3,785 (IQR 3,733-5,701) tokens/s" in text
+    assert "MQA (1 KV heads) within noise" in text
+    assert "faster" not in text
+    assert "better" not in text
+    table = pd.DataFrame([{"kv_heads": 8, "attention": "MHA", "kv_bytes_per_token": 4096, "ppl_vs_original": 1.0,
+                           "ppl_vs_original_low": 1.0, "ppl_vs_original_high": 1.0, "vs_original": "original"},
+                          {"kv_heads": 4, "attention": "GQA", "kv_bytes_per_token": 2048, "ppl_vs_original": 1.01,
+                           "ppl_vs_original_low": 0.99, "ppl_vs_original_high": 1.03, "vs_original": "within noise"}])
+    assert "leaves perplexity within noise of the original (ratio 1.01 [0.99, 1.03])" in convert_caption(table, 0)
