@@ -313,3 +313,18 @@ def test_a_needle_grid_runs_through_the_sweep(tmp_path):
     assert done.table["cell"].tolist() == [0, 0, 1, 1]
     assert done.table["question"].tolist() == ["compressed", "compressed", "after", "after"]
     assert done.table["method"].tolist() == ["full", "evict:sliding_window"] * 2
+
+
+def test_decode_mode_streams_the_context_through_a_cache_held_at_the_budget(bundled):
+    model, tokenizer = bundled
+    common = {"methods": ("sliding_window", "streaming_llm", "quant:int8-token"), "budgets": (40,), "lengths": (64,),
+              "depths": (0.0, 1.0), "needles": 1, "question": "after"}
+    decode = run_needle(model, tokenizer, NeedleConfig(mode="decode", **common)).runs.set_index(["method", "depth"])
+    prefill = run_needle(model, tokenizer, NeedleConfig(mode="prefill", **common)).runs.set_index(["method", "depth"])
+    for method in ("evict:sliding_window", "evict:streaming_llm"):  # recency policies keep the same tokens either way
+        assert decode.loc[method, "needle_kept"].tolist() == prefill.loc[method, "needle_kept"].tolist()
+        assert decode.loc[method, "kv_bytes"].tolist() == prefill.loc[method, "kv_bytes"].tolist()
+    assert decode.loc[("evict:sliding_window", 0.0), "needle_kept"] == 0.0  # a needle at the start leaves the window
+    assert decode.loc[("evict:sliding_window", 1.0), "needle_kept"] > 0.0
+    assert decode.loc[("quant:int8-token", 0.0), "kv_bytes"] < decode.loc[("full", 0.0), "kv_bytes"]
+    assert decode.loc[("full", 0.0), "answer"] == prefill.loc[("full", 0.0), "answer"]  # the same full cache
