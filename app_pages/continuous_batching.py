@@ -95,7 +95,8 @@ summary = result.summary.set_index("scheduler")
 for col, name in zip(st.columns(len(names)), names, strict=True):
     s = summary.loc[name]
     col.metric(f"{name}: output tokens/s", f"{s.output_tok_per_s:,.0f}",
-               help=f"TTFT p50 {s.ttft_ms_p50:,.0f} ms, TPOT p99 {s.tpot_ms_p99:.1f} ms, {s.preemptions} preemptions")
+               help=f"TTFT p50 {tables.shown_text(summary.ttft_ms_p50, s.ttft_ms_p50)} ms, TPOT p99 "
+                    f"{tables.shown_text(summary.tpot_ms_p99, s.tpot_ms_p99)} ms, {s.preemptions} preemptions")
 st.caption(" ".join(sched.takeaways(result.summary)))
 st.caption(batching_figures.pool_caption(result))
 figures.show(batching_figures.gantt_figure(result.phases, names, drawn), key="gantt")

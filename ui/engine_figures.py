@@ -11,6 +11,7 @@ from plotly.subplots import make_subplots
 from kvcore.engine.report import EngineReport
 from ui.figures import PALETTE, round_ticks, style
 from ui.format import bytes_str
+from ui.tables import shown_text
 
 POOL_COLUMNS = 32  # blocks per row of the pool map
 FREE_CACHED, SHARED, FREE = "#BBBBBB", "#000000", "#EEEEEE"
@@ -22,10 +23,14 @@ def run_metrics(report: EngineReport) -> None:
     versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers"
               if len(report.summary) > 1 else None)
     hits, steps = int(report.requests["prefix_hit_tokens"].sum()), report.steps
+
+    def shown(column: str) -> str:  # the engine's value as the systems table shows it: one number, one format
+        return shown_text(report.summary[column])
+
     values = {
         "Output tokens/s": (f"{engine.output_tok_per_s:,.0f}", versus),
-        "TTFT p50": (f"{engine.ttft_ms_p50:,.0f} ms", f"p99 {engine.ttft_ms_p99:,.0f} ms"),
-        "TPOT p50": (f"{engine.tpot_ms_p50:,.1f} ms", f"p99 {engine.tpot_ms_p99:,.1f} ms"),
+        "TTFT p50": (f"{shown('ttft_ms_p50')} ms", f"p99 {shown('ttft_ms_p99')} ms"),
+        "TPOT p50": (f"{shown('tpot_ms_p50')} ms", f"p99 {shown('tpot_ms_p99')} ms"),
         "Peak KV blocks": (f"{int(steps['kv_blocks_used'].max())} / {report.num_blocks - 1}",
                            f"pools {bytes_str(report.kv_bytes)}"),
         "Prefix-cache hits": (f"{hits:,} tokens", f"{int(steps['batch_tokens'].sum()):,} computed"),

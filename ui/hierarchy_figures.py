@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 
 from kvcore.hierarchy.experiment import OffloadRuns
 from ui.figures import PALETTE, bar_chart, style, vline
+from ui.tables import shown_text
 
 TIER_COLORS = ("#0072B2", "#009E73", "#E69F00", "#CC79A7", "#999999")
 MAX_MAP_CHUNKS = 400
@@ -89,10 +90,11 @@ def bandwidth_bars(df: pd.DataFrame, title: str | None = None) -> go.Figure:
 
 
 def offload_metrics(runs: OffloadRuns) -> dict[str, str]:
-    """The offload tab's headline numbers, label -> formatted value: TTFT with and without tiers, hits, drops."""
+    """The offload tab's headline numbers, label -> formatted value: TTFT with and without tiers (as the TTFT
+    table shows them), hits, drops."""
     full, ttft = runs.full, runs.ttft_summary()
-    return {"TTFT p50, recompute all": f"{ttft.p50_ms[0]:.1f} ms",
-            "TTFT p50, GPU + lower tiers": f"{ttft.p50_ms[2]:.1f} ms",
+    return {"TTFT p50, recompute all": f"{shown_text(ttft.p50_ms, ttft.p50_ms[0])} ms",
+            "TTFT p50, GPU + lower tiers": f"{shown_text(ttft.p50_ms, ttft.p50_ms[2])} ms",
             "Prompt tokens served from a tier": f"{full.tiers.hit_rate_tokens.sum():.0%}",
             "Chunks dropped": f"{full.drops:,}"}
 

@@ -48,6 +48,25 @@ def number_format(name: str, values: pd.Series) -> str | None:
     return f"%,.{decimals}f"
 
 
+def shown_text(values: pd.Series, value: float | None = None) -> str:
+    """``value`` (default the column's first) as the table shows it in its column ``values``: a metric or caption
+    that repeats a table's number uses this, so one number has one formatting ("183.2 ms" in both, not "183 ms"
+    beside it)."""
+    fmt = number_format(str(values.name), values)
+    value = values.iloc[0] if value is None else value
+    if fmt is None:
+        return str(value)
+    found = re.fullmatch(r"%(,?)(?:\.(\d+))?([dfe])(%%)?", fmt)
+    if found is None:
+        return str(value)
+    comma, decimals, kind, percent = found.groups()
+    spec = f"{comma}.{decimals}{kind}" if decimals is not None else f"{comma}{kind}"
+    text = format(int(value) if kind == "d" else float(value), spec)
+    if text.startswith("-") and float(text.replace(",", "")) == 0:
+        text = text[1:]  # never "-0.00"
+    return text + ("%" if percent else "")
+
+
 def column_config(df: pd.DataFrame) -> dict[Any, Any]:
     """A NumberColumn with :func:`number_format` for every numeric column of ``df``."""
     config = {}

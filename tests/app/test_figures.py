@@ -286,6 +286,17 @@ def table_problems(at) -> list[str]:
     return problems
 
 
+def cell_text(at, column: str, row: int = 0) -> str:
+    """A table cell as the browser shows it: the value through its column's display format ("%,.1f")."""
+    table = next(t for t in at.dataframe if column in t.value.columns)
+    fmt = json.loads(table.proto.columns or "{}")[column]["type_config"]["format"]
+    found = re.fullmatch(r"%(,?)(?:\.(\d+))?([dfe])(%%)?", fmt)
+    comma, decimals, kind, percent = found.groups()
+    value = table.value[column].iloc[row]
+    text = format(int(value) if kind == "d" else float(value), f"{comma}{'.' + decimals if decimals else ''}{kind}")
+    return text + ("%" if percent else "")
+
+
 RAW_PIECE = re.compile("[\u0100-\u0143]")  # byte-level BPE's stand-ins for spaces, newlines and control bytes
 
 
@@ -483,3 +494,14 @@ def test_table_formats_follow_dtype_and_name():
     assert readable(df)["token"].tolist() == ["·is", "↵"]
     assert readable(df)["text"].tolist() == [" is", "\n"]  # only token columns
     assert set(column_config(df)) == {"token_id"}
+
+
+def test_shown_text_is_the_tables_own_formatting():
+    from ui.tables import shown_text
+
+    ttft = pd.Series([183.24, 1200.0], name="ttft_ms_p50")
+    assert shown_text(ttft) == "183.2"  # 4 significant digits of the smallest value, as the column shows it
+    assert shown_text(ttft, 1200.0) == "1,200.0"
+    assert shown_text(pd.Series([3, 40_000], name="steps"), 40_000) == "40,000"
+    assert shown_text(pd.Series([-0.04, 3.0], name="change_pct")) == "0.0%"
+    assert shown_text(pd.Series([6569.0, 12.0], name="blocks")) == "6,569"

@@ -60,3 +60,15 @@ def test_garbage_url_falls_back_to_defaults(page):
     assert at.number_input(key="h_g_gb").value == 4.0
     assert at.selectbox(key="h_model").value == "llama-3-8b"
     assert table(at, "hit_rate_tokens")["capacity_GB"][0] == 4.0
+
+
+def test_a_metric_shows_a_tables_number_as_the_table_does(page):
+    # "62.9 ms" in the metric beside "62.88" in the TTFT table: one number, one formatting
+    from tests.app.test_figures import cell_text
+
+    at = page("memory_hierarchy")
+    setups = table(at, "p50_ms")["setup"].tolist()
+    values = metrics(at)
+    assert values["TTFT p50, recompute all"] == f"{cell_text(at, 'p50_ms', 0)} ms"
+    assert values["TTFT p50, GPU + lower tiers"] == f"{cell_text(at, 'p50_ms', 2)} ms"
+    assert len(setups) == 3

@@ -95,3 +95,14 @@ def test_the_step_time_axis_has_round_ticks(page):
     steps = next(d.value for d in at.dataframe if "step_s" in d.value.columns)
     assert ticks[-1] >= steps["step_s"].max() * 1e3 >= ticks[-2]
     assert axis["range"] == [0, ticks[-1]]
+
+
+def test_the_latency_metrics_show_the_systems_table_numbers_as_it_does(page):
+    # "183 ms" in the metric beside "183.2" in the systems table: one number, one formatting
+    from tests.app.test_figures import cell_text
+
+    at = page("serving_engine", SMALL)
+    shown = {m.label: m for m in at.metric}
+    assert shown["TTFT p50"].value == f"{cell_text(at, 'ttft_ms_p50')} ms"
+    assert shown["TTFT p50"].delta == f"p99 {cell_text(at, 'ttft_ms_p99')} ms"
+    assert shown["TPOT p50"].value == f"{cell_text(at, 'tpot_ms_p50')} ms"
