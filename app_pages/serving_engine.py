@@ -22,7 +22,7 @@ with st.sidebar:
                           options=[BUNDLED_NAME, *(m for m in HUB_MODELS if m != "gpt2")])
     st.subheader("Workload (real text, all arriving at once)")
     n = params.widget(st.slider, "Requests", key="eg_n", min_value=1, max_value=64, value=16)
-    p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400, value=256)
+    p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400, value=128)
     o_max = params.widget(st.slider, "Longest output (tokens)", key="eg_omax", min_value=8, max_value=64, value=32)
     prefix = params.widget(st.slider, "Shared prefix (tokens)", key="eg_prefix", min_value=0, max_value=256, value=0,
                            step=16, help="a system prompt that some requests start with")
@@ -51,14 +51,14 @@ with user_errors("Serving"):
     run = report(model, workload, settings, versus)
 
 engine_figures.run_metrics(run)
-st.caption(f"Measured {run.measured_at} on this machine (1-minute load average {run.load_average:.2f}; other "
-           "sessions and processes slow it), one torch thread per system, kept 10 minutes.")
+st.caption(engine_figures.measured_note(run))
 figures.show(engine_figures.step_timeline(run.steps), key="eg_timeline")
 shown = {"model": model, "n": n, "seed": seed}
 tables.show_table(run.summary, "engine", "systems", shown, caption=(
-    "The same requests, each run to its output length. TTFT counts the wait for a seat (all arrive at once); "
-    "peak memory: growth of the process's resident memory while serving; KV bytes held: blocks in use at the "
-    "peak (transformers: its largest padded batch cache); allocated: the engine's pools, reserved up front."))
+    "The same requests, each run to its output length; each system's row is the median of its runs (min and max "
+    "of the headline metrics beside). TTFT counts the wait for a seat (all arrive at once); peak memory: growth "
+    "of the process's resident memory while serving; KV bytes held: blocks in use at the peak (transformers: its "
+    "largest padded batch cache); allocated: the engine's pools, reserved up front."))
 
 st.subheader("The block pool, step by step")
 steps = sorted(run.pool["step"].unique())

@@ -11,22 +11,37 @@ and with quantized pools.
    another workload (a different seed), error in %;
 4. 8- and 4-bit pools: KV bytes vs the fp32 pools (and vs fp16), speed, greedy outputs still identical.
 Every number is one run on a shared machine; the load average is printed next to each section.
+
+    python benchmarks/engine.py --profile [--models bundled smollm2-135m] [--threads 1 2] [--repeats 5]
+
+profiles a pure decode step instead (batch 16, 64-token prompts, 48 new tokens): the engine's decode steps
+and transformers' ``generate`` steps (SDPA attention, its default), interleaved ``--repeats`` times, each
+with the median step time and its interquartile range, the torch ops and the host reads (``.item()``,
+``.tolist()``, data-dependent shapes: a host-device sync on a GPU) of one step, and the ratio of the
+medians per repeat (median, min-max).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvcore.device import torch_threads  # noqa: E402
+from kvcore.engine import LLMEngine  # noqa: E402
 from kvcore.engine.calibrate import fit_step_time, prediction_table, simulate_engine  # noqa: E402
 from kvcore.engine.experiment import (  # noqa: E402
     EngineSettings,
@@ -34,8 +49,10 @@ from kvcore.engine.experiment import (  # noqa: E402
     serve_engine,
     serve_transformers,
 )
+from kvcore.engine.params import SamplingParams  # noqa: E402
 from kvcore.engine.workload import ServeWorkload  # noqa: E402
 from kvcore.models import load_model  # noqa: E402
+from kvcore.models.runtime import attention_implementation  # noqa: E402
 
 METRICS = ("output_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "peak_memory_MB",
            "kv_bytes_held", "kv_bytes_allocated")
@@ -112,6 +129,119 @@ def quantized(model, tokenizer, workload: ServeWorkload, settings: EngineSetting
     return rows
 
 
+SYNC_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal"}
+PROFILE = {"batch": 16, "prompt": 64, "new": 48}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts torch ops and host reads (ops that need a value on the host, plus ``Tensor.tolist``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += str(func.overloadpacket) in SYNC_OPS
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        real, counter = torch.Tensor.tolist, self
+
+        def tolist(tensor):
+            counter.syncs += 1
+            return real(tensor)
+
+        self._real, torch.Tensor.tolist = real, tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._real
+        return super().__exit__(*exc)
+
+
+def _prompts(vocab: int) -> torch.Tensor:
+    return torch.randint(10, min(vocab, 4000), (PROFILE["batch"], PROFILE["prompt"]),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def engine_decode_steps(model, prompts: torch.Tensor, threads: int) -> tuple[list[float], OpCounter]:
+    """Seconds of each pure decode step, and one mid-run decode step's op counts."""
+    engine = LLMEngine(model, num_blocks=prompts.shape[0] * 8 + 1, max_num_seqs=prompts.shape[0],
+                       max_num_batched_tokens=2048, threads=threads)
+    for p in prompts.tolist():
+        engine.add_request(p, SamplingParams(max_tokens=PROFILE["new"], ignore_eos=True))
+    counter, times = OpCounter(), []
+    step = 0
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        if step == PROFILE["new"] // 2:
+            with counter:
+                engine.step()
+        else:
+            engine.step()
+        if step > 0:  # step 0 is the prefill
+            times.append(time.perf_counter() - start)
+        step += 1
+    return times, counter
+
+
+class _GenerateClock(LogitsProcessor):
+    """Marks each generate step (a logits processor runs once per step); snapshots the op counter."""
+
+    def __init__(self, counter: OpCounter | None) -> None:
+        self.times, self.counts, self.counter = [], [], counter
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        if self.counter is not None:
+            self.counts.append((self.counter.ops, self.counter.syncs))
+        return scores
+
+
+def generate_decode_steps(model, prompts: torch.Tensor, threads: int, count: bool) -> tuple[list[float], tuple]:
+    """Seconds between consecutive generate steps (decode steps), and the median ops and syncs per step."""
+    counter = OpCounter() if count else None
+    clock = _GenerateClock(counter)
+    config = GenerationConfig(max_new_tokens=PROFILE["new"], min_new_tokens=PROFILE["new"], do_sample=False,
+                              pad_token_id=0)
+    counting = counter if counter is not None else contextlib.nullcontext()
+    with torch_threads(threads), torch.inference_mode(), attention_implementation(model, "sdpa"), counting:
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=config,
+                       logits_processor=LogitsProcessorList([clock]))
+    times = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    per_step = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(clock.counts, clock.counts[1:], strict=False)]
+    return times, tuple(statistics.median(c) for c in zip(*per_step, strict=True)) if per_step else (0, 0)
+
+
+def profile(models: list[str], thread_counts: list[int], repeats: int) -> pd.DataFrame:
+    """The pure decode step of each model at each thread count, engine vs transformers, interleaved."""
+    rows = []
+    for name in models:
+        model, _ = load_model(None if name == "bundled" else name)
+        prompts = _prompts(model.config.vocab_size)
+        for threads in thread_counts:
+            runs = {"engine": [], "transformers": []}
+            _, counts = engine_decode_steps(model, prompts, threads)  # a warm-up run that also counts
+            engine_counts = (counts.ops, counts.syncs)
+            _, hf_counts = generate_decode_steps(model, prompts, threads, count=True)
+            for _ in range(repeats):
+                runs["engine"].append(engine_decode_steps(model, prompts, threads)[0])
+                runs["transformers"].append(generate_decode_steps(model, prompts, threads, count=False)[0])
+            ratios = [statistics.median(h) / statistics.median(e) for e, h in zip(*runs.values(), strict=True)]
+            for system, counted in (("engine", engine_counts), ("transformers", hf_counts)):
+                steps = [t for run in runs[system] for t in run]
+                q1, _, q3 = statistics.quantiles(steps, n=4)
+                rows.append({"model": name, "threads": threads, "system": system, "repeats": repeats,
+                             "step_ms": statistics.median(steps) * 1e3, "step_ms_q1": q1 * 1e3,
+                             "step_ms_q3": q3 * 1e3, "ops_per_step": counted[0], "host_reads_per_step": counted[1],
+                             "load_1min": os.getloadavg()[0]})
+            rows[-2] |= {"speedup_median": statistics.median(ratios), "speedup_min": min(ratios),
+                         "speedup_max": max(ratios)}
+            print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -120,8 +250,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--csv", help="also write every row here")
+    parser.add_argument("--profile", action="store_true", help="profile a pure decode step instead (see above)")
+    parser.add_argument("--models", nargs="+", default=["bundled", "smollm2-135m"], help="--profile's models")
+    parser.add_argument("--model", default="bundled", help="the model of the mixed benchmark")
     args = parser.parse_args()
-    model, tokenizer = load_model()
+    if args.profile:
+        print(f"pure decode step, batch {PROFILE['batch']}; {load()}")
+        table = profile(args.models, args.threads, args.repeats)
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+        return
+    model, tokenizer = load_model(None if args.model == "bundled" else args.model)
     workload = ServeWorkload(args.requests, prompt_max=args.prompt_max, output_min=min(8, args.output_max),
                              output_max=args.output_max)
     settings = EngineSettings(num_blocks=1024, max_num_seqs=16, max_num_batched_tokens=512)

@@ -301,7 +301,10 @@ def test_the_pages_limits_count_the_prefix_the_pools_and_transformers_scores(bun
     # 1024 blocks x 16 slots x 6 layers x 8 KV heads x 32 dims x 4 bytes, for K and V
     assert pool_bytes(model, settings) == 2 * 6 * 8 * 1024 * 16 * 32 * 4
     benchmark = ServeWorkload(64, 5, 400, 8, 64)
-    check_page_limits(model, benchmark, settings, transformers=True)  # the benchmark's workload: allowed
+    check_page_limits(model, benchmark, settings)  # the benchmark's workload, on the engine: allowed
+    with pytest.raises(ValueError, match=r"\(3 runs per system\).* or the engine alone"):
+        check_page_limits(model, benchmark, settings, transformers=True)  # three interleaved pairs: too much
+    check_page_limits(model, ServeWorkload(21, 5, 400, 8, 64), settings, transformers=True)  # a third of it
     assert prefill_score_bytes(model, benchmark, 16) == 4 * 16 * 8 * 400 ** 2
     with pytest.raises(ValueError, match="shared prefix"):  # the prefix lengthens every prompt that has it
         check_page_limits(model, ServeWorkload(64, 5, 400, 8, 64, 256, 0.5), settings)

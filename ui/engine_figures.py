@@ -9,6 +9,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from kvcore.engine.report import EngineReport
+from kvcore.noise import WITHIN_NOISE, Interval
 from ui.figures import PALETTE, round_ticks, style
 from ui.format import bytes_str
 from ui.tables import shown_text
@@ -17,11 +18,22 @@ POOL_COLUMNS = 32  # blocks per row of the pool map
 FREE_CACHED, SHARED, FREE = "#BBBBBB", "#000000", "#EEEEEE"
 
 
+def speedup_note(speedup: Interval | None) -> str | None:
+    """The engine's throughput over transformers', run by run: the median with its min-max, or "within noise"
+    when the runs disagree on which is faster."""
+    if speedup is None:
+        return None
+    if speedup.versus(1.0) == WITHIN_NOISE:
+        return f"≈ hf ({speedup.low:.1f}-{speedup.high:.1f}x)"
+    return f"{speedup.estimate:.2f}x ({speedup.low:.2f}-{speedup.high:.2f})"
+
+
 def run_metrics(report: EngineReport) -> None:
-    """Throughput, TTFT and TPOT of the engine (and its ratio to transformers), the pool, the prefix hits."""
+    """Throughput, TTFT and TPOT of the engine (and its ratio to transformers), the pool, the prefix hits.
+
+    Throughput, TTFT and TPOT are the medians of the engine's interleaved runs (the systems table's numbers)."""
     engine = report.summary.iloc[0]
-    versus = (f"{engine.output_tok_per_s / report.summary.iloc[1].output_tok_per_s:.2f}x transformers"
-              if len(report.summary) > 1 else None)
+    versus = speedup_note(report.speedup)
     hits, steps = int(report.requests["prefix_hit_tokens"].sum()), report.steps
 
     def shown(column: str) -> str:  # the engine's value as the systems table shows it: one number, one format
@@ -35,11 +47,27 @@ def run_metrics(report: EngineReport) -> None:
                            f"pools {bytes_str(report.kv_bytes)}"),
         "Prefix-cache hits": (f"{hits:,} tokens", f"{int(steps['batch_tokens'].sum()):,} computed"),
     }
-    helps = {"Output tokens/s": "engine vs transformers' generate on the same requests, one run each"}
+    runs = int(engine.runs)
+    helps = {"Output tokens/s": f"median of {runs} engine run{'s' * (runs > 1)}" + (
+        f"; below, the engine's throughput over transformers' generate (hf) run by run, {runs} interleaved pairs: "
+        "median (min-max), or ≈ when the runs disagree on which is faster (within noise)"
+        if report.speedup is not None else "")}
+    changed = report.speedup is not None and report.speedup.versus(1.0) != WITHIN_NOISE
     for col, (label, (value, note)) in zip(st.columns(len(values)), values.items(), strict=True):
-        # only the ratio to transformers is a change; the other notes (p99, pool bytes, tokens) get no arrow
-        col.metric(label, value, note, delta_color="off", delta_arrow="auto" if label in helps else "off",
-                   help=helps.get(label))
+        # only a ratio to transformers beyond its noise is a change; the other notes (p99, pool bytes, tokens)
+        # and a ratio within noise get no arrow
+        arrow = "auto" if label == "Output tokens/s" and changed else "off"
+        col.metric(label, value, note, delta_color="off", delta_arrow=arrow, help=helps.get(label))
+
+
+def measured_note(report: EngineReport) -> str:
+    """When and how the timings were taken, and which run the step-by-step views show."""
+    runs = int(report.summary.iloc[0].runs)
+    repeats = (f"{runs} runs per system, interleaved (engine, transformers, engine...) so that a passing load "
+               "hits both; the steps, pool, requests and the simulator below are the engine's first run"
+               if report.speedup is not None else "one engine run")
+    return (f"Measured {report.measured_at} on this machine (1-minute load average {report.load_average:.2f}; "
+            f"other sessions and processes slow it), one torch thread per system, {repeats}; kept 10 minutes.")
 
 
 def step_timeline(steps: pd.DataFrame) -> go.Figure:

@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             run_bits.summary |= agreement(runs[0].outputs, run_bits.outputs)
             runs.append(run_bits)
     fit = fit_step_time(engine.stats.timeline)
-    tables = {"summary": comparison(runs), "requests": engine.result().requests, "steps": engine.stats.timeline,
-              "fit": coefficients_table(fit, engine.stats.steps)}
+    tables = {"summary": comparison([[r] for r in runs]), "requests": engine.result().requests,
+              "steps": engine.stats.timeline, "fit": coefficients_table(fit, engine.stats.steps)}
     if "sim" in args.compare or args.table == "prediction":
         tables["prediction"] = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
         if args.table != "prediction":

@@ -129,8 +129,11 @@ class LLMEngine:
                              f"after a preemption) must fit max_num_batched_tokens={config.max_num_batched_tokens}")
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (it arrives now); returns its id. Bad input raises ValueError and changes nothing."""
+                    request_id: str | None = None, arrival_s: float | None = None) -> str:
+        """Queue a request; returns its id. Bad input raises ValueError and changes nothing.
+
+        arrival_s: when it arrived on the run's clock (None: now).
+        """
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_token_ids]
         self.check_request(prompt, params)
@@ -138,7 +141,7 @@ class LLMEngine:
         rid = request_id or f"r{index}"
         if rid in self._outputs:
             raise ValueError(f"request id {rid!r} is already in use")
-        req = Request(index, self._now(), len(prompt), params.max_tokens)
+        req = Request(index, self._now() if arrival_s is None else arrival_s, len(prompt), params.max_tokens)
         stops = () if params.ignore_eos else self.stop_token_ids
         first = EngineSequence.of(req, prompt, stops, params, rid, 0, index if params.seed is None else params.seed)
         self._firsts.append(first)
@@ -254,8 +257,9 @@ class LLMEngine:
         """Serve every prompt (all arriving now) to the end; outputs in prompt order. Starts a fresh run, so
         :attr:`stats` and :meth:`result` describe this call. Nothing is queued when any request is bad.
 
-        progress: called with the share of requests finished after each step that finishes some. on_step:
-        called with the engine after every step (to read the block pool; not timed).
+        Every request arrives at the run's time 0. progress: called with the share of requests finished after
+        each step that finishes some. on_step: called with the engine after every step (to read the block pool);
+        the run's clock stops while it runs, so its latencies are the engine's alone.
         """
         params = params or SamplingParams()
         each = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -264,12 +268,14 @@ class LLMEngine:
         for prompt, p in zip(prompts, each, strict=True):
             self.check_request(prompt, p)
         self._reset()
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, each, strict=True)]
+        ids = [self.add_request(prompt, p, arrival_s=0.0) for prompt, p in zip(prompts, each, strict=True)]
         done = 0
         while self.has_unfinished_requests():
             finished = self.step()
             if on_step is not None:
+                paused = time.perf_counter()
                 on_step(self)
+                self._start += time.perf_counter() - paused  # not the engine's time
             if finished and progress is not None:
                 done += len(finished)
                 progress(done / len(ids))

@@ -4,7 +4,8 @@ Both systems serve the same requests (real text, fixed output lengths, all arriv
 measured the same way: output tokens/s over the run, TTFT and TPOT per request (p50 / p99), peak memory
 growth (:mod:`kvcore.engine.measure`) and the KV bytes held. Transformers runs ``model.generate`` on
 padded batches of ``max_num_seqs`` requests, one batch after the other (FasterTransformer-style static
-batching), each step timed through a streamer; the engine runs continuous batching on paged pools.
+batching), with its default SDPA attention, each step timed through a streamer; the engine runs continuous
+batching on paged pools.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from kvcore.device import torch_threads
 from kvcore.engine.engine import LLMEngine
 from kvcore.engine.measure import peak_memory
 from kvcore.engine.params import SamplingParams
-from kvcore.models.runtime import model_device
+from kvcore.models.runtime import attention_implementation, model_device
+from kvcore.noise import Interval
 from kvcore.sched.metrics import percentiles
 from kvcore.tensors import tensor_bytes
 
@@ -81,6 +83,9 @@ def summary_row(system: str, requests: pd.DataFrame, peak_bytes: int, kv_bytes_h
                   "kv_bytes_allocated": kv_bytes_allocated}
 
 
+TIME_COLUMNS = ("request", "prompt_tokens", "output_tokens", "first_token_s", "finish_s", "ttft_ms", "tpot_ms")
+
+
 def _times(prompts: Sequence[Sequence[int]], outputs: Sequence[int], first: Sequence[float],
            finish: Sequence[float]) -> pd.DataFrame:
     df = pd.DataFrame({"request": range(len(prompts)), "prompt_tokens": [len(p) for p in prompts],
@@ -101,8 +106,7 @@ def serve_engine(model, prompts: Sequence[Sequence[int]], outputs: Sequence[int]
     params = [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs]
     with peak_memory(model_device(model)) as peak:
         done = engine.generate(prompts, params, progress, on_step)
-    requests = engine.result().requests
-    table = _times(prompts, outputs, requests["first_token_s"], requests["finish_s"])
+    table = engine.result().requests[list(TIME_COLUMNS)]  # one source: what every table of the run shows
     held = round(engine.kv_bytes / engine.config.num_blocks * engine.stats.peak_blocks_used)
     return ServedRun(system, table, summary_row(system, table, peak.bytes, held, engine.kv_bytes),
                      [d.outputs[0].token_ids for d in done], engine)
@@ -143,7 +147,7 @@ def serve_transformers(model, prompts: Sequence[Sequence[int]], outputs: Sequenc
             clock, cache = _StepClock(), DynamicCache()
             config = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=None,
                                       pad_token_id=pad_token_id)
-            with torch.inference_mode():
+            with torch.inference_mode(), attention_implementation(model, "sdpa"):  # transformers' default
                 new = model.generate(ids, attention_mask=mask, generation_config=config, streamer=clock,
                                      cache=cache)[:, ids.shape[1]:]
             held = max(held, sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers))
@@ -167,13 +171,28 @@ def _left_padded(batch: Sequence[Sequence[int]], pad: int, device: torch.device)
     return ids.to(device), mask.to(device)
 
 
-def comparison(runs: Sequence[ServedRun]) -> pd.DataFrame:
-    """One row per system, with throughput, TTFT p50 and peak memory relative to the first system."""
-    table = pd.DataFrame([r.summary for r in runs])
-    base = table.iloc[0]
-    table["throughput_vs_first"] = table["output_tok_per_s"] / base["output_tok_per_s"]
-    table["ttft_p50_vs_first"] = table["ttft_ms_p50"] / base["ttft_ms_p50"]
-    return table
+SPREAD = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50")  # metrics shown with their min-max over repeats
+
+
+def comparison(runs: Sequence[Sequence[ServedRun]]) -> pd.DataFrame:
+    """One row per system from its interleaved repeats: each metric's median over the runs, min and max of the
+    headline metrics, and the number of runs. ``runs[i]`` holds system i's runs (the engine first)."""
+    rows = []
+    for system in runs:
+        table = pd.DataFrame([r.summary for r in system])
+        row = {"system": table["system"].iloc[0], "runs": len(table)}
+        row |= table.drop(columns="system").median(numeric_only=True).to_dict()
+        row |= {f"{m}_{end}": getattr(table[m], end)() for m in SPREAD for end in ("min", "max")}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_speedup(engine: Sequence[ServedRun], other: Sequence[ServedRun]) -> Interval:
+    """Engine throughput over the other system's, run by run (interleaved repeats): the median ratio and its
+    min-max over the pairs (units 0: a spread of repeats, not a bootstrap)."""
+    ratios = [e.summary["output_tok_per_s"] / o.summary["output_tok_per_s"] for e, o in zip(engine, other,
+                                                                                           strict=True)]
+    return Interval(float(np.median(ratios)), min(ratios), max(ratios), level=float("nan"), units=0)
 
 
 def agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> dict[str, float]:

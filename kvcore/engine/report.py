@@ -16,16 +16,25 @@ import pandas as pd
 
 from kvcore.engine.calibrate import coefficients_table, fit_step_time, prediction_table, simulate_engine
 from kvcore.engine.engine import LLMEngine
-from kvcore.engine.experiment import EngineSettings, ServedRun, comparison, serve_engine, serve_transformers
+from kvcore.engine.experiment import (
+    EngineSettings,
+    ServedRun,
+    comparison,
+    paired_speedup,
+    serve_engine,
+    serve_transformers,
+)
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models.runtime import num_kv_heads, text_config
+from kvcore.noise import Interval
 
 Progress = Callable[[float, str], None]
 MAX_SNAPSHOT_STEPS = 400  # pool snapshots kept (evenly spaced) for the step slider
-# What one page view may serve: requests x (longest prompt + longest output) x model parameters. The bundled
-# model (5.8M parameters) serving 64 requests of up to 400 + 64 tokens on the engine and on transformers took
-# 14-20 s on the 2-core machine of benchmarks/RESULTS.md; the CLI has no limit.
-PAGE_WORK_LIMIT = 64 * 464 * 6e6
+# What one page view may serve: requests x (longest prompt + longest output) x model parameters x pairs of
+# runs. The bundled model (5.8M parameters) serving 64 requests of up to 400 + 64 tokens on the engine and on
+# transformers (one pair) took 14-20 s on the 2-core machine of benchmarks/RESULTS.md; the CLI has no limit.
+PAGE_WORK_LIMIT = 64 * 464 * 6e6  # requests x tokens x parameters, per engine + transformers pair of runs
+REPEATS = 3  # interleaved runs per system when transformers serves too
 # Memory a view may take on top of the app and its model (the page's goal: under 1.5 GB in all). The pools are
 # allocated up front; transformers' eager prefill of one padded batch holds [batch, heads, width, width] fp32
 # scores, about three copies at once (scores, masked, softmax): measured +376 MB for 16 x 400 tokens, +600 MB for
@@ -38,10 +47,11 @@ PAGE_SCORE_BYTES = 128e6
 class EngineReport:
     """What one engine experiment measured.
 
-    summary: one row per system (the engine first). requests: one row per request with its text, times and
-    prefix hits. steps: the engine's timeline (measured step times). pool: one row per (step, block) held or
-    cached after that step. fit / prediction: the simulator's step time fitted to the run, and its prediction
-    of the run, metric by metric. kv_bytes: the pools' bytes; block_bytes: one block's share.
+    summary: one row per system (the engine first), medians of its interleaved repeats. requests: one row per
+    request of the engine's first run, with its text, times and prefix hits. steps: that run's timeline
+    (measured step times). pool: one row per (step, block) held or cached after each of its steps. fit /
+    prediction: the simulator's step time fitted to that run, and its prediction of it, metric by metric.
+    kv_bytes: the pools' bytes. speedup: engine over transformers throughput, run by run (None without it).
     """
 
     summary: pd.DataFrame
@@ -54,6 +64,7 @@ class EngineReport:
     kv_bytes: int
     measured_at: str = ""
     load_average: float = float("nan")
+    speedup: Interval | None = None
 
 
 def pool_bytes(model, settings: EngineSettings) -> float:
@@ -71,16 +82,11 @@ def prefill_score_bytes(model, workload: ServeWorkload, batch_size: int) -> floa
     return 4.0 * min(batch_size, workload.num_requests) * heads * workload.longest_prompt ** 2
 
 
-def check_page_limits(model, workload: ServeWorkload, settings: EngineSettings, transformers: bool = False) -> None:
-    """Refuse a view that would serve too much for half a minute of CPU, allocate pools over 256 MB, or (when
-    transformers serves it too) prefill padded batches whose attention scores take over 128 MB per layer."""
-    params = sum(p.numel() for p in model.parameters())
-    longest = workload.longest_prompt + workload.output_max
-    if workload.num_requests * longest * params > PAGE_WORK_LIMIT:
-        raise ValueError(f"{workload.num_requests} requests of up to {workload.longest_prompt} + "
-                         f"{workload.output_max} tokens on a {params / 1e6:.0f}M-parameter model is more than one "
-                         "view serves in about half a minute here: fewer or shorter requests, or a shorter shared "
-                         "prefix (python -m kvcore engine has no limit)")
+def check_page_limits(model, workload: ServeWorkload, settings: EngineSettings, transformers: bool = False,
+                      repeats: int = REPEATS) -> None:
+    """Refuse a view that would serve too much for half a minute of CPU (``repeats`` pairs of runs with
+    transformers, the engine alone counted as one pair), allocate pools over 256 MB, or (with transformers)
+    prefill padded batches whose attention scores take over 128 MB per layer."""
     if pool_bytes(model, settings) > PAGE_POOL_BYTES:
         raise ValueError(f"{settings.num_blocks} blocks of {settings.block_size} tokens take "
                          f"{pool_bytes(model, settings) / 1e6:,.0f} MB of pools for this model; the page allows "
@@ -91,6 +97,16 @@ def check_page_limits(model, workload: ServeWorkload, settings: EngineSettings, 
                          f"{workload.longest_prompt} tokens, {scores / 1e6:,.0f} MB of attention scores per layer; "
                          f"the page allows {PAGE_SCORE_BYTES / 1e6:.0f} MB: a smaller max_num_seqs, shorter prompts, "
                          "or the engine alone (turn off 'Also serve with transformers')")
+    params = sum(p.numel() for p in model.parameters())
+    longest = workload.longest_prompt + workload.output_max
+    pairs = repeats if transformers else 1
+    if workload.num_requests * longest * params * pairs > PAGE_WORK_LIMIT:
+        with_hf = f" ({repeats} runs per system)" if transformers else ""
+        raise ValueError(f"{workload.num_requests} requests of up to {workload.longest_prompt} + "
+                         f"{workload.output_max} tokens on a {params / 1e6:.0f}M-parameter model{with_hf} is more "
+                         "than one view serves in about half a minute here: fewer or shorter requests, a shorter "
+                         "shared prefix" + (", or the engine alone" if transformers else "") +
+                         " (python -m kvcore engine has no limit)")
 
 
 def pool_snapshot(engine: LLMEngine) -> list[dict]:
@@ -119,29 +135,36 @@ def request_table(run: ServedRun, tokenizer, prompts: list[list[int]]) -> pd.Dat
 
 
 def engine_report(model, tokenizer, workload: ServeWorkload, settings: EngineSettings, transformers: bool = True,
-                  progress: Progress | None = None) -> EngineReport:
-    """Serve ``workload`` on the engine (and on transformers), snapshot the pool, fit and predict."""
+                  progress: Progress | None = None, repeats: int = REPEATS) -> EngineReport:
+    """Serve ``workload`` on the engine (and on transformers), snapshot the pool, fit and predict.
+
+    With transformers, the two systems run ``repeats`` times each, interleaved (engine, transformers, engine...),
+    so a load that comes and goes hits both alike; the engine's first run is the one shown step by step.
+    """
     prompts, outputs = workload.build(tokenizer)
     snapshots: list[dict] = []
     engine = settings.engine(model)
-    engine_progress = None if progress is None else (lambda f: progress(f * (0.5 if transformers else 0.9),
-                                                                         "serving on the engine"))
-    run = serve_engine(model, prompts, outputs, settings, engine=engine, progress=engine_progress,
+    runs = 2 * repeats if transformers else 1
+    report = (lambda i, label: None) if progress is None else (lambda i, label: progress(0.9 * i / runs, label))
+    report(0, "serving on the engine (run 1)")
+    run = serve_engine(model, prompts, outputs, settings, engine=engine,
                        on_step=lambda e: snapshots.extend(pool_snapshot(e)))
-    runs = [run]
-    if transformers:
-        runs.append(serve_transformers(model, prompts, outputs, settings.max_num_seqs, tokenizer.pad_token_id or 0,
-                                       threads=settings.threads, progress=None if progress is None else (
-                                           lambda f, label: progress(0.5 + 0.4 * f, label))))
-    if progress is not None:
-        progress(0.95, "fitting the simulator")
+    engines, others = [run], []
+    for i in range(repeats if transformers else 0):
+        report(2 * i + 1, f"serving with transformers' generate (run {i + 1} of {repeats})")
+        others.append(serve_transformers(model, prompts, outputs, settings.max_num_seqs, tokenizer.pad_token_id or 0,
+                                         threads=settings.threads))
+        if i + 1 < repeats:
+            report(2 * i + 2, f"serving on the engine (run {i + 2} of {repeats})")
+            engines.append(serve_engine(model, prompts, outputs, settings))
+    report(runs, "fitting the simulator")
     fit = fit_step_time(engine.stats.timeline)
     prediction = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
     pool = pd.DataFrame(snapshots, columns=["step", "block", "ref_cnt", "owners", "hash"])
     kept = sorted(pool["step"].unique())
     if len(kept) > MAX_SNAPSHOT_STEPS:
         pool = pool[pool["step"].isin(kept[::-(-len(kept) // MAX_SNAPSHOT_STEPS)])]
-    return EngineReport(comparison(runs), request_table(run, tokenizer, prompts), engine.stats.timeline,
-                        pool.reset_index(drop=True), coefficients_table(fit, engine.stats.steps), prediction,
-                        engine.config.num_blocks, engine.kv_bytes, time.strftime("%Y-%m-%d %H:%M:%S"),
-                        os.getloadavg()[0])
+    return EngineReport(comparison([engines, others] if others else [engines]), request_table(run, tokenizer, prompts),
+                        engine.stats.timeline, pool.reset_index(drop=True), coefficients_table(fit, engine.stats.steps),
+                        prediction, engine.config.num_blocks, engine.kv_bytes, time.strftime("%Y-%m-%d %H:%M:%S"),
+                        os.getloadavg()[0], paired_speedup(engines, others) if others else None)

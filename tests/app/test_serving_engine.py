@@ -53,7 +53,7 @@ def test_an_impossible_setting_is_a_message(page):
 
 
 def test_a_view_too_heavy_for_transformers_says_how_to_lighten_it(page):
-    at = page("serving_engine", {"eg_n": "64", "eg_seqs": "32", "eg_pmax": "400"})  # refused before it runs
+    at = page("serving_engine", {"eg_n": "32", "eg_seqs": "32", "eg_pmax": "400", "eg_omax": "8"})  # refused
     assert any("max_num_seqs" in e.value and "transformers" in e.value for e in at.error)
     assert not at.exception
 
@@ -73,7 +73,11 @@ def test_metric_notes_fit_and_only_the_change_has_an_arrow(page):
     for metric in at.metric:
         assert len(metric.delta or "") * DELTA_CHAR_PX + ARROW_PX <= widths[metric.label], (metric.label, metric.delta)
     arrows = {m.label: m.proto.direction for m in at.metric}
-    assert arrows.pop("Output tokens/s") != NO_ARROW  # the ratio to transformers is a change
+    ratio = at.metric[0].delta
+    if ratio.startswith("≈"):  # the runs disagree on which system is faster: within noise, no arrow
+        assert arrows.pop("Output tokens/s") == NO_ARROW
+    else:  # the ratio to transformers, beyond its noise, is a change
+        assert arrows.pop("Output tokens/s") != NO_ARROW
     assert set(arrows.values()) == {NO_ARROW}, arrows
     assert at.metric[1].delta.startswith("p99 ")
 
