@@ -66,6 +66,8 @@ def test_the_needle_sits_at_its_depth_after_a_sentence_or_line_end(bundled, dept
     start, stop = prompt.span
     ids = prompt.context[0].tolist()
     assert tokenizer.decode(ids[start:stop]) == "\n" + prompt.draw.fact + "\n"
+    assert tokenizer.decode(ids[slice(*prompt.value_span)]) == " " + prompt.value
+    assert start < prompt.value_span[0] < prompt.value_span[1] < stop
     head = len(prompt_template(tokenizer).head)
     assert prompt.needle_at == start - head
     filler = prompt.length - (stop - start)
@@ -135,7 +137,8 @@ def test_wilson_interval_matches_hand_computed_values():
 def test_summary_calls_a_loss_only_beyond_the_noise():
     def runs(found_full, found):
         rows = [{"method": m, "budget": b, "label": m, "length": 64, "depth": 0.5, "needle": i, "retrieved": f,
-                 "retrieved_full": ff, "kept_tokens": 8, "needle_kept": 0.0, "kv_bytes": 1, "kv_bytes_full": 4}
+                 "retrieved_full": ff, "kept_tokens": 8, "needle_kept": 0.0, "value_kept": 0.0, "kv_bytes": 1,
+                 "kv_bytes_full": 4}
                 for m, b, col in (("full", None, found_full), ("evict:x", 8, found))
                 for i, (f, ff) in enumerate(zip(col, found_full, strict=True))]
         frame = pd.DataFrame(rows)
@@ -220,6 +223,7 @@ def test_smollm2_full_cache_retrieves_and_a_short_window_loses_the_needle(smollm
     window = runs.loc["evict:sliding_window"]
     assert not window["retrieved"].any(), window["answer"].tolist()
     assert (window["needle_kept"] == 0).all()
+    assert (window["value_kept"] == 0).all()
     assert (runs.loc["full", "needle_kept"] == 1).all()
     assert (window["kv_bytes"] * window["context_tokens"] == window["kv_bytes_full"] * 32).all()  # 32 of T, exactly
     cells = results.table

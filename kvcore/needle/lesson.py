@@ -102,7 +102,8 @@ def lessons(summary: pd.DataFrame) -> list[str]:
         at = "" if row.budget is None or row.budget != row.budget else f" @ {row.budget}"
         line = (f"{row.method}{at}: {found} vs {row.full:.2f} for the full cache: {row.verdict} "
                 f"(difference {row.vs_full:+.2f} [{row.vs_full_low:+.2f}, {row.vs_full_high:+.2f}]); "
-                f"{row.kv_share:.0%} of the full cache's bytes, {row.needle_kept:.0%} of the needle's entries kept")
+                f"{row.kv_share:.0%} of the full cache's bytes, {row.needle_kept:.0%} of the needle's entries kept "
+                f"({row.value_kept:.0%} of its value's)")
         if "ppl_vs_full" in summary.columns and not math.isnan(row.ppl_vs_full):
             line += (f"; perplexity x{row.ppl_vs_full:.3f} [{row.ppl_vs_full_low:.3f}, {row.ppl_vs_full_high:.3f}]"
                      f" ({row.agreement})")

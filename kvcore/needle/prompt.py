@@ -59,8 +59,8 @@ def prompt_template(tokenizer) -> Template:
 @dataclass(slots=True)
 class NeedlePrompt:
     """One prompt. context: ids ``[1, T]``; tail: ids ``[1, n]`` fed after compression. span: the needle's
-    token positions ``[start, stop)`` in ``context``. length: haystack tokens, needle included. depth: the depth
-    asked for; needle_at: where the needle starts in the haystack (tokens)."""
+    token positions ``[start, stop)`` in ``context``; value_span: those of its value. length: haystack tokens,
+    needle included. depth: the depth asked for; needle_at: where the needle starts in the haystack (tokens)."""
 
     context: torch.Tensor
     tail: torch.Tensor
@@ -69,6 +69,7 @@ class NeedlePrompt:
     length: int
     depth: float
     needle_at: int
+    value_span: tuple[int, int] = (0, 0)
 
     @property
     def value(self) -> str:
@@ -104,7 +105,9 @@ def build_prompt(tokenizer, template: Template, corpus: Sequence[int], draw: Dra
         raise ValueError(f"question must be one of {QUESTION_PLACES}, got {question!r}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1] (a share of the haystack), got {depth!r}")
-    fact = _ids(tokenizer, "\n" + draw.fact + "\n")
+    before, after = draw.needle.fact.split("{value}")
+    lead, value = _ids(tokenizer, "\n" + before.rstrip()), _ids(tokenizer, " " + draw.value)
+    fact = lead + value + _ids(tokenizer, after + "\n")
     filler_len = length - len(fact)
     longest = max(length, longest or length)
     if filler_len < 1:
@@ -122,7 +125,8 @@ def build_prompt(tokenizer, template: Template, corpus: Sequence[int], draw: Dra
     context = head + haystack + (asked if question == "compressed" else [])
     tail = ([] if question == "compressed" else asked) + answer
     span = (len(head) + at, len(head) + at + len(fact))
-    return NeedlePrompt(torch.tensor([context]), torch.tensor([tail]), span, draw, length, depth, at)
+    value_span = (span[0] + len(lead), span[0] + len(lead) + len(value))
+    return NeedlePrompt(torch.tensor([context]), torch.tensor([tail]), span, draw, length, depth, at, value_span)
 
 
 def corpus_ids(tokenizer, text: str) -> list[int]:

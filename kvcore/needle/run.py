@@ -53,12 +53,13 @@ def _batches(members: list[int], row_bytes: float) -> list[list[int]]:
     return [members[i:i + size] for i in range(0, len(members), size)]
 
 
-def _row(method: NeedleMethod, budget: Any, kept: int, answer: str, prompt: NeedlePrompt, needle_kept: float,
-         held: int, full: int) -> dict[str, Any]:
+def _row(method: NeedleMethod, budget: Any, kept: int, answer: str, prompt: NeedlePrompt,
+         choice: list[torch.Tensor] | None, held: int, full: int) -> dict[str, Any]:
+    """One outcome. choice: per layer, the positions the method kept (None: every token)."""
+    shares = (1.0, 1.0) if choice is None else (kept_share(choice, prompt.span), kept_share(choice, prompt.value_span))
     return {"method": method.name, "budget": budget, "label": method.label(), "kept_tokens": kept,
-            "answer": answer.replace("\n", "\\n"),
-            "retrieved": retrieved(answer, prompt.value), "needle_kept": needle_kept, "kv_bytes": held,
-            "kv_bytes_full": full}
+            "answer": answer.replace("\n", "\\n"), "retrieved": retrieved(answer, prompt.value),
+            "needle_kept": shares[0], "value_kept": shares[1], "kv_bytes": held, "kv_bytes_full": full}
 
 
 @torch.inference_mode()
@@ -93,16 +94,15 @@ def prefill_rows(model, tokenizer, prompt: NeedlePrompt, config: NeedleConfig) -
                                      config.max_new_tokens)
             for i, answer in zip(batch, answers, strict=True):
                 method, budget, _ = evicting[i]
-                out.append(_row(method, budget, k, answer, prompt, kept_share(kept[i], prompt.span), held,
-                                prefill.nbytes))
+                out.append(_row(method, budget, k, answer, prompt, kept[i], held, prefill.nbytes))
     for batch in _batches(list(range(len(quantizers))), 2 * prefill.nbytes):  # codes + a dequantized view
         cache, held = quantized_cache(model, prefill, [quantizers[i].quantizer() for i in batch])
         answers = greedy_answers(model, tokenizer, cache, prompt.tail, [prompt.value] * len(batch),
                                  config.max_new_tokens)
         for i, answer, nbytes in zip(batch, answers, held, strict=True):
-            out.append(_row(quantizers[i], None, T, answer, prompt, 1.0, nbytes, prefill.nbytes))
+            out.append(_row(quantizers[i], None, T, answer, prompt, None, nbytes, prefill.nbytes))
     answer = greedy_answers(model, tokenizer, full_cache, prompt.tail, [prompt.value], config.max_new_tokens)[0]
-    out.append(_row(methods[0], None, T, answer, prompt, 1.0, prefill.nbytes, prefill.nbytes))
+    out.append(_row(methods[0], None, T, answer, prompt, None, prefill.nbytes, prefill.nbytes))
     return out
 
 
@@ -124,7 +124,7 @@ def decode_rows(model, tokenizer, prompt: NeedlePrompt, config: NeedleConfig) ->
     _, full_cache = read_prefill(model, prompt.context, False)
     full_bytes = full_cache.nbytes
     answer = greedy_answers(model, tokenizer, full_cache, prompt.tail, [prompt.value], config.max_new_tokens)[0]
-    out = [_row(methods[0], None, T, answer, prompt, 1.0, full_bytes, full_bytes)]
+    out = [_row(methods[0], None, T, answer, prompt, None, full_bytes, full_bytes)]
     for method in methods[1:]:
         for budget in config.budgets if method.budgeted else (None,):
             if method.budgeted:
@@ -134,10 +134,10 @@ def decode_rows(model, tokenizer, prompt: NeedlePrompt, config: NeedleConfig) ->
                 plan, first, k = quantized_plan(method.quantizer(), method.name), 1, T
             cache = stream_context(model, prompt.context, plan, first)
             held = cache.nbytes
-            share = kept_share([s.positions for s in plan.hook.states], prompt.span) if method.budgeted else 1.0
+            choice = [s.positions for s in plan.hook.states] if method.budgeted else None
             answer = greedy_answers(model, tokenizer, cache, prompt.tail, [prompt.value], config.max_new_tokens,
                                     plan)[0]
-            out.append(_row(method, budget, k, answer, prompt, share, held, full_bytes))
+            out.append(_row(method, budget, k, answer, prompt, choice, held, full_bytes))
     return out
 
 

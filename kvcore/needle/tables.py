@@ -53,14 +53,16 @@ def _bytes(group: pd.DataFrame) -> dict[str, Any]:
 
 def cell_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per method x budget x length x depth: the share of needles retrieved with its interval, the full
-    cache's share on the same needles, the first needle's answer, the needle's entries kept, bytes held."""
+    cache's share on the same needles, the first needle's answer, the needle's entries kept (its sentence's and its
+    value's, over layers and KV heads), bytes held."""
     rows = []
     for (method, budget, length, depth), group in _groups(runs, [*KEY, "length", "depth"]):
         rows.append({"method": method, "budget": budget, "length": length, "depth": depth,
                      "needles": len(group), **_rate(group["retrieved"]),
                      "retrieved_full": float(group["retrieved_full"].mean()), "answer": group["answer"].iloc[0],
                      "kept_tokens": round(float(group["kept_tokens"].mean())),
-                     "needle_kept": float(group["needle_kept"].mean()), **_bytes(group)})
+                     "needle_kept": float(group["needle_kept"].mean()),
+                     "value_kept": float(group["value_kept"].mean()), **_bytes(group)})
     return pd.DataFrame(rows)
 
 
@@ -81,7 +83,8 @@ def summary_table(runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                      "haystacks": len(group), **_rate(group["retrieved"]), **_rate(group["retrieved_full"], "full"),
                      "vs_full": diff.estimate, "vs_full_low": diff.low, "vs_full_high": diff.high,
                      "verdict": verdict, "kept_tokens": round(float(group["kept_tokens"].mean())),
-                     "needle_kept": float(group["needle_kept"].mean()), **_bytes(group)})
+                     "needle_kept": float(group["needle_kept"].mean()),
+                     "value_kept": float(group["value_kept"].mean()), **_bytes(group)})
     return pd.DataFrame(rows)
 
 
