@@ -4,9 +4,7 @@ import streamlit as st
 
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, kvpress_hyperparameters
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
-from kvcore.eviction.steps import eviction_steps
-from ui import eviction_figures, figures, params, tables
-from ui import step_figures as sf
+from ui import eviction_figures, eviction_steps, figures, params, tables
 from ui.eviction_runs import EvictionText, sweep
 from ui.format import bytes_str
 from ui.guard import user_errors
@@ -62,7 +60,8 @@ with user_errors("Settings"):
     config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens,
                             budget_rule="kvpress" if kvpress else "round")
     config.check_cost()
-    results = sweep(EvictionText(model_name, own if source == "your text" else sample_text(), max_tokens), config)
+    text = EvictionText(model_name, own if source == "your text" else sample_text(), max_tokens)
+    results = sweep(text, config)
 table = results.table
 
 st.caption(f"{POSITIONS[positions]} {len(results.tokens)} tokens fed; the full cache holds "
@@ -87,18 +86,7 @@ with c2:
     figures.show(eviction_figures.per_layer(layers, "output_error", "Attention output error vs full cache",
                                             "relative L2 error"), key="err")
 figures.show(eviction_figures.token_strip(results.tokens), key="strip")
-st.subheader(f"Step by step at budget {at}")
-steps = len(results.tokens)
-step = params.widget(st.slider, "Step (query position)", key="step", min_value=0, max_value=steps - 1,
-                     value=steps - 1)
-shown = sf.frame_steps(steps, step)
-with user_errors("Step view"):
-    view = eviction_steps(results, at, shown)
-sf.step_metrics(view, shown.index(step))
-figures.show(sf.step_player(view, shown.index(step), "Full-cache attention and what each policy kept"), key="steps")
-st.caption("Bars: the full cache's attention from the step's query (layers and heads averaged). Rows: the share of "
-           "layers and KV heads in which each policy let that query read each token (grey = evicted). Triangles: "
-           "sinks; diamonds: heavy hitters, by the detector over the attention so far. ▶ plays the steps.")
+eviction_steps.show_step_player(text, config, results, at)
 settings = {"mode": mode, "pos": positions, "tokens": max_tokens}
 tables.show_table(table, "eviction", "results", settings, caption=eviction_figures.TABLE_CAPTION)
 with st.expander("Per-layer and per-token tables"):

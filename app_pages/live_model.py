@@ -3,15 +3,15 @@
 import streamlit as st
 
 from kvcore.models.attention import AttentionPatterns
-from kvcore.models.live import attention_map, kv_curves, patterns_table, step_view
+from kvcore.models.live import kv_curves, patterns_table
 from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
 from kvcore.models.runtime import text_config
 from kvcore.plans import cache_plans
-from ui import figures, params, tables
+from ui import figures, live_runs, params, tables
 from ui import live_figures as lf
-from ui import step_figures as sf
 from ui.guard import user_errors
 from ui.live_runs import LiveRequest, comparison, generation, step_timing
+from ui.live_steps import show_step_player
 from ui.models import shared_model
 
 OTHER = "other (type a Hub name)"
@@ -38,10 +38,9 @@ with st.sidebar:
 if (name := (hub.strip() or None) if choice == OTHER else choice) is None:
     st.info("Type a Hugging Face Hub name (a causal LM with at most 1.5 GB of weights), or pick the bundled model.")
     st.stop()
-with st.status(f"Loading {name}...") as status, user_errors(f"Loading {name}"):
+with user_errors(f"Loading {name}"):  # a progress bar while it loads; an error shown openly, never in a closed box
     shared = shared_model(name)
-    status.update(label=f"Model: {name}", state="complete")
-model, tokenizer, lock = shared.model, shared.tokenizer, shared.lock
+model, tokenizer = shared.model, shared.tokenizer
 request = LiveRequest.of(prompt, new, temp, seed, plan_name, budget, positions)
 with user_errors("Settings"):
     plan = request.cache_plan()
@@ -77,10 +76,8 @@ heavy = params.widget(c[3].slider, "Heavy hitters: top share of keys", key="lm_h
                       max_value=0.5, value=0.05, step=0.01)
 log_color = params.widget(c[4].toggle, "Log colour", key="lm_log", value=True)
 thresholds = AttentionPatterns.for_length(len(run.ids), sink_ratio=sink_ratio, heavy_fraction=heavy)
-with lock, user_errors("Attention"):
-    attn = attention_map(model, run, layer, None if head == "mean" else int(head))
-    patterns = patterns_table(attn, run.tokens, thresholds)
-    view = step_view(run, attn, thresholds)
+attn = live_runs.attention(shared, request, run, layer, None if head == "mean" else int(head))
+patterns = patterns_table(attn, run.tokens, thresholds)
 title = f"Layer {layer}, head {head}: full cache, eager attention (dotted line: generation starts)"
 figures.show(lf.attention_heatmap(attn, run.tokens, patterns, title, log_color, run.prompt_len), key="lm_map")
 bars_title = f"Attention each key receives from far queries (sink: {sink_ratio:g}x)"
@@ -90,20 +87,7 @@ tables.show_table(patterns, "live", "patterns", {**csv_settings, "layer": layer,
                           "later over the uniform share 1/(t+1), the Eviction page's detector; keys with fewer than "
                           f"{thresholds.min_queries} such queries are not judged (empty). A sink reaches "
                           f"{sink_ratio:g}x. accumulated: the column sum (H2O).")
-
-st.subheader("Step by step")
-last = view.num_steps - 1
-step = params.widget(st.slider, "Step (generated token)", key="lm_step", min_value=0, max_value=max(1, last),
-                     value=max(0, last), disabled=last < 1)
-step = min(step, last)
-sf.step_metrics(view, step)
-figures.show(sf.step_player(view, step, f"Layer {layer}, head {head}", colored=run.plan), key="lm_steps")
-st.caption(f"Bars: the attention the step's query gives each key (full cache). Colour: what the {plan.name} cache "
-           "holds when the query reads it: held, partly held (some layers or heads), evicted (grey), compressed "
-           "(purple). Triangles: sinks; diamonds: heavy hitters, by the detector over the attention so far. ▶ plays "
-           "the steps; the slider above sets the step the view opens on (and the URL).")
-with st.expander("What the cache held at this step"):
-    tables.show_table(sf.holdings_table(view, step), "live", "step", {**csv_settings, "step": step}, height=240)
+show_step_player(shared.name, request, run, attn, layer, head, thresholds, plan.name, csv_settings)
 
 if plan_name != "full":
     st.subheader(f"{plan.name} vs the full cache")

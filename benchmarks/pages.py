@@ -1,54 +1,296 @@
-"""Time every page's default view with AppTest: the first load (imports, model, caches) and a rerun.
+"""What a visitor waits for, in a real browser: every page's first view on a fresh server, a reload, one click, a
+slider step; with the load average of each measurement.
 
-    python benchmarks/pages.py [--runs 3] [--csv pages.csv]
+    python benchmarks/pages.py                        # the whole benchmark, written to benchmarks/RESULTS.md
+    python benchmarks/pages.py --pages eviction live_model --no-results
 
-The rerun is what a user waits for after the app is warm (target: under 2 s per page). Times are
-wall-clock on this machine in this run; compare them with each other, not across machines.
+Starts ``streamlit run app.py`` (headless) on a free port and drives Chromium (``/usr/bin/chromium`` or
+``$KVLAB_CHROMIUM``) through Playwright. A wait ends when the app's script has stopped: the time of the last
+change of ``data-test-script-state`` to ``notRunning`` after the action, once nothing has run for
+:data:`QUIET_MS`, measured in the browser's own clock from the navigation (first view, reload) or the click.
+
+Two passes by default, each on a server started afresh: ``empty`` gives the server an empty results cache on disk
+(``KVLAB_RESULTS_CACHE`` in a new temporary folder: what the very first visitor of a new deployment waits for), and
+``kept`` restarts the server on the folder the first pass filled (a restarted server, e.g. after a deploy with no
+code change). Pages are opened in the navigation's order, each in a new tab, as a visitor clicking through would.
+Times are wall-clock on this machine under the load shown; compare rows of one run, not machines.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime as dt
+import os
+import platform
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+CHROMIUM = os.environ.get("KVLAB_CHROMIUM", "/usr/bin/chromium")
+RESULTS_CACHE_ENV = "KVLAB_RESULTS_CACHE"  # ui.disk_cache reads it
+QUIET_MS = 900  # the script must stay stopped this long for a wait to end (a rerun may follow a first run)
+BEGIN, END = "<!-- pages-benchmark:begin -->", "<!-- pages-benchmark:end -->"
 
-from tests.app.conftest import open_page  # noqa: E402
-from tests.app.test_url_fuzz import PAGES  # noqa: E402
-
-
-def time_page(name: str, runs: int) -> dict[str, object]:
-    """First load and the median of ``runs`` further default renders of one page, in seconds."""
-    t0 = time.perf_counter()
-    at = open_page(name)
-    first = time.perf_counter() - t0
-    if at.exception:
-        raise RuntimeError(f"page {name} raised: {at.exception[0].value}")
-    warm = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        open_page(name)
-        warm.append(time.perf_counter() - t0)
-    return {"page": name, "first_load_s": round(first, 3), "warm_render_s": round(statistics.median(warm), 3),
-            "under_2s": statistics.median(warm) < 2.0}
+# url path -> the page's name in the table
+PAGES = {"": "Home", "paged_blocks": "Paged blocks", "continuous_batching": "Continuous batching",
+         "serving_engine": "Serving engine", "eviction": "Eviction", "quantization": "Quantization",
+         "sharing": "Sharing", "memory_hierarchy": "Memory hierarchy", "live_model": "Live model"}
 
 
-def main() -> None:
+@dataclass(frozen=True, slots=True)
+class Click:
+    """One setting changed as a visitor would: ``kind`` is ``number:<value>``, ``slider:<key>``, ``radio:<option>``,
+    ``segment:<option>`` (a segmented control's button) or ``select:<option>``; ``url`` appears in the URL after."""
+
+    label: str
+    kind: str
+    url: str
+
+
+# The settings one click away that each page is timed on (the first is the table's "one click" column).
+CLICKS: dict[str, list[Click]] = {
+    "": [Click("Context length (tokens)", "number:4096", "tokens=4096")],
+    "paged_blocks": [Click("Blocks in the pool", "slider:ArrowRight", "blocks=")],
+    "continuous_batching": [Click("Preemption", "radio:swap", "pre=swap")],
+    "serving_engine": [Click("Seed", "number:3", "eg_seed=3")],
+    "eviction": [Click("Mode", "segment:prefill", "mode=prefill"),
+                 Click("Positions after eviction", "segment:rerotate", "pos=rerotate")],
+    "quantization": [Click("Generated tokens", "number:16", "qgen=16")],
+    "sharing": [Click("Context (tokens)", "number:4096", "sh_tokens=4096")],
+    "memory_hierarchy": [Click("Remote (GB)", "number:200", "h_r_gb=200")],
+    "live_model": [Click("New tokens", "number:12", "lm_new=12")],
+}
+# Step players: their slider's label; one step back is timed.
+STEPS = {"eviction": "Step (query position)", "live_model": "Step (generated token)"}
+
+# Records every change of the app's script state with the browser's clock (ms since the navigation started).
+WATCH = """
+window.__kvlabStates = [];
+(function watch() {
+  const app = document.querySelector("[data-testid='stApp']");
+  if (!app) { setTimeout(watch, 5); return; }
+  const note = () => window.__kvlabStates.push([performance.now(), app.getAttribute('data-test-script-state')]);
+  note();
+  new MutationObserver(note).observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
+})();
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def fresh_server(results_cache: Path) -> Iterator[str]:
+    """``streamlit run app.py`` on a free port with its results cache in ``results_cache``; yields the URL."""
+    port = free_port()
+    env = {**os.environ, RESULTS_CACHE_ENV: str(results_cache)}
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless=true", f"--server.port={port}",
+           "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("streamlit did not become healthy within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def browser_now(page) -> float:
+    return float(page.evaluate("performance.now()"))
+
+
+def wait_stopped(page, since_ms: float, timeout_s: float = 600.0) -> float:
+    """Seconds from ``since_ms`` (browser clock) until the script last stopped, once it ran after ``since_ms`` and
+    has stayed stopped for :data:`QUIET_MS`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = page.evaluate("window.__kvlabStates || []")
+        after = [(t, s) for t, s in states if t >= since_ms]
+        ran = any(s == "running" for _, s in after)
+        if ran and after[-1][1] == "notRunning" and browser_now(page) - after[-1][0] >= QUIET_MS:
+            return (after[-1][0] - since_ms) / 1e3
+        page.wait_for_timeout(50)
+    raise TimeoutError(f"the script did not stop within {timeout_s:.0f} s")
+
+
+def do_click(page, click: Click) -> None:
+    """Change one setting as a visitor would."""
+    kind, _, value = click.kind.partition(":")
+    if kind == "slider":
+        slider_thumb(page, click.label).press(value or "ArrowRight")
+    elif kind == "radio":
+        page.get_by_role("radio", name=value, exact=True).click()
+    elif kind == "segment":
+        group = page.get_by_role("radiogroup", name=click.label, exact=True)
+        group.get_by_role("radio", name=value, exact=True).first.click()
+    elif kind == "select":
+        page.get_by_label(click.label, exact=True).click()
+        page.get_by_role("option", name=value, exact=True).click()
+    else:
+        box = page.get_by_label(click.label, exact=True)
+        box.fill(value)
+        box.press("Enter")
+
+
+def slider_thumb(page, label: str):
+    """The focused thumb of the Streamlit slider labelled ``label``."""
+    thumb = page.locator("[data-testid='stSlider']").filter(has=page.get_by_text(label, exact=True)).locator(
+        "input[type='range']").first
+    thumb.focus()
+    return thumb
+
+
+def step_back(page, label: str) -> None:
+    """One step back on a step player's slider (its URL-bound Streamlit slider)."""
+    slider_thumb(page, label).press("ArrowLeft")
+
+
+def measure(page, action: Callable[[], None], url_part: str | None = None) -> float:
+    """Seconds from ``action`` until the script stopped (the URL carries ``url_part`` first, when given)."""
+    since = browser_now(page)
+    action()
+    if url_part:
+        page.wait_for_url(f"**{url_part}**", timeout=120_000)
+    return wait_stopped(page, since)
+
+
+def time_page(browser, url: str, path: str) -> list[dict[str, object]]:
+    """First view, reload, each click and a slider step of one page: one row each."""
+    rows: list[dict[str, object]] = []
+    name = PAGES[path]
+
+    def row(action: str, seconds: float) -> None:
+        rows.append({"page": name, "action": action, "seconds": round(seconds, 2),
+                     "load_1min": round(os.getloadavg()[0], 2)})
+
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    tab.add_init_script(WATCH)
+    tab.goto(f"{url}/{path}")
+    row("first view", wait_stopped(tab, 0.0))
+    tab.reload()
+    row("reload", wait_stopped(tab, 0.0))
+    if path in STEPS:
+        row("slider step", measure(tab, lambda: step_back(tab, STEPS[path]), "step="))
+    for click in CLICKS.get(path, []):
+        tab.goto(f"{url}/{path}")
+        wait_stopped(tab, 0.0)
+        try:
+            row(f"click: {click.url.rstrip('=')}", measure(tab, lambda c=click: do_click(tab, c), click.url))
+        except Exception as exc:  # a control that moved or a wait that ran out: say so, time the rest
+            print(f"{name}: {click.label} not timed: {str(exc).splitlines()[0]}", file=sys.stderr)
+            row(f"click: {click.url.rstrip('=')}", float("nan"))
+    tab.close()
+    return rows
+
+
+def run_pass(browser, results_cache: Path, paths: list[str], label: str) -> pd.DataFrame:
+    """Every page on one fresh server."""
+    with fresh_server(results_cache) as url:
+        rows = [r for p in paths for r in time_page(browser, url, p)]
+    return pd.DataFrame(rows).assign(results_cache=label)
+
+
+def summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per page and pass: first view, reload, the first click, every other click, the slider step."""
+    out = []
+    for (cache, page), rows in table.groupby(["results_cache", "page"], sort=False):
+        by = dict(zip(rows["action"], rows["seconds"], strict=True))
+        clicks = [a for a in rows["action"] if a.startswith("click")]
+        out.append({"results cache": cache, "page": page, "first view s": by.get("first view"),
+                    "reload s": by.get("reload"),
+                    "one click s": "; ".join(f"{by[c]} ({c.removeprefix('click: ')})" for c in clicks) or "-",
+                    "slider step s": by.get("slider step", "-"),
+                    "load 1-min": f"{rows['load_1min'].min():.1f}-{rows['load_1min'].max():.1f}"})
+    return pd.DataFrame(out)
+
+
+def markdown(table: pd.DataFrame, started: str, load_start: tuple[float, ...], args: argparse.Namespace) -> str:
+    """The RESULTS.md section."""
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("-" if pd.isna(v) else str(v) for v in r) + " |" for r in table.itertuples(index=False)]
+    load_end = os.getloadavg()
+    return "\n".join([
+        BEGIN, "## First view in a browser (`benchmarks/pages.py`)", "",
+        f"**Command:** `python benchmarks/pages.py{' ' + ' '.join(args.argv) if args.argv else ''}`. "
+        f"**Date:** {started}. **Machine:** {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}. **Load average** (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} "
+        f"at the start, {'/'.join(f'{x:.2f}' for x in load_end)} at the end.", "",
+        "Headless Chromium, one tab per page in the navigation's order, each wait until the app's script stopped. "
+        "`empty`: a fresh server with an empty results cache (the first visitor of a new deployment); `kept`: the "
+        "server restarted on the cache the first pass filled. Targets: first view <= 5 s, one click <= 15 s, "
+        "a slider step < 0.5 s.", "", *lines, "", END])
+
+
+def write_results(section: str, path: Path = RESULTS) -> None:
+    """Replace the benchmark's section of RESULTS.md (or append it)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        text = head + section + rest.partition(END)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--pages", nargs="*", default=PAGES)
-    parser.add_argument("--csv")
-    args = parser.parse_args()
-    table = pd.DataFrame([time_page(p, args.runs) for p in args.pages])
-    print(table.to_string(index=False))
+    parser.add_argument("--pages", nargs="*", default=list(PAGES), help="url paths ('' or 'home' is the home page)")
+    parser.add_argument("--passes", nargs="*", default=["empty", "kept"], choices=["empty", "kept"])
+    parser.add_argument("--csv", help="every measurement, one row each")
+    parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    paths = ["" if p in ("", "home") else p for p in args.pages]
+    unknown = [p for p in paths if p not in PAGES]
+    if unknown:
+        parser.error(f"unknown pages {unknown}; choose from {', '.join(p or 'home' for p in PAGES)}")
+    if not Path(CHROMIUM).exists():
+        parser.error(f"no browser at {CHROMIUM} (apt-get install chromium, or set KVLAB_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_start = os.getloadavg()
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="kvlab-results-") as cache, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        for label in args.passes:
+            tables.append(run_pass(browser, Path(cache), paths, label))
+            print(summary(tables[-1]).to_string(index=False), flush=True)
+        browser.close()
+    table = pd.concat(tables, ignore_index=True)
     if args.csv:
         table.to_csv(args.csv, index=False)
+    if not args.no_results:
+        write_results(markdown(summary(table), started, load_start, args))
 
 
 if __name__ == "__main__":

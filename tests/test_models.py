@@ -23,11 +23,18 @@ from kvcore.models.attention import (
     layer_summary,
 )
 from kvcore.models.cache import LabCache, new_cache
-from kvcore.models.generate import GenerationSettings, generate_stream, generate_table, time_generation
+from kvcore.models.generate import (
+    GenerationSettings,
+    PhaseTiming,
+    generate_stream,
+    generate_table,
+    time_generation,
+)
 from kvcore.models.live import attention_map, run_live, step_view
 from kvcore.models.perplexity import bits_per_byte, perplexity, streaming_nll, token_nll
 from kvcore.models.plan import CachePlan, run_step
 from kvcore.models.rope import rope_inv_freq, rotate
+from kvcore.noise import Timing
 from kvcore.plans import cache_plans, make_plan
 from kvcore.shapes import kv_bytes
 
@@ -347,14 +354,39 @@ def test_the_step_view_marks_what_a_quantized_cache_compressed(bundled):
     assert compressed[-1, -1] == 0  # the token fed in the step itself is read exact
 
 
-def test_timing_is_warmed_up_and_repeated(bundled):
+def test_timing_is_warmed_up_repeated_and_interleaved(bundled):
     model, tokenizer = bundled
     run = run_live(model, tokenizer, PROMPT, GenerationSettings(max_new_tokens=6), make_plan("full", 0, "original"))
-    timing = time_generation(model, run.ids, run.prompt_len, repeats=3, warmup=1, decode_steps=4)
-    assert (timing["prefill"].repeats, timing["prefill"].warmup) == (3, 1)
-    assert timing["decode"].repeats == 3 * min(4, len(run.ids) - run.prompt_len)
-    assert timing["decode"].q1 <= timing["decode"].median <= timing["decode"].q3
-    assert "decode" not in time_generation(model, run.ids[:run.prompt_len], run.prompt_len, repeats=1)
+    calls = []
+    handle = model.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(
+        kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        timing = time_generation(model, run.ids, run.prompt_len, repeats=3, warmup=1, decode_steps=4)
+    finally:
+        handle.remove()
+    steps = min(4, len(run.ids) - run.prompt_len)
+    assert calls == [run.prompt_len, *[1] * steps] * 4  # each round: a prefill, then its decode steps
+    assert (timing.prefill.repeats, timing.prefill.warmup) == (3, 1)
+    assert timing.decode.repeats == 3 * steps
+    assert timing.decode.q1 <= timing.decode.median <= timing.decode.q3
+    assert len(timing.ratios) == 3
+    assert list(timing.phases()) == ["prefill", "decode"]
+    alone = time_generation(model, run.ids[:run.prompt_len], run.prompt_len, repeats=1)
+    assert alone.decode is None
+    assert list(alone.phases()) == ["prefill"]
+    assert alone.ratio() is None
+    assert alone.within_noise()
+
+
+def test_a_ratio_is_stated_only_when_the_rounds_agree_more_than_the_phases_differ():
+    """The defect: a 4-token prefill read as 14 decode steps because a burst of load hit the prefills only."""
+    t = Timing.of([1.0])
+    noisy = PhaseTiming(t, t, np.array([0.6, 0.9, 1.1, 1.3, 14.0]))  # median 1.1, IQR 0.9-1.3: wider than 0.1
+    assert noisy.ratio() == pytest.approx((1.1, 0.9, 1.3))
+    assert noisy.within_noise()
+    clear = PhaseTiming(t, t, np.array([3.4, 3.5, 3.5, 3.6, 9.0]))  # median 3.5, IQR 3.5-3.6: narrower than 2.5
+    assert not clear.within_noise()
+    assert not PhaseTiming(t, t, np.array([0.5, 0.5, 0.5])).within_noise()  # a prefill cheaper than a step, clearly
 
 
 @pytest.mark.parametrize(("raw", "name"), [(None, "bundled"), ("", "bundled"), ("  ", "bundled"),

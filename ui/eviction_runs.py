@@ -1,9 +1,10 @@
-"""Streamlit-cached runs of the Eviction page: the full-cache reference of a text, and each policy run.
+"""Cached runs of the Eviction page: the full-cache reference of a text, and each policy run.
 
-A run is cached on its own (keyed by the text and its :class:`~kvcore.eviction.evaluate.RunSpec`), so a
-view that adds a policy or a budget only runs what is new; every use of the model holds its lock. Runs
-carry decode timings, so they are kept for :data:`RUN_TTL_S` seconds only: a later visitor gets speeds
-measured under the load of their own time, not of the first visit's.
+A run is measured once per setting (keyed by the text and its :class:`~kvcore.eviction.evaluate.RunSpec`) and
+kept on disk across server restarts (:mod:`ui.disk_cache`: keyed by the settings, the weights and the code),
+so a view that adds a policy or a budget only runs what is new. Its decode step times are measured apart and
+kept for :data:`RUN_TTL_S` seconds only: a later visitor gets speeds measured under the load of their own
+time, not of the first visit's. Every use of the model holds its lock.
 """
 
 from __future__ import annotations
@@ -11,15 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import streamlit as st
 
-from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec, model_claims, run_all, summarize
+from kvcore.eviction.evaluate import (
+    EvictionConfig,
+    EvictionResults,
+    RunSpec,
+    model_claims,
+    summarize,
+    with_timing,
+)
 from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import RunResult
 from kvcore.models.loader import model_name
 from kvcore.models.runtime import text_ids
+from ui import disk_cache
 from ui.models import shared_model
-from ui.progress import with_progress
+from ui.progress import Progress, progress_bar
+
+RUN_TTL_S = 900
+MODULES = ("kvcore.eviction.evaluate",)  # what a run executes (their import closure keys the disk cache)
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,7 +47,7 @@ class EvictionText:
         object.__setattr__(self, "model", model_name(self.model))
 
 
-@st.cache_resource(max_entries=4, show_spinner="Full-cache reference pass...")
+@st.cache_resource(max_entries=4, show_spinner=False)
 def reference(source: EvictionText) -> Reference:
     """The text through the full cache once (what every run is measured against)."""
     shared = shared_model(source.model)
@@ -42,27 +55,52 @@ def reference(source: EvictionText) -> Reference:
         return reference_pass(shared.model, text_ids(shared.model, shared.tokenizer, source.text, source.max_tokens))
 
 
-RUN_TTL_S = 900
-
-
-@st.cache_resource(max_entries=4, show_spinner="Checking the literature's claims on this model...")
+@st.cache_resource(max_entries=4, show_spinner=False)
 def reference_claims(source: EvictionText) -> list[dict[str, Any]]:
     """Attention sinks and Knorm's premise, measured on the text's reference (they depend on nothing else)."""
     return model_claims(reference(source))
 
 
+def measure_run(source: EvictionText, spec: RunSpec, progress: Progress | None = None) -> RunResult:
+    """One policy at one budget on the text, all but its step times: from disk, or measured now and kept."""
+    def compute(report: Progress) -> RunResult:
+        shared = shared_model(source.model)
+        with shared.lock:
+            return spec.measure(shared.model, reference(source))
+    return disk_cache.computed("eviction-run", (source, spec), MODULES, disk_cache.weights_key(source.model),
+                               compute, progress)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def measured(source: EvictionText, spec: RunSpec) -> RunResult:
+    """:func:`measure_run`, kept in memory too."""
+    return measure_run(source, spec)
+
+
 @st.cache_data(max_entries=256, ttl=RUN_TTL_S, show_spinner=False)
-def run(source: EvictionText, spec: RunSpec) -> RunResult:
-    """One policy at one budget on the text."""
+def step_times(source: EvictionText, spec: RunSpec) -> tuple[np.ndarray, float]:
+    """Real decode steps of the run timed now (:meth:`RunSpec.time_steps`) and the load average then."""
     shared = shared_model(source.model)
     with shared.lock:
-        return spec.run(shared.model, reference(source))
+        return spec.time_steps(shared.model, reference(source))
+
+
+def run(source: EvictionText, spec: RunSpec) -> RunResult:
+    """One policy at one budget on the text, with its step times."""
+    return with_timing(measured(source, spec), *step_times(source, spec))
 
 
 def sweep(source: EvictionText, config: EvictionConfig) -> EvictionResults:
-    """Every run of ``config`` on the text (cached one by one) under a progress bar, gathered into tables."""
-    ref = reference(source)
-    runs = with_progress("Running policies...", lambda bar: run_all(
-        config.runs(), lambda spec: run(source, spec),
-        lambda done, total, label: bar(done / total, f"{label} ({done}/{total})")))
+    """Every run of ``config`` on the text under a progress bar (measured, then timed), gathered into tables."""
+    specs, runs, timed = config.runs(), [], []
+    with progress_bar() as bar:
+        bar(0.0, "Full-cache reference pass...")
+        ref = reference(source)
+        for i, spec in enumerate(specs):
+            bar(0.05 + 0.75 * i / len(specs), f"Measuring {spec.label} ({i + 1}/{len(specs)})")
+            runs.append(measured(source, spec))
+        for i, spec in enumerate(specs):
+            bar(0.8 + 0.2 * i / len(specs), f"Timing the decode steps of {spec.label} ({i + 1}/{len(specs)})")
+            timed.append(step_times(source, spec))
+    runs = [with_timing(r, *t) for r, t in zip(runs, timed, strict=True)]
     return summarize(ref, runs, config, shared_model(source.model).tokenizer, reference_claims(source))

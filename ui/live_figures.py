@@ -10,6 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from kvcore.models.generate import PhaseTiming
 from kvcore.models.live import LiveRun
 from kvcore.noise import Timing, load_note
 from ui.figures import PALETTE, SEQUENTIAL, style
@@ -71,10 +72,25 @@ def _ms(t: Timing | None) -> str:
     return "n/a" if t is None else f"{t.median:.1f} ms"
 
 
-def generation_metrics(run: LiveRun, timing: dict[str, Timing]) -> None:
-    """Prefill and decode time (medians of repeats), the cache now and the mean log-prob of one generation."""
+def prefill_vs_decode(timing: PhaseTiming) -> tuple[str, str]:
+    """The headline comparing the phases: ``("3.5 decode steps", why)``, or "within noise" when the rounds
+    disagree more than the phases differ (a loaded machine; never a ratio then)."""
+    ratio = timing.ratio()
+    if ratio is None:
+        return "n/a", "nothing was generated, so no decode step was timed"
+    median, q1, q3 = ratio
+    spread = f"per-round ratios IQR {q1:.2f}-{q3:.2f} over {len(timing.ratios)} interleaved rounds"
+    if timing.within_noise():
+        return "within noise", (f"the rounds disagree more than the phases differ ({spread}, median {median:.2f}; "
+                                f"{load_note(timing.prefill.load_1min, timing.prefill.cpus)}): no ratio is stated")
+    return f"{median:.1f} decode steps", f"one prefill costs {median:.2f} one-token decode steps ({spread})"
+
+
+def generation_metrics(run: LiveRun, timing: PhaseTiming) -> None:
+    """Prefill and decode time (medians of interleaved repeats), the prefill in decode steps (or "within noise"),
+    the cache now and the mean log-prob of one generation."""
     last = run.table.iloc[-1]
-    prefill, decode = timing.get("prefill"), timing.get("decode")
+    prefill, decode = timing.prefill, timing.decode
     spread = {k: "" if t is None else f"IQR {t.q1:.1f}-{t.q3:.1f} ms over {t.repeats}" for k, t in
               (("prefill", prefill), ("decode", decode))}
     metrics = {
@@ -82,28 +98,32 @@ def generation_metrics(run: LiveRun, timing: dict[str, Timing]) -> None:
         "Decode, per token": (_ms(decode), f"one-token steps; {spread['decode']}"),
         "KV cache now": (bytes_str(int(last.kv_bytes)), f"{int(last.kv_tokens)} entries per layer"),
         "Mean log-prob": (f"{run.table['logprob'].mean():.2f}", "nats, generated tokens"),
+        "Prefill costs": prefill_vs_decode(timing),
     }
     for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
         col.metric(label, value, help=why)
 
 
-def timing_caption(timing: dict[str, Timing], age_s: float) -> str:
-    """What the timing is: medians of repeats after a warm-up, their spread, and the load when measured."""
+def timing_caption(timing: PhaseTiming, age_s: float) -> str:
+    """What the timing is: medians of interleaved repeats after a warm-up, their spread, and the load then."""
     parts = [f"{name} {t.describe('calls' if name == 'prefill' else 'steps', load=False)}"
-             for name, t in timing.items()]
-    first = next(iter(timing.values()))
-    return (f"Timing (measured {age_s:.0f} s ago, re-measured after 5 minutes): {'; '.join(parts)}. "
-            f"What else ran: {load_note(first.load_1min, first.cpus)}; a loaded machine stretches every step.")
+             for name, t in timing.phases().items()]
+    return (f"Timing (measured {age_s:.0f} s ago, re-measured after 5 minutes; each round a prefill then its decode "
+            f"steps, so both see the same load): {'; '.join(parts)}. What else ran: "
+            f"{load_note(timing.prefill.load_1min, timing.prefill.cpus)}; a loaded machine stretches every step.")
 
 
-def timing_chart(timing: dict[str, Timing]) -> go.Figure:
+def timing_chart(timing: PhaseTiming) -> go.Figure:
     """Median ms of a prefill and of one decode step, the bars spanning the interquartile range."""
-    names = list(timing)
-    med = [timing[n].median for n in names]
+    phases = timing.phases()
+    names = list(phases)
+    med = [phases[n].median for n in names]
     fig = go.Figure(go.Bar(x=names, y=med, marker_color=[PALETTE[0], PALETTE[1]][:len(names)],
                            error_y={"type": "data", "symmetric": False,
-                                    "array": [timing[n].q3 - timing[n].median for n in names],
-                                    "arrayminus": [timing[n].median - timing[n].q1 for n in names]},
+                                    "array": [phases[n].q3 - phases[n].median for n in names],
+                                    "arrayminus": [phases[n].median - phases[n].q1 for n in names]},
                            hovertemplate="%{x}: median %{y:.2f} ms<extra></extra>"))
-    return style(fig, "Prefill vs decode: medians, IQR bars", x="phase", y="ms per call",
+    verdict = "within noise of each other" if timing.within_noise() else \
+        f"a prefill costs {prefill_vs_decode(timing)[0]}"
+    return style(fig, f"Prefill vs decode: medians, IQR bars<br>{verdict}", x="phase", y="ms per call",
                  legend=False, height=320)

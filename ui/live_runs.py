@@ -10,15 +10,20 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
+import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
-from kvcore.models.generate import GenerationSettings, compare_to_full, time_generation
-from kvcore.models.live import LiveRun, run_live, stream_run
+from kvcore.models.attention import AttentionPatterns
+from kvcore.models.generate import GenerationSettings, PhaseTiming, compare_to_full, time_generation
+from kvcore.models.live import LiveRun, layer_map, run_attention, run_live, step_view, stream_run
 from kvcore.models.plan import CachePlan
+from kvcore.models.steps import StepView
 from kvcore.plans import make_plan
 from ui.guard import user_errors
 from ui.models import SharedModel
+from ui.progress import progress_bar
 
 MAX_RUNS = 24  # finished runs kept per model
 TIMING_TTL_S = 300  # a timing is re-measured after this long: it says what the machine did then, not forever
@@ -106,16 +111,35 @@ def comparison(shared: SharedModel, request: LiveRequest, full: LiveRun) -> pd.D
     return table
 
 
-@st.cache_data(ttl=TIMING_TTL_S, max_entries=32, show_spinner="Timing prefill and decode (repeated)...")
-def _timing(name: str, request: LiveRequest, ids: tuple[int, ...], prompt_len: int, _shared: SharedModel
-            ) -> tuple[dict, float]:
+def step_timing(shared: SharedModel, request: LiveRequest, run: LiveRun) -> tuple[PhaseTiming, float]:
+    """Prefill and decode ms of ``run`` through its plan in interleaved rounds, warmed up and repeated
+    (:func:`time_generation`), and how many seconds ago they were measured; kept for :data:`TIMING_TTL_S` s only
+    (a timing says what the machine did then), measured under a progress bar when due."""
+    key = ("timing", request)
+    kept = _kept(shared, key)
+    if kept is None or time.time() - kept[1] > TIMING_TTL_S:
+        with user_errors("Timing"), progress_bar(show_after_s=0.0) as bar, shared.lock:
+            bar(0.5, "Timing prefill and decode: interleaved rounds, repeated...")
+            kept = (time_generation(shared.model, run.ids, run.prompt_len, request.cache_plan()), time.time())
+        _keep(shared, key, kept)
+    return kept[0], time.time() - kept[1]
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _attention(name: str, request: LiveRequest, _shared: SharedModel, _run: LiveRun) -> torch.Tensor:
     with _shared.lock:
-        return time_generation(_shared.model, ids, prompt_len, request.cache_plan()), time.time()
+        return run_attention(_shared.model, _run)
 
 
-def step_timing(shared: SharedModel, request: LiveRequest, run: LiveRun) -> tuple[dict, float]:
-    """Prefill and decode ms of ``run`` through its plan, warmed up and repeated (:func:`time_generation`), and
-    how many seconds ago they were measured; kept for :data:`TIMING_TTL_S` seconds only."""
-    with user_errors("Timing"):
-        timing, at = _timing(shared.name, request, tuple(run.ids), run.prompt_len, shared)
-    return timing, time.time() - at
+def attention(shared: SharedModel, request: LiveRequest, run: LiveRun, layer: int, head: int | None) -> np.ndarray:
+    """``[T, T]`` full-cache attention of one layer (``head`` None: heads averaged) over the run of ``request``;
+    every layer is captured once per run (one forward) and kept."""
+    with user_errors("Attention"):
+        return layer_map(_attention(shared.name, request, shared, run), layer, head)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def steps_view(name: str, request: LiveRequest, layer: int, head: int | None, thresholds: AttentionPatterns,
+               steps: tuple[int, ...], _run: LiveRun, _attn: np.ndarray) -> StepView:
+    """Steps ``steps`` of the run of ``request`` seen through layer ``layer`` / ``head`` (computed once each)."""
+    return step_view(_run, _attn, thresholds, steps)

@@ -1,9 +1,12 @@
 """One shared copy of each loaded model per server, and a lock that serialises its use.
 
 Every page that runs a model gets it here, so the bundled model is loaded once however many
-pages and sessions use it, and at most one Hub model is held beside it. Model code may register
-hooks or switch the attention implementation for a moment (capturing queries, attention maps),
-so every use holds the model's lock: sessions take turns instead of seeing each other's hooks.
+pages and sessions use it, and at most one other model (SmolLM2, a Hub model or a folder) is held
+beside it. Loading shows a progress bar in the page that asked (a first fetch and conversion of
+SmolLM2 report how far they are); a session that arrives meanwhile waits for that load. Model code
+may register hooks or switch the attention implementation for a moment (capturing queries,
+attention maps), so every use holds the model's lock: sessions take turns instead of seeing each
+other's hooks.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 import streamlit as st
 
-from kvcore.models.loader import load_model, model_name
+from kvcore.models.loader import describe_model, load_model, model_name
+from ui.progress import progress_bar
 
 BUNDLED = "bundled"
 
@@ -29,21 +33,37 @@ class SharedModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
-@st.cache_resource(max_entries=1, show_spinner=False)
-def _bundled() -> SharedModel:
-    return SharedModel(BUNDLED, *load_model(None))
+@dataclass(slots=True)
+class _Loaded:
+    """The models this server holds (the bundled one and at most one other), and the lock loads take turns on."""
+
+    models: dict[str, SharedModel] = field(default_factory=dict)
+    loading: threading.Lock = field(default_factory=threading.Lock)
 
 
-@st.cache_resource(max_entries=1, show_spinner=False)
-def _hub(name: str) -> SharedModel:
-    return SharedModel(name, *load_model(name))
+@st.cache_resource(show_spinner=False)
+def _loaded() -> _Loaded:
+    return _Loaded()
 
 
 def shared_model(name: str | None = None) -> SharedModel:
-    """The bundled model (``None``, "" or "bundled") or one Hub model / local folder, loaded once.
+    """The bundled model (``None``, "" or "bundled") or one other model (SmolLM2, a Hub name, a folder), loaded
+    once under a progress bar.
 
     Raises what ``kvcore.models.load_model`` raises (ValueError for a bad name or a model too
     large, OSError without network): wrap the call in ``ui.guard.user_errors``.
     """
     key = model_name(name)
-    return _bundled() if key == BUNDLED else _hub(key)
+    held = _loaded()
+    if key in held.models:
+        return held.models[key]
+    with progress_bar(show_after_s=0.0) as bar:
+        bar(0.0, f"Loading {describe_model(key)}...")
+        with held.loading:
+            if key not in held.models:
+                model, tokenizer = load_model(None if key == BUNDLED else key, progress=lambda fraction, label: bar(
+                    0.02 + 0.96 * fraction, f"{key}: {label}"))
+                for other in [k for k in held.models if k != BUNDLED and key != BUNDLED]:
+                    del held.models[other]  # one model beside the bundled one
+                held.models[key] = SharedModel(key, model, tokenizer)
+    return held.models[key]

@@ -1,16 +1,20 @@
-"""A progress bar that a long experiment moves, made to be cached with the result it belongs to."""
+"""Progress bars that long work moves: what is being computed and how far, never a spinner alone."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 T = TypeVar("T")
+Progress = Callable[[float, str], None]
 
 
-def with_progress(text: str, run: Callable[[Callable[[float, str], None]], T]) -> T:
+def with_progress(text: str, run: Callable[[Progress], T]) -> T:
     """Call ``run(callback)`` under a progress bar the callback moves (``callback(fraction, label)``), then clear it.
 
     Meant for ``st.cache_data`` functions: the bar is created inside, so a cached result replays it too.
@@ -20,3 +24,38 @@ def with_progress(text: str, run: Callable[[Callable[[float, str], None]], T]) -
         return run(lambda fraction, label: bar.progress(min(max(fraction, 0.0), 1.0), text=label))
     finally:
         bar.empty()
+
+
+SHOW_AFTER_S = 0.3  # work that ends sooner (a cache hit) draws no bar
+
+
+@contextmanager
+def progress_bar(show_after_s: float = SHOW_AFTER_S) -> Iterator[Progress]:
+    """A callback ``(fraction, label)`` that moves a progress bar drawn here, once the block has run
+    ``show_after_s`` seconds (work served from a cache shows none); call it when a step starts, saying what
+    it does. The bar goes when the block ends. Outside a page's run (a background thread warming caches) it
+    draws nothing."""
+    bar = None
+    on_page = get_script_run_ctx(suppress_warning=True) is not None
+    start = time.monotonic()
+
+    def update(fraction: float, label: str) -> None:
+        nonlocal bar
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if not on_page or time.monotonic() - start < show_after_s:
+            return
+        if bar is None:
+            bar = st.progress(fraction, text=label)
+        else:
+            bar.progress(fraction, text=label)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.empty()
+
+
+def steps(progress: Progress, start: float, stop: float) -> Progress:
+    """The part ``[start, stop]`` of a bar: ``steps(bar, 0.5, 1.0)(0.5, label)`` moves ``bar`` to 0.75."""
+    return lambda fraction, label: progress(start + (stop - start) * min(max(fraction, 0.0), 1.0), label)

@@ -4,7 +4,9 @@ Data in (:class:`kvcore.models.steps.StepView`), ``go.Figure`` out: the top pane
 query gives each key (full cache), with the sinks and heavy hitters the detector finds up to that step; the
 bottom panel has one row per cache: the share of layers and KV heads holding each key (and, for a
 quantized cache, the share stored compressed). Plotly animation frames play the steps (play / pause and a
-frame slider); the page's own step slider, bound to the URL, picks the frame the figure opens on.
+frame slider); the page's own step slider, bound to the URL, picks the frame the figure opens on and plays
+from. Each frame carries the step's own line of metrics (token, cache bytes, sinks, heavy hitters) and its
+own attention scale, so both follow the step being shown while it plays.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import streamlit as st
 from plotly.subplots import make_subplots
 
 from kvcore.models.steps import StepView
@@ -25,7 +26,8 @@ HELD, PARTLY, EVICTED, COMPRESSED = PALETTE[0], PALETTE[5], "#BBBBBB", PALETTE[4
 SINK, HEAVY = PALETTE[3], PALETTE[1]
 HELD_SCALE = [[0.0, "#F2F2F2"], [1.0, PALETTE[0]]]
 MAX_COLUMNS = 256  # keys are pooled into at most this many columns
-MAX_FRAMES = 64  # animation frames at most (steps evenly spaced, the opening step always among them)
+MAX_FRAMES = 64  # animation frames at most (every stride-th step, the last and the opening step among them)
+DIGITS = 4  # decimals of the attention and held shares sent to the browser
 
 
 def _pool(row: np.ndarray, step: int, how: str) -> np.ndarray:
@@ -41,12 +43,39 @@ def _pool(row: np.ndarray, step: int, how: str) -> np.ndarray:
     return np.where(np.isnan(blocks).all(axis=1), np.nan, pooled)
 
 
+def frame_stride(num_steps: int, max_frames: int = MAX_FRAMES) -> int:
+    """Steps between two frames: 1 when every step fits, else the smallest that keeps the frames under the cap
+    (room left for the last step and the opening one)."""
+    return 1 if num_steps <= max_frames else math.ceil((num_steps - 1) / (max_frames - 2))
+
+
 def frame_steps(num_steps: int, start: int, max_frames: int = MAX_FRAMES) -> list[int]:
-    """The steps the animation shows: all when few, else evenly spaced ones plus ``start``."""
-    if num_steps <= max_frames:
-        return list(range(num_steps))
-    spaced = np.linspace(0, num_steps - 1, max_frames - 1).round().astype(int).tolist()
-    return sorted({*spaced, start})
+    """The steps the animation shows: every :func:`frame_stride`-th step from 0 (evenly spaced ticks), the last
+    step, and ``start``."""
+    stride = frame_stride(num_steps, max_frames)
+    return sorted({*range(0, num_steps, stride), num_steps - 1, min(max(0, start), num_steps - 1)})
+
+
+def take_steps(view: StepView, rows: list[int]) -> StepView:
+    """The view's ``rows`` only, in that order (what a figure draws; the whole run is computed once)."""
+    return StepView(view.steps.iloc[rows].reset_index(drop=True), view.attention[rows],
+                    {k: v[rows] for k, v in view.held.items()}, {k: v[rows] for k, v in view.compressed.items()},
+                    [view.sinks[r] for r in rows], [view.heavy[r] for r in rows], view.tokens)
+
+
+def with_steps(view: StepView, more: StepView) -> StepView:
+    """Both views' steps in one, ordered by step (a step in both is taken once, from ``view``)."""
+    have = set(view.steps["step"].tolist())
+    extra = [r for r, s in enumerate(more.steps["step"].tolist()) if s not in have]
+    if not extra:
+        return view
+    more = take_steps(more, extra)
+    both = StepView(pd.concat([view.steps, more.steps], ignore_index=True),
+                    np.concatenate([view.attention, more.attention]),
+                    {k: np.concatenate([v, more.held[k]]) for k, v in view.held.items()},
+                    {k: np.concatenate([v, more.compressed[k]]) for k, v in view.compressed.items()},
+                    view.sinks + more.sinks, view.heavy + more.heavy, view.tokens)
+    return take_steps(both, np.argsort(both.steps["step"].to_numpy(), kind="stable").tolist())
 
 
 def _bar_colors(held: np.ndarray | None, compressed: np.ndarray | None) -> list[str] | str:
@@ -63,27 +92,35 @@ def _bar_colors(held: np.ndarray | None, compressed: np.ndarray | None) -> list[
     return colors
 
 
+def _top(bars: np.ndarray) -> float:
+    """The tallest bar of one step: its own scale, so the first steps' near-1 bars never flatten later ones."""
+    finite = bars[np.isfinite(bars)]
+    return float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+
+
 def _frame_data(view: StepView, s: int, pool: int, x: np.ndarray, rows: list[tuple[str, np.ndarray]],
-                colored: str | None, top: float, full: bool = True) -> list[go.BaseTraceType]:
-    """The four traces of step ``s`` (markers drawn above ``top``, the tallest bar of any frame); ``full`` False
-    leaves out what every frame shares (axes, hover text)."""
+                colored: str | None, full: bool = True) -> list[go.BaseTraceType]:
+    """The four traces of step ``s`` (markers just above the step's tallest bar); ``full`` False leaves out what
+    every frame shares (axes, hover text)."""
     att = _pool(view.attention[s], pool, "sum")
+    top = _top(att)
     held = _pool(view.held[colored][s], pool, "mean") if colored else None
     comp = _pool(view.compressed[colored][s], pool, "mean") if colored and colored in view.compressed else None
-    z = np.vstack([_pool(r[s], pool, "mean") for _, r in rows])
+    z = np.vstack([_pool(r[s], pool, "mean") for _, r in rows]).round(DIGITS)
     sinks = sorted({p // pool * pool for p in view.sinks[s]})
     heavy = sorted({p // pool * pool for p in view.heavy[s]})
+    bars = np.nan_to_num(att).round(DIGITS)
     if not full:
-        return [go.Bar(y=np.nan_to_num(att), marker_color=_bar_colors(held, comp)),
-                go.Scatter(x=sinks, y=[top * 1.08] * len(sinks)), go.Scatter(x=heavy, y=[top * 1.16] * len(heavy)),
+        return [go.Bar(y=bars, marker_color=_bar_colors(held, comp)),
+                go.Scatter(x=sinks, y=[top * 1.1] * len(sinks)), go.Scatter(x=heavy, y=[top * 1.2] * len(heavy)),
                 go.Heatmap(z=z)]
     return [
-        go.Bar(x=x, y=np.nan_to_num(att), marker_color=_bar_colors(held, comp), name="attention", showlegend=False,
+        go.Bar(x=x, y=bars, marker_color=_bar_colors(held, comp), name="attention", showlegend=False,
                customdata=[shown_token(view.tokens[min(int(p), len(view.tokens) - 1)]) for p in x],
                hovertemplate="key %{x}: %{customdata}<br>attention %{y:.3f}<extra></extra>"),
-        go.Scatter(x=sinks, y=[top * 1.08] * len(sinks), mode="markers", name="sink",
+        go.Scatter(x=sinks, y=[top * 1.1] * len(sinks), mode="markers", name="sink",
                    marker={"symbol": "triangle-down", "size": 11, "color": SINK}),
-        go.Scatter(x=heavy, y=[top * 1.16] * len(heavy), mode="markers", name="heavy hitter",
+        go.Scatter(x=heavy, y=[top * 1.2] * len(heavy), mode="markers", name="heavy hitter",
                    marker={"symbol": "diamond", "size": 9, "color": HEAVY}),
         go.Heatmap(z=z, x=x, y=[name for name, _ in rows], zmin=0, zmax=1, colorscale=HELD_SCALE, showscale=False,
                    hovertemplate="%{y}<br>key %{x}: %{z:.0%}<extra></extra>"),
@@ -95,14 +132,29 @@ def shown_token(token: object) -> str:
     return str(token).replace("Ġ", "·").replace("Ċ", "↵").replace("▁", "·")
 
 
-def _title(view: StepView, s: int, title: str) -> str:
+def step_summary(view: StepView, s: int) -> str:
+    """What step ``s`` made and what its cache held, in one line: the metrics that follow the step shown."""
     row = view.steps.iloc[s]
-    made = f", makes {shown_token(row.token)!r}" if "token" in row else ""
-    return f"{title}: step {int(row.step)}, query at {int(row.query)}{made}"
+    head = f"step {int(row.step)}: query at {int(row.query)}"
+    if "token" in row:
+        head += f", makes {shown_token(row.token) or '(empty)'!r}"
+    parts = [head]
+    if "kv_bytes" in row:
+        parts.append(f"cache {bytes_str(int(row.kv_bytes))} ({int(row.kv_tokens)} entries per layer)")
+    parts += [f"sinks {_few(row.sinks)}", f"heavy hitters {_few(row.heavy_hitters)}"]
+    return " · ".join(parts)
+
+
+def _title(view: StepView, s: int, title: str) -> str:
+    return f"{title}<br>{step_summary(view, s)}"
+
+
+def _y_range(view: StepView, s: int, pool: int) -> list[float]:
+    return [0.0, _top(_pool(view.attention[s], pool, "sum")) * 1.3]
 
 
 def step_player(view: StepView, start: int, title: str, colored: str | None = None) -> go.Figure:
-    """The animated step view, opening on step ``start``.
+    """The animated step view, opening on step ``start`` (a row of ``view``), which ▶ plays from.
 
     colored: the cache whose holdings colour the attention bars (held / partly held / evicted / compressed);
     None leaves them plain (several caches are compared in the rows below).
@@ -115,46 +167,32 @@ def step_player(view: StepView, start: int, title: str, colored: str | None = No
     rows += [(f"{name} compressed", comp) for name, comp in view.compressed.items() if np.nansum(comp) > 0]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.05)
     shown = frame_steps(view.num_steps, start)
-    bars = [_pool(view.attention[s], pool, "sum") for s in shown]
-    top = max((float(np.nanmax(b)) for b in bars if np.isfinite(b).any()), default=1.0)
-    for trace, row in zip(_frame_data(view, start, pool, x, rows, colored, top), (1, 1, 1, 2), strict=True):
+    for trace, row in zip(_frame_data(view, start, pool, x, rows, colored), (1, 1, 1, 2), strict=True):
         fig.add_trace(trace, row=row, col=1)
-    fig.frames = [go.Frame(name=str(s), data=_frame_data(view, s, pool, x, rows, colored, top, full=False),
-                           traces=[0, 1, 2, 3],
-                           layout={"title": {"text": _title(view, s, title)}}) for s in shown]
+    fig.frames = [go.Frame(name=str(s), data=_frame_data(view, s, pool, x, rows, colored, full=False),
+                           traces=[0, 1, 2, 3], layout={"title": {"text": _title(view, s, title)},
+                                                        "yaxis": {"range": _y_range(view, s, pool)}})
+                  for s in shown]
     play = {"frame": {"duration": 400, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}}
     pause = {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}
     jump = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}
+    from_start = [str(s) for s in shown[shown.index(start):]]  # ▶ plays from the opening step on
     fig.update_layout(
         updatemenus=[{"type": "buttons", "direction": "left", "x": 0.0, "y": -0.16, "xanchor": "left",
                       "yanchor": "top", "showactive": False,
-                      "buttons": [{"label": "▶ Play", "method": "animate", "args": [None, play]},
+                      "buttons": [{"label": "▶ Play", "method": "animate", "args": [from_start, play]},
                                   {"label": "❚❚ Pause", "method": "animate", "args": [[None], pause]}]}],
         sliders=[{"active": shown.index(start), "x": 0.2, "y": -0.1, "len": 0.8,
                   "currentvalue": {"prefix": "step ", "xanchor": "right"},
                   "steps": [{"label": str(int(view.steps.iloc[s].step)), "method": "animate",
                              "args": [[str(s)], jump]} for s in shown]}])
-    style(fig, _title(view, start, title), height=580)
+    style(fig, _title(view, start, title), height=600)
     fig.update_layout(margin={"b": 130})
-    fig.update_yaxes(title_text="attention", range=[0, top * 1.25], row=1, col=1)
+    fig.update_yaxes(title_text="attention (each step's own scale)", range=_y_range(view, start, pool), row=1,
+                     col=1)
     fig.update_xaxes(title_text="key position" + (f" (blocks of {pool})" if pool > 1 else ""), row=2, col=1)
     fig.update_xaxes(range=[-0.5 * pool, width - 0.5 * pool])
     return fig
-
-
-def step_metrics(view: StepView, step: int) -> None:
-    """What the chosen step made and what its cache held: token, entries, bytes, sinks, heavy hitters."""
-    row = view.steps.iloc[step]
-    metrics = {"Step": (f"{int(row.step)}", f"query at position {int(row.query)}")}
-    if "token" in row:
-        metrics["Token made"] = (shown_token(row.token) or "(empty)", "greedy or sampled")
-    if "kv_bytes" in row:
-        metrics["Cache after the step"] = (bytes_str(int(row.kv_bytes)), f"{int(row.kv_tokens)} entries per layer")
-    metrics["Sinks"] = (_few(row.sinks), f"positions the detector flags up to this step: {row.sinks}")
-    metrics["Heavy hitters"] = (_few(row.heavy_hitters), f"top accumulated attention up to this step: "
-                                                         f"{row.heavy_hitters}")
-    for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
-        col.metric(label, value, help=why)
 
 
 def _few(positions: str, shown: int = 4) -> str:

@@ -4,10 +4,12 @@ Runs :mod:`kvcore.eviction.runner` for every policy and budget of an :class:`Evi
 (the bundled offline model and its held-out sample by default) and gathers the results into
 DataFrames: one row per run, one row per run and layer, one row per token. Every perplexity carries a
 block-bootstrap interval and its ratio to the full cache on the same tokens (paired); decode speed is the
-median and interquartile range of each run's one-token steps (the full cache decodes token by token too),
-with the load average when it ran. It also checks claims from the literature *against the measured
-numbers*, each with its noise (:mod:`kvcore.eviction.claims`): attention sinks (StreamingLLM), StreamingLLM
-vs a sliding window, attention-based policies vs random (H2O), and Knorm's premise.
+median and interquartile range of real one-token steps at the end of the text, timed alike for every run
+(:meth:`RunSpec.time_steps`), with the load average when they ran. Evicting policies are measured in one
+forward replayed layer by layer (:mod:`kvcore.eviction.layerwise`), equal to their token-by-token runs.
+It also checks claims from the literature *against the measured numbers*, each with its noise
+(:mod:`kvcore.eviction.claims`): attention sinks (StreamingLLM), StreamingLLM vs a sliding window,
+attention-based policies vs random (H2O), and Knorm's premise.
 
 ``python -m kvcore eviction ...`` (:mod:`kvcore.eviction.cli`) runs the same sweep headless.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,12 +35,14 @@ from kvcore.eviction import (
     resolve_budget,
 )
 from kvcore.eviction.claims import ATTENTION_POLICIES, claims, knorm_claim, run_noise, sink_claim, verdicts
+from kvcore.eviction.layerwise import replays, run_decode_layerwise, time_decode_steps
 from kvcore.eviction.reference import Reference, reference_pass
-from kvcore.eviction.runner import MODES, RunResult, run_decode, run_policy
+from kvcore.eviction.runner import MODES, RunResult, run_policy
 from kvcore.models.attention import AttentionPatterns
 from kvcore.models.cache import POSITION_MODES
 from kvcore.models.loader import bundled_text
 from kvcore.models.runtime import text_ids
+from kvcore.noise import load_average
 
 __all__ = ["ATTENTION_POLICIES", "EvictionConfig", "EvictionResults", "RunSpec", "evaluate", "evaluate_text",
            "model_claims", "run_all", "sample_text", "summarize", "verdicts"]
@@ -71,16 +75,41 @@ class RunSpec:
         """``label @ budget`` for progress messages."""
         return f"{self.make_policy().label()} @ {self.budget}"
 
-    def run(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
-        """Run it on ``model`` against ``ref`` (:func:`~kvcore.eviction.runner.run_policy`). In decode mode the
-        full cache decodes token by token after its first token, so its speed is measured as every policy's."""
-        policy = self.make_policy()
-        if self.mode == "decode" and policy.keeps_all:
-            return run_decode(model, ref, policy, self.budget, self.positions, self.hit_ratio, threads,
-                              budget_rule=self.budget_rule, full_prefill=1)
-        return run_policy(model, ref, policy, self.budget, self.positions, self.mode, self.prompt_tokens,
-                          self.hit_ratio, threads, self.budget_rule)
+    def measure(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
+        """Everything the run measures but its step times: the same text and model give the same numbers.
 
+        In decode mode the full cache and the evicting policies are replayed layer by layer in one forward
+        (:func:`~kvcore.eviction.layerwise.run_decode_layerwise`, equal to the token-by-token run, the full cache
+        decoded after its first token); the others run token by token (:func:`run_policy`)."""
+        policy = self.make_policy()
+        if self.mode == "decode" and replays(policy):
+            return run_decode_layerwise(model, ref, policy, self.budget, self.positions, self.hit_ratio, threads,
+                                        self.budget_rule)
+        result = run_policy(model, ref, policy, self.budget, self.positions, self.mode, self.prompt_tokens,
+                            self.hit_ratio, threads, self.budget_rule)
+        return replace(result, step_ms=np.zeros(0))
+
+    def time_steps(self, model, ref: Reference, threads: int | None = 1) -> tuple[np.ndarray, float]:
+        """Wall time (ms) of :data:`TIMED_STEPS` + 1 real decode steps at the end of the text
+        (:func:`~kvcore.eviction.layerwise.time_decode_steps`; none in prefill mode) and the load average then."""
+        if self.mode != "decode":
+            return np.zeros(0), load_average()
+        steps = time_decode_steps(model, ref, self.make_policy(), self.budget, self.positions, TIMED_STEPS, threads,
+                                  self.budget_rule)
+        return steps, load_average()
+
+    def run(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
+        """:meth:`measure` with :meth:`time_steps`: every column of a table row."""
+        return with_timing(self.measure(model, ref, threads), *self.time_steps(model, ref, threads))
+
+
+def with_timing(result: RunResult, step_ms: np.ndarray, load_1min: float) -> RunResult:
+    """A measured run with its step times and the load average when they were taken."""
+    return replace(result, step_ms=np.asarray(step_ms), load_1min=load_1min)
+
+
+# Decode steps timed per run (after one warm-up step): the last ones of the text, the cache at the budget.
+TIMED_STEPS = 16
 
 # Tokens (runs x tokens each) one page view may stream through the model: on a 2-core CPU one run of
 # 1,024 tokens takes about 3 s with the bundled model, so this keeps a view near 30 s. The CLI has no limit.

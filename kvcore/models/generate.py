@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -20,7 +21,7 @@ from kvcore.models.cache import LabCache
 from kvcore.models.perplexity import streaming_nll
 from kvcore.models.plan import FULL, CachePlan, run_step
 from kvcore.models.runtime import encode_prompt, model_device
-from kvcore.noise import Timing, time_repeats
+from kvcore.noise import Timing
 
 Observer = Callable[[int, LabCache], None]
 
@@ -154,36 +155,78 @@ def compare_to_full(model, tokenizer, prompt: str, settings: GenerationSettings,
                          "delta": [p - f for p, f in zip(plan_lp, full["logprob"], strict=True)]})
 
 
+@dataclass(slots=True)
+class PhaseTiming:
+    """Prefill and decode timed in interleaved rounds: each round times one prefill of the prompt, then the
+    first generated tokens fed one per step (what serving systems report as TTFT and TPOT).
+
+    prefill, decode: :class:`~kvcore.noise.Timing` (ms) of the rounds' prefills and of every timed decode step
+    (decode is None when nothing was generated). ratios: per round, its prefill over the median of its own decode
+    steps (the two measured under the same load, seconds apart).
+    """
+
+    prefill: Timing
+    decode: Timing | None
+    ratios: np.ndarray
+
+    def phases(self) -> dict[str, Timing]:
+        """``{"prefill": ..., "decode": ...}``, the decode entry only when there is one."""
+        return {"prefill": self.prefill} | ({"decode": self.decode} if self.decode is not None else {})
+
+    def ratio(self) -> tuple[float, float, float] | None:
+        """Median and interquartile range of the per-round prefill / decode-step ratio (None without decode)."""
+        if not len(self.ratios):
+            return None
+        q1, median, q3 = np.percentile(self.ratios, [25, 50, 75])
+        return float(median), float(q1), float(q3)
+
+    def within_noise(self) -> bool:
+        """True when the rounds disagree more than prefill and a decode step differ: the ratios' interquartile
+        range is wider than the ratio's distance from 1 (then no ratio is worth stating)."""
+        ratio = self.ratio()
+        return ratio is None or ratio[2] - ratio[1] >= abs(ratio[0] - 1.0)
+
+
 @torch.inference_mode()
 def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, plan: CachePlan = FULL,
-                    repeats: int = 5, warmup: int = 1, decode_steps: int = 16) -> dict[str, Timing]:
-    """Prefill and decode time of a generation, warmed up and repeated: ``{"prefill": ..., "decode": ...}`` (ms).
+                    repeats: int = 5, warmup: int = 1, decode_steps: int = 16) -> PhaseTiming:
+    """Prefill and decode time of a generation in interleaved rounds, warmed up and repeated (ms).
 
-    ids: prompt + generated token ids; prompt_len: how many are prompt. prefill: one forward of the prompt
-    into a fresh ``plan`` cache, ``warmup`` untimed then ``repeats`` timed. decode: the first ``decode_steps``
-    generated tokens fed one per step after the prompt (the same work as generating them), ``warmup``
-    untimed rounds then ``repeats`` timed ones, each step one sample (absent when nothing was generated).
+    ids: prompt + generated token ids; prompt_len: how many are prompt. Each of ``warmup`` untimed then
+    ``repeats`` timed rounds builds a fresh ``plan`` cache, times one forward of the prompt, then times the
+    first ``decode_steps`` generated tokens fed one per step (the same work as generating them; each step one
+    sample). Interleaving puts a prefill and its decode steps under the same load, so a burst of other work
+    stretches both rather than one (:class:`PhaseTiming`).
     """
     tokens = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(1, -1)
     tokens = tokens.to(model_device(model))
     if not 1 <= prompt_len <= tokens.shape[1]:
         raise ValueError(f"prompt_len must be in 1..{tokens.shape[1]}, got {prompt_len}")
-    prompt = tokens[:, :prompt_len]
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
-    _, prefill = time_repeats(lambda: run_step(model, plan.new_cache(model), prompt, plan), repeats, warmup, sync)
-    timings = {"prefill": prefill}
     stop = min(tokens.shape[1], prompt_len + decode_steps)
-    samples: list[float] = []
-    for round_ in range(warmup + repeats if stop > prompt_len else 0):
-        cache = plan.new_cache(model)
-        run_step(model, cache, prompt, plan)
-        for t in range(prompt_len, stop):
-            sync()
-            start = time.perf_counter()
-            run_step(model, cache, tokens[:, t:t + 1], plan)
-            sync()
-            if round_ >= warmup:
-                samples.append((time.perf_counter() - start) * 1e3)
-    if samples:
-        timings["decode"] = Timing.of(samples, warmup)
-    return timings
+    prefills: list[float] = []
+    rounds: list[list[float]] = []
+    for round_ in range(warmup + repeats):
+        steps = _round(model, plan, tokens, prompt_len, stop, sync)
+        if round_ >= warmup:
+            prefills.append(steps[0])
+            rounds.append(steps[1:])
+    decode = [ms for r in rounds for ms in r]
+    ratios = np.array([p / float(np.median(r)) for p, r in zip(prefills, rounds, strict=True) if r])
+    return PhaseTiming(Timing.of(prefills, warmup), Timing.of(decode, warmup) if decode else None, ratios)
+
+
+def _round(model, plan: CachePlan, tokens: torch.Tensor, prompt_len: int, stop: int,
+           sync: Callable[[], None]) -> list[float]:
+    """One round into a fresh cache: ms of the prompt's forward, then of each one-token step up to ``stop``."""
+    cache = plan.new_cache(model)
+    times = []
+    for a, b in [(0, prompt_len), *((t, t + 1) for t in range(prompt_len, stop))]:
+        sync()
+        start = time.perf_counter()
+        run_step(model, cache, tokens[:, a:b], plan)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times

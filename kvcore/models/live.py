@@ -3,7 +3,7 @@ the cache held at every step (for the step-by-step view), and its prefill/decode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,6 @@ class LiveRun:
     tokens: list[str]
     text: str
     table: pd.DataFrame
-    attention: torch.Tensor | None = field(default=None, repr=False)  # [layers, Hq, T, T], filled on demand
     held: list[np.ndarray] = field(default_factory=list, repr=False)
     compressed: list[np.ndarray] = field(default_factory=list, repr=False)
     plan: str = "full"
@@ -85,17 +84,25 @@ def run_live(model, tokenizer, prompt: str, settings: GenerationSettings, plan: 
     return sink[0]
 
 
-def attention_map(model, run: LiveRun, layer: int, head: int | None) -> np.ndarray:
-    """``[T, T]`` attention of one layer over the whole sequence (full cache); ``head=None`` averages heads."""
-    if run.attention is None or run.attention.shape[-1] != len(run.ids):
-        run.attention = capture_attention(model, torch.tensor(run.ids))  # [L, Hq, T, T]
-    L, H = run.attention.shape[:2]
+def run_attention(model, run: LiveRun) -> torch.Tensor:
+    """The full cache's attention over the whole generated sequence: ``[layers, Hq, T, T]`` (eager attention)."""
+    return capture_attention(model, torch.tensor(run.ids))
+
+
+def layer_map(attention: torch.Tensor, layer: int, head: int | None) -> np.ndarray:
+    """``[T, T]`` map of one layer of ``attention`` ``[L, Hq, T, T]``; ``head=None`` averages heads."""
+    L, H = attention.shape[:2]
     if not 0 <= layer < L:
         raise ValueError(f"layer must be in 0..{L - 1}, got {layer}")
     if head is not None and not 0 <= head < H:
         raise ValueError(f"head must be in 0..{H - 1} or the mean, got {head}")
-    attn = run.attention[layer].mean(dim=0) if head is None else run.attention[layer, head]  # [T, T]
+    attn = attention[layer].mean(dim=0) if head is None else attention[layer, head]  # [T, T]
     return attn.numpy()
+
+
+def attention_map(model, run: LiveRun, layer: int, head: int | None) -> np.ndarray:
+    """``[T, T]`` attention of one layer over the whole sequence (full cache); ``head=None`` averages heads."""
+    return layer_map(run_attention(model, run), layer, head)
 
 
 def kv_curves(runs: dict[str, LiveRun]) -> pd.DataFrame:
@@ -111,17 +118,22 @@ def patterns_table(attn: np.ndarray, tokens: list[str], patterns: AttentionPatte
     return table
 
 
-def step_view(run: LiveRun, attn: np.ndarray, patterns: AttentionPatterns) -> StepView:
+def step_view(run: LiveRun, attn: np.ndarray, patterns: AttentionPatterns,
+              steps: Sequence[int] | None = None) -> StepView:
     """The generation step by step: each step's query attention row (from ``attn``, a ``[T, T]`` map of the
     whole sequence), what the run's cache held and compressed when it read, the sinks and heavy hitters up to
-    it, and the step's token, cache entries and bytes."""
-    steps = len(run.held)
-    if not steps:
+    it, and the step's token, cache entries and bytes. steps: which steps (default every one), in order."""
+    total = len(run.held)
+    if not total:
         raise ValueError("this run recorded no cache holdings (generate it with stream_run)")
-    table = run.table.iloc[:steps]
-    queries = [run.prompt_len - 1 + s for s in range(steps)]
-    frame = pd.DataFrame({"step": range(steps), "query": queries, "token": table["token"].tolist(),
+    steps = list(range(total)) if steps is None else [int(s) for s in steps]
+    if not steps or min(steps) < 0 or max(steps) >= total:
+        raise ValueError(f"steps must lie in 0..{total - 1}, got {steps[:5]}")
+    table = run.table.iloc[steps]
+    queries = [run.prompt_len - 1 + s for s in steps]
+    frame = pd.DataFrame({"step": steps, "query": queries, "token": table["token"].tolist(),
                           "kv_tokens": table["kv_tokens"].tolist(), "kv_bytes": table["kv_bytes"].tolist()})
     maps = torch.from_numpy(np.ascontiguousarray(attn)).float()
-    return build_view(frame, attn[queries], {run.plan: run.held}, {run.plan: run.compressed}, maps, patterns,
-                      run.tokens[:queries[-1] + 1])
+    last = run.prompt_len - 1 + total - 1
+    return build_view(frame, attn[queries], {run.plan: [run.held[s] for s in steps]},
+                      {run.plan: [run.compressed[s] for s in steps]}, maps, patterns, run.tokens[:last + 1])

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import ROOT
+
+# Pages keep heavy results on disk across server restarts (ui.disk_cache): tests start from an empty folder of their
+# own, so every run computes what it checks.
+os.environ["KVLAB_RESULTS_CACHE"] = tempfile.mkdtemp(prefix="kvlab-test-results-")
 
 # torch and transformers import slowly on a 2-core machine; a page's first run may take a while.
 TIMEOUT = 180

@@ -34,8 +34,20 @@ def test_timings_are_medians_of_repeats_with_their_spread_and_the_load(page):
     assert "IQR" in note
     assert "warm-up" in note
     assert "1-min load" in note
+    assert "same load" in note
     decode = next(m for m in at.metric if m.label == "Decode, per token")
     assert "IQR" in decode.help
+    ratio = next(m for m in at.metric if m.label == "Prefill costs")
+    assert ratio.value == "within noise" or ratio.value.endswith(" decode steps")
+    assert "interleaved rounds" in ratio.help
+
+
+def test_a_hub_model_that_cannot_load_says_so_openly(page):
+    """The defect: a collapsed 'Loading gpt2...' status box kept spinning; the error showed only when opened."""
+    at = page("live_model", {"lm_model": "gpt2"})
+    assert any("Loading gpt2" in e.value for e in at.error)
+    assert not at.status  # no status box holding it: the error stands in view
+    assert not [box for box in at.expander if "Loading" in box.label]
 
 
 def test_recent_keys_are_not_called_sinks(page):
@@ -50,11 +62,18 @@ def test_recent_keys_are_not_called_sinks(page):
 def test_the_step_view_opens_on_the_step_in_the_url(page):
     at = page("live_model", {"lm_step": "3", "lm_new": "10"})
     assert at.slider(key="lm_step").value == 3
-    assert next(m for m in at.metric if m.label == "Step").value == "3"
-    player = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "step 3" in c.proto.spec)
-    assert len(player["frames"]) == len(token_table(at))  # one frame per generated token
-    assert [b["label"] for b in player["layout"]["updatemenus"][0]["buttons"]] == ["▶ Play", "❚❚ Pause"]
+    player = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if '"frames"' in c.proto.spec)
+    assert "step 3: query at" in player["layout"]["title"]["text"]
+    steps = len(token_table(at))
+    assert [f["name"] for f in player["frames"]] == [str(s) for s in range(steps)]  # one frame per generated token
+    buttons = player["layout"]["updatemenus"][0]["buttons"]
+    assert [b["label"] for b in buttons] == ["▶ Play", "❚❚ Pause"]
+    assert buttons[0]["args"][0] == [str(s) for s in range(3, steps)]  # ▶ plays from the chosen step, not step 0
     assert player["layout"]["sliders"][0]["active"] == 3
+    for frame in player["frames"]:  # the metrics line follows the step shown while it plays
+        text = frame["layout"]["title"]["text"]
+        assert f"step {frame['name']}: query at" in text
+        assert "entries per layer" in text
 
 
 def test_changing_new_tokens_reruns(page):

@@ -1,0 +1,232 @@
+"""Decode-time eviction evaluated in one forward pass, layer by layer: the token-by-token run's numbers, sooner.
+
+:func:`~kvcore.eviction.runner.run_decode` feeds a text one token per step and, after each step, lets the
+policy evict every layer back to the budget (StreamingLLM, Xiao et al. 2023; H2O, Zhang et al. 2023). What a
+layer keeps depends only on that layer's own keys, values and attention, and those depend on the layers
+below. So the same run can be replayed inside a single forward over the whole text: a registered attention
+function receives each layer's queries, keys and values for every token at once (the layers below already
+replayed), and steps through the tokens with the policy, doing exactly what the cache and the hook do
+after each real step (append, eager attention over what is held, observe, evict, re-rotate), but without
+the rest of the model for every token. Everything outside attention (projections, MLPs, norms, logits)
+runs once over the whole text instead of once per token: a sweep on the bundled model runs several times
+faster. ``tests/test_eviction_layerwise.py`` checks that every policy, both position modes and both
+budget kinds give the token-by-token run's numbers.
+
+The full cache is replayed as :func:`run_decode` decodes it for a sweep (``full_prefill=1``: every query after
+the first measured). Not replayed: an attention-only policy's mask (it reads layer 0's choice in every
+layer) and Knorm (:data:`ROUNDING_DECIDES`), which still run through :func:`run_decode`, and step timings,
+which :func:`time_decode_steps` measures on real steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from kvcore.device import torch_threads
+from kvcore.eviction.base import Budget, EvictionPolicy, EvictionState, gather_kv, group_attention, resolve_budget
+from kvcore.eviction.hook import EvictionHook, eviction_plan
+from kvcore.eviction.masks import decode_mask
+from kvcore.eviction.metrics import AttentionMeter
+from kvcore.eviction.reference import Reference
+from kvcore.eviction.runner import RunResult, _check, _nll, _result
+from kvcore.models.capture import attention_outputs
+from kvcore.models.plan import run_step
+from kvcore.models.rope import rope_inv_freq, rotate
+from kvcore.models.runtime import attention_implementation
+from kvcore.tensors import tensor_bytes
+
+IMPLEMENTATION = "kvlab_layerwise_eviction"
+_ACTIVE = threading.local()  # the replay of the forward running in this thread
+
+
+# Policies whose choice rests on near-ties that rounding decides: Knorm ranks key norms, and a token's keys at
+# two positions differ only by a rotation (equal norms up to rounding), so one forward over the whole text
+# and one per token can keep different tokens. They run token by token.
+ROUNDING_DECIDES = frozenset({"knorm"})
+
+
+def replays(policy: EvictionPolicy, mode: str = "decode") -> bool:
+    """Whether :func:`run_decode_layerwise` replays ``policy``'s decode run exactly: the full cache (as decoded
+    after its first token) and every evicting policy whose choices rounding does not decide."""
+    return mode == "decode" and not policy.stores_all and policy.name not in ROUNDING_DECIDES
+
+
+@dataclass(slots=True)
+class LayerReplay:
+    """One layer's cache through the run: what it holds, the policy's state, and what each step read.
+
+    keys / values: ``[1, Hkv, m, D]`` held entries in cache order; slots: their cache positions when
+    re-rotating (``[1, Hkv, m]``). read: per measured step, the original positions the query read
+    ``[Hkv, m + 1]``. evicted: entries removed so far.
+    """
+
+    state: EvictionState
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor | None = None
+    read: list[torch.Tensor] = field(default_factory=list)
+    evicted: int = 0
+
+
+@dataclass(slots=True)
+class Replay:
+    """The run being replayed: policy, budget, where decoding starts, positions, and every layer's replay."""
+
+    policy: EvictionPolicy
+    budget: int
+    first: int  # tokens of the first forward (the rest are decode steps)
+    inv_freq: torch.Tensor | None  # set when kept keys are re-rotated (StreamingLLM positions)
+    layers: dict[int, LayerReplay] = field(default_factory=dict)
+
+    def evict(self, layer: LayerReplay) -> None:
+        """What :meth:`EvictionHook.evict` and :meth:`LabCache.keep` do to one layer."""
+        idx = self.policy.select(layer.state, layer.keys, layer.values, self.budget)  # [1, Hkv, k]
+        layer.evicted += (layer.state.length - idx.shape[-1]) * idx.shape[1] * idx.shape[0]
+        layer.keys, layer.values = gather_kv(layer.keys, idx), gather_kv(layer.values, idx)
+        if layer.slots is not None:
+            kept = layer.slots.gather(-1, idx)  # [1, Hkv, k]
+            compact = torch.arange(idx.shape[-1], device=kept.device).expand_as(kept)
+            layer.keys = rotate(layer.keys, compact - kept, self.inv_freq)
+            layer.slots = compact.clone()
+        layer.state.keep(idx)
+
+    def observe(self, layer: LayerReplay, num_new: int, probs: torch.Tensor) -> None:
+        """What :meth:`EvictionHook.observe` does to one layer after a forward of ``num_new`` tokens."""
+        layer.state.append(num_new)
+        if self.policy.needs_attention:
+            self.policy.observe(layer.state, group_attention(probs, layer.state.positions.shape[1]))
+        if layer.state.length > self.budget:
+            self.evict(layer)
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, groups: int, scaling: float,
+            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention: queries ``[1, Hq, n, D]`` over ``[1, Hkv, m, D]`` -> (out, probs)."""
+    k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys  # [1, Hq, m, D]
+    v = values.repeat_interleave(groups, dim=1) if groups > 1 else values
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling  # [1, Hq, n, m]
+    if causal:
+        n, m = scores.shape[-2:]
+        future = torch.ones(n, m, dtype=torch.bool, device=scores.device).triu(m - n + 1)
+        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, v), probs  # [1, Hq, n, D], [1, Hq, n, m]
+
+
+def _replay_layer(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                  scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[torch.Tensor, None]:
+    """The registered attention function: one layer of the active :class:`Replay` over every token."""
+    run: Replay = _ACTIVE.replay
+    _, Hq, N, D = query.shape
+    groups = Hq // key.shape[1]
+    scaling = D ** -0.5 if scaling is None else scaling
+    k0 = run.first
+    out = torch.empty_like(query)  # [1, Hq, N, D]
+    out[:, :, :k0], probs = _attend(query[:, :, :k0], key[:, :, :k0], value[:, :, :k0], groups, scaling, True)
+    Hkv, device = key.shape[1], key.device
+    slots = None if run.inv_freq is None else torch.arange(k0, device=device).expand(1, Hkv, k0)
+    layer = LayerReplay(EvictionState.empty(1, Hkv, device, module.layer_idx), key[:, :, :k0], value[:, :, :k0],
+                        slots)
+    run.observe(layer, k0, probs)
+    for t in range(k0, N):  # one decode step: the cache appends token t, its query reads, the hook evicts
+        layer.read.append(torch.cat([layer.state.positions[0], torch.full((Hkv, 1), t, device=device)], dim=-1))
+        layer.keys = torch.cat([layer.keys, key[:, :, t:t + 1]], dim=2)
+        layer.values = torch.cat([layer.values, value[:, :, t:t + 1]], dim=2)
+        if layer.slots is not None:
+            layer.slots = torch.cat([layer.slots, torch.full((1, Hkv, 1), layer.slots.shape[-1], device=device)], -1)
+        out[:, :, t:t + 1], probs = _attend(query[:, :, t:t + 1], layer.keys, layer.values, groups, scaling, False)
+        run.observe(layer, 1, probs)
+    run.layers[module.layer_idx] = layer
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(IMPLEMENTATION, _replay_layer)
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
+
+
+@contextmanager
+def replaying(model, replay: Replay) -> Iterator[Replay]:
+    """Run ``model``'s forwards in this block through ``replay`` (this thread only)."""
+    _ACTIVE.replay = replay
+    try:
+        with attention_implementation(model, IMPLEMENTATION):
+            yield replay
+    finally:
+        _ACTIVE.replay = None
+
+
+@torch.inference_mode()
+def run_decode_layerwise(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
+                         hit_ratio: float = 1.0, threads: int | None = 1, budget_rule: str = "round") -> RunResult:
+    """:func:`~kvcore.eviction.runner.run_decode`'s result for an evicting policy, from one forward pass.
+
+    Same arguments and the same measurements (perplexity, attention mass and output error per layer,
+    counters, visibility map, evictions, bytes held) except ``step_ms``, which stays empty: no decode step
+    runs here (:func:`time_decode_steps` times real ones). The full cache gives ``run_decode(...,
+    full_prefill=1)``'s. Raises ValueError for a policy it cannot replay (:func:`replays`).
+    """
+    _check(positions, "decode")
+    if not replays(policy):
+        raise ValueError(f"{policy.label()} is not replayed layer by layer; use run_decode")
+    n_in, ids = ref.num_fed, ref.ids
+    k = n_in if policy.keeps_all else resolve_budget(budget, n_in, budget_rule)
+    first = 1 if policy.keeps_all else k
+    inv_freq = rope_inv_freq(model) if positions == "rerotate" else None
+    replay = Replay(policy, k, first, inv_freq)
+    position_ids = torch.arange(n_in, device=ids.device)
+    if positions == "rerotate":  # each new token comes at the cache length, which stays at the budget
+        position_ids = position_ids.clamp(max=k)
+    with attention_outputs(model) as outputs, torch_threads(threads), replaying(model, replay):
+        start = time.perf_counter()
+        logits = model(input_ids=ids[:, :n_in], position_ids=position_ids[None], use_cache=False).logits
+        seconds = time.perf_counter() - start
+    meter = AttentionMeter(ref, hit_ratio)
+    layers = [replay.layers[i] for i in range(len(replay.layers))]
+    read = None
+    for i, t in enumerate(range(first, n_in)):
+        read = torch.stack([layer.read[i] for layer in layers])  # [L, Hkv, m + 1]
+        meter.step(t, read, torch.stack([o[0, t] for o in outputs]))
+    held = sum(tensor_bytes(layer.keys, layer.values) for layer in layers)
+    return _result(policy, k, positions, "decode", meter, read, nll=_nll(logits, ids[0, 1:n_in + 1]).cpu(),
+                   scored_from=1, evictions=sum(layer.evicted for layer in layers), seconds=seconds,
+                   kv_bytes_held=held)
+
+
+@torch.inference_mode()
+def time_decode_steps(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
+                      steps: int = 16, threads: int | None = 1, budget_rule: str = "round") -> np.ndarray:
+    """Wall time (ms) of ``steps + 1`` real one-token decode steps at the end of the text, the policy evicting
+    after each (the first is a warm-up the tables leave out).
+
+    The text up to the timed steps goes in one forward (the hook then evicts it to the budget once), so each
+    timed step does what every step of a decode run does at that budget: a forward over the held entries
+    plus the policy's own work. A full cache holds every token, as at the end of its run.
+    """
+    _check(positions, "decode")
+    n_in, ids = ref.num_fed, ref.ids
+    timed = max(1, min(steps + 1, n_in - 1))
+    k = n_in if policy.keeps_all else resolve_budget(budget, n_in, budget_rule)
+    plan = eviction_plan(policy, k, positions)
+    hook: EvictionHook = plan.hook
+    step_ms = []
+    with attention_implementation(model, "eager"), torch_threads(threads):
+        cache = plan.new_cache(model)
+        run_step(model, cache, ids[:, :n_in - timed], plan)
+        for t in range(n_in - timed, n_in):
+            start = time.perf_counter()
+            masked = hook.readable(cache) if policy.stores_all else None
+            mask = None if masked is None else decode_mask(masked, t + 1, ref.groups, cache.layers[0].keys.dtype)
+            run_step(model, cache, ids[:, t:t + 1], plan, attention_mask=mask)
+            step_ms.append((time.perf_counter() - start) * 1e3)
+    return np.asarray(step_ms)
+

@@ -1,0 +1,47 @@
+"""The Eviction page's step player: a sweep step by step at one budget, computed once, each step a view of it.
+
+The player's frames (every few steps, evenly spaced: :func:`ui.step_figures.frame_steps`) are computed once per
+sweep and budget and cached, and a step off that grid is computed once too (one step of the detector). The
+section is a Streamlit fragment, so moving its step slider reruns only this section: no sweep, no other figure.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec
+from kvcore.eviction.steps import eviction_steps
+from kvcore.models.steps import StepView
+from ui import figures, params
+from ui import step_figures as sf
+from ui.eviction_runs import EvictionText
+from ui.guard import user_errors
+
+CAPTION = ("Bars: the full cache's attention from the step's query (layers and heads averaged), on each step's own "
+           "scale. Rows: the share of layers and KV heads in which each policy let that query read each token "
+           "(grey = evicted). Triangles: sinks; diamonds: heavy hitters, by the detector over the attention so far. "
+           "▶ plays from the chosen step; the line under the title follows the step shown.")
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def step_view(source: EvictionText, specs: tuple[RunSpec, ...], budget: int, steps: tuple[int, ...],
+              _results: EvictionResults) -> StepView:
+    """Steps ``steps`` of the sweep ``specs`` on ``source`` at ``budget`` (``_results``: that sweep, not hashed)."""
+    return eviction_steps(_results, budget, steps)
+
+
+@st.fragment
+def show_step_player(source: EvictionText, config: EvictionConfig, results: EvictionResults, budget: int) -> None:
+    """The section: its step slider (bound to the URL), the player opening on that step, its caption."""
+    st.subheader(f"Step by step at budget {budget}")
+    steps = len(results.tokens)
+    step = params.widget(st.slider, "Step (query position)", key="step", min_value=0, max_value=steps - 1,
+                         value=steps - 1)
+    specs, grid = tuple(config.runs()), tuple(sf.frame_steps(steps, steps - 1))
+    with user_errors("Step view"):
+        view = step_view(source, specs, budget, grid, results)
+        if step not in grid:
+            view = sf.with_steps(view, step_view(source, specs, budget, (step,), results))
+    start = view.steps["step"].tolist().index(step)
+    figures.show(sf.step_player(view, start, "Full-cache attention and what each policy kept"), key="steps")
+    st.caption(CAPTION)
