@@ -30,8 +30,8 @@ PARALLEL_WORK = 1 << 21  # query-key products (tokens x Hq x D) below which one 
 SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
 MIN_SPAN_TOKENS = 256
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {"kvlab_decode_f32": [_P] * 5 + [_I, _P] + [_I] * 5 + [_F] + [_P] * 3,
-              "kvlab_decode_quantized": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 3,
+SIGNATURES = {"kvlab_decode_f32": [_P] * 5 + [_I, _P] + [_I] * 5 + [_F] + [_P] * 4,
+              "kvlab_decode_quantized": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5,
               "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2}
 
 
@@ -138,22 +138,28 @@ class NativePlan:
         """Every span through entry point ``name`` on :attr:`workers` threads, then the merge: ``[B, Hq, D]`` fp32.
 
         pointers: the pools' data pointers; sizes: the entry point's shape arguments after the table stride;
-        order: for quantized pools, where each plane-order channel goes (None: channels are in order).
+        order: for quantized pools, where each plane-order channel goes (None: channels are in order). When
+        every sequence is one span the kernel writes the output itself and there is nothing to merge.
         """
         fns = functions()
         B, Hq, D = query.shape
         m, l, o = self.partials(Hq, D)
         q = query.float().contiguous()
+        out = torch.empty(B, Hq, D)
+        direct = len(self.spans) == B
         self.counter.zero_()
+        extra = (out.data_ptr() if direct else None,) + (() if name == "kvlab_decode_f32" else (
+            None if order is None else order.data_ptr(),))
         args = (q.data_ptr(), *pointers, self.tables.data_ptr(), self.spans.data_ptr(), len(self.spans),
-                self.counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(), o.data_ptr())
+                self.counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(), o.data_ptr(),
+                *extra)
         helpers = [_pool(self.workers - 1).submit(fns[name], *args) for _ in range(self.workers - 1)]
         statuses = [fns[name](*args), *(h.result() for h in helpers)]
         if any(statuses):
             raise RuntimeError(f"paged_decode.c: {ERRORS.get(max(statuses), f'error {max(statuses)}')}")
-        out = torch.empty(B, Hq, D)
-        fns["kvlab_merge"](m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(), self.count.data_ptr(), B,
-                           Hq, D, None if order is None else order.data_ptr(), out.data_ptr())
+        if not direct:
+            fns["kvlab_merge"](m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(), self.count.data_ptr(),
+                               B, Hq, D, None if order is None else order.data_ptr(), out.data_ptr())
         return out
 
 

@@ -61,6 +61,8 @@ typedef struct {
     int64_t table_stride, block_size, heads, group, dim, bits, groups;
     float scale;
     float *m, *l, *o;
+    float *out;           /* every sequence has one span: write its normalized rows here (else partials) */
+    const int64_t *order; /* output channel of each plane-order position (quantized), or NULL */
 } Step;
 
 /* Pool slot (block * block_size + offset) of position pos of a sequence. */
@@ -74,20 +76,39 @@ static inline void group_slots(const Step *st, const int64_t *table, int R, int6
     for (int r = 0; r < R; r++) slot[r] = slot_of(st, table, t + r < stop ? t + r : t);
 }
 
+typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+/* exp(x) for x <= 0 (softmax arguments), 16 lanes: 2^k * p(r) with the Cephes expf polynomial (relative
+   error ~1e-7); x below -87 gives exp(-87) ~ 1.6e-38, nothing next to the row's maximum term of 1. */
+static inline vec vexp(vec x) {
+    const vec lo = (vec){0} - 87.0f;
+    ivec below = x < lo;
+    x = (vec)(((ivec)x & ~below) | ((ivec)lo & below));
+    ivec k = -__builtin_convertvector(0.5f - x * 1.44269504f, ivec); /* round(x / ln 2), x <= 0 */
+    vec kf = __builtin_convertvector(k, vec);
+    vec r = x - kf * 0.693359375f + kf * 2.12194440e-4f;
+    vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vec)((k + 127) << 23);
+}
+
 /* Online softmax over n tokens of scores s[t * hg + i]: s becomes p; m, l, o (and the nz floats per row of
-   zsum, when given) are rescaled to the new maxima. */
+   zsum, when given) are rescaled to the new maxima. work: 3 * hg + LANES floats; s has LANES * hg floats of
+   room past its n rows (the vector loop runs past the last row; those rows are never read as scores). */
 static void softmax_update(float *s, int64_t n, int64_t hg, int64_t d, float *m, float *l, float *o,
                            float *zsum, int64_t nz, float *work) {
-    float *mx = work, *sum = work + hg;
+    float *mx = work, *sum = work + hg, *rep = work + 2 * hg;
     for (int64_t i = 0; i < hg; i++) { mx[i] = m[i]; sum[i] = 0.f; }
     for (int64_t t = 0; t < n; t++)
         for (int64_t i = 0; i < hg; i++) mx[i] = fmaxf(mx[i], s[t * hg + i]);
+    for (int64_t i = 0; i < hg + LANES; i++) rep[i] = mx[i % hg]; /* the maxima repeated: any 16-lane window */
+    for (int64_t j = 0; j < n * hg; j += LANES) store(s + j, vexp(load(s + j) - load(rep + j % hg)));
     for (int64_t t = 0; t < n; t++)
-        for (int64_t i = 0; i < hg; i++) {
-            float p = expf(s[t * hg + i] - mx[i]);
-            s[t * hg + i] = p;
-            sum[i] += p;
-        }
+        for (int64_t i = 0; i < hg; i++) sum[i] += s[t * hg + i];
     for (int64_t i = 0; i < hg; i++) {
         float c = expf(m[i] - mx[i]);
         l[i] = l[i] * c + sum[i];
@@ -97,6 +118,11 @@ static void softmax_update(float *s, int64_t n, int64_t hg, int64_t d, float *m,
             for (int64_t z = 0; z < nz; z++) zsum[i * nz + z] *= c;
         }
     }
+}
+
+/* out[x] (or out[order[x]]) = o[x] / l for one row of d floats: a span that is its sequence's only one. */
+static inline void finish_row(const float *o, float l, int64_t d, const int64_t *order, float *out) {
+    for (int64_t x = 0; x < d; x++) out[order ? order[x] : x] = o[x] / l;
 }
 
 /* ---------------------------------------------------------------------------------------- fp32 pools */
@@ -283,7 +309,7 @@ static inline __attribute__((always_inline)) int span_quantized(int GS, const St
     const int R = LANES / GS;
     int64_t heads = st->heads, G = st->group, d = st->dim, hg = heads * G, ng = st->groups;
     const int64_t *table = st->tables + sp[0] * st->table_stride;
-    float *work = s + (TILE + LANES) * hg, *zsum = work + 2 * hg, *qsum = zsum + hg * ng;
+    float *work = s + (TILE + LANES) * hg, *zsum = work + 3 * hg + LANES, *qsum = zsum + hg * ng;
     float scale[LANES][MAX_GROUPS], zero[LANES][MAX_GROUPS];
     const uint8_t *rows[LANES];
     int64_t slot[LANES];
@@ -336,7 +362,7 @@ static inline __attribute__((always_inline)) int span_quantized(int GS, const St
 /* Take spans from the shared counter until none is left; each writes partial slot sp[3]. */
 static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
     int64_t hg = st->heads * st->group, d = st->dim, ng = st->groups;
-    float *buf = malloc((hg * d + (TILE + LANES) * hg + 2 * hg + 2 * hg * ng) * sizeof(float));
+    float *buf = malloc((hg * d + (TILE + LANES) * hg + 3 * hg + LANES + 2 * hg * ng) * sizeof(float));
     if (!buf) return 1;
     float *q = buf, *s = buf + hg * d;
     for (;;) {
@@ -351,34 +377,38 @@ static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
         } else {
             CASES(span_f32, st, sp, q, s, m, l, o)
         }
+        if (st->out)
+            for (int64_t x = 0; x < hg; x++) finish_row(o + x * d, l[x], d, st->order, st->out + (sp[0] * hg + x) * d);
     }
     free(buf);
     return 0;
 }
 
-/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. spans [num_spans, 4]. */
+/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. spans [num_spans, 4]; out: NULL to
+   leave partials for kvlab_merge, or (every sequence one span) where the normalized rows go. */
 int kvlab_decode_f32(const float *q, const float *key, const float *value, const int64_t *tables,
                      const int64_t *spans, int64_t num_spans, int64_t *next, int64_t table_stride,
                      int64_t block_size, int64_t heads, int64_t group, int64_t dim, float scale, float *m, float *l,
-                     float *o) {
+                     float *o, float *out) {
     if (dim % LANES != 0 || group < 1) return 2;
     Step st = {key, value, NULL, NULL, NULL, NULL, NULL, NULL, q, tables, spans, table_stride, block_size, heads,
-               group, dim, 0, 1, scale, m, l, o};
+               group, dim, 0, 1, scale, m, l, o, out, NULL};
     return work(&st, num_spans, next, 0);
 }
 
-/* As kvlab_decode_f32 over quantized pools (zeros NULL: symmetric); o is left in plane order. */
+/* As kvlab_decode_f32 over quantized pools (zeros NULL: symmetric); partials stay in plane order, out gets
+   channels in order (order[x]: the channel at plane position x). */
 int kvlab_decode_quantized(const float *q, const uint8_t *key_codes, const uint16_t *key_scales,
                            const uint16_t *key_zeros, const uint8_t *value_codes, const uint16_t *value_scales,
                            const uint16_t *value_zeros, const int64_t *tables, const int64_t *spans,
                            int64_t num_spans, int64_t *next, int64_t table_stride, int64_t block_size, int64_t heads,
                            int64_t group, int64_t dim, int64_t bits, int64_t groups, float scale, float *m, float *l,
-                           float *o) {
+                           float *o, float *out, const int64_t *order) {
     if ((bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS || group < 1) return 2;
     int64_t planes = 8 / bits;
     if (dim % planes != 0 || (dim / planes) % groups != 0 || (dim / planes / groups) % LANES != 0) return 2;
     Step st = {NULL, NULL, key_codes, value_codes, key_scales, key_zeros, value_scales, value_zeros, q, tables,
-               spans, table_stride, block_size, heads, group, dim, bits, groups, scale, m, l, o};
+               spans, table_stride, block_size, heads, group, dim, bits, groups, scale, m, l, o, out, order};
     return work(&st, num_spans, next, 1);
 }
 
