@@ -2,11 +2,12 @@
 
 import streamlit as st
 
+from kvcore.engine.calibrate import coefficients_table
 from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
 from ui import engine_figures, figures, params, tables
-from ui.engine_runs import report
+from ui.engine_runs import calibration, prediction, report
 from ui.guard import user_errors
 
 st.title("Serving engine")
@@ -15,8 +16,8 @@ st.markdown(
     "**scheduler** is the simulator's (vLLM 0.33's rules) and decides every step, the **block manager** makes "
     "every block decision, and the model's own layers run with K/V only in **paged pools**, decode attention "
     "through the paged kernel. Greedy outputs equal transformers' `generate` token for token (tested). Beside it, "
-    "transformers serves the same requests with **static batching**, and the simulator, its step time fitted to "
-    "this run, predicts it.")
+    "transformers serves the same requests with **static batching**, and the simulator, its step time calibrated "
+    "once on a grid of engine steps, predicts the run it never saw.")
 with st.sidebar:
     model = params.widget(st.selectbox, "Model (Llama family)", key="eg_model",
                           options=[BUNDLED_NAME, *(m for m in HUB_MODELS if m != "gpt2")])
@@ -73,10 +74,11 @@ tables.show_table(run.requests, "engine", "requests", shown, height=280,
                   caption="Prompt (its last tokens) and output text, prefix-cache hits, preemptions and times.")
 
 st.subheader("Measured vs simulated")
-st.caption("The simulator's step time, fitted to this run's steps (least squares, coefficients >= 0), then the "
-           "simulator serving the same requests with the engine's settings: the same scheduler makes the same "
-           "steps, so the error is the step-time model's.")
-tables.show_table(run.fit, "engine", "fit", shown)
-tables.show_table(run.prediction, "engine", "prediction", shown)
+with user_errors("Simulator"):
+    cost = calibration(model, block_size, settings.threads)
+    predicted = prediction(model, workload, settings, run, run.measured_at)
+st.caption(engine_figures.prediction_caption(cost))
+tables.show_table(coefficients_table(cost), "engine", "fit", shown)
+tables.show_table(predicted, "engine", "prediction", shown)
 with st.expander("Every step"):
     tables.show_table(run.steps, "engine", "steps", shown, height=260)

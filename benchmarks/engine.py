@@ -7,8 +7,9 @@ and with quantized pools.
    of real text (5-400 prompt tokens, 8-64 output tokens): the two run interleaved, ``--repeats`` times per
    thread count; medians and the per-repeat throughput ratio (median, min-max);
 2. a workload whose requests share a 192-token prefix: TTFT with prefix caching on vs off;
-3. the simulator's step time fitted to one engine run (R^2), then its prediction of that run and of a run of
-   another workload (a different seed), error in %;
+3. the simulator's step time calibrated once on a grid of engine steps (its coefficients, held-out error and
+   how long it took), then its prediction of five workloads it never saw (other request counts, lengths, batch
+   limits, prefix sharing, prefill chunked or whole), error in %;
 4. 8- and 4-bit pools: KV bytes vs the fp32 pools (and vs fp16), speed, greedy outputs still identical.
 Every number is one run on a shared machine; the load average is printed next to each section.
 
@@ -42,7 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 from kvcore.device import torch_threads  # noqa: E402
 from kvcore.engine import LLMEngine  # noqa: E402
-from kvcore.engine.calibrate import fit_step_time, prediction_table, simulate_engine  # noqa: E402
+from kvcore.engine.calibrate import (  # noqa: E402
+    calibrate_engine,
+    coefficients_table,
+    prediction_table,
+    simulate_engine,
+)
 from kvcore.engine.experiment import (  # noqa: E402
     EngineSettings,
     agreement,
@@ -101,18 +107,34 @@ def shared_prefix(model, tokenizer, settings: EngineSettings, repeats: int, requ
     return rows
 
 
-def simulator(model, tokenizer, workload: ServeWorkload, settings: EngineSettings) -> tuple[list[dict], pd.DataFrame]:
-    """Fit on one run; predict it and a run of another seed."""
-    tables, fit = [], None
-    for seed in (workload.seed, workload.seed + 1):
-        prompts, outputs = replace(workload, seed=seed).build(tokenizer)
-        engine = serve_engine(model, prompts, outputs, settings).engine
-        fit = fit or fit_step_time(engine.stats.timeline)
+# Workloads the calibration never saw: requests, prompt and output lengths, batch limit, prefix sharing, chunking.
+UNSEEN = {
+    "48 mixed, 16 at a time": (ServeWorkload(48, 5, 400, 8, 64, seed=3), EngineSettings(1024, 16, 16, 512)),
+    "40 long outputs, 8 at a time": (ServeWorkload(40, 20, 120, 64, 160, seed=1), EngineSettings(1024, 16, 8, 512)),
+    "64 long prompts, 192-token prefix for 3 in 4, 32 at a time": (
+        ServeWorkload(64, 200, 600, 8, 32, 192, 0.75, seed=2), EngineSettings(2048, 16, 32, 512)),
+    "32 short chats, 4 at a time": (ServeWorkload(32, 5, 60, 16, 96, seed=4), EngineSettings(512, 16, 4, 256)),
+    "24 prompts prefilled whole, 12 at a time": (ServeWorkload(24, 50, 300, 8, 48, seed=5),
+                                                 EngineSettings(1024, 16, 12, 1024, False, False)),
+}
+COMPARED_SHOWN = ("output_tok_per_s", "ttft_ms_p50", "tpot_ms_p50")
+
+
+def simulator(model, tokenizer, threads: int = 1, max_seqs: int = 32, max_requests: int | None = None
+              ) -> tuple[list[dict], pd.DataFrame]:
+    """Calibrate once on the grid of steps; predict every workload of :data:`UNSEEN` served by the engine
+    (``max_requests`` caps their request counts, for a quick run)."""
+    start = time.perf_counter()
+    fit = calibrate_engine(model, threads=threads, max_seqs=max_seqs)
+    seconds = time.perf_counter() - start
+    tables = []
+    for name, (workload, settings) in UNSEEN.items():
+        workload = replace(workload, num_requests=min(workload.num_requests, max_requests or workload.num_requests))
+        prompts, outputs = workload.build(tokenizer)
+        engine = serve_engine(model, prompts, outputs, replace(settings, threads=threads)).engine
         table = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
-        tables.append(table.assign(section="simulator", system=f"fitted on seed {workload.seed}, run seed {seed}"))
-    rows = [{"section": "simulator fit", "system": fit.name, "intercept_us": fit.intercept_s * 1e6,
-             "per_token_us": fit.per_token_s * 1e6, "per_pair_ns": fit.per_pair_s * 1e9,
-             "per_kv_token_ns": fit.per_kv_token_s * 1e9, "r2": fit.r2}]
+        tables.append(table.assign(section="simulator", system=name, load_1min=os.getloadavg()[0]))
+    rows = [{"section": "simulator calibration", "calibration_s": seconds, **coefficients_table(fit).iloc[0]}]
     return rows, pd.concat(tables, ignore_index=True)
 
 
@@ -275,10 +297,11 @@ def main() -> None:
         print(f"\n== shared prefix; {load()}")
         rows += (part := shared_prefix(model, tokenizer, settings, args.repeats, args.requests))
         print(pd.DataFrame(part).to_string(index=False))
-        print(f"\n== simulator fitted to the engine; {load()}")
-        fit, predictions = simulator(model, tokenizer, workload, settings)
+        print(f"\n== simulator calibrated on a grid of engine steps, predicting unseen workloads; {load()}")
+        fit, predictions = simulator(model, tokenizer, max_requests=args.requests)
         print(pd.DataFrame(fit).to_string(index=False))
-        print(predictions.to_string(index=False))
+        shown = predictions[predictions["metric"].isin(COMPARED_SHOWN)]
+        print(shown.pivot(index="system", columns="metric", values="error_pct").round(1).to_string())
         rows += fit + predictions.to_dict("records")
         print(f"\n== quantized pools; {load()}")
         rows += (part := quantized(model, tokenizer, workload, settings))

@@ -10,15 +10,16 @@ import pytest
 
 from tests.conftest import ROOT
 
-SMOKE = {
-    "batching.py": ["--requests", "20", "--output-mean", "16", "--runs", "1"],
-    "pages.py": ["--pages", "home", "--passes", "empty", "--no-results"],
-    "memory.py": ["--pages", "home"],
-    "engine.py": ["--requests", "6", "--prompt-max", "48", "--output-max", "6", "--repeats", "1", "--threads", "1"],
-}
+SMOKE = [
+    ("batching.py", ["--requests", "20", "--output-mean", "16", "--runs", "1"]),
+    ("pages.py", ["--pages", "home", "--passes", "empty", "--no-results"]),
+    ("memory.py", ["--pages", "home"]),
+    ("engine.py", ["--requests", "6", "--prompt-max", "48", "--output-max", "6", "--repeats", "1", "--threads", "1"]),
+    ("engine.py", ["--profile", "--models", "bundled", "--threads", "1", "--repeats", "1"]),
+]
 
 
-@pytest.mark.parametrize(("script", "args"), SMOKE.items())
+@pytest.mark.parametrize(("script", "args"), SMOKE)
 def test_benchmark_runs_at_smoke_size(script, args, tmp_path):
     if script == "pages.py" and not Path(os.environ.get("KVLAB_CHROMIUM", "/usr/bin/chromium")).exists():
         pytest.skip("the page benchmark drives Chromium, which is not installed")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import streamlit as st
 
 from kvcore import sched
-from kvcore.engine.calibrate import calibrate
+from kvcore.engine.calibrate import calibrate_engine
 from kvcore.sched.compare import ServingSetup
 from ui.models import shared_model
 from ui.progress import with_progress
@@ -26,12 +26,14 @@ CALIBRATED = "engine on this machine (calibrated)"
 CALIBRATED_BLOCKS = 4096  # its pool when the page's KV blocks are left at 0 (a fit knows no GPU memory)
 
 
-@st.cache_resource(ttl=600, show_spinner="Serving 32 requests on the engine to time its steps...")
+@st.cache_resource(show_spinner=False)
 def calibrated_cost() -> sched.FittedCost:
-    """The engine's step time on this machine (the bundled model, a short run; re-measured every 10 minutes)."""
+    """The engine's step time on this machine: the bundled model on one torch thread, calibrated once per
+    server on a designed grid of steps (:func:`kvcore.engine.calibrate.calibrate_engine`)."""
     shared = shared_model()
     with shared.lock:
-        return calibrate(shared.model, shared.tokenizer, name="the bundled model's engine on this machine")
+        return with_progress("Calibrating the engine on a grid of steps...", lambda bar: calibrate_engine(
+            shared.model, threads=1, name="the bundled model's engine on this machine", progress=bar))
 
 
 def setup_for(setup: ServingSetup) -> ServingSetup:

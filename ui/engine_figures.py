@@ -10,6 +10,7 @@ from plotly.subplots import make_subplots
 
 from kvcore.engine.report import EngineReport
 from kvcore.noise import WITHIN_NOISE, Interval
+from kvcore.sched.cost import FittedCost
 from ui.figures import PALETTE, round_ticks, style
 from ui.format import bytes_str
 from ui.tables import shown_text
@@ -68,6 +69,15 @@ def measured_note(report: EngineReport) -> str:
                if report.speedup is not None else "one engine run")
     return (f"Measured {report.measured_at} on this machine (1-minute load average {report.load_average:.2f}; "
             f"other sessions and processes slow it), one torch thread per system, {repeats}; kept 10 minutes.")
+
+
+def prediction_caption(cost: FittedCost) -> str:
+    """What predicted the run, and how far the calibration can be trusted."""
+    return (f"The simulator serving the same requests with the engine's settings (the same scheduler makes the "
+            f"same steps), its step time from {cost.name}: calibrated once on a grid of {cost.grid_steps} engine "
+            f"steps (decode batches at short to long contexts, prefill chunks, mixed steps) that never saw this "
+            f"run; on grid steps held out of the fit it was off by {cost.held_out_error:.0%} (median). Measured: "
+            "the engine's first run above.")
 
 
 def step_timeline(steps: pd.DataFrame) -> go.Figure:

@@ -1,25 +1,31 @@
-"""The simulator fitted to the engine: a step-time model measured on this machine, then predictions checked.
+"""The simulator calibrated to the engine: a step-time model measured on this machine, then predictions checked.
 
-As Vidur (Agrawal et al., MLSys 2024) profiles a serving engine's operators and simulates from the fit, the
-engine's measured steps give a linear step time ``a + b * new_tokens + c * attention_pairs + d * kv_read``
-(least squares with coefficients >= 0, every subset of features tried: four unknowns). The simulator then
-serves the same requests with the engine's own scheduler settings and that cost model; its throughput,
-TTFT and TPOT are compared with what the engine measured.
+As Vidur (Agrawal et al., MLSys 2024) profiles a serving engine's operators over a designed grid and simulates
+from the fit, :func:`calibrate_engine` times the engine's model runner on a designed grid of steps
+(:mod:`kvcore.engine.grid`: decode batches at short to long contexts, prefill chunks, mixed steps) and the
+engine's own work around it (scheduling, blocks, sampling) on a run with the model taken out, and fits
+
+    step time = a + b * new_tokens + c * sequences + d * prefill chunks + e * attention pairs + f * KV tokens read
+
+with every coefficient >= 0 (least squares on relative error, every subset of terms tried), checked on grid
+steps held out of the fit. The simulator then serves any workload with the engine's scheduler settings and
+that cost model; :func:`prediction_table` compares its throughput, TTFT and TPOT with what the engine measured.
+:func:`fit_step_time` is the older fit to one run's own steps (it predicts that run, not others).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
 from kvcore.engine.engine import LLMEngine
-from kvcore.engine.experiment import EngineSettings
-from kvcore.engine.params import SamplingParams
-from kvcore.engine.workload import ServeWorkload
+from kvcore.engine.grid import FEATURES as GRID_FEATURES
+from kvcore.engine.grid import block_bytes, design, time_engine_overhead, time_grid
+from kvcore.sched.config import SimConfig
 from kvcore.sched.cost import FittedCost
 from kvcore.sched.metrics import SimResult
 from kvcore.sched.simulate import simulate
@@ -27,65 +33,112 @@ from kvcore.sched.workload import Workload
 
 FEATURES = ("batch_tokens", "attn_pairs", "kv_tokens_read")  # the simulator's cost inputs, per step
 COMPARED = ("output_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "makespan_s", "steps")
+OVERHEAD_FEATURES = ("new_tokens", "sequences")
+FOLDS = 4  # held-out check: each grid step is predicted by a fit on the other three quarters
 
 
-def fit_step_time(timeline: pd.DataFrame, name: str = "this machine's engine") -> FittedCost:
-    """Fit ``step_s`` of the timeline's steps to an intercept plus :data:`FEATURES`, all coefficients >= 0.
-
-    Every subset of the three features is solved by least squares; the best fit whose coefficients are all
-    >= 0 wins (a non-negative least squares by enumeration). r2 is measured on the same steps.
-    """
-    steps = timeline[timeline["batch_tokens"] > 0]
-    if len(steps) < len(FEATURES) + 1:
-        raise ValueError(f"fitting a step time needs at least {len(FEATURES) + 1} steps, got {len(steps)}")
-    y = steps["step_s"].to_numpy(dtype=float)
-    X = np.column_stack([np.ones(len(steps)), *(steps[f].to_numpy(dtype=float) for f in FEATURES)])  # [N, 4]
+def fit_nonnegative(X: np.ndarray, y: np.ndarray, relative: bool = False) -> tuple[np.ndarray, float]:
+    """Least squares ``X @ coef ~ y`` with every coefficient >= 0, by trying every subset of columns (a
+    non-negative least squares by enumeration; a handful of columns). relative: minimize errors relative to
+    ``y`` (a 2 ms decode step counts as much as a 200 ms prefill). Returns (coef, r2 on these rows)."""
+    w = 1.0 / y if relative else np.ones_like(y)
     best, best_err = np.zeros(X.shape[1]), np.inf
     for size in range(1, X.shape[1] + 1):
         for columns in itertools.combinations(range(X.shape[1]), size):
-            coef = np.linalg.lstsq(X[:, columns], y, rcond=None)[0]
+            cols = list(columns)
+            coef = np.linalg.lstsq(X[:, cols] * w[:, None], y * w, rcond=None)[0]
             if (coef < 0).any():
                 continue
-            err = float(((y - X[:, columns] @ coef) ** 2).sum())
+            err = float((((y - X[:, cols] @ coef) * w) ** 2).sum())
             if err < best_err:
                 best, best_err = np.zeros(X.shape[1]), err
-                best[list(columns)] = coef
+                best[cols] = coef
     total = float(((y - y.mean()) ** 2).sum())
-    return FittedCost(name, *(float(c) for c in best), r2=1.0 - best_err / total if total > 0 else float("nan"))
+    r2 = 1.0 - float(((y - X @ best) ** 2).sum()) / total if total > 0 else float("nan")
+    return best, r2
 
 
-def simulate_engine(engine: LLMEngine, prompts: Sequence[Sequence[int]], outputs: Sequence[int],
+def _design_matrix(table: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    return np.column_stack([np.ones(len(table)), *(table[f].to_numpy(dtype=float) for f in features)])
+
+
+def held_out_errors(table: pd.DataFrame, folds: int = FOLDS) -> np.ndarray:
+    """Relative error of each grid step's time as predicted by a fit that did not see it (``folds``-fold)."""
+    X, y = _design_matrix(table, GRID_FEATURES), table["seconds"].to_numpy(dtype=float)
+    errors = np.empty(len(y))
+    for k in range(folds):
+        held = np.arange(len(y)) % folds == k
+        coef, _ = fit_nonnegative(X[~held], y[~held], relative=True)
+        errors[held] = (X[held] @ coef - y[held]) / y[held]
+    return errors
+
+
+def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None, max_seqs: int = 32,
+                     repeats: int = 3, name: str = "this machine's engine", progress: Callable[[float, str], None]
+                     | None = None) -> FittedCost:
+    """Profile the engine on a designed grid of steps and fit the simulator's step time (Vidur-style).
+
+    Grid: :func:`kvcore.engine.grid.design` up to ``max_seqs`` sequences, each step timed ``repeats`` times
+    in shuffled rounds on ``threads`` torch threads; the engine's own per-step work timed on a run with the
+    model taken out. The fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on
+    grid steps held out of it; r2 is on every grid step.
+    """
+    report = progress or (lambda fraction, label: None)
+    grid = time_grid(model, design(max_seqs), block_size, repeats, threads,
+                     progress=lambda f, label: report(0.85 * f, label))
+    report(0.85, "timing the engine's own work per step")
+    overhead = time_engine_overhead(model, block_size, max_seqs, threads)
+    report(0.95, "fitting the step time")
+    runner, r2 = fit_nonnegative(_design_matrix(grid, GRID_FEATURES), grid["seconds"].to_numpy(float), relative=True)
+    busy = overhead[overhead["new_tokens"] > 0]
+    around, _ = fit_nonnegative(_design_matrix(busy, OVERHEAD_FEATURES), busy["seconds"].to_numpy(float))
+    terms = dict(zip(("intercept", *GRID_FEATURES), runner, strict=True))
+    terms["intercept"] += around[0]
+    terms["new_tokens"] += around[1]
+    terms["sequences"] += around[2]
+    report(1.0, "calibrated")
+    return FittedCost(name, terms["intercept"], terms["new_tokens"], terms["attn_pairs"], terms["kv_tokens_read"],
+                      r2=r2, kv_bytes_per_token=block_bytes(model, block_size) / block_size,
+                      per_seq_s=terms["sequences"], per_prefill_s=terms["prefill_seqs"],
+                      held_out_error=float(np.median(np.abs(held_out_errors(grid)))), grid_steps=len(grid))
+
+
+def fit_step_time(timeline: pd.DataFrame, name: str = "fitted to this run") -> FittedCost:
+    """Fit ``step_s`` of one run's steps to an intercept plus :data:`FEATURES`, all coefficients >= 0 (a fit
+    to the run it will predict; :func:`calibrate_engine` predicts runs it never saw). r2 on the same steps."""
+    steps = timeline[timeline["batch_tokens"] > 0]
+    if len(steps) < len(FEATURES) + 1:
+        raise ValueError(f"fitting a step time needs at least {len(FEATURES) + 1} steps, got {len(steps)}")
+    coef, r2 = fit_nonnegative(_design_matrix(steps, FEATURES), steps["step_s"].to_numpy(dtype=float))
+    return FittedCost(name, *(float(c) for c in coef), r2=r2)
+
+
+def simulate_engine(engine: LLMEngine | SimConfig, prompts: Sequence[Sequence[int]], outputs: Sequence[int],
                     cost: FittedCost) -> SimResult:
-    """The simulator serving the requests (all arriving at once) with the engine's settings and ``cost``."""
+    """The simulator serving the requests (all arriving at once) with the engine's scheduler settings (an engine,
+    or :meth:`kvcore.engine.experiment.EngineSettings.config`) and ``cost``."""
     workload = Workload.from_prompts([list(p) for p in prompts], list(outputs), name="engine workload")
-    return simulate(workload, replace(engine.config, cost=cost))
+    config = engine if isinstance(engine, SimConfig) else engine.config
+    return simulate(workload, replace(config, cost=cost))
 
 
-def prediction_table(measured: SimResult, predicted: SimResult) -> pd.DataFrame:
-    """One row per metric: measured on the engine, predicted by the simulator, and the error in %."""
-    m, p = measured.summary.iloc[0], predicted.summary.iloc[0]
+def prediction_table(measured: SimResult | pd.DataFrame, predicted: SimResult) -> pd.DataFrame:
+    """One row per metric: measured on the engine (a run's result or its summary), predicted by the simulator,
+    and the error in %."""
+    m = (measured if isinstance(measured, pd.DataFrame) else measured.summary).iloc[0]
+    p = predicted.summary.iloc[0]
     rows = [{"metric": k, "measured": float(m[k]), "predicted": float(p[k]),
              "error_pct": (float(p[k]) - float(m[k])) / float(m[k]) * 100 if float(m[k]) else float("nan")}
             for k in COMPARED]
     return pd.DataFrame(rows)
 
 
-def coefficients_table(cost: FittedCost, num_steps: int) -> pd.DataFrame:
-    """The fit as a table: each coefficient in microseconds per unit, r2 and the steps it was fitted on."""
-    return pd.DataFrame([{"fit": cost.name, "steps": num_steps, "intercept_us": cost.intercept_s * 1e6,
-                          "per_token_us": cost.per_token_s * 1e6, "per_attention_pair_ns": cost.per_pair_s * 1e9,
-                          "per_kv_token_read_ns": cost.per_kv_token_s * 1e9, "r2": cost.r2}])
-
-
-def calibrate(model, tokenizer, workload: ServeWorkload | None = None, settings: EngineSettings | None = None,
-              name: str = "this machine's engine") -> FittedCost:
-    """Serve a short workload on the engine and fit the simulator's step time to its steps (the Continuous
-    batching page's "calibrated to this machine's engine"); the fit carries the model's KV bytes per token."""
-    workload = workload or ServeWorkload(num_requests=32, prompt_max=400, output_max=48)
-    settings = settings or EngineSettings(num_blocks=512)
-    prompts, outputs = workload.build(tokenizer)
-    engine = settings.engine(model)
-    engine.generate(prompts, [SamplingParams(max_tokens=o, ignore_eos=True) for o in outputs])
-    fit = fit_step_time(engine.stats.timeline, name)
-    per_token = engine.kv_bytes / (settings.num_blocks * settings.block_size)
-    return replace(fit, kv_bytes_per_token=per_token)
+def coefficients_table(cost: FittedCost, num_steps: int | None = None) -> pd.DataFrame:
+    """The fit as a table: each coefficient in microseconds (or ns) per unit, r2, the held-out error and the
+    steps it was fitted on."""
+    return pd.DataFrame([{"fit": cost.name, "steps": cost.grid_steps if num_steps is None else num_steps,
+                          "intercept_us": cost.intercept_s * 1e6, "per_token_us": cost.per_token_s * 1e6,
+                          "per_sequence_us": cost.per_seq_s * 1e6, "per_prefill_chunk_us": cost.per_prefill_s * 1e6,
+                          "per_attention_pair_ns": cost.per_pair_s * 1e9,
+                          "per_kv_token_read_ns": cost.per_kv_token_s * 1e9, "r2": cost.r2,
+                          "held_out_error_pct": cost.held_out_error * 100}])

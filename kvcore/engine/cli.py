@@ -1,8 +1,9 @@
 """``python -m kvcore engine``: serve a workload of real text on the lab's engine, headless.
 
 ``--compare hf`` adds transformers' generate with static batching on the same requests; ``--compare sim``
-fits the simulator's step time to the engine's steps and predicts the run; ``--compare kv`` serves the
-workload again with 8- and 4-bit pools. Model code loads when the command runs, so ``--help`` stays fast.
+calibrates the simulator's step time on a grid of engine steps (it never sees the run) and predicts the run;
+``--compare kv`` serves the workload again with 8- and 4-bit pools. Model code loads when the command runs,
+so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def add_cli(sub: argparse._SubParsersAction, parent: argparse.ArgumentParser) ->
 
 def run(args: argparse.Namespace) -> pd.DataFrame:
     """Build the workload, serve it, and return the table ``--table`` names."""
-    from kvcore.engine.calibrate import coefficients_table, fit_step_time, prediction_table, simulate_engine
+    from kvcore.engine.calibrate import calibrate_engine, coefficients_table, prediction_table, simulate_engine
     from kvcore.engine.experiment import EngineSettings, agreement, comparison, serve_engine, serve_transformers
     from kvcore.engine.workload import ServeWorkload
     from kvcore.models.loader import load_model
@@ -68,10 +69,12 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             run_bits = serve_engine(model, prompts, outputs, replace(settings, kv_bits=bits), system=f"engine kv{bits}")
             run_bits.summary |= agreement(runs[0].outputs, run_bits.outputs)
             runs.append(run_bits)
-    fit = fit_step_time(engine.stats.timeline)
     tables = {"summary": comparison([[r] for r in runs]), "requests": engine.result().requests,
-              "steps": engine.stats.timeline, "fit": coefficients_table(fit, engine.stats.steps)}
-    if "sim" in args.compare or args.table == "prediction":
+              "steps": engine.stats.timeline}
+    if "sim" in args.compare or args.table in ("prediction", "fit"):
+        fit = calibrate_engine(model, block_size=args.block_size, threads=args.threads,
+                               max_seqs=max(args.max_num_seqs, 1))
+        tables["fit"] = coefficients_table(fit)
         tables["prediction"] = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
         if args.table != "prediction":
             print(tables["prediction"].to_string(index=False), file=sys.stderr)

@@ -35,6 +35,15 @@ from kvcore.sched.scheduler import Scheduler, SchedulerOutput
 from kvcore.sched.workload import Workload
 
 
+def scheduler_config(model, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                     enable_prefix_caching: bool, enable_chunked_prefill: bool) -> SimConfig:
+    """The scheduler settings an engine with these settings runs on ``model`` (vLLM 0.33's rules, no clock): the
+    simulator predicts the engine with this config and a cost model."""
+    return SimConfig.vllm(None, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
+                          block_size=block_size, num_blocks=num_blocks, max_model_len=max_positions(model))
+
+
 @dataclass(slots=True, eq=False)
 class EngineSequence(RequestState):
     """One sequence the engine runs (vLLM's ``Request``): the scheduler's state and how it samples.
@@ -83,10 +92,8 @@ class LLMEngine:
         self.model = model
         self.threads = threads
         self.runner = ModelRunner(model, num_blocks, block_size, kv_bits, sliding_window, backend=backend)
-        self.config = SimConfig.vllm(None, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                     enable_chunked_prefill=enable_chunked_prefill,
-                                     enable_prefix_caching=enable_prefix_caching, block_size=block_size,
-                                     num_blocks=num_blocks, max_model_len=max_positions(model))
+        self.config = scheduler_config(model, num_blocks, block_size, max_num_seqs, max_num_batched_tokens,
+                                       enable_prefix_caching, enable_chunked_prefill)
         self.vocab_size = self.runner.parts.embed.num_embeddings
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         self.stop_token_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))

@@ -21,11 +21,12 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from kvcore.device import torch_threads
-from kvcore.engine.engine import LLMEngine
+from kvcore.engine.engine import LLMEngine, scheduler_config
 from kvcore.engine.measure import peak_memory
 from kvcore.engine.params import SamplingParams
 from kvcore.models.runtime import attention_implementation, model_device
 from kvcore.noise import Interval
+from kvcore.sched.config import SimConfig
 from kvcore.sched.metrics import percentiles
 from kvcore.tensors import tensor_bytes
 
@@ -44,6 +45,11 @@ class EngineSettings:
     enable_chunked_prefill: bool = True
     kv_bits: int | None = None
     threads: int | None = 1
+
+    def config(self, model) -> SimConfig:
+        """The scheduler settings an engine with these settings runs (what the simulator predicts it with)."""
+        return scheduler_config(model, self.num_blocks, self.block_size, self.max_num_seqs,
+                                self.max_num_batched_tokens, self.enable_prefix_caching, self.enable_chunked_prefill)
 
     def engine(self, model) -> LLMEngine:
         return LLMEngine(model, num_blocks=self.num_blocks, block_size=self.block_size,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from kvcore.engine.calibrate import coefficients_table, fit_step_time, prediction_table, simulate_engine
+from kvcore.engine.calibrate import prediction_table, simulate_engine
 from kvcore.engine.engine import LLMEngine
 from kvcore.engine.experiment import (
     EngineSettings,
@@ -27,6 +27,7 @@ from kvcore.engine.experiment import (
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models.runtime import num_kv_heads, text_config
 from kvcore.noise import Interval
+from kvcore.sched.cost import FittedCost
 
 Progress = Callable[[float, str], None]
 MAX_SNAPSHOT_STEPS = 400  # pool snapshots kept (evenly spaced) for the step slider
@@ -49,17 +50,16 @@ class EngineReport:
 
     summary: one row per system (the engine first), medians of its interleaved repeats. requests: one row per
     request of the engine's first run, with its text, times and prefix hits. steps: that run's timeline
-    (measured step times). pool: one row per (step, block) held or cached after each of its steps. fit /
-    prediction: the simulator's step time fitted to that run, and its prediction of it, metric by metric.
-    kv_bytes: the pools' bytes. speedup: engine over transformers throughput, run by run (None without it).
+    (measured step times). pool: one row per (step, block) held or cached after each of its steps. measured:
+    that run as the simulator reports one (:func:`predict_run` compares a prediction with it). kv_bytes: the
+    pools' bytes. speedup: engine over transformers throughput, run by run (None without it).
     """
 
     summary: pd.DataFrame
     requests: pd.DataFrame
     steps: pd.DataFrame
     pool: pd.DataFrame
-    fit: pd.DataFrame
-    prediction: pd.DataFrame
+    measured: pd.DataFrame
     num_blocks: int
     kv_bytes: int
     measured_at: str = ""
@@ -157,14 +157,20 @@ def engine_report(model, tokenizer, workload: ServeWorkload, settings: EngineSet
         if i + 1 < repeats:
             report(2 * i + 2, f"serving on the engine (run {i + 2} of {repeats})")
             engines.append(serve_engine(model, prompts, outputs, settings))
-    report(runs, "fitting the simulator")
-    fit = fit_step_time(engine.stats.timeline)
-    prediction = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
     pool = pd.DataFrame(snapshots, columns=["step", "block", "ref_cnt", "owners", "hash"])
     kept = sorted(pool["step"].unique())
     if len(kept) > MAX_SNAPSHOT_STEPS:
         pool = pool[pool["step"].isin(kept[::-(-len(kept) // MAX_SNAPSHOT_STEPS)])]
     return EngineReport(comparison([engines, others] if others else [engines]), request_table(run, tokenizer, prompts),
-                        engine.stats.timeline, pool.reset_index(drop=True), coefficients_table(fit, engine.stats.steps),
-                        prediction, engine.config.num_blocks, engine.kv_bytes, time.strftime("%Y-%m-%d %H:%M:%S"),
+                        engine.stats.timeline, pool.reset_index(drop=True), engine.result().summary,
+                        engine.config.num_blocks, engine.kv_bytes, time.strftime("%Y-%m-%d %H:%M:%S"),
                         os.getloadavg()[0], paired_speedup(engines, others) if others else None)
+
+
+def predict_run(report: EngineReport, model, tokenizer, workload: ServeWorkload, settings: EngineSettings,
+                cost: FittedCost) -> pd.DataFrame:
+    """The simulator serving the report's requests with the engine's settings and ``cost`` (a calibration that
+    never saw this run), metric by metric against what the engine's first run measured."""
+    prompts, outputs = workload.build(tokenizer)
+    predicted = simulate_engine(settings.config(model), prompts, outputs, cost)
+    return prediction_table(report.measured, predicted)

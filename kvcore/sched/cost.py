@@ -80,8 +80,10 @@ class CostModel:
         """HBM bytes of a step: weights + KV read + KV written."""
         return self.weight_bytes + self.kv_bytes_per_token * (kv_tokens_read + new_tokens)
 
-    def step_time(self, new_tokens: float, attn_pairs: float, kv_tokens_read: float) -> float:
-        """Seconds for one forward pass; 0 when there is nothing to compute."""
+    def step_time(self, new_tokens: float, attn_pairs: float, kv_tokens_read: float, num_seqs: int = 0,
+                  prefill_seqs: int = 0) -> float:
+        """Seconds for one forward pass; 0 when there is nothing to compute (a roofline knows no per-sequence
+        cost: ``num_seqs`` and ``prefill_seqs`` are taken for the fitted model's sake)."""
         if new_tokens <= 0:
             return 0.0
         compute = self.flops(new_tokens, attn_pairs) / (self.gpu.bf16_flops * self.flops_efficiency)
@@ -128,9 +130,12 @@ class FittedCost:
     operators and fits their run time; Agrawal et al. 2024).
 
     time = intercept_s + per_token_s * new_tokens + per_pair_s * attn_pairs + per_kv_token_s * kv_tokens_read
+           + per_seq_s * sequences + per_prefill_s * prefill chunks
     for a step with work, 0 for an empty one. name: where the fit comes from (shown in tables). r2: the fit's
     coefficient of determination on its own steps (NaN when not fitted). kv_bytes_per_token,
-    host_link_bandwidth: what a swap moves and how fast (swap preemption only).
+    host_link_bandwidth: what a swap moves and how fast (swap preemption only). held_out_error: median
+    absolute error (fraction) on measured steps the fit did not see; grid_steps: steps it was fitted on
+    (both from :func:`kvcore.engine.calibrate_engine`).
     """
 
     name: str
@@ -141,9 +146,14 @@ class FittedCost:
     r2: float = float("nan")
     kv_bytes_per_token: float = 0.0
     host_link_bandwidth: float = float("inf")
+    per_seq_s: float = 0.0
+    per_prefill_s: float = 0.0
+    held_out_error: float = float("nan")
+    grid_steps: int = 0
 
     def __post_init__(self) -> None:
-        values = (self.intercept_s, self.per_token_s, self.per_pair_s, self.per_kv_token_s)
+        values = (self.intercept_s, self.per_token_s, self.per_pair_s, self.per_kv_token_s, self.per_seq_s,
+                  self.per_prefill_s)
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise ValueError(f"a fitted step time needs finite coefficients >= 0, got {values}")
 
@@ -152,9 +162,10 @@ class FittedCost:
         """What is timed: where the fit comes from."""
         return self.name
 
-    def step_time(self, new_tokens: float, attn_pairs: float, kv_tokens_read: float) -> float:
+    def step_time(self, new_tokens: float, attn_pairs: float, kv_tokens_read: float, num_seqs: int = 0,
+                  prefill_seqs: int = 0) -> float:
         """Seconds for one step; 0 when there is nothing to compute."""
         if new_tokens <= 0:
             return 0.0
         return (self.intercept_s + self.per_token_s * new_tokens + self.per_pair_s * attn_pairs
-                + self.per_kv_token_s * kv_tokens_read)
+                + self.per_kv_token_s * kv_tokens_read + self.per_seq_s * num_seqs + self.per_prefill_s * prefill_seqs)

@@ -13,7 +13,7 @@ from kvcore.sched.scheduler import Scheduler, SchedulerOutput
 
 TIMELINE_COLUMNS = ("step", "time_s", "step_s", "running", "waiting", "kv_blocks_used", "batch_tokens",
                     "prefill_tokens", "decode_tokens", "output_tokens", "swap_s", "swap_tokens", "preemptions",
-                    "attn_pairs", "kv_tokens_read")
+                    "attn_pairs", "kv_tokens_read", "sequences", "prefill_seqs")
 
 
 @dataclass(slots=True)
@@ -67,7 +67,7 @@ class Recorder:
         self.schedule += [(out.step, r.req.index, n) for r, n in out.scheduled]
         values = (out.step, now, dt, len(sched.running), len(sched.waiting), out.kv_blocks_used, out.new_tokens,
                   out.prefill_tokens, out.decode_tokens, len(out.sampling), swap_s, out.swap_tokens, len(out.preempted),
-                  out.attn_pairs, out.kv_tokens_read)
+                  out.attn_pairs, out.kv_tokens_read, len(out.scheduled), out.prefill_seqs)
         for name, value in zip(TIMELINE_COLUMNS, values, strict=True):
             self.columns[name].append(value)
 

@@ -59,8 +59,8 @@ class SchedulerOutput:
     waiting requests admitted this step (new or back from preemption). preempted: in preemption order.
     sampling: requests whose tokens this step complete all their known tokens, so they sample one.
     new_tokens / attn_pairs / kv_tokens_read: the cost model's inputs; prefill_tokens / decode_tokens: the
-    split of new_tokens; swap_tokens: KV tokens copied over the host link (out + in); kv_blocks_used: blocks
-    held when the step runs.
+    split of new_tokens; prefill_seqs: requests granted prefill tokens (each a chunk); swap_tokens: KV tokens
+    copied over the host link (out + in); kv_blocks_used: blocks held when the step runs.
     """
 
     step: int
@@ -73,6 +73,7 @@ class SchedulerOutput:
     kv_tokens_read: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    prefill_seqs: int = 0
     swap_tokens: int = 0
     kv_blocks_used: int = 0
 
@@ -85,6 +86,7 @@ class SchedulerOutput:
         self.kv_tokens_read += c
         if r.in_prefill:
             self.prefill_tokens += n
+            self.prefill_seqs += 1
         else:
             self.decode_tokens += n
 

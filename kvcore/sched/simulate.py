@@ -51,7 +51,8 @@ def simulate(workload: Workload, config: SimConfig, progress: Callable[[float], 
             out = sched.schedule()
             if out.scheduled or out.preempted:
                 swap_s = out.swap_tokens * cost.kv_bytes_per_token / cost.host_link_bandwidth
-                dt = cost.step_time(out.new_tokens, out.attn_pairs, out.kv_tokens_read) + swap_s
+                dt = cost.step_time(out.new_tokens, out.attn_pairs, out.kv_tokens_read, len(out.scheduled),
+                                    out.prefill_seqs) + swap_s
                 rec.scheduled(out, sched, now, dt, swap_s)
                 if on_step is not None:
                     on_step(out, sched)

@@ -214,10 +214,10 @@ def run_search(args: argparse.Namespace) -> pd.DataFrame:
     if args.calibrated:
         if args.num_blocks is None:
             raise ValueError("--calibrated times this machine's engine, which knows no GPU memory: give --num-blocks")
-        from kvcore.engine.calibrate import calibrate
+        from kvcore.engine.calibrate import calibrate_engine
         from kvcore.models.loader import load_model
 
-        cost = calibrate(*load_model(None))
+        cost = calibrate_engine(load_model(None)[0], threads=1, name="the bundled model's engine on this machine")
     deployment = Deployment(args.model, args.gpu, cost, args.num_blocks, args.rules)
     space = SearchSpace(tuple(args.max_num_seqs), tuple(args.max_num_batched_tokens), tuple(args.schedulers),
                         tuple(args.block_sizes), tuple(dict.fromkeys(v == "on" for v in args.prefix_caching)))

@@ -1,0 +1,141 @@
+"""A designed grid of engine steps timed on this machine: what :func:`kvcore.engine.calibrate_engine` fits.
+
+As Vidur (Agrawal et al., MLSys 2024) profiles a serving engine's operators over a designed set of inputs
+instead of whatever one run happened to contain, the grid covers decode batches from 1 sequence to the
+largest at short to long contexts, prefill chunks of a few to hundreds of tokens with and without a cached
+prefix, and mixed steps (decodes beside a prefill chunk). Each grid step is fed straight to the engine's
+model runner (the K/V values in the pools do not change the work), timed ``repeats`` times in rounds of a
+fresh random order, so a load that comes and goes is spread over every step. What the engine does around
+the runner (scheduling, blocks, sampling) is timed apart, on a real run whose model is replaced by a stub.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kvcore.device import torch_threads
+from kvcore.engine.engine import LLMEngine
+from kvcore.engine.params import SamplingParams
+from kvcore.engine.runner import ModelRunner, SequenceChunk
+from kvcore.sched.cost import prefill_pairs
+
+FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read")
+Progress = Callable[[float, str], None]
+
+
+@dataclass(slots=True, frozen=True)
+class GridStep:
+    """One step of the grid: ``(cached tokens, new tokens)`` per sequence; kind: decode, prefill or mixed."""
+
+    kind: str
+    chunks: tuple[tuple[int, int], ...]
+
+    def features(self) -> dict[str, int]:
+        """The step's work in the simulator's terms (a sequence feeding one token after a context decodes)."""
+        prefill = [(c, n) for c, n in self.chunks if not (n == 1 and c > 0)]
+        return {"new_tokens": sum(n for _, n in self.chunks), "sequences": len(self.chunks),
+                "prefill_seqs": len(prefill), "attn_pairs": sum(prefill_pairs(n, c) for c, n in self.chunks),
+                "kv_tokens_read": sum(c for c, _ in self.chunks)}
+
+
+def design(max_seqs: int = 32, contexts: Sequence[int] = (16, 128, 512, 1024),
+           prefills: Sequence[int] = (8, 32, 128, 256, 512), max_kv_tokens: int = 16384) -> list[GridStep]:
+    """The grid: decode batches of 1, 2, 4... ``max_seqs`` at each context (at most ``max_kv_tokens`` read),
+    one prefill chunk of each size from scratch and after 256 cached tokens, and decodes beside a chunk."""
+    steps = []
+    batch = 1
+    while batch <= max_seqs:
+        steps += [GridStep("decode", ((c, 1),) * batch) for c in contexts if batch * c <= max_kv_tokens]
+        batch *= 2
+    steps += [GridStep("prefill", ((cached, n),)) for n in prefills for cached in (0, 256)]
+    for seqs in {min(4, max_seqs), max_seqs}:
+        steps += [GridStep("mixed", ((256, 1),) * (seqs - 1) + ((0, n),)) for n in prefills[1::2]]
+    return steps
+
+
+def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: int = 3, threads: int | None = None,
+              pool_bytes: float = 128e6, seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
+    """Each grid step's seconds on the model runner: median, quartiles and repeats; one row per step with its
+    :data:`FEATURES`. The pools take at most ``pool_bytes`` (sequences beyond share blocks)."""
+    per_block = block_bytes(model, block_size)
+    runner = ModelRunner(model, max(16, int(pool_bytes // per_block)), block_size)
+    rng, vocab = random.Random(seed), runner.parts.embed.num_embeddings
+    times: list[list[float]] = [[] for _ in steps]
+    with torch_threads(threads):
+        for r in range(repeats):
+            order = list(range(len(steps)))
+            rng.shuffle(order)
+            for done, i in enumerate(order):
+                chunks = _chunks(steps[i], runner, block_size, vocab, rng)
+                runner.execute(chunks)  # untimed: the previous step's state (caches, threads) is not this one's
+                start = time.perf_counter()
+                runner.execute(chunks)
+                times[i].append(time.perf_counter() - start)
+                if progress is not None:
+                    progress((r * len(steps) + done + 1) / (repeats * len(steps)), "timing the grid of steps")
+    rows = []
+    for step, ts in zip(steps, times, strict=True):
+        q1, median, q3 = np.percentile(ts, [25, 50, 75])
+        rows.append({"kind": step.kind, **step.features(), "seconds": median, "q1": q1, "q3": q3,
+                     "repeats": len(ts)})
+    return pd.DataFrame(rows)
+
+
+def block_bytes(model, block_size: int) -> float:
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2.0 * cfg.num_hidden_layers * heads * head_dim * block_size * next(model.parameters()).element_size()
+
+
+def _chunks(step: GridStep, runner: ModelRunner, block_size: int, vocab: int, rng: random.Random
+            ) -> list[SequenceChunk]:
+    """The step's sequences with random tokens and block tables walking the pool (block 0, the null block,
+    never used; a grid bigger than the pool wraps around)."""
+    usable, cursor, chunks = runner.num_blocks - 1, rng.randrange(runner.num_blocks - 1), []
+    for i, (cached, new) in enumerate(step.chunks):
+        blocks = -(-(cached + new) // block_size)
+        table = [1 + (cursor + j) % usable for j in range(blocks)]
+        cursor += blocks
+        chunks.append(SequenceChunk(f"g{i}", [rng.randrange(vocab) for _ in range(new)], cached, table))
+    return chunks
+
+
+class NoModel:
+    """A model runner whose steps return zero logits at once (the rest is the real runner's): an engine run on
+    it times everything the engine does but the model."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self._runner, self.vocab = runner, runner.parts.lm_head.out_features
+
+    def __getattr__(self, name: str):
+        return getattr(self._runner, name)
+
+    def execute(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
+        return torch.zeros(sum(c.wants_logits for c in chunks), self.vocab)
+
+
+def time_engine_overhead(model, block_size: int = 16, max_seqs: int = 32, threads: int | None = None,
+                         requests: int = 96, seed: int = 0) -> pd.DataFrame:
+    """The engine's own time per step (schedule, blocks, chunks, sampling, bookkeeping) with the model taken out:
+    the timeline of a run of ``requests`` random prompts (8-256 tokens, 4-48 outputs) whose runner returns
+    zeros; one row per step with :data:`FEATURES` and ``seconds``."""
+    engine = LLMEngine(model, num_blocks=requests * 20 + 1, block_size=block_size, max_num_seqs=max_seqs,
+                       max_num_batched_tokens=max(512, max_seqs), threads=threads)
+    engine.runner = NoModel(engine.runner)
+    rng = np.random.default_rng(seed)
+    vocab = engine.runner.vocab
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(8, 257, requests)]
+    params = [SamplingParams(max_tokens=int(n), ignore_eos=True) for n in rng.integers(4, 49, requests)]
+    engine.generate(prompts, params)
+    steps = engine.stats.timeline
+    return pd.DataFrame({"new_tokens": steps["batch_tokens"], "sequences": steps["sequences"],
+                         "prefill_seqs": steps["prefill_seqs"], "attn_pairs": steps["attn_pairs"],
+                         "kv_tokens_read": steps["kv_tokens_read"], "seconds": steps["step_s"]})

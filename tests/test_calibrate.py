@@ -1,0 +1,119 @@
+"""The simulator calibrated on a designed grid of engine steps, and its prediction of a run it never saw.
+
+The grid, the features of a step and the non-negative fit are pinned by hand-counted cases; the whole
+calibration runs at a small size on the bundled model and then predicts an unseen workload: the same steps
+as the engine made (the scheduler is the same), finite times. How close the times come is measured by
+benchmarks/engine.py on a quiet machine, never asserted here (wall time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvcore.engine.calibrate import (
+    calibrate_engine,
+    coefficients_table,
+    fit_nonnegative,
+    held_out_errors,
+    prediction_table,
+    simulate_engine,
+)
+from kvcore.engine.experiment import EngineSettings, serve_engine
+from kvcore.engine.grid import FEATURES, GridStep, design, time_engine_overhead
+from kvcore.engine.workload import ServeWorkload
+from kvcore.models import load_model
+from kvcore.sched.cost import FittedCost
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bundled(one_thread):
+    return load_model(None, "cpu")
+
+
+def test_a_step_counts_its_work_as_the_simulator_does():
+    step = GridStep("mixed", ((256, 1), (256, 1), (0, 64), (100, 8)))
+    assert step.features() == {
+        "new_tokens": 1 + 1 + 64 + 8, "sequences": 4, "prefill_seqs": 2,
+        # decodes: 256 + 1 each; prefill of 64 from scratch: 64 * 65 / 2; 8 after 100: 8 * 100 + 8 * 9 / 2
+        "attn_pairs": 2 * 257 + 64 * 65 // 2 + 8 * 100 + 36,
+        "kv_tokens_read": 256 + 256 + 0 + 100,
+    }
+
+
+def test_the_grid_covers_batches_contexts_chunks_and_mixed_steps():
+    steps = design(max_seqs=4, contexts=(16, 64), prefills=(8, 32), max_kv_tokens=128)
+    decode = [s.features() for s in steps if s.kind == "decode"]
+    # batches 1, 2, 4 at contexts 16 and 64, except 4 x 64 = 256 tokens read (over 128)
+    assert sorted((d["sequences"], d["kv_tokens_read"]) for d in decode) == [(1, 16), (1, 64), (2, 32), (2, 128),
+                                                                            (4, 64)]
+    prefill = [s.chunks for s in steps if s.kind == "prefill"]
+    assert prefill == [((0, 8),), ((256, 8),), ((0, 32),), ((256, 32),)]
+    mixed = [s.chunks for s in steps if s.kind == "mixed"]
+    assert mixed == [((256, 1),) * 3 + ((0, 32),)]
+
+
+def test_the_fit_recovers_known_coefficients_and_never_goes_negative():
+    rng = np.random.default_rng(0)
+    X = np.column_stack([np.ones(40), rng.uniform(1, 100, 40), rng.uniform(0, 1000, 40)])
+    y = X @ np.array([2e-3, 1e-4, 5e-6])
+    coef, r2 = fit_nonnegative(X, y, relative=True)
+    np.testing.assert_allclose(coef, [2e-3, 1e-4, 5e-6], rtol=1e-9)
+    assert r2 == pytest.approx(1.0)
+    # a column that only fits with a negative slope is left out instead
+    y2 = 1.0 + 0.0 * X[:, 1] - 1e-4 * X[:, 2]
+    coef2, _ = fit_nonnegative(X, y2)
+    assert (coef2 >= 0).all()
+    assert coef2[2] == 0.0
+
+
+def test_held_out_steps_of_an_exactly_linear_grid_are_predicted_exactly():
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame({f: rng.integers(1, 200, 24) for f in FEATURES})
+    table["seconds"] = 1e-3 + 2e-4 * table["new_tokens"] + 3e-5 * table["sequences"] + 1e-7 * table["attn_pairs"]
+    assert np.abs(held_out_errors(table)).max() < 1e-9
+
+
+def test_a_fitted_step_time_adds_every_term():
+    cost = FittedCost("hand", 1e-3, per_token_s=1e-4, per_pair_s=1e-8, per_kv_token_s=1e-7, per_seq_s=2e-4,
+                      per_prefill_s=5e-4)
+    # 20 new tokens, 300 pairs, 1000 tokens read, 5 sequences of which 1 a prefill chunk
+    assert cost.step_time(20, 300, 1000, 5, 1) == pytest.approx(1e-3 + 2e-3 + 3e-6 + 1e-4 + 1e-3 + 5e-4)
+    assert cost.step_time(0, 0, 0, 0, 0) == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        FittedCost("bad", 0.0, per_seq_s=-1.0)
+
+
+def test_the_engine_alone_is_timed_with_the_model_taken_out(bundled):
+    model, _ = bundled
+    steps = time_engine_overhead(model, max_seqs=4, requests=12)
+    assert set(FEATURES) <= set(steps.columns)
+    assert steps["sequences"].max() == 4
+    assert (steps["prefill_seqs"] <= steps["sequences"]).all()
+    assert (steps["seconds"] >= 0).all()
+
+
+def test_calibrated_once_the_simulator_predicts_a_run_it_never_saw(bundled):
+    model, tokenizer = bundled
+    cost = calibrate_engine(model, max_seqs=4, repeats=1)
+    coefficients = [cost.intercept_s, cost.per_token_s, cost.per_seq_s, cost.per_prefill_s, cost.per_pair_s,
+                    cost.per_kv_token_s]
+    assert all(c >= 0 for c in coefficients)
+    assert cost.intercept_s + cost.per_token_s + cost.per_seq_s > 0  # a step costs something
+    assert cost.grid_steps == len(design(4))
+    assert math.isfinite(cost.held_out_error)
+    assert cost.kv_bytes_per_token == 2 * 6 * 8 * 32 * 4  # K and V, 6 layers x 8 heads x 32 dims, fp32
+    table = coefficients_table(cost)
+    assert table["steps"].iloc[0] == cost.grid_steps
+    prompts, outputs = ServeWorkload(6, 5, 60, 4, 12, seed=7).build(tokenizer)
+    settings = EngineSettings(256, 16, 3, 64)
+    engine = serve_engine(model, prompts, outputs, settings).engine
+    prediction = prediction_table(engine.result(), simulate_engine(settings.config(model), prompts, outputs, cost))
+    rows = prediction.set_index("metric")
+    assert rows.loc["steps", "measured"] == rows.loc["steps", "predicted"]  # the scheduler is the same
+    assert np.isfinite(rows["predicted"]).all()
