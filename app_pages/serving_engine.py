@@ -5,7 +5,7 @@ import streamlit as st
 from kvcore.engine.calibrate import coefficients_table
 from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.workload import ServeWorkload
-from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
+from kvcore.models.loader import HUB_MODELS, OFFLINE_MODELS, describe_model
 from ui import engine_figures, figures, params, tables
 from ui.engine_runs import calibration, prediction, report
 from ui.guard import user_errors
@@ -20,7 +20,9 @@ st.markdown(
     "once on a grid of engine steps, predicts the run it never saw.")
 with st.sidebar:
     model = params.widget(st.selectbox, "Model (Llama family)", key="eg_model",
-                          options=[BUNDLED_NAME, *(m for m in HUB_MODELS if m != "gpt2")])
+                          options=[*OFFLINE_MODELS, *(m for m in HUB_MODELS if m != "gpt2")],
+                          help="bundled: the 5.8M-parameter toy (fast); smollm2-135m: a real pretrained model, "
+                               "24x the parameters, so serve fewer, shorter requests")
     st.subheader("Workload (real text, all arriving at once)")
     n = params.widget(st.slider, "Requests", key="eg_n", min_value=1, max_value=64, value=16)
     p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400, value=128)
@@ -52,6 +54,7 @@ with user_errors("Serving"):
     run = report(model, workload, settings, versus)
 
 engine_figures.run_metrics(run)
+st.caption(f"Model: {describe_model(model)}.")
 st.caption(engine_figures.measured_note(run))
 figures.show(engine_figures.step_timeline(run.steps), key="eg_timeline")
 shown = {"model": model, "n": n, "seed": seed}

@@ -23,7 +23,7 @@ from kvcore.engine.calibrate import (
     simulate_engine,
 )
 from kvcore.engine.experiment import EngineSettings, serve_engine
-from kvcore.engine.grid import FEATURES, GridStep, design, time_engine_overhead
+from kvcore.engine.grid import FEATURES, GridStep, design, largest_chunks, time_engine_overhead
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models import load_model
 from kvcore.sched.cost import FittedCost
@@ -44,6 +44,12 @@ def test_a_step_counts_its_work_as_the_simulator_does():
         "attn_pairs": 2 * 257 + 64 * 65 // 2 + 8 * 100 + 36,
         "kv_tokens_read": 256 + 256 + 0 + 100,
     }
+
+
+def test_a_bigger_model_times_smaller_prefill_chunks():
+    assert largest_chunks(6_000_000) == (8, 32, 128, 256, 512)  # the bundled model: every chunk
+    assert largest_chunks(135_000_000) == (8, 32, 128, 256)  # SmolLM2: 512 tokens would take seconds
+    assert largest_chunks(10**12) == (8,)
 
 
 def test_the_grid_covers_batches_contexts_chunks_and_mixed_steps():

@@ -24,7 +24,7 @@ import pandas as pd
 
 from kvcore.engine.engine import LLMEngine
 from kvcore.engine.grid import FEATURES as GRID_FEATURES
-from kvcore.engine.grid import block_bytes, design, time_engine_overhead, time_grid
+from kvcore.engine.grid import block_bytes, design, largest_chunks, time_engine_overhead, time_grid
 from kvcore.sched.config import SimConfig
 from kvcore.sched.cost import FittedCost
 from kvcore.sched.metrics import SimResult
@@ -84,8 +84,8 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     grid steps held out of it; r2 is on every grid step.
     """
     report = progress or (lambda fraction, label: None)
-    grid = time_grid(model, design(max_seqs), block_size, repeats, threads,
-                     progress=lambda f, label: report(0.85 * f, label))
+    steps = design(max_seqs, prefills=largest_chunks(sum(p.numel() for p in model.parameters())))
+    grid = time_grid(model, steps, block_size, repeats, threads, progress=lambda f, label: report(0.85 * f, label))
     report(0.85, "timing the engine's own work per step")
     overhead = time_engine_overhead(model, block_size, max_seqs, threads)
     report(0.95, "fitting the step time")

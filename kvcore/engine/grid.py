@@ -27,6 +27,8 @@ from kvcore.engine.runner import ModelRunner, SequenceChunk
 from kvcore.sched.cost import prefill_pairs
 
 FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read")
+PREFILLS = (8, 32, 128, 256, 512)
+GRID_WORK = 4e10  # parameters x tokens of the largest prefill chunk timed (512 tokens of a 78M-parameter model)
 Progress = Callable[[float, str], None]
 
 
@@ -45,8 +47,14 @@ class GridStep:
                 "kv_tokens_read": sum(c for c, _ in self.chunks)}
 
 
+def largest_chunks(num_params: int, prefills: Sequence[int] = PREFILLS) -> tuple[int, ...]:
+    """The prefill chunk sizes worth timing for a model of ``num_params``: up to :data:`GRID_WORK` (a bigger
+    model's largest chunks take seconds; the fit's per-token term carries to them)."""
+    return tuple(n for n in prefills if n * num_params <= GRID_WORK) or tuple(prefills[:1])
+
+
 def design(max_seqs: int = 32, contexts: Sequence[int] = (16, 128, 512, 1024),
-           prefills: Sequence[int] = (8, 32, 128, 256, 512), max_kv_tokens: int = 16384) -> list[GridStep]:
+           prefills: Sequence[int] = PREFILLS, max_kv_tokens: int = 16384) -> list[GridStep]:
     """The grid: decode batches of 1, 2, 4... ``max_seqs`` at each context (at most ``max_kv_tokens`` read),
     one prefill chunk of each size from scratch and after 256 cached tokens, and decodes beside a chunk."""
     steps = []
@@ -63,23 +71,25 @@ def design(max_seqs: int = 32, contexts: Sequence[int] = (16, 128, 512, 1024),
 def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: int = 3, threads: int | None = None,
               pool_bytes: float = 128e6, seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
     """Each grid step's seconds on the model runner: median, quartiles and repeats; one row per step with its
-    :data:`FEATURES`. The pools take at most ``pool_bytes`` (sequences beyond share blocks)."""
+    :data:`FEATURES`. A first round, untimed, warms every step up; then ``repeats`` timed rounds. The pools take
+    at most ``pool_bytes`` (sequences beyond share blocks)."""
     per_block = block_bytes(model, block_size)
     runner = ModelRunner(model, max(16, int(pool_bytes // per_block)), block_size)
     rng, vocab = random.Random(seed), runner.parts.embed.num_embeddings
     times: list[list[float]] = [[] for _ in steps]
     with torch_threads(threads):
-        for r in range(repeats):
+        for r in range(repeats + 1):
             order = list(range(len(steps)))
             rng.shuffle(order)
             for done, i in enumerate(order):
                 chunks = _chunks(steps[i], runner, block_size, vocab, rng)
-                runner.execute(chunks)  # untimed: the previous step's state (caches, threads) is not this one's
                 start = time.perf_counter()
                 runner.execute(chunks)
-                times[i].append(time.perf_counter() - start)
+                if r:  # round 0 warms up
+                    times[i].append(time.perf_counter() - start)
                 if progress is not None:
-                    progress((r * len(steps) + done + 1) / (repeats * len(steps)), "timing the grid of steps")
+                    progress((r * len(steps) + done + 1) / ((repeats + 1) * len(steps)),
+                             f"timing a grid of {len(steps)} engine steps (round {r + 1} of {repeats + 1})")
     rows = []
     for step, ts in zip(steps, times, strict=True):
         q1, median, q3 = np.percentile(ts, [25, 50, 75])
