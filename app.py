@@ -7,6 +7,7 @@ folder's pages without this router (no layout, no navigation titles).
 
 import streamlit as st
 
+from ui import warmup
 from ui.params import forget_other_pages
 
 PAGE_ICON = "💾"
@@ -29,4 +30,5 @@ PAGES = [
 
 page = st.navigation(PAGES)
 forget_other_pages(page.url_path)
+warmup.start()  # the heavy pages' default views, computed in the background once per server
 page.run()

@@ -6,7 +6,7 @@ from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, CustomSettings, method_named
 from ui import figures, params, quant_figures, tables
 from ui.guard import user_errors
-from ui.quant_runs import maps, model, results, texts
+from ui.quant_runs import maps, model, results, speed_note, texts
 
 st.title("KV cache quantization")
 st.markdown(
@@ -88,6 +88,7 @@ if tab_table.open:
             "and scored. bytes: what the cache holds at the end (all layers); errors: means over layers; "
             "_low/_high: the 95% interval; vs_fp16: worse/better only beyond the noise; pareto: the front when "
             "differences within noise are ties; tokens_per_s: shared batched model step + this method's own "
-            "cache time, from one run under whatever load there was: a rough cost, never compared or ranked."))
+            "cache time, from one run under whatever load there was: a rough cost, never compared or ranked "
+            f"({speed_note(result)}; the results are kept, so the speeds are as old as they are)."))
         tables.show_table(result.by_layer, "quantization", "by-layer", shown)
         tables.show_table(qe.methods_table(), "quantization", "registry", caption="Every method and its paper.")

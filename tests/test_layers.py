@@ -35,6 +35,8 @@ RANK = {package: rank for rank, names in enumerate(LAYERS) for package in names}
 # Function-level imports of project code that are not about import order, with the reason.
 DEFERRED = {
     "kvcore/kernels/paged_triton.py": "Triton is optional: its kernels load only when the Triton backend runs",
+    "ui/warmup.py": "the background warm-up imports the model pages' code in its thread, so the first page a server "
+                    "serves never waits for torch's import",
 }
 
 

@@ -25,6 +25,7 @@ import pickle
 import platform
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,35 +196,65 @@ _flights_lock = threading.Lock()
 
 def computed(name: str, settings: object, modules: tuple[str, ...], weights: str | None,
              compute: Callable[[Progress], T], progress: Progress | None = None) -> T:
-    """The result of ``compute(progress)`` for these settings: read from disk, or computed now and kept.
+    """The result of ``compute(progress)`` for these settings: from memory, from disk, or computed now and kept.
 
     modules: the project modules ``compute`` runs (their import closure is hashed into the key). weights:
-    :func:`weights_key` of the model (None: compute, keep nothing). While another thread computes the same
-    result, wait for it and pass its progress on; if it fails, compute here.
+    :func:`weights_key` of the model (None: kept in this process's memory only, never on disk; ``settings``
+    must then name the model). While another thread computes the same result, wait for it and pass its
+    progress on; if it fails, compute here. The last :data:`MEMORY_ENTRIES` results stay in memory: callers
+    share them and must not change them.
     """
-    if weights is None:
-        return compute(progress or (lambda fraction, label: None))
-    key = result_key(name, settings, modules, weights)
-    path = results_dir() / f"{key}.pkl"
+    key = result_key(name, settings, modules, weights or "not kept on disk")
+    path = None if weights is None else results_dir() / f"{key}.pkl"
     while True:
-        value = _read(path)
+        value = _remembered(key)
+        if value is _MISSING and path is not None:
+            value = _read(path)
         if value is not _MISSING:
-            return value
+            return _remember(key, value)
         with _flights_lock:
             flight = _flights.get(key)
             owner = flight is None
             if owner:
                 flight = _flights[key] = _Flight()
         if owner:
-            return _compute(key, path, flight, compute, progress)
+            return _remember(key, _compute(key, path, flight, compute, progress))
         while not flight.done.wait(0.2):
             if progress is not None:
                 progress(flight.fraction, flight.label)
         if not flight.failed:
-            return flight.result
+            return _remember(key, flight.result)
 
 
-def _compute(key: str, path: Path, flight: _Flight, compute: Callable[[Progress], T],
+MEMORY_ENTRIES = 64
+_memory: OrderedDict[str, Any] = OrderedDict()
+_memory_lock = threading.Lock()
+
+
+def _remembered(key: str) -> Any:
+    with _memory_lock:
+        if key not in _memory:
+            return _MISSING
+        _memory.move_to_end(key)
+        return _memory[key]
+
+
+def _remember(key: str, value: T) -> T:
+    with _memory_lock:
+        _memory[key] = value
+        _memory.move_to_end(key)
+        while len(_memory) > MEMORY_ENTRIES:
+            _memory.popitem(last=False)
+    return value
+
+
+def forget() -> None:
+    """Empty the memory layer (the files stay): the next call reads the disk or computes."""
+    with _memory_lock:
+        _memory.clear()
+
+
+def _compute(key: str, path: Path | None, flight: _Flight, compute: Callable[[Progress], T],
              progress: Progress | None) -> T:
     def report(fraction: float, label: str) -> None:
         flight.fraction, flight.label = fraction, label
@@ -232,7 +263,8 @@ def _compute(key: str, path: Path, flight: _Flight, compute: Callable[[Progress]
 
     try:
         flight.result = compute(report)
-        _write(path, flight.result)
+        if path is not None:
+            _write(path, flight.result)
         return flight.result
     except BaseException:
         flight.failed = True

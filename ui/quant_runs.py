@@ -1,19 +1,28 @@
-"""Streamlit-cached runs of the Quantization page on the bundled model: captured Q/K/V, every method measured,
-K/V magnitude maps and greedy text. Keys are typed: the text (:class:`~kvcore.quant.evaluate.QuantText`) and
-the custom method's settings (:class:`~kvcore.quant.methods.CustomSettings`); every use of the model holds its
-lock."""
+"""Cached runs of the Quantization page on the bundled model: captured Q/K/V, every method measured, K/V
+magnitude maps and greedy text. Keys are typed: the text (:class:`~kvcore.quant.evaluate.QuantText`) and the
+custom method's settings (:class:`~kvcore.quant.methods.CustomSettings`); every use of the model holds its lock.
+
+The measurement of every method (the page's heavy part: each method decodes the text token by token) is kept on
+disk across server restarts, keyed by the settings, the weights and the code (:mod:`ui.disk_cache`), and runs
+under a progress bar that says how far the decode is. Its speed columns say when and under what load they were
+measured (:func:`speed_note`)."""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import numpy as np
 import streamlit as st
 
+from kvcore.noise import load_note
 from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, CustomSettings, method_named
 from kvcore.quant.model_kv import CapturedKV
-from ui.models import shared_model
+from ui import disk_cache
+from ui.models import BUNDLED, shared_model
+from ui.progress import progress_bar
 
 
 def model() -> tuple[Any, Any]:
@@ -29,12 +38,30 @@ def captured(text: qe.QuantText) -> CapturedKV:
         return qe.capture_qkv(model()[0], text.ids(model()[1])[0])
 
 
-@st.cache_data(show_spinner="Decoding the text through every method's cache...")
+MODULES = ("kvcore.quant.evaluate",)  # what a measurement executes (their import closure keys the disk cache)
+
+
 def measure(text: qe.QuantText, custom: CustomSettings | None = None) -> qe.QuantEval:
-    """Every registered method measured (``custom`` None), or fp16 and the custom method."""
+    """Every registered method measured (``custom`` None), or fp16 and the custom method: from memory, from disk,
+    or decoded now under a progress bar."""
     methods = METHODS if custom is None else {"fp16": METHODS["fp16"], "custom": custom.method()}
-    with shared_model().lock:
-        return qe.evaluate(model()[0], text.ids(model()[1]), methods)
+
+    def compute(progress) -> qe.QuantEval:
+        shared = shared_model()
+        with shared.lock:
+            return qe.evaluate(shared.model, text.ids(shared.tokenizer), methods, progress=progress)
+
+    with progress_bar() as bar:
+        return disk_cache.computed("quant-eval", (BUNDLED, text, custom), MODULES, disk_cache.weights_key(BUNDLED),
+                                   compute, lambda fraction, label: bar(fraction, f"{len(methods)} methods: {label}"))
+
+
+def speed_note(result: qe.QuantEval) -> str:
+    """When the speed columns were measured and what else ran then (they are kept with the results)."""
+    if not math.isfinite(result.measured_at):
+        return "tokens_per_s: when measured not recorded"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(result.measured_at))
+    return f"tokens_per_s measured {when}, {load_note(result.load_1min)}"
 
 
 def results(text: qe.QuantText, name: str, custom: CustomSettings) -> qe.QuantEval:

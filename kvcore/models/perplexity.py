@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 from kvcore.models.cache import LabCache
 from kvcore.models.plan import FULL, CachePlan, run_step
 from kvcore.models.runtime import as_ids
+
+Progress = Callable[[float, str], None]
+PROGRESS_EVERY = 8  # one-token steps between two progress reports
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,13 +68,14 @@ class Streamed:
 
 @torch.inference_mode()
 def stream_text(model, input_ids: torch.Tensor | list[int], plan: CachePlan = FULL, prefill: int = 1,
-                feed_last: bool = False) -> Streamed:
+                feed_last: bool = False, progress: Progress | None = None) -> Streamed:
     """Feed tokens ``0 .. prefill-1`` in one forward, then one token per step through ``plan``; score every next token.
 
     input_ids: ``[T]`` or ``[B, T]`` (rows decode together, each through its own cache entries).
     prefill: tokens of the first forward (1 <= prefill < T, e.g. a prompt); the plan's hook runs after it
     and after every one-token step, so it can evict or requantize before the next prediction.
     feed_last: also feed the last token (nothing left to score), so the cache ends holding the whole text.
+    progress: called as ``progress(fraction, label)`` every few steps (a page's progress bar).
     """
     ids = as_ids(model, input_ids)  # [B, T]
     T = ids.shape[1]
@@ -81,6 +86,8 @@ def stream_text(model, input_ids: torch.Tensor | list[int], plan: CachePlan = FU
     stop = T if feed_last else T - 1
     start = time.perf_counter()
     for t in range(prefill, stop):
+        if progress is not None and (t - prefill) % PROGRESS_EVERY == 0:
+            progress((t - prefill) / max(1, stop - prefill), f"decoding token {t - prefill + 1} of {stop - prefill}")
         logits = run_step(model, cache, ids[:, t:t + 1], plan)  # [B, 1, V]
         if t + 1 < T:
             parts.append(_nll(logits, ids[:, t + 1:t + 2]))

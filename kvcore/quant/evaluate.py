@@ -14,6 +14,7 @@ counts a perplexity difference only when it is outside the noise.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,9 +25,9 @@ import torch
 from kvcore.device import torch_threads
 from kvcore.models.generate import GenerationSettings, generate_stream
 from kvcore.models.loader import bundled_text
-from kvcore.models.perplexity import Streamed, stream_text
+from kvcore.models.perplexity import Progress, Streamed, stream_text
 from kvcore.models.runtime import token_windows
-from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE, block_sums, bootstrap_ratios
+from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE, block_sums, bootstrap_ratios, load_average
 from kvcore.quant.hf_cache import fp16_nbytes_per_row, nbytes_per_row, quantized_plan, seconds_per_row
 from kvcore.quant.methods import METHODS, QuantMethod
 from kvcore.quant.model_kv import CapturedKV, capture_qkv
@@ -106,24 +107,39 @@ def layer_errors(captured: CapturedKV, method: QuantMethod) -> pd.DataFrame:
 
 
 def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
-                 batched: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
+                 batched: bool, progress: Progress | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Perplexity, bytes held and speed of each method decoding every window (one batched run, or one run
     per method with one row per window), and each method's scored NLL ``[W, T - prompt_tokens]``. The
-    cache ends holding each whole window."""
+    cache ends holding each whole window. progress: ``(fraction, label)`` as the decode goes."""
     W, M = windows.shape[0], len(methods)
+    report = progress or (lambda fraction, label: None)
     if batched:  # row r decodes window r // M with method r % M
+        what = f"{M} methods x {W} windows in one batch"
         run = stream_text(model, windows.repeat_interleave(M, dim=0),
-                          quantized_plan([m for _ in range(W) for m in methods]), prompt_tokens, feed_last=True)
+                          quantized_plan([m for _ in range(W) for m in methods]), prompt_tokens, feed_last=True,
+                          progress=lambda fraction, label: report(fraction, f"{label}, {what}"))
         parts = [(run, methods[i], list(range(i, W * M, M))) for i in range(M)]
     else:
-        parts = [(stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True), method,
-                  list(range(W))) for method in methods]
-    rows = [_method_row(run, method, prompt_tokens, r) for run, method, r in parts]
+        parts = []
+        for i, method in enumerate(methods):
+            run = stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True,
+                              progress=_share(report, i, M, method.name))
+            parts.append((run, method, list(range(W))))
+    runs = {id(run): run for run, _, _ in parts}  # batched: one run shared by every method
+    held = {key: (nbytes_per_row(run.cache), fp16_nbytes_per_row(run.cache)) for key, run in runs.items()}
+    rows = [_method_row(run, method, prompt_tokens, r, held[id(run)]) for run, method, r in parts]
     return rows, {method.name: run.nll[r, prompt_tokens - 1:] for run, method, r in parts}
 
 
-def _method_row(run: Streamed, method: QuantMethod, prompt_tokens: int, rows: list[int]) -> dict:
-    """One method's row of a decode run over batch ``rows`` (its windows).
+def _share(progress: Progress, i: int, n: int, name: str) -> Progress:
+    """Progress of part ``i`` of ``n`` as a share of the whole."""
+    return lambda fraction, label: progress((i + fraction) / n, f"{name}: {label}")
+
+
+def _method_row(run: Streamed, method: QuantMethod, prompt_tokens: int, rows: list[int],
+                held: tuple[list[int], list[int]]) -> dict:
+    """One method's row of a decode run over batch ``rows`` (its windows); held: the run's bytes per row and their
+    fp16 size (:func:`~kvcore.quant.hf_cache.nbytes_per_row`, counted once per run).
 
     Scored tokens are those predicted by reading the cache: from the last prompt token on. tokens_per_s:
     its tokens over the model's step time, shared pro rata between rows, plus its own measured cache time
@@ -137,7 +153,7 @@ def _method_row(run: Streamed, method: QuantMethod, prompt_tokens: int, rows: li
     return {
         "method": method.name,
         "perplexity": float(torch.exp(run.nll[rows, prompt_tokens - 1:].double().mean())),
-        "cache_bytes": nbytes_per_row(run.cache)[rows[0]], "cache_fp16_bytes": fp16_nbytes_per_row(run.cache)[rows[0]],
+        "cache_bytes": held[0][rows[0]], "cache_fp16_bytes": held[1][rows[0]],
         "tokens_per_s": len(rows) * run.decode_steps / wall if wall > 0 else float("nan"),
         "cache_ms_per_token": 1e3 * cache_seconds / (len(rows) * run.decode_steps),
         "k_fp16_tokens": first.k.num_sink + first.k.num_recent,
@@ -153,7 +169,8 @@ class QuantEval:
     interval, ppl_vs_fp16 and its interval, vs_fp16, the noise-aware Pareto flag, tokens_per_s...).
     by_layer: one row per method and layer. num_tokens/prompt_tokens: each window's length and how much of
     it was prefilled before scoring; windows: how many. nll: each method's scored NLL ``[W, T - prompt]``
-    (nats), what the intervals resample.
+    (nats), what the intervals resample. measured_at / load_1min: when the decode ran (Unix seconds) and the
+    1-minute load average then: what the speed columns (tokens_per_s, cache_ms_per_token) describe.
     """
 
     summary: pd.DataFrame
@@ -162,6 +179,8 @@ class QuantEval:
     prompt_tokens: int
     windows: int = 1
     nll: dict[str, torch.Tensor] | None = None
+    measured_at: float = float("nan")
+    load_1min: float = float("nan")
 
     @property
     def scored_tokens(self) -> int:
@@ -255,7 +274,8 @@ def vs_fp16(is_base: bool, low: float, high: float, trusted: bool = True) -> str
 
 
 def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] | None = None,
-             prompt_tokens: int | None = None, batched: bool = True, seed: int = 0) -> QuantEval:
+             prompt_tokens: int | None = None, batched: bool = True, seed: int = 0,
+             progress: Progress | None = None) -> QuantEval:
     """Measure each method on ``model``'s KV cache over ``input_ids``: ``[T]`` or ``[W, T]`` (W windows).
 
     methods: name -> method (default every method of :data:`METHODS`). prompt_tokens: tokens of each
@@ -265,15 +285,20 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     on a CPU). bytes: exact bytes one window's cache holds at the end (all layers, K and V);
     fp16_bytes: the same tokens at 2 bytes; errors: means over layers (and windows) of each window's
     whole K/V stored in one go. seed: seeds the bootstrap of the intervals (:func:`noise_columns`).
+    progress: called as ``progress(fraction, label)`` while it runs (a page's progress bar).
     """
     methods = dict(METHODS if methods is None else methods)
     if not methods:
         raise ValueError("give at least one method")
     windows = input_ids.reshape(-1, input_ids.shape[-1])  # [W, T]
     prompt = windows.shape[1] // 2 if prompt_tokens is None else prompt_tokens
+    report = progress or (lambda fraction, label: None)
     with torch_threads(1):
-        errors = [layer_errors(capture_qkv(model, w), m) for w in windows for m in methods.values()]
-        rows, nll = _decode_rows(model, windows, list(methods.values()), prompt, batched)
+        report(0.0, "Storing each window's K/V with every method (bytes, K/V and attention error)...")
+        captured = [capture_qkv(model, w) for w in windows]  # one forward per window, shared by every method
+        errors = [layer_errors(c, m) for c in captured for m in methods.values()]
+        rows, nll = _decode_rows(model, windows, list(methods.values()), prompt, batched,
+                                 lambda fraction, label: report(0.1 + 0.9 * fraction, f"Perplexity: {label}"))
     decode = pd.DataFrame(rows)
     by_layer = pd.concat(errors).groupby(["method", "layer"], sort=False).mean().reset_index()
     means = by_layer.groupby("method", sort=False)[["k_mse", "k_rel_err", "v_mse", "v_rel_err",
@@ -285,7 +310,8 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     base = summary.loc[summary["method"] == "fp16", "perplexity"]
     summary["ppl_vs_fp16"] = summary["perplexity"] / base.iloc[0] if len(base) else float("nan")
     summary = _with_noise(summary, nll, seed)
-    return QuantEval(summary, by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]), nll)
+    return QuantEval(summary, by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]), nll, time.time(),
+                     load_average())
 
 
 def _with_noise(summary: pd.DataFrame, nll: Mapping[str, torch.Tensor], seed: int = 0) -> pd.DataFrame:
@@ -308,7 +334,9 @@ def combine(first: QuantEval, second: QuantEval) -> QuantEval:
     summary = _with_noise(summary, nll)
     by_layer = pd.concat([first.by_layer, second.by_layer[second.by_layer["method"].isin(
         second.summary.loc[new, "method"])]], ignore_index=True)
-    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows, nll)
+    finite = [r for r in (first, second) if np.isfinite(r.measured_at)]
+    measured = (min(r.measured_at for r in finite), max(r.load_1min for r in finite)) if finite else (np.nan, np.nan)
+    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows, nll, *measured)
 
 
 def methods_table(methods: Mapping[str, QuantMethod] | None = None) -> pd.DataFrame:

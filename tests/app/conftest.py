@@ -14,6 +14,8 @@ from tests.conftest import ROOT
 # Pages keep heavy results on disk across server restarts (ui.disk_cache): tests start from an empty folder of their
 # own, so every run computes what it checks.
 os.environ["KVLAB_RESULTS_CACHE"] = tempfile.mkdtemp(prefix="kvlab-test-results-")
+# No background warm-up of the default views (ui.warmup): a test sees only the work of the page it opens.
+os.environ["KVLAB_WARMUP"] = "0"
 
 # torch and transformers import slowly on a 2-core machine; a page's first run may take a while.
 TIMEOUT = 180

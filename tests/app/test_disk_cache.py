@@ -16,7 +16,9 @@ from ui import disk_cache
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
     monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path / "results"))
-    return tmp_path / "results"
+    disk_cache.forget()
+    yield tmp_path / "results"
+    disk_cache.forget()
 
 
 @pytest.fixture
@@ -70,7 +72,11 @@ def test_a_result_is_computed_once_then_read_back(folder, project):
     compute, seen = Counter({"ppl": 1.5}), []
     first = disk_cache.computed("run", ("h2o", 32), ("kvcore.a",), "w1", compute, lambda f, label: seen.append(label))
     again = disk_cache.computed("run", ("h2o", 32), ("kvcore.a",), "w1", compute)
-    assert first == again == {"ppl": 1.5}
+    assert again is first  # from memory
+    disk_cache.forget()  # a restarted server: memory empty, the file stays
+    restarted = disk_cache.computed("run", ("h2o", 32), ("kvcore.a",), "w1", compute)
+    assert restarted == {"ppl": 1.5}
+    assert restarted is not first
     assert compute.calls == 1
     assert seen == ["half way"]
     assert len(list(folder.glob("run-*.pkl"))) == 1
@@ -94,10 +100,13 @@ def test_a_model_whose_weights_may_change_is_never_kept(folder):
     assert disk_cache.weights_key("gpt2") is None
     assert disk_cache.weights_key("/some/folder") is None
     compute = Counter()
-    disk_cache.computed("run", 1, ("kvcore.eviction.evaluate",), None, compute)
-    disk_cache.computed("run", 1, ("kvcore.eviction.evaluate",), None, compute)
+    disk_cache.computed("run", ("gpt2", 1), ("kvcore.eviction.evaluate",), None, compute)
+    disk_cache.computed("run", ("gpt2", 1), ("kvcore.eviction.evaluate",), None, compute)
+    assert compute.calls == 1  # kept in this process's memory
+    assert not folder.exists()  # never on disk
+    disk_cache.forget()
+    disk_cache.computed("run", ("gpt2", 1), ("kvcore.eviction.evaluate",), None, compute)
     assert compute.calls == 2
-    assert not folder.exists()
 
 
 def test_a_torn_file_is_recomputed_and_an_unwritable_folder_keeps_nothing(folder, project, monkeypatch):
@@ -105,12 +114,15 @@ def test_a_torn_file_is_recomputed_and_an_unwritable_folder_keeps_nothing(folder
     disk_cache.computed("run", 1, ("kvcore.a",), "w", compute)
     (path,) = folder.glob("run-*.pkl")
     path.write_bytes(b"\x80\x05 torn")
+    disk_cache.forget()
     assert disk_cache.computed("run", 1, ("kvcore.a",), "w", compute) == 42
     assert compute.calls == 2
     blocked = folder.parent / "blocked"
     blocked.write_text("a file where the folder should be")
     monkeypatch.setenv(disk_cache.CACHE_ENV, str(blocked / "results"))
+    disk_cache.forget()
     assert disk_cache.computed("run", 1, ("kvcore.a",), "w", compute) == 42  # no error, nothing kept
+    assert compute.calls == 3
 
 
 def test_the_folder_is_pruned_least_recently_used_first(folder):

@@ -1,0 +1,62 @@
+"""The background warm-up computes exactly what the heavy pages' default views need: after it, opening each
+default view runs no forward pass of the model (counted, not timed). It starts once per server, and never in these
+tests unless asked."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.app.conftest import assert_clean, open_page
+from ui import warm_defaults, warmup
+from ui.models import shared_model
+
+
+class Forwards:
+    """Counts forward passes of the shared bundled model's decoder."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.handle = shared_model().model.model.register_forward_hook(self._seen)
+
+    def _seen(self, *_) -> None:
+        self.count += 1
+
+    def __enter__(self) -> Forwards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def test_the_warm_up_starts_once_and_not_when_turned_off(monkeypatch):
+    ran = []
+    monkeypatch.setattr(warmup, "_run", lambda: ran.append(1))
+    monkeypatch.setenv(warmup.WARMUP_ENV, "0")
+    assert warmup.start() is None
+    monkeypatch.setenv(warmup.WARMUP_ENV, "1")
+    warmup._started.clear()
+    try:
+        first = warmup.start()
+        first.join(10)
+        assert warmup.start() is first
+        assert ran == [1]
+    finally:
+        warmup._started.clear()
+
+
+def test_a_failing_step_is_skipped_and_the_rest_still_run():
+    def broken() -> None:
+        raise OSError("no network")
+
+    assert warm_defaults.warm([("broken", broken), ("fine", lambda: None)]) == ["fine"]
+
+
+@pytest.mark.parametrize(("page", "step"), [("eviction", warm_defaults.warm_eviction),
+                                            ("live_model", warm_defaults.warm_live_model),
+                                            ("quantization", warm_defaults.warm_quantization)])
+def test_after_the_warm_up_a_default_view_runs_no_forward(page, step):
+    step()
+    with Forwards() as forwards:
+        at = open_page(page)
+    assert_clean(at)
+    assert forwards.count == 0

@@ -1,0 +1,69 @@
+"""What :mod:`ui.warmup` computes in the background: the heavy pages' default views, through the very functions
+those pages call with the settings of their default URL (so their caches, in memory and on disk, hold the results
+when a visitor opens them; nothing here changes a number). Work already on disk (:mod:`ui.disk_cache`) is only read
+back; a page asking for a result being computed here waits for it rather than computing it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from kvcore.eviction.evaluate import EvictionConfig, sample_text
+from kvcore.models.attention import AttentionPatterns
+from kvcore.quant import evaluate as qe
+from ui import eviction_runs, eviction_steps, live_runs, quant_runs
+from ui import step_figures as sf
+from ui.models import shared_model
+
+LIVE_DEFAULT = live_runs.LiveRequest.of("The import statement", 40, 0.0, 0, "full", 32, "original")
+log = logging.getLogger(__name__)
+
+
+def warm_eviction() -> None:
+    """The Eviction page's default sweep and its step player's frames at the first budget."""
+    config = EvictionConfig()
+    text = eviction_runs.EvictionText("bundled", sample_text(), config.max_tokens)
+    results = eviction_runs.sweep(text, config)
+    steps = len(results.tokens)
+    grid = tuple(sf.frame_steps(steps, steps - 1))
+    eviction_steps.step_view(text, tuple(config.runs()), min(config.budgets), grid, results)
+
+
+def warm_quantization() -> None:
+    """The Quantization page's default measurement of every method."""
+    quant_runs.measure(qe.QuantText())
+
+
+def warm_live_model() -> None:
+    """The Live model page's default generation, its full-cache twin, its timing and its step player's frames."""
+    shared = shared_model()
+    run = live_runs.generation(shared, LIVE_DEFAULT, stream=False)
+    live_runs.generation(shared, LIVE_DEFAULT.full, stream=False)
+    live_runs.step_timing(shared, LIVE_DEFAULT, run)
+    layer = min(1, shared.model.config.num_hidden_layers - 1)
+    attn = live_runs.attention(shared, LIVE_DEFAULT, run, layer, None)
+    thresholds = AttentionPatterns.for_length(len(run.ids), sink_ratio=5.0, heavy_fraction=0.05)
+    grid = tuple(sf.frame_steps(len(run.held), len(run.held) - 1))
+    live_runs.steps_view(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, run, attn)
+
+
+STEPS: list[tuple[str, Callable[[], object]]] = [
+    ("the bundled model", shared_model),
+    ("Eviction", warm_eviction),
+    ("Quantization", warm_quantization),
+    ("Live model", warm_live_model),
+]
+
+
+def warm(steps: list[tuple[str, Callable[[], object]]] | None = None) -> list[str]:
+    """Run each step in turn; a step that fails is logged and skipped (its page will say what is wrong). Returns
+    the steps done."""
+    done = []
+    for name, step in steps or STEPS:
+        try:
+            step()
+            done.append(name)
+        except Exception:  # a page shows its own errors; the warm-up only tries
+            log.warning("warming %s failed", name, exc_info=True)
+    return done
