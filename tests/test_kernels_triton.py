@@ -39,7 +39,7 @@ from kvcore.kernels import (
     quantized_paged_decode_attention,
 )
 from kvcore.kernels.native_paged import unsupported
-from kvcore.kernels.paged_triton import SplitPlan, kernels, paged_attention_triton, quantized_paged_attention_triton
+from kvcore.kernels.paged_triton import SplitPlan, kernels, paged_attention_triton
 from kvcore.paged.attention_check import DTYPES, contiguous_reference, make_paged_problem
 from kvcore.quant import QuantizedTensor
 
@@ -152,8 +152,7 @@ def run_case(case: Case, device: str) -> dict:
         public = paged_decode_attention if case.bits is None else quantized_paged_decode_attention
         out = public(*args, backend="triton")
     else:
-        direct = paged_attention_triton if case.bits is None else quantized_paged_attention_triton
-        out = direct(*args, scale=scale, split_tokens=case.split_tokens)
+        out = paged_attention_triton(*args, scale=scale, split_tokens=case.split_tokens)
     seconds = time.perf_counter() - start
     plan = SplitPlan.of(len(case.seq_lens), Hkv, max(case.seq_lens), torch.device(device), case.split_tokens)
     return {"name": case.name, "dtype": case.dtype, "seconds": seconds, "splits": plan.num_splits,

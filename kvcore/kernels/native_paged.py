@@ -163,15 +163,6 @@ class NativePlan:
         return out
 
 
-def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           plan: NativePlan, scale: float) -> torch.Tensor:
-    """Decode attention over fp32 pools with the C kernel; ``[B, Hq, D]`` in the query's dtype (valid inputs)."""
-    block_size, Hkv, D = key_cache.shape[1:]
-    sizes = (block_size, Hkv, query.shape[1] // Hkv, D)
-    out = plan.run("kvlab_decode_f32", (key_cache.data_ptr(), value_cache.data_ptr()), sizes, scale, query)
-    return out.to(query.dtype)
-
-
 @cache
 def plane_order(dim: int, bits: int) -> torch.Tensor:
     """Channel at each position of the kernel's plane order: bit field p of byte x is channel x * 8/bits + p."""
@@ -179,12 +170,18 @@ def plane_order(dim: int, bits: int) -> torch.Tensor:
     return torch.arange(dim).view(dim // per_byte, per_byte).t().reshape(-1).contiguous()  # [D] int64
 
 
-def quantized_attention_native(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
-                               plan: NativePlan, scale: float) -> torch.Tensor:
-    """Decode attention over quantized pools with the C kernel, codes unpacked in registers (KIVI-style folding)."""
+def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor | QuantizedTensor,
+                           value_cache: torch.Tensor | QuantizedTensor, plan: NativePlan, scale: float
+                           ) -> torch.Tensor:
+    """Decode attention with the C kernel over fp32 pools, or quantized ones whose codes it unpacks in
+    registers (KIVI-style folding of scales and zeros); ``[B, Hq, D]`` in the query's dtype (valid inputs)."""
     block_size, Hkv, D = key_cache.shape[1:]
+    sizes = (block_size, Hkv, query.shape[1] // Hkv, D)
+    if not isinstance(key_cache, QuantizedTensor):
+        pointers = (key_cache.data_ptr(), value_cache.data_ptr())
+        return plan.run("kvlab_decode_f32", pointers, sizes, scale, query).to(query.dtype)
     pointers = tuple(None if t is None else t.data_ptr() for c in (key_cache, value_cache)
                      for t in (c.codes, c.scales, c.zeros))
-    sizes = (block_size, Hkv, query.shape[1] // Hkv, D, key_cache.bits, key_cache.scales.shape[-1])
-    out = plan.run("kvlab_decode_quantized", pointers, sizes, scale, query, plane_order(D, key_cache.bits))
-    return out.to(query.dtype)
+    sizes += (key_cache.bits, key_cache.scales.shape[-1])
+    order = plane_order(D, key_cache.bits)
+    return plan.run("kvlab_decode_quantized", pointers, sizes, scale, query, order).to(query.dtype)

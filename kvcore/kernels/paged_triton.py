@@ -105,10 +105,10 @@ class Launch:
     constants: dict[str, int | bool]
 
     @classmethod
-    def of(cls, query: torch.Tensor, num_kv_heads: int, seq_lens: torch.Tensor, dot_f32: bool,
+    def of(cls, query: torch.Tensor, num_kv_heads: int, max_len: int, dot_f32: bool,
            split_tokens: int | None) -> Launch:
         B, Hq, D = query.shape
-        plan = SplitPlan.of(B, num_kv_heads, int(seq_lens.max()), query.device, split_tokens)
+        plan = SplitPlan.of(B, num_kv_heads, max_len, query.device, split_tokens)
         S = plan.num_splits
         group = Hq // num_kv_heads
         constants = {"G": group, "D": D, "BLOCK_G": max(16, triton_size(group)), "BLOCK_D": max(16, triton_size(D)),
@@ -163,58 +163,43 @@ def _tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, device: torch.de
     return tables, seq_lens.to(device=device, dtype=torch.int32).contiguous()
 
 
-def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           split_tokens: int | None = None) -> torch.Tensor:
-    """Paged decode attention with :func:`kvcore.kernels.triton_decode.paged_decode_kernel` (+ merge).
-
-    query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]`` (fp32/fp16/bf16, any
-    strides); block_tables int ``[B, max_blocks]``; seq_lens int ``[B]``; scale: softmax scale;
-    split_tokens: force the split length (None: :meth:`SplitPlan.of`). Inputs are assumed valid and
-    B >= 1. A 16-bit query over a pool of its own dtype uses 16-bit dot products with fp32 accumulation;
-    any other mix runs in fp32. Returns ``[B, Hq, D]`` in the query's dtype.
-    """
-    module = _require(key_cache.device)
-    device = key_cache.device
-    Hkv = key_cache.shape[2]
-    q = query.to(device).contiguous()  # [B, Hq, D]
-    tables, lens = _tables(block_tables, seq_lens, device)
-    dot_f32 = not (q.dtype == key_cache.dtype == value_cache.dtype != torch.float32) or f32_dots(module, q.dtype)
-    launch = Launch.of(q, Hkv, lens, dot_f32, split_tokens)
-    module.paged_decode_kernel[launch.grid(Hkv)](
-        launch.out, launch.part_o, launch.part_lse, q, key_cache, value_cache, tables, lens, scale,
-        *key_cache.stride(), *value_cache.stride(), tables.stride(0), key_cache.shape[1], *launch.sizes(),
-        **launch.constants, num_warps=NUM_WARPS)
-    return launch.finish(module, lens)
-
-
-def _contiguous(cache: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scales and zeros (scales again when symmetric) of a pool, contiguous (no copy when they are)."""
+def _pools(cache: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:
+    """A float pool as it is, or a quantized pool's codes, scales and zeros (scales again when symmetric)."""
+    if not isinstance(cache, QuantizedTensor):
+        return (cache,)
     zeros = cache.scales if cache.zeros is None else cache.zeros
     return cache.codes.contiguous(), cache.scales.contiguous(), zeros.contiguous()
 
 
-def quantized_paged_attention_triton(query: torch.Tensor, key_cache: QuantizedTensor, value_cache: QuantizedTensor,
-                                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                                     split_tokens: int | None = None) -> torch.Tensor:
-    """Paged decode attention over quantized pools, dequantized in registers (KIVI-style per-token layout).
+def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor | QuantizedTensor,
+                           value_cache: torch.Tensor | QuantizedTensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, max_len: int | None = None,
+                           split_tokens: int | None = None) -> torch.Tensor:
+    """Paged decode attention with the kernels of :mod:`kvcore.kernels.triton_decode` (+ the split merge).
 
-    key_cache/value_cache: :func:`kvcore.kernels.quantize_paged_cache` pools of
-    ``[num_blocks, block_size, Hkv, D]`` (2, 4 or 8 bits, same bits and groups); the rest as in
-    :func:`paged_attention_triton`. Dot products run in the query's dtype for a 16-bit query (fp32
-    accumulation), else in fp32. Returns ``[B, Hq, D]`` in the query's dtype.
+    query ``[B, Hq, D]``; key_cache/value_cache ``[num_blocks, block_size, Hkv, D]`` (fp32/fp16/bf16, any
+    strides), or :func:`kvcore.kernels.quantize_paged_cache` pools (2/4/8 bits, dequantized in registers,
+    KIVI's per-token layout); block_tables int ``[B, max_blocks]``; seq_lens int ``[B]``; scale: softmax
+    scale; max_len: the longest sequence (given, no host read of ``seq_lens``); split_tokens: force the split
+    length (None: :meth:`SplitPlan.of`). Inputs are assumed valid and B >= 1. A 16-bit query uses 16-bit dot
+    products with fp32 accumulation over a pool of its dtype (or a quantized pool); any other mix runs in
+    fp32. Returns ``[B, Hq, D]`` in the query's dtype.
     """
     module = _require(key_cache.device)
-    device = key_cache.device
-    Hkv = key_cache.shape[2]
+    device, Hkv, quantized = key_cache.device, key_cache.shape[2], isinstance(key_cache, QuantizedTensor)
     q = query.to(device).contiguous()  # [B, Hq, D]
     tables, lens = _tables(block_tables, seq_lens, device)
-    k_codes, k_scales, k_zeros = _contiguous(key_cache)  # [nb, bs, Hkv, D*bits/8], [nb, bs, Hkv, ng] x2
-    v_codes, v_scales, v_zeros = _contiguous(value_cache)
-    launch = Launch.of(q, Hkv, lens, q.dtype == torch.float32 or f32_dots(module, q.dtype), split_tokens)
-    module.quantized_paged_decode_kernel[launch.grid(Hkv)](
-        launch.out, launch.part_o, launch.part_lse, q, k_codes, k_scales, k_zeros, v_codes, v_scales, v_zeros,
-        tables, lens, scale, *k_codes.stride()[:3], *k_scales.stride()[:3], tables.stride(0), key_cache.shape[1],
-        *launch.sizes(), **launch.constants, BITS=key_cache.bits, GROUP=key_cache.group_size,
-        SYMMETRIC=key_cache.zeros is None, num_warps=NUM_WARPS)
+    same = quantized or q.dtype == key_cache.dtype == value_cache.dtype
+    dot_f32 = q.dtype == torch.float32 or not same or f32_dots(module, q.dtype)
+    launch = Launch.of(q, Hkv, int(lens.max()) if max_len is None else max_len, dot_f32, split_tokens)
+    keys, values = _pools(key_cache), _pools(value_cache)  # plain: the pool; quantized: codes, scales, zeros
+    if quantized:
+        strides = (*keys[0].stride()[:3], *keys[1].stride()[:3])  # codes; scales and zeros share theirs
+        kernel, extra = module.quantized_paged_decode_kernel, {
+            "BITS": key_cache.bits, "GROUP": key_cache.group_size, "SYMMETRIC": key_cache.zeros is None}
+    else:
+        strides, kernel, extra = (*key_cache.stride(), *value_cache.stride()), module.paged_decode_kernel, {}
+    kernel[launch.grid(Hkv)](launch.out, launch.part_o, launch.part_lse, q, *keys, *values, tables, lens, scale,
+                             *strides, tables.stride(0), key_cache.shape[1], *launch.sizes(), **launch.constants,
+                             **extra, num_warps=NUM_WARPS)
     return launch.finish(module, lens)
