@@ -16,7 +16,8 @@ from kvcore.eviction.hook import eviction_plan
 from kvcore.models.loader import bundled_text, load_model
 from kvcore.models.plan import FULL, run_step
 from kvcore.needle import NEEDLES, NeedleConfig, build_prompt, draw_needles, prompt_template, run_needle
-from kvcore.needle.compress import choose, evicted_cache, kept_share, quantized_cache
+from kvcore.needle.answer import _step, greedy_answers
+from kvcore.needle.compress import choose, kept_share, padded_cache, quantized_cache
 from kvcore.needle.lesson import FINE_LOST, WORSE_KEPT, agreement, join_perplexity
 from kvcore.needle.methods import method_named
 from kvcore.needle.prompt import SNAP_TOKENS, corpus_ids
@@ -187,17 +188,49 @@ def test_shared_prefill_keeps_what_each_policys_own_plan_keeps(bundled):
         assert kept_share(choice, prompt.span) == kept_share([s.positions for s in plan.hook.states], prompt.span)
 
 
-def test_batched_caches_answer_as_each_method_alone(bundled):
+def _alone(model, prefill, choice):
+    """The reference: one row holding exactly the kept tokens (nothing padded, no mask)."""
+    cache = FULL.new_cache(model)
+    for layer, (keys, values) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
+        cache.update(keys, values, layer)
+        cache.keep(layer, choice[layer])
+    return cache
+
+
+def test_padded_rows_answer_as_each_method_alone(bundled):
     model, tokenizer = bundled
     prompt = _prompt(tokenizer, 160, 0.7)
-    prefill, full = read_prefill(model, prompt.context, True)
-    kept = choose(prefill, POLICIES[:3], [40] * 3)
+    prefill, _ = read_prefill(model, prompt.context, True)
+    kept = choose(prefill, POLICIES[:3], [40, 25, 60])
+    rows = [None, *kept]  # the full cache and three budgets in one batch
     with torch.inference_mode():
-        together = run_step(model, evicted_cache(model, prefill, kept), prompt.tail.expand(3, -1))[:, -1]
-        for row, choice in enumerate(kept):
-            alone = run_step(model, evicted_cache(model, prefill, [choice]), prompt.tail)[0, -1]
-            assert torch.allclose(together[row], alone, atol=1e-4)
-        methods = [METHODS["kivi-2"], METHODS["int4-token"]]
+        cache, readable = padded_cache(model, prefill, rows)
+        assert readable.sum(dim=1).tolist() == [prefill.num_tokens, 40, 25, 60]
+        together, readable = _step(model, cache, prompt.tail.expand(4, -1), FULL, readable)
+        picked = together.argmax(dim=-1)
+        after, _ = _step(model, cache, picked[:, None], FULL, readable)  # the mask grows with every token fed
+        for row, choice in enumerate(rows):
+            alone = FULL.new_cache(model) if choice is None else _alone(model, prefill, choice)
+            if choice is None:
+                run_step(model, alone, prompt.context)
+            first = run_step(model, alone, prompt.tail)[0, -1]
+            assert torch.allclose(together[row], first, atol=1e-4), row
+            second = run_step(model, alone, picked[row].view(1, 1))[0, -1]
+            assert torch.allclose(after[row], second, atol=1e-4), row
+        values = [prompt.value] * 4
+        cache, readable = padded_cache(model, prefill, rows)
+        batched = greedy_answers(model, tokenizer, cache, prompt.tail, values, 6, readable=readable)
+        for row, choice in enumerate(rows[1:], start=1):
+            assert batched[row] == greedy_answers(model, tokenizer, _alone(model, prefill, choice), prompt.tail,
+                                                  values[:1], 6)[0]
+
+
+def test_quantized_rows_store_the_prompt_as_each_methods_own_plan(bundled):
+    model, tokenizer = bundled
+    prompt = _prompt(tokenizer, 160, 0.7)
+    prefill, _ = read_prefill(model, prompt.context, False)
+    methods = [METHODS["kivi-2"], METHODS["int4-token"]]
+    with torch.inference_mode():
         quantized, held = quantized_cache(model, prefill, methods)
         together = run_step(model, quantized, prompt.tail.expand(2, -1))[:, -1]
         for row, method in enumerate(methods):
@@ -206,8 +239,6 @@ def test_batched_caches_answer_as_each_method_alone(bundled):
             run_step(model, own, prompt.context, plan)  # the plan reads the context itself
             assert own.nbytes == held[row]
             assert torch.allclose(together[row], run_step(model, own, prompt.tail, plan)[0, -1], atol=1e-4)
-        whole = run_step(model, FULL.new_cache(model), torch.cat([prompt.context, prompt.tail], 1))[0, -1]
-        assert torch.allclose(run_step(model, full, prompt.tail)[0, -1], whole, atol=1e-4)  # the full cache, as read
 
 
 # --- SmolLM2: the full cache retrieves, a window that cannot hold the needle does not --------------------------------

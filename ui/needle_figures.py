@@ -53,7 +53,7 @@ def retrieval_heatmaps(cells: pd.DataFrame, budget) -> go.Figure:
     cols = min(PER_ROW, len(methods))
     rows = math.ceil(len(methods) / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=methods, shared_yaxes=True,
-                        horizontal_spacing=0.03, vertical_spacing=0.18 / rows)
+                        horizontal_spacing=0.03, vertical_spacing=0.3 / rows)
     for i, method in enumerate(methods):
         part = shown[shown["method"] == method]
         grid = part.pivot_table(index="depth", columns="length", values="retrieved", sort=True)
@@ -66,7 +66,9 @@ def retrieval_heatmaps(cells: pd.DataFrame, budget) -> go.Figure:
             text=[[f"{int(k)}/{n}" for k in row] for row in counts.to_numpy()], texttemplate="%{text}",
             hovertemplate=f"{method}<br>%{{x}} tokens, needle at %{{y}}<br>%{{text}} retrieved<extra></extra>"),
             row=i // cols + 1, col=i % cols + 1)
-        fig.update_xaxes(title_text="haystack tokens", type="category", row=i // cols + 1, col=i % cols + 1)
+        bottom = i + cols >= len(methods)  # the last heatmap of its column: the axis title goes under it
+        fig.update_xaxes(title_text="haystack tokens" if bottom else None, type="category", row=i // cols + 1,
+                         col=i % cols + 1)
     fig.update_yaxes(autorange="reversed", type="category")
     for r in range(rows):
         fig.update_yaxes(title_text="needle depth", row=r + 1, col=1)
@@ -89,8 +91,8 @@ def retrieval_rates(summary: pd.DataFrame, budget) -> go.Figure:
                       "haystacks<br>%{customdata[2]}<extra></extra>"))
     fig.add_vrect(x0=full["retrieved_low"], x1=full["retrieved_high"], fillcolor="#000000", opacity=0.07, line_width=0)
     fig.update_xaxes(range=[-0.03, 1.03])
-    return figures.style(fig, f"Share of needles retrieved, 95% interval (budget {_budget_text(budget)}; shaded: "
-                              "full cache)", x="share retrieved", y=None, legend=False)
+    return figures.style(fig, f"Needles retrieved, 95% interval (budget {_budget_text(budget)})",
+                         x="share retrieved (shaded: the full cache's interval)", y=None, legend=False)
 
 
 def bytes_held(summary: pd.DataFrame, budget) -> go.Figure:
@@ -101,25 +103,27 @@ def bytes_held(summary: pd.DataFrame, budget) -> go.Figure:
 
 
 def perplexity_vs_retrieval(joined: pd.DataFrame) -> go.Figure:
-    """Perplexity over the full cache's (x, 95% CI) against the share of needles retrieved (y, 95% CI), one point per
-    method and budget; red: fine on perplexity (surely under the tolerance) yet losing the needle."""
+    """Perplexity over the full cache's (x, log, 95% CI) against the share of needles retrieved (y, 95% CI), one
+    point per method and budget; a diamond: fine on perplexity (surely under the tolerance), yet losing the needle."""
     shown = joined[joined["ppl_vs_full"].notna()]
-    labels = [f"{m}" + ("" if b is None or b != b else f" @ {_budget_text(b)}")
-              for m, b in zip(shown["method"], shown["budget"], strict=True)]
-    colors = ["#D55E00" if a == FINE_LOST else "#000000" if a == BASELINE else GREY for a in shown["agreement"]]
-    fig = go.Figure(go.Scatter(
-        x=shown["ppl_vs_full"], y=shown["retrieved"], mode="markers+text", text=labels, textposition="top center",
-        marker={"size": 10, "color": colors},
-        error_x={"type": "data", "symmetric": False, "array": shown["ppl_vs_full_high"] - shown["ppl_vs_full"],
-                 "arrayminus": shown["ppl_vs_full"] - shown["ppl_vs_full_low"], "thickness": 1.2, "width": 4},
-        error_y={"type": "data", "symmetric": False, "array": shown["retrieved_high"] - shown["retrieved"],
-                 "arrayminus": shown["retrieved"] - shown["retrieved_low"], "thickness": 1.2, "width": 4},
-        customdata=shown[["agreement"]], hovertemplate="%{text}<br>perplexity x%{x:.3f}, retrieved %{y:.2f}<br>"
-                                                       "%{customdata[0]}<extra></extra>"))
+    fig = go.Figure()
+    for i, row in enumerate(shown.itertuples()):
+        name = row.method + ("" if row.budget is None or row.budget != row.budget else f" @ {_budget_text(row.budget)}")
+        fig.add_trace(go.Scatter(
+            x=[row.ppl_vs_full], y=[row.retrieved], mode="markers", name=name,
+            marker={"size": 12 if row.agreement == FINE_LOST else 9, "color": figures.PALETTE[i % len(figures.PALETTE)],
+                    "symbol": "diamond" if row.agreement == FINE_LOST else "circle"},
+            error_x={"type": "data", "symmetric": False, "array": [row.ppl_vs_full_high - row.ppl_vs_full],
+                     "arrayminus": [row.ppl_vs_full - row.ppl_vs_full_low], "thickness": 1.2, "width": 4},
+            error_y={"type": "data", "symmetric": False, "array": [row.retrieved_high - row.retrieved],
+                     "arrayminus": [row.retrieved - row.retrieved_low], "thickness": 1.2, "width": 4},
+            hovertemplate=f"{name}<br>perplexity x%{{x:.3f}}, retrieved %{{y:.2f}}<br>{row.agreement}<extra></extra>"))
     figures.vline(fig, 1 + PPL_TOLERANCE, f"+{PPL_TOLERANCE:.0%}")
-    fig.update_yaxes(range=[-0.08, 1.12])
-    return figures.style(fig, "Perplexity vs retrieval (each with its 95% interval)", x="perplexity / full cache",
-                         y="share of needles retrieved", legend=False)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(range=[-0.08, 1.08])
+    return figures.style(fig, "Perplexity vs retrieval (each with its 95% interval; diamond: perplexity fine, needle "
+                              "lost)", x="perplexity / full cache (log)", y="share of needles retrieved",
+                         legend="right", height=420)
 
 
 def _widgets() -> tuple[str, dict]:
@@ -132,7 +136,7 @@ def _widgets() -> tuple[str, dict]:
     budgets = params.widget(right.multiselect, "Budgets (share of the context kept)", key="nd_budgets",
                             options=SHARES, default=[0.25])
     left, mid, right = st.columns(3)
-    lengths = params.widget(left.multiselect, "Haystack tokens", key="nd_lengths", options=LENGTHS, default=[256, 512])
+    lengths = params.widget(left.multiselect, "Haystack tokens", key="nd_lengths", options=LENGTHS, default=[128, 256])
     depths = params.widget(mid.multiselect, "Needle depths (share of the haystack)", key="nd_depths", options=DEPTHS,
                            default=[0.1, 0.5, 0.9])
     needles = params.widget(right.selectbox, "Needles per cell", key="nd_needles", options=[1, 2, 3, 4], index=1)

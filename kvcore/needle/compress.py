@@ -6,8 +6,10 @@ made from it: an eviction policy keeps its choice of tokens per layer and KV hea
 :func:`~kvcore.eviction.runner.run_prefill`'s hook keeps: the policy observes the attention of the prompt's
 queries, recomputed from them, then keeps its top ``k``), a quantizer stores the same keys and values (a
 quantized layer lets the pass that writes tokens read them exactly, so the prompt's own forward is the full
-cache's). Methods that hold the same number of tokens share one batched cache, one row each, so their answers
-decode together.
+cache's). The full cache and the eviction policies share one batched cache, one row each, every row padded to
+the batch's longest with the padding hidden by an attention mask, so their answers decode together (a one-token
+step of a small model costs about the same for one row as for ten: it reads the weights once); the quantizers
+share another.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcore.eviction import TOVA, EvictionPolicy, EvictionState, SnapKV, causal_attention, group_attention
+from kvcore.eviction import TOVA, EvictionPolicy, EvictionState, SnapKV, causal_attention, gather_kv, group_attention
 from kvcore.models.cache import LabCache
 from kvcore.models.plan import FULL
 from kvcore.quant.hf_cache import nbytes_per_row, quantized_plan
@@ -87,15 +89,27 @@ def kept_share(kept: Sequence[torch.Tensor], span: tuple[int, int]) -> float:
     return float(torch.stack(inside).mean()) / (stop - start)
 
 
-def evicted_cache(model, prefill: Prefill, rows: Sequence[Sequence[torch.Tensor]]) -> LabCache:
-    """A cache with one batch row per choice: row ``i`` holds, in layer ``l``, the tokens ``rows[i][l]``
-    ``[1, Hkv, k]`` (every row the same ``k``) at their original positions."""
+def padded_cache(model, prefill: Prefill, rows: Sequence[Sequence[torch.Tensor] | None]
+                 ) -> tuple[LabCache, torch.Tensor]:
+    """A cache with one batch row per choice, and which of its ``T`` entries each row may read ``[B, T]``.
+
+    Row ``i`` holds, at the front of layer ``l``, the tokens ``rows[i][l]`` ``[1, Hkv, k_i]`` (None: every token
+    of the prompt), padded to the prompt's ``T`` entries; the padding is never read (pass the mask to every step:
+    :func:`~kvcore.needle.answer.greedy_answers`). Kept keys carry their rotation and the next token goes at
+    position ``T``, so every row continues at the original positions.
+    """
+    B, T = len(rows), prefill.num_tokens
+    sizes = torch.tensor([T if row is None else row[0].shape[-1] for row in rows])
+    readable = torch.arange(T)[None, :] < sizes[:, None]  # [B, T]
     cache = FULL.new_cache(model)
-    B = len(rows)
     for layer, (keys, values) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
-        cache.update(keys.expand(B, -1, -1, -1), values.expand(B, -1, -1, -1), layer)
-        cache.keep(layer, torch.cat([row[layer] for row in rows], dim=0))  # [B, Hkv, k]
-    return cache
+        K, V = keys.new_zeros(B, *keys.shape[1:]), values.new_zeros(B, *values.shape[1:])  # [B, Hkv, T, D]
+        for i, row in enumerate(rows):
+            k = int(sizes[i])
+            K[i, :, :k] = keys[0] if row is None else gather_kv(keys, row[layer])[0]  # [Hkv, k, D]
+            V[i, :, :k] = values[0] if row is None else gather_kv(values, row[layer])[0]
+        cache.update(K, V, layer)
+    return cache, readable.to(prefill.keys[0].device)
 
 
 def quantized_cache(model, prefill: Prefill, methods: Sequence[QuantMethod]) -> tuple[LabCache, list[int]]:

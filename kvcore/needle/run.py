@@ -25,7 +25,7 @@ from kvcore.models.loader import bundled_text
 from kvcore.models.plan import FULL, CachePlan, run_step
 from kvcore.models.runtime import max_positions, model_device
 from kvcore.needle.answer import greedy_answers, retrieved
-from kvcore.needle.compress import Prefill, choose, evicted_cache, kept_share, quantized_cache
+from kvcore.needle.compress import Prefill, choose, kept_share, padded_cache, quantized_cache
 from kvcore.needle.config import NeedleConfig
 from kvcore.needle.methods import NeedleMethod
 from kvcore.needle.needles import draw_needles
@@ -34,7 +34,7 @@ from kvcore.needle.tables import HAYSTACK, cell_table, summary_table
 from kvcore.quant.hf_cache import quantized_plan
 
 Progress = Callable[[int, int, str], None]
-BATCH_BYTES = 512 * 2**20  # a batched cache (one row per method) holds at most about this much; more rows split
+BATCH_BYTES = 512 * 2**20  # a batched cache (one row per method) holds about this much at most; more rows split
 
 
 @dataclass(slots=True)
@@ -46,11 +46,6 @@ class NeedleResults:
     table: pd.DataFrame
     summary: pd.DataFrame
     config: NeedleConfig
-
-
-def _batches(members: list[int], row_bytes: float) -> list[list[int]]:
-    size = max(1, int(BATCH_BYTES // max(1.0, row_bytes)))
-    return [members[i:i + size] for i in range(0, len(members), size)]
 
 
 def _row(method: NeedleMethod, budget: Any, kept: int, answer: str, prompt: NeedlePrompt,
@@ -74,35 +69,45 @@ def read_prefill(model, context: torch.Tensor, queries: bool) -> tuple[Prefill, 
                    list(capture.queries) if queries else None, cache.nbytes), cache
 
 
+def _packed(sizes: list[int], token_bytes: float) -> list[list[int]]:
+    """Rows in batches, largest first: a batch pads every row to its largest, and holds at most about
+    :data:`BATCH_BYTES`."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * sizes[batches[-1][0]] * token_bytes <= BATCH_BYTES:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def prefill_rows(model, tokenizer, prompt: NeedlePrompt, config: NeedleConfig) -> list[dict[str, Any]]:
     """Every method on one prompt in prefill mode, from one read of its context (see the module doc)."""
     methods = config.resolved()
     T = prompt.context.shape[1]
     evicting = [(m, b, m.policy(config.seed)) for m in methods if m.budgeted for b in config.budgets]
     quantizers = [m for m in methods if m.kind == "quant"]
-    prefill, full_cache = read_prefill(model, prompt.context, any(p.needs_attention for *_, p in evicting))
+    prefill, _ = read_prefill(model, prompt.context, any(p.needs_attention for *_, p in evicting))
     kept = choose(prefill, [p for *_, p in evicting], [m.kept(b, T) for m, b, _ in evicting])
+    rows = [(methods[0], None, None)] + [(m, b, choice) for (m, b, _), choice in zip(evicting, kept, strict=True)]
+    sizes = [T if choice is None else choice[0].shape[-1] for *_, choice in rows]
+    token_bytes = prefill.nbytes / T
     out: list[dict[str, Any]] = []
-    by_size: dict[int, list[int]] = {}
-    for i, choice in enumerate(kept):
-        by_size.setdefault(choice[0].shape[-1], []).append(i)
-    for k, members in by_size.items():
-        for batch in _batches(members, prefill.nbytes * k / T):
-            cache = evicted_cache(model, prefill, [kept[i] for i in batch])
-            held = cache.nbytes // len(batch)
-            answers = greedy_answers(model, tokenizer, cache, prompt.tail, [prompt.value] * len(batch),
-                                     config.max_new_tokens)
-            for i, answer in zip(batch, answers, strict=True):
-                method, budget, _ = evicting[i]
-                out.append(_row(method, budget, k, answer, prompt, kept[i], held, prefill.nbytes))
-    for batch in _batches(list(range(len(quantizers))), 2 * prefill.nbytes):  # codes + a dequantized view
+    for batch in _packed([T] * len(rows), token_bytes):  # every row padded to the prompt
+        cache, readable = padded_cache(model, prefill, [rows[i][2] for i in batch])
+        answers = greedy_answers(model, tokenizer, cache, prompt.tail, [prompt.value] * len(batch),
+                                 config.max_new_tokens, readable=readable)
+        for i, answer in zip(batch, answers, strict=True):
+            method, budget, choice = rows[i]
+            out.append(_row(method, budget, sizes[i], answer, prompt, choice, round(token_bytes * sizes[i]),
+                            prefill.nbytes))
+    for batch in _packed([2 * T] * len(quantizers), token_bytes):  # codes + a dequantized view
         cache, held = quantized_cache(model, prefill, [quantizers[i].quantizer() for i in batch])
         answers = greedy_answers(model, tokenizer, cache, prompt.tail, [prompt.value] * len(batch),
                                  config.max_new_tokens)
         for i, answer, nbytes in zip(batch, answers, held, strict=True):
             out.append(_row(quantizers[i], None, T, answer, prompt, None, nbytes, prefill.nbytes))
-    answer = greedy_answers(model, tokenizer, full_cache, prompt.tail, [prompt.value], config.max_new_tokens)[0]
-    out.append(_row(methods[0], None, T, answer, prompt, None, prefill.nbytes, prefill.nbytes))
     return out
 
 
