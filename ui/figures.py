@@ -40,8 +40,9 @@ def style(fig: go.Figure, title: str | None = None, *, x: str | None = None, y: 
     entries), "bottom" (rows under the x-axis title) or False (none).
     The margins are sized to hold the title (wrapped at ``TITLE_CHARS``), the legend rows and subplot titles, so none
     of them overlap; a y-axis title longer than its axis wraps; a log axis gets labelled ticks at powers of ten or
-    1-2-5 steps (Plotly's own labels a short log axis at minor ticks, "2 5" for 200k and 500k). Call it after the
-    traces are added: the legend room and the ticks are measured from them.
+    1-2-5 steps (Plotly's own labels a short log axis at minor ticks, "2 5" for 200k and 500k), and a log y-axis runs
+    from the tick below its data to the tick above, so both ends are labelled. Call it after the traces are added:
+    the legend room and the ticks are measured from them.
     """
     side = "top" if legend is True else legend or None
     lines = (title.split("<br>") if "<br>" in title else textwrap.wrap(title, TITLE_CHARS)) if title else []
@@ -83,8 +84,9 @@ def style(fig: go.Figure, title: str | None = None, *, x: str | None = None, y: 
         if fig.layout[name].type == "log" and (positive := values[values > 0]).size:
             ticks = log_ticks(float(positive.min()), float(positive.max()))
             fig.layout[name].update(tickmode="array", tickvals=ticks, ticktext=[tick_text(t) for t in ticks])
-            if fig.layout[name].range is None and fig.layout[name].autorange is None:
-                # from the tick below the data to the tick above it, so both ends of the axis are labelled
+            if name.startswith("y") and fig.layout[name].range is None and fig.layout[name].autorange is None:
+                # from the tick below the data to the tick above it, so both ends of the axis are labelled (a
+                # y-axis only: an x-axis from tick to tick puts its first label on the y-axis' last one)
                 fig.layout[name].update(range=[math.log10(ticks[0]), math.log10(ticks[-1])])
     return fig
 
@@ -126,50 +128,70 @@ LOG_MANTISSAS = ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8),
                  (1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9))
 
 
-LABEL_SPOTS = ("top center", "bottom center", "middle right", "middle left", "top right", "top left",
-               "bottom right", "bottom left")
+LABEL_DIRECTIONS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, 1), (1, -1), (-1, -1))  # above first
+LABEL_RINGS = (0, 16, 32, 56)  # px of leader line between a marker and a label moved away from a crowd
 LABEL_CHAR_EM, LABEL_GAP_PX = 0.6, 4  # a label character's width in font sizes; room between marker and label
+LABEL_PAD_PX = 3  # room kept around a placed label
 
 
-def label_box(x_px: float, y_px: float, text: str, spot: str, font_px: float = 11, marker_px: float = 11
-              ) -> tuple[float, float, float, float]:
-    """The box (left, bottom, right, top, in px with y up) that Plotly's ``textposition=spot`` gives ``text`` beside
-    a marker at (``x_px``, ``y_px``)."""
+def label_size(text: str, font_px: float = 11) -> tuple[float, float]:
+    """(width, height) in px of a label of ``text`` (lines split at "<br>") in a ``font_px`` font."""
     lines = text.split("<br>")
-    width = max(len(line) for line in lines) * LABEL_CHAR_EM * font_px
-    height = 1.25 * font_px * len(lines)
-    off = marker_px / 2 + LABEL_GAP_PX / 2
-    vertical, horizontal = spot.split()
-    left = {"center": x_px - width / 2, "right": x_px + off, "left": x_px - off - width}[horizontal]
-    bottom = {"middle": y_px - height / 2, "top": y_px + off, "bottom": y_px - off - height}[vertical]
-    return left, bottom, left + width, bottom + height
+    return max(len(line) for line in lines) * LABEL_CHAR_EM * font_px, 1.25 * font_px * len(lines)
+
+
+def label_box(x_px: float, y_px: float, text: str, offset: tuple[float, float], font_px: float = 11
+              ) -> tuple[float, float, float, float]:
+    """The box (left, bottom, right, top, in px with y up) of a label centred ``offset`` px from (``x_px``,
+    ``y_px``)."""
+    width, height = label_size(text, font_px)
+    cx, cy = x_px + offset[0], y_px + offset[1]
+    return cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
+def _offsets(text: str, marker_px: float, font_px: float) -> list[tuple[float, float]]:
+    """Where a label may go around its marker, nearest first: beside it, then ever further out (with a leader)."""
+    width, height = label_size(text, font_px)
+    near = marker_px / 2 + LABEL_GAP_PX / 2
+    return [(dx * (near + ring + width / 2), dy * (near + ring + height / 2))
+            for ring in LABEL_RINGS for dx, dy in LABEL_DIRECTIONS]
+
+
 def place_labels(points: Sequence[tuple[float, float]], texts: Sequence[str], size_px: tuple[float, float],
-                 font_px: float = 11, marker_px: float = 11) -> list[str]:
-    """A ``textposition`` per point so that no label covers another label or a marker, as far as the plot allows.
+                 font_px: float = 11, marker_px: float | Sequence[float] = 11,
+                 whiskers: Sequence[tuple[float, float]] | None = None) -> list[tuple[float, float] | None]:
+    """Where to put each point's label so that none covers another label, a marker or an error bar: an offset
+    (dx, dy) in px (y up) of the label's centre from its point, None for a point without a label.
 
     points: (x, y) of every marker in axis fractions (0-1 across the plot area), labelled or not; texts: the label
-    of each point ("" for none); size_px: the plot area's (width, height). Labels are placed one by one, left to
-    right, each at the first of :data:`LABEL_SPOTS` that is clear and inside the plot, else where it covers least.
+    of each point ("" for none); size_px: the plot area's (width, height); marker_px: the markers' size (one for
+    all, or one each); whiskers: each point's error bar as (low, high) y fractions. Labels are placed one by one,
+    left to right, each at the nearest clear place inside the plot (beside its marker, else further out, to be
+    joined by a leader line), or where it covers least.
     """
     width, height = size_px
     px = [(x * width, y * height) for x, y in points]
-    half = marker_px / 2
-    taken = [(x - half, y - half, x + half, y + half) for x, y in px]
-    spots = ["top center"] * len(points)
+    sizes = [float(marker_px)] * len(points) if isinstance(marker_px, int | float) else [float(m) for m in marker_px]
+    taken = [(x - m / 2, y - m / 2, x + m / 2, y + m / 2) for (x, y), m in zip(px, sizes, strict=True)]
+    if whiskers is not None:
+        taken += [(x - 3, lo * height, x + 3, hi * height) for (x, _), (lo, hi) in zip(px, whiskers, strict=True)]
+    offsets: list[tuple[float, float] | None] = [None] * len(points)
     for i in sorted((i for i, t in enumerate(texts) if t), key=lambda i: px[i]):
-        def cost(spot: str, i: int = i) -> float:
-            box = label_box(*px[i], texts[i], spot, font_px, marker_px)
+        own = (i, len(points) + i) if whiskers is not None else (i,)  # its own marker and error bar
+
+        def cost(offset: tuple[float, float], i: int = i, own: tuple[int, ...] = own) -> float:
+            box = label_box(*px[i], texts[i], offset, font_px)
             outside = (box[0] < 0) + (box[2] > width) + (box[1] < 0) + (box[3] > height)
-            return sum(_overlap(box, other) for j, other in enumerate(taken) if j != i) + 1e6 * outside
-        spots[i] = min(LABEL_SPOTS, key=cost)  # min keeps the first of equal costs: the clear spot listed first
-        taken.append(label_box(*px[i], texts[i], spots[i], font_px, marker_px))
-    return spots
+            return sum(_overlap(box, other) for j, other in enumerate(taken) if j not in own) + 1e6 * outside
+
+        offsets[i] = min(_offsets(texts[i], sizes[i], font_px), key=cost)  # the first of equal costs: the nearest
+        left, bottom, right, top = label_box(*px[i], texts[i], offsets[i], font_px)
+        taken.append((left - LABEL_PAD_PX, bottom - LABEL_PAD_PX, right + LABEL_PAD_PX, top + LABEL_PAD_PX))
+    return offsets
 
 
 def axis_values(fig: go.Figure) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import streamlit as st
 
 from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE
 from kvcore.quant.evaluate import QuantEval
-from ui.figures import PALETTE, heatmap, line_chart, place_labels, style
+from ui.figures import PALETTE, heatmap, label_size, line_chart, place_labels, style
 from ui.format import signed_pct
 
 TABS = ["Memory vs perplexity", "K/V magnitudes", "Error by layer", "Generated text", "Results"]
@@ -84,7 +84,7 @@ def layer_errors(by_layer: pd.DataFrame, method: str) -> go.Figure:
                       x_title="layer", y_title="||x̂ - x|| / ||x||")
 
 
-PARETO_HEIGHT, PARETO_MARGIN = 500, {"l": 60, "r": 150, "t": 60, "b": 50}
+PARETO_HEIGHT = 500
 PARETO_WIDTH = 940  # the main column at a 1400 px browser: the labels are placed for this width
 
 
@@ -101,19 +101,15 @@ def pareto(summary: pd.DataFrame, highlight: str | None = None, ceiling: float =
     """Bytes vs perplexity / fp16 perplexity with each ratio's interval, one marker per method coloured by family.
 
     The noise-aware Pareto front (:func:`kvcore.quant.evaluate.noisy_pareto_front`) is joined by a line; names
-    are written next to front points, fp16 and the highlighted method (hover shows every name and interval), each
-    on the side of its marker where it covers no other name or marker (:func:`ui.figures.place_labels`). A method
+    are written for front points, fp16 and the highlighted method (hover shows every name and interval), each
+    where it covers no other name, marker or error bar: beside its marker, or out of a crowd with a leader line
+    (:func:`ui.figures.place_labels`). A method
     within noise of fp16 is drawn hollow. Ratios above ``ceiling`` are drawn as triangles on the top edge,
     labelled with their value, so the methods that matter keep the vertical resolution.
     """
     low = float(min(summary["ppl_vs_fp16_low"].min(), 1.0))
     x_range, y_range = (0.0, 1.08), (low - 0.02, ceiling + 0.05)
     labels = pareto_labels(summary, highlight, ceiling)
-    points = [((x - x_range[0]) / (x_range[1] - x_range[0]), (y - y_range[0]) / (y_range[1] - y_range[0]))
-              for x, y in zip(summary["bytes_ratio"], summary["ppl_vs_fp16"].clip(upper=ceiling), strict=True)]
-    plot_px = (PARETO_WIDTH - PARETO_MARGIN["l"] - PARETO_MARGIN["r"],
-               PARETO_HEIGHT - PARETO_MARGIN["t"] - PARETO_MARGIN["b"])
-    spots = pd.Series(place_labels(points, list(labels), plot_px, marker_px=14), index=summary.index)
     fig = go.Figure()
     for i, (family, part) in enumerate(summary.groupby("family", sort=False)):
         above = part["ppl_vs_fp16"] > ceiling
@@ -121,8 +117,7 @@ def pareto(summary: pd.DataFrame, highlight: str | None = None, ceiling: float =
         y = part["ppl_vs_fp16"].clip(upper=ceiling)
         color = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(
-            x=part["bytes_ratio"], y=y, mode="markers+text", name=str(family), text=list(labels[part.index]),
-            textposition=list(spots[part.index]), textfont={"size": 11},
+            x=part["bytes_ratio"], y=y, mode="markers", name=str(family),
             error_y={"type": "data", "symmetric": False, "thickness": 1.2, "width": 3, "color": color,
                      "array": (part["ppl_vs_fp16_high"] - part["ppl_vs_fp16"]).where(~above, 0),
                      "arrayminus": (part["ppl_vs_fp16"] - part["ppl_vs_fp16_low"]).where(~above, 0)},
@@ -149,6 +144,31 @@ def pareto(summary: pd.DataFrame, highlight: str | None = None, ceiling: float =
     fig.update_xaxes(range=list(x_range))
     fig.update_yaxes(range=list(y_range))
     style(fig, "Memory vs perplexity (lower left is better; hollow: within noise)",
-          x="KV bytes / fp16 bytes", y="perplexity / fp16 perplexity", height=PARETO_HEIGHT)
-    return fig.update_layout(margin=PARETO_MARGIN, legend={"orientation": "v", "x": 1.02, "xanchor": "left",
-                                                           "y": 1.0, "yanchor": "top", "yref": "paper"})
+          x="KV bytes / fp16 bytes", y="perplexity / fp16 perplexity", height=PARETO_HEIGHT, legend="right")
+    _place_names(fig, summary, labels, highlight, ceiling)
+    return fig
+
+
+def _place_names(fig: go.Figure, summary: pd.DataFrame, labels: pd.Series, highlight: str | None,
+                 ceiling: float) -> None:
+    """Write each method's name where it covers no other name, marker or error bar, in the plot area the styled
+    figure leaves (:func:`ui.figures.place_labels`): beside its marker, or further out with a grey leader line."""
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    margin = fig.layout.margin
+    plot_px = (PARETO_WIDTH - margin.l - margin.r, PARETO_HEIGHT - margin.t - margin.b)
+    above = summary["ppl_vs_fp16"] > ceiling
+    y = summary["ppl_vs_fp16"].clip(upper=ceiling)
+    points = [((a - x0) / (x1 - x0), (b - y0) / (y1 - y0)) for a, b in zip(summary["bytes_ratio"], y, strict=True)]
+    ends = [(((b if up else lo) - y0) / (y1 - y0), ((b if up else hi) - y0) / (y1 - y0)) for lo, hi, b, up in
+            zip(summary["ppl_vs_fp16_low"], summary["ppl_vs_fp16_high"], y, above, strict=True)]
+    sizes = [26 if m == highlight else 12 for m in summary["method"]]  # the chosen method's ring is wider
+    offsets = place_labels(points, list(labels), plot_px, marker_px=sizes, whiskers=ends)
+    for (x, yy, text, size), offset in zip(zip(summary["bytes_ratio"], y, labels, sizes, strict=True), offsets,
+                                          strict=True):
+        if offset is None:
+            continue
+        width, height = label_size(text)
+        far = abs(offset[0]) > width / 2 + size / 2 + 4 or abs(offset[1]) > height / 2 + size / 2 + 4
+        fig.add_annotation(x=x, y=yy, xref="x", yref="y", text=text, ax=offset[0], ay=-offset[1], showarrow=True,
+                           arrowhead=0, arrowwidth=1, standoff=size / 2,
+                           arrowcolor="#999999" if far else "rgba(0,0,0,0)", font={"size": 11})

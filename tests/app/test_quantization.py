@@ -135,17 +135,18 @@ def decode(value):
     return list(decode_array(value))
 
 
-def label_boxes(points_px, texts, spots, font=11.0, marker=14.0):
-    """Each label's box in px (y up), estimated apart from the placer: 0.62 em a character, 1.3 em a line."""
+def label_boxes(fig, width: float, height: float, font: float = 11.0):
+    """Each name's box in px (y up) from the figure's annotations, estimated apart from the placer: 0.62 em a
+    character, 1.3 em a line, centred at the point plus the annotation's offset (ax, ay; ay grows downwards)."""
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
     boxes = []
-    for (x, y), text, spot in zip(points_px, texts, spots, strict=True):
-        if not text:
+    for a in fig.layout.annotations:
+        if a.xref != "x":
             continue
-        w, h, off = 0.62 * font * len(text), 1.3 * font, marker / 2 + 1
-        vertical, horizontal = spot.split()
-        left = {"center": x - w / 2, "right": x + off, "left": x - off - w}[horizontal]
-        bottom = {"middle": y - h / 2, "top": y + off, "bottom": y - off - h}[vertical]
-        boxes.append((text, left, bottom, left + w, bottom + h))
+        cx = (a.x - x0) / (x1 - x0) * width + (a.ax or 0)
+        cy = (a.y - y0) / (y1 - y0) * height - (a.ay or 0)
+        w, h = 0.62 * font * len(a.text), 1.3 * font
+        boxes.append((a.text, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
     return boxes
 
 
@@ -153,35 +154,34 @@ def test_pareto_labels_do_not_cover_each_other():
     # int2-channel, kivi-2 and int3-token (all labelled: front, chosen, front) sat on top of each other
     import pandas as pd
 
-    from ui.quant_figures import PARETO_MARGIN, PARETO_WIDTH, pareto
+    from ui.quant_figures import PARETO_WIDTH, pareto
 
     rows = [("fp16", "baseline", 1.0, 1.0, "baseline", True), ("int2-channel", "per-channel", 0.1875, 1.037,
             "worse", True), ("kivi-2", "KIVI", 0.289, 1.027, "worse", False),
             ("int3-token", "per-token", 0.25, 1.02, "worse", True), ("int4-token", "per-token", 0.3125, 1.012,
-                                                                       "worse", True)]
+                                                                       "worse", True),
+            ("int4-group", "grouped", 0.25, 1.045, "worse", False), ("outliers", "outliers", 0.32, 1.04, "worse",
+                                                                        False)]
     summary = pd.DataFrame(rows, columns=["method", "family", "bytes_ratio", "ppl_vs_fp16", "vs_fp16", "pareto"])
     summary["ppl_vs_fp16_low"], summary["ppl_vs_fp16_high"] = summary["ppl_vs_fp16"] - 0.01, summary["ppl_vs_fp16"]
     summary["perplexity"] = 10 * summary["ppl_vs_fp16"]
     fig = pareto(summary, "kivi-2")
     (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
-    width = PARETO_WIDTH - PARETO_MARGIN["l"] - PARETO_MARGIN["r"]
+    width = PARETO_WIDTH - fig.layout.margin.l - fig.layout.margin.r
     height = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
-    texts, spots, points = [], [], []
-    for trace in fig.data:
-        if trace.mode != "markers+text":
-            continue
-        texts += list(trace.text)
-        spots += list(trace.textposition)
-        points += [((x - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height) for x, y in
-                   zip(trace.x, trace.y, strict=True)]
-    boxes = label_boxes(points, texts, spots)
+    boxes = label_boxes(fig, width, height)
     assert {b[0] for b in boxes} == {"fp16", "int2-channel", "kivi-2", "int3-token", "int4-token"}
+    markers = [((x - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height)
+               for x, y in zip(summary["bytes_ratio"], summary["ppl_vs_fp16"], strict=True)]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             apart = a[3] <= b[1] or b[3] <= a[1] or a[4] <= b[2] or b[4] <= a[2]
             assert apart, (a, b)
-        for x, y in points:  # a label covers no marker
+        for x, y in markers:  # a name covers no marker
             assert not (a[1] < x < a[3] and a[2] < y < a[4]), (a, x, y)
+        assert min(a[1], a[2]) >= 0, a  # inside the plot
+        assert a[3] <= width, a
+        assert a[4] <= height, a
 
 
 def test_a_change_near_zero_never_reads_minus_zero():
