@@ -28,7 +28,7 @@ from kvcore.eviction.runner import RunResult
 from kvcore.models.loader import model_name
 from kvcore.models.runtime import text_ids
 from ui import disk_cache
-from ui.models import shared_model
+from ui.models import SharedModel, shared_model
 from ui.progress import Progress, progress_bar
 
 RUN_TTL_S = 900
@@ -61,9 +61,18 @@ def reference_claims(source: EvictionText) -> list[dict[str, Any]]:
     return model_claims(reference(source))
 
 
-def measure_run(source: EvictionText, spec: RunSpec, progress: Progress | None = None) -> RunResult:
-    """One policy at one budget on the text, all but its step times: from disk, or measured now and kept."""
+def measure_run(source: EvictionText, spec: RunSpec, progress: Progress | None = None,
+                model: SharedModel | None = None) -> RunResult:
+    """One policy at one budget on the text, all but its step times: from disk, or measured now and kept.
+
+    model: a private copy of the source's model to measure with (the background warm-up's, so it never holds the
+    shared model's lock for long); by default the shared one. Either gives the same numbers.
+    """
     def compute(report: Progress) -> RunResult:
+        if model is not None:
+            with model.lock:
+                ids = text_ids(model.model, model.tokenizer, source.text, source.max_tokens)
+                return spec.measure(model.model, reference_pass(model.model, ids))
         shared = shared_model(source.model)
         with shared.lock:
             return spec.measure(shared.model, reference(source))

@@ -1,8 +1,9 @@
 """The Eviction page's step player: a sweep step by step at one budget, computed once, each step a view of it.
 
-The player's frames (every few steps, evenly spaced: :func:`ui.step_figures.frame_steps`) are computed once per
-sweep and budget and cached, and a step off that grid is computed once too (one step of the detector). The
-section is a Streamlit fragment, so moving its step slider reruns only this section: no sweep, no other figure.
+The player's frames (every few steps, evenly spaced: :func:`ui.step_figures.frame_steps`) are computed and drawn
+once per sweep and budget and cached; a step off that grid is computed once too (one step of the detector) and
+joins them. The section is a Streamlit fragment, so moving its step slider reruns only this section: no sweep, no
+other figure, no frame rebuilt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ui import step_figures as sf
 from ui.eviction_runs import EvictionText
 from ui.guard import user_errors
 
+TITLE = "Full-cache attention and what each policy kept"
 CAPTION = ("Bars: the full cache's attention from the step's query (layers and heads averaged), on each step's own "
            "scale. Rows: the share of layers and KV heads in which each policy let that query read each token "
            "(grey = evicted). Triangles: sinks; diamonds: heavy hitters, by the detector over the attention so far. "
@@ -30,6 +32,14 @@ def step_view(source: EvictionText, specs: tuple[RunSpec, ...], budget: int, ste
     return eviction_steps(_results, budget, steps)
 
 
+@st.cache_resource(max_entries=16, show_spinner=False)
+def player(source: EvictionText, specs: tuple[RunSpec, ...], budget: int, steps: tuple[int, ...],
+           _view: StepView) -> dict:
+    """The player over ``_view`` (steps ``steps`` of that sweep), built once (:func:`ui.step_figures.player_base`);
+    never changed: each step is a view of it."""
+    return sf.player_base(_view, TITLE)
+
+
 @st.fragment
 def show_step_player(source: EvictionText, config: EvictionConfig, results: EvictionResults, budget: int) -> None:
     """The section: its step slider (bound to the URL), the player opening on that step, its caption."""
@@ -39,9 +49,7 @@ def show_step_player(source: EvictionText, config: EvictionConfig, results: Evic
                          value=steps - 1)
     specs, grid = tuple(config.runs()), tuple(sf.frame_steps(steps, steps - 1))
     with user_errors("Step view"):
-        view = step_view(source, specs, budget, grid, results)
-        if step not in grid:
-            view = sf.with_steps(view, step_view(source, specs, budget, (step,), results))
-    start = view.steps["step"].tolist().index(step)
-    figures.show(sf.step_player(view, start, "Full-cache attention and what each policy kept"), key="steps")
+        base = player(source, specs, budget, grid, step_view(source, specs, budget, grid, results))
+        extra = None if step in grid else step_view(source, specs, budget, (step,), results)
+    figures.show(sf.player_at(base, step, extra, TITLE), key="steps")
     st.caption(CAPTION)

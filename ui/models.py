@@ -46,6 +46,13 @@ def _loaded() -> _Loaded:
     return _Loaded()
 
 
+def private_model(name: str | None = None) -> SharedModel:
+    """A copy of a model of its own (loaded again, never shared): for background work that must not hold the
+    shared copy's lock while pages wait for it. No progress bar: nobody waits for it."""
+    key = model_name(name)
+    return SharedModel(key, *load_model(None if key == BUNDLED else key))
+
+
 def shared_model(name: str | None = None) -> SharedModel:
     """The bundled model (``None``, "" or "bundled") or one other model (SmolLM2, a Hub name, a folder), loaded
     once under a progress bar.

@@ -21,7 +21,7 @@ from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, CustomSettings, method_named
 from kvcore.quant.model_kv import CapturedKV
 from ui import disk_cache
-from ui.models import BUNDLED, shared_model
+from ui.models import BUNDLED, SharedModel, shared_model
 from ui.progress import progress_bar
 
 
@@ -41,13 +41,15 @@ def captured(text: qe.QuantText) -> CapturedKV:
 MODULES = ("kvcore.quant.evaluate",)  # what a measurement executes (their import closure keys the disk cache)
 
 
-def measure(text: qe.QuantText, custom: CustomSettings | None = None) -> qe.QuantEval:
+def measure(text: qe.QuantText, custom: CustomSettings | None = None,
+            model: SharedModel | None = None) -> qe.QuantEval:
     """Every registered method measured (``custom`` None), or fp16 and the custom method: from memory, from disk,
-    or decoded now under a progress bar."""
+    or decoded now under a progress bar. model: a private copy of the bundled model to decode with (the background
+    warm-up's, so it never holds the shared model's lock for long); by default the shared one."""
     methods = METHODS if custom is None else {"fp16": METHODS["fp16"], "custom": custom.method()}
 
     def compute(progress) -> qe.QuantEval:
-        shared = shared_model()
+        shared = model or shared_model()
         with shared.lock:
             return qe.evaluate(shared.model, text.ids(shared.tokenizer), methods, progress=progress)
 

@@ -12,6 +12,7 @@ own attention scale, so both follow the step being shown while it plays.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,8 @@ def _pool(row: np.ndarray, step: int, how: str) -> np.ndarray:
     padded = np.full(n, np.nan)
     padded[:len(row)] = row
     blocks = padded.reshape(-1, step)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # an all-NaN block (keys after the query) pools to NaN, as it should
+        warnings.simplefilter("ignore", RuntimeWarning)
         pooled = np.nansum(blocks, axis=1) if how == "sum" else np.nanmean(blocks, axis=1)
     return np.where(np.isnan(blocks).all(axis=1), np.nan, pooled)
 
@@ -54,28 +56,6 @@ def frame_steps(num_steps: int, start: int, max_frames: int = MAX_FRAMES) -> lis
     step, and ``start``."""
     stride = frame_stride(num_steps, max_frames)
     return sorted({*range(0, num_steps, stride), num_steps - 1, min(max(0, start), num_steps - 1)})
-
-
-def take_steps(view: StepView, rows: list[int]) -> StepView:
-    """The view's ``rows`` only, in that order (what a figure draws; the whole run is computed once)."""
-    return StepView(view.steps.iloc[rows].reset_index(drop=True), view.attention[rows],
-                    {k: v[rows] for k, v in view.held.items()}, {k: v[rows] for k, v in view.compressed.items()},
-                    [view.sinks[r] for r in rows], [view.heavy[r] for r in rows], view.tokens)
-
-
-def with_steps(view: StepView, more: StepView) -> StepView:
-    """Both views' steps in one, ordered by step (a step in both is taken once, from ``view``)."""
-    have = set(view.steps["step"].tolist())
-    extra = [r for r, s in enumerate(more.steps["step"].tolist()) if s not in have]
-    if not extra:
-        return view
-    more = take_steps(more, extra)
-    both = StepView(pd.concat([view.steps, more.steps], ignore_index=True),
-                    np.concatenate([view.attention, more.attention]),
-                    {k: np.concatenate([v, more.held[k]]) for k, v in view.held.items()},
-                    {k: np.concatenate([v, more.compressed[k]]) for k, v in view.compressed.items()},
-                    view.sinks + more.sinks, view.heavy + more.heavy, view.tokens)
-    return take_steps(both, np.argsort(both.steps["step"].to_numpy(), kind="stable").tolist())
 
 
 def _bar_colors(held: np.ndarray | None, compressed: np.ndarray | None) -> list[str] | str:
@@ -153,46 +133,121 @@ def _y_range(view: StepView, s: int, pool: int) -> list[float]:
     return [0.0, _top(_pool(view.attention[s], pool, "sum")) * 1.3]
 
 
+def _rows(view: StepView) -> list[tuple[str, np.ndarray]]:
+    rows = [(f"{name} held", held) for name, held in view.held.items()]
+    return rows + [(f"{name} compressed", comp) for name, comp in view.compressed.items() if np.nansum(comp) > 0]
+
+
+def _geometry(view: StepView) -> tuple[int, np.ndarray]:
+    width = view.attention.shape[1]
+    pool = max(1, math.ceil(width / MAX_COLUMNS))
+    return pool, np.arange(0, width, pool)
+
+
+def _frame(view: StepView, s: int, title: str, colored: str | None, rows: list[tuple[str, np.ndarray]]) -> go.Frame:
+    """Row ``s`` of ``view`` as an animation frame named after its step, with its own title line and scale."""
+    pool, x = _geometry(view)
+    return go.Frame(name=str(int(view.steps.iloc[s].step)), data=_frame_data(view, s, pool, x, rows, colored,
+                                                                              full=False),
+                    traces=[0, 1, 2, 3], layout={"title": {"text": _title(view, s, title)},
+                                                 "yaxis": {"range": _y_range(view, s, pool)}})
+
+
 def step_player(view: StepView, start: int, title: str, colored: str | None = None) -> go.Figure:
     """The animated step view, opening on step ``start`` (a row of ``view``), which ▶ plays from.
 
-    colored: the cache whose holdings colour the attention bars (held / partly held / evicted / compressed);
-    None leaves them plain (several caches are compared in the rows below).
+    Frames are named after their step. colored: the cache whose holdings colour the attention bars (held / partly
+    held / evicted / compressed); None leaves them plain (several caches are compared in the rows below).
     """
     start = min(max(0, start), view.num_steps - 1)
-    width = view.attention.shape[1]
-    pool = max(1, math.ceil(width / MAX_COLUMNS))
-    x = np.arange(0, width, pool)
-    rows = [(f"{name} held", held) for name, held in view.held.items()]
-    rows += [(f"{name} compressed", comp) for name, comp in view.compressed.items() if np.nansum(comp) > 0]
+    pool, x = _geometry(view)
+    rows = _rows(view)
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.05)
     shown = frame_steps(view.num_steps, start)
     for trace, row in zip(_frame_data(view, start, pool, x, rows, colored), (1, 1, 1, 2), strict=True):
         fig.add_trace(trace, row=row, col=1)
-    fig.frames = [go.Frame(name=str(s), data=_frame_data(view, s, pool, x, rows, colored, full=False),
-                           traces=[0, 1, 2, 3], layout={"title": {"text": _title(view, s, title)},
-                                                        "yaxis": {"range": _y_range(view, s, pool)}})
-                  for s in shown]
-    play = {"frame": {"duration": 400, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}}
-    pause = {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}
+    fig.frames = [_frame(view, s, title, colored, rows) for s in shown]
+    names = [str(int(view.steps.iloc[s].step)) for s in shown]
     jump = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}
-    from_start = [str(s) for s in shown[shown.index(start):]]  # ▶ plays from the opening step on
     fig.update_layout(
         updatemenus=[{"type": "buttons", "direction": "left", "x": 0.0, "y": -0.16, "xanchor": "left",
                       "yanchor": "top", "showactive": False,
-                      "buttons": [{"label": "▶ Play", "method": "animate", "args": [from_start, play]},
-                                  {"label": "❚❚ Pause", "method": "animate", "args": [[None], pause]}]}],
+                      "buttons": [{"label": "▶ Play", "method": "animate", "args": [names[shown.index(start):], PLAY]},
+                                  {"label": "❚❚ Pause", "method": "animate", "args": [[None], PAUSE]}]}],
         sliders=[{"active": shown.index(start), "x": 0.2, "y": -0.1, "len": 0.8,
                   "currentvalue": {"prefix": "step ", "xanchor": "right"},
-                  "steps": [{"label": str(int(view.steps.iloc[s].step)), "method": "animate",
-                             "args": [[str(s)], jump]} for s in shown]}])
+                  "steps": [{"label": name, "method": "animate", "args": [[name], jump]} for name in names]}])
     style(fig, _title(view, start, title), height=600)
     fig.update_layout(margin={"b": 130})
     fig.update_yaxes(title_text="attention (each step's own scale)", range=_y_range(view, start, pool), row=1,
                      col=1)
     fig.update_xaxes(title_text="key position" + (f" (blocks of {pool})" if pool > 1 else ""), row=2, col=1)
-    fig.update_xaxes(range=[-0.5 * pool, width - 0.5 * pool])
+    fig.update_xaxes(range=[-0.5 * pool, width_of(view) - 0.5 * pool])
     return fig
+
+
+PLAY = {"frame": {"duration": 400, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}}
+PAUSE = {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}
+
+
+def width_of(view: StepView) -> int:
+    """Key positions the view spans."""
+    return view.attention.shape[1]
+
+
+class PlayerFigure(go.Figure):
+    """A step player already built and validated once, as a dict: Streamlit serializes a ``go.Figure`` as it is
+    (a dict it would validate again, which for dozens of frames takes most of a second)."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        self._spec = spec
+
+    def to_dict(self) -> dict:
+        return self._spec
+
+    def to_plotly_json(self) -> dict:
+        return self._spec
+
+
+def player_base(view: StepView, title: str, colored: str | None = None) -> dict:
+    """The player over every row of ``view`` (its frames), built and validated once, for :func:`player_at`."""
+    return step_player(view, view.num_steps - 1, title, colored).to_dict()
+
+
+def player_at(base: dict, step: int, extra: StepView | None = None, title: str = "",
+              colored: str | None = None) -> PlayerFigure:
+    """``base`` (:func:`player_base`) opening on ``step``, which ▶ plays from: a view of the built figure, no
+    frame rebuilt. A step that is not among the base's frames comes from ``extra`` (a view holding it) and joins
+    them in order."""
+    frames = list(base["frames"])
+    names = [f["name"] for f in frames]
+    slider = dict(base["layout"]["sliders"][0])
+    steps = list(slider["steps"])
+    if str(step) not in names:
+        if extra is None:
+            raise ValueError(f"step {step} is not among the player's frames; pass a view that holds it")
+        row = extra.steps["step"].tolist().index(step)
+        labels = [y for y in base["data"][3]["y"]]
+        rows = [(label, (extra.held if label.endswith(" held") else extra.compressed)[label.rsplit(" ", 1)[0]])
+                for label in labels]
+        at = int(np.searchsorted(np.array([int(n) for n in names]), step))
+        frames.insert(at, go.Figure(frames=[_frame(extra, row, title, colored, rows)]).to_dict()["frames"][0])
+        names.insert(at, str(step))
+        steps.insert(at, {"label": str(step), "method": "animate",
+                          "args": [[str(step)], {"frame": {"duration": 0, "redraw": True}, "mode": "immediate"}]})
+    index = names.index(str(step))
+    frame = frames[index]
+    data = [{**trace, **{k: v for k, v in part.items() if k != "type"}}
+            for trace, part in zip(base["data"], frame["data"], strict=True)]
+    layout = dict(base["layout"])
+    layout["title"] = {**layout["title"], "text": frame["layout"]["title"]["text"]}
+    layout["yaxis"] = {**layout["yaxis"], "range": frame["layout"]["yaxis"]["range"]}
+    layout["sliders"] = [{**slider, "active": index, "steps": steps}]
+    menu = dict(layout["updatemenus"][0])
+    menu["buttons"] = [{**menu["buttons"][0], "args": [names[index:], PLAY]}, *menu["buttons"][1:]]
+    layout["updatemenus"] = [menu]
+    return PlayerFigure({**base, "data": data, "layout": layout, "frames": frames})
 
 
 def _few(positions: str, shown: int = 4) -> str:

@@ -14,25 +14,30 @@ from kvcore.models.attention import AttentionPatterns
 from kvcore.quant import evaluate as qe
 from ui import eviction_runs, eviction_steps, live_runs, quant_runs
 from ui import step_figures as sf
-from ui.models import shared_model
+from ui.models import SharedModel, private_model, shared_model
 
 LIVE_DEFAULT = live_runs.LiveRequest.of("The import statement", 40, 0.0, 0, "full", 32, "original")
 log = logging.getLogger(__name__)
 
 
-def warm_eviction() -> None:
-    """The Eviction page's default sweep and its step player's frames at the first budget."""
+def warm_eviction(model: SharedModel | None = None) -> None:
+    """The Eviction page's default sweep and its step player's frames at the first budget. model: a private copy to
+    measure the runs with first (kept on disk), so the shared model is held only to time them."""
     config = EvictionConfig()
     text = eviction_runs.EvictionText("bundled", sample_text(), config.max_tokens)
+    if model is not None:
+        for spec in config.runs():
+            eviction_runs.measure_run(text, spec, model=model)
     results = eviction_runs.sweep(text, config)
     steps = len(results.tokens)
     grid = tuple(sf.frame_steps(steps, steps - 1))
     eviction_steps.step_view(text, tuple(config.runs()), min(config.budgets), grid, results)
 
 
-def warm_quantization() -> None:
-    """The Quantization page's default measurement of every method."""
-    quant_runs.measure(qe.QuantText())
+def warm_quantization(model: SharedModel | None = None) -> None:
+    """The Quantization page's default measurement of every method (decoded with ``model``, a private copy, when
+    given: the longest work of the warm-up never holds the shared model's lock)."""
+    quant_runs.measure(qe.QuantText(), model=model)
 
 
 def warm_live_model() -> None:
@@ -48,19 +53,24 @@ def warm_live_model() -> None:
     live_runs.steps_view(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, run, attn)
 
 
-STEPS: list[tuple[str, Callable[[], object]]] = [
-    ("the bundled model", shared_model),
-    ("Eviction", warm_eviction),
-    ("Quantization", warm_quantization),
-    ("Live model", warm_live_model),
-]
+def default_steps() -> list[tuple[str, Callable[[], object]]]:
+    """The warm-up's steps, quickest to pay off first; the long measurements use a private copy of the model."""
+    private: list[SharedModel] = []
+
+    def copy() -> SharedModel:
+        if not private:
+            private.append(private_model())
+        return private[0]
+
+    return [("the bundled model", shared_model), ("Eviction", lambda: warm_eviction(copy())),
+            ("Live model", warm_live_model), ("Quantization", lambda: warm_quantization(copy()))]
 
 
 def warm(steps: list[tuple[str, Callable[[], object]]] | None = None) -> list[str]:
     """Run each step in turn; a step that fails is logged and skipped (its page will say what is wrong). Returns
     the steps done."""
     done = []
-    for name, step in steps or STEPS:
+    for name, step in steps or default_steps():
         try:
             step()
             done.append(name)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tests.app.conftest import assert_clean, open_page
-from ui import warm_defaults, warmup
-from ui.models import shared_model
+from ui import disk_cache, warm_defaults, warmup
+from ui.models import private_model, shared_model
 
 
 class Forwards:
@@ -44,6 +44,11 @@ def test_the_warm_up_starts_once_and_not_when_turned_off(monkeypatch):
         warmup._started.clear()
 
 
+def test_the_default_steps_warm_the_model_then_the_quick_pages_then_quantization():
+    assert [name for name, _ in warm_defaults.default_steps()] == ["the bundled model", "Eviction", "Live model",
+                                                                    "Quantization"]
+
+
 def test_a_failing_step_is_skipped_and_the_rest_still_run():
     def broken() -> None:
         raise OSError("no network")
@@ -51,12 +56,27 @@ def test_a_failing_step_is_skipped_and_the_rest_still_run():
     assert warm_defaults.warm([("broken", broken), ("fine", lambda: None)]) == ["fine"]
 
 
-@pytest.mark.parametrize(("page", "step"), [("eviction", warm_defaults.warm_eviction),
-                                            ("live_model", warm_defaults.warm_live_model),
-                                            ("quantization", warm_defaults.warm_quantization)])
-def test_after_the_warm_up_a_default_view_runs_no_forward(page, step):
-    step()
+@pytest.fixture(scope="module")
+def private():
+    return private_model()
+
+
+@pytest.mark.parametrize("page", ["eviction", "live_model", "quantization"])
+def test_after_the_warm_up_a_default_view_runs_no_forward(page, private):
+    steps = {"eviction": lambda: warm_defaults.warm_eviction(private), "live_model": warm_defaults.warm_live_model,
+             "quantization": lambda: warm_defaults.warm_quantization(private)}
+    steps[page]()
     with Forwards() as forwards:
         at = open_page(page)
     assert_clean(at)
     assert forwards.count == 0
+
+
+def test_the_long_measurements_run_on_a_private_copy_and_keep_the_shared_model_free(private, tmp_path, monkeypatch):
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path))
+    disk_cache.forget()
+    with Forwards() as shared_forwards:
+        warm_defaults.warm_quantization(private)
+    assert shared_forwards.count == 0
+    assert private is not shared_model()
+    assert private.model is not shared_model().model
