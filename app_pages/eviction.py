@@ -64,7 +64,8 @@ with user_errors("Settings"):
     results = sweep(text, config)
 table = results.table
 
-st.caption(f"{POSITIONS[positions]} {len(results.tokens)} tokens fed; the full cache holds "
+st.caption(f"{POSITIONS[positions]} {len(results.tokens) + 1} tokens streamed: the first {len(results.tokens)} fed "
+           f"through the cache, each predicting the next; the full cache holds "
            f"{bytes_str(table['kv_bytes_full'].iloc[0])}.")
 st.caption(eviction_figures.KVPRESS_NOTE)
 eviction_figures.show_verdicts(results.verdicts)

@@ -4,8 +4,8 @@ import streamlit as st
 
 from kvcore import paged
 from kvcore.device import get_device
-from kvcore.paged.attention_check import AttentionCheckConfig, check_summary
 from kvcore.paged import stepper, views
+from kvcore.paged.attention_check import AttentionCheckConfig, check_summary
 from kvcore.shapes import PRESETS
 from ui import figures, paged_figures, params, tables
 from ui.format import bytes_str

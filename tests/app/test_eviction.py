@@ -171,3 +171,12 @@ def test_an_empty_model_value_shares_the_bundled_models_cached_runs():
 
     assert EvictionText("", "t", 32) == EvictionText(" bundled ", "t", 32) == EvictionText("bundled", "t", 32)
     assert EvictionText(" gpt2", "t", 32).model == "gpt2"
+
+
+@needs_bundled
+def test_the_caption_counts_the_tokens_the_slider_streams(page):
+    # "Tokens streamed 64" beside "63 tokens fed": one number, said as the slider says it, and what was fed
+    at = page("eviction", SMALL)
+    streamed = at.slider(key="ntok").value
+    caption = next(c.value for c in at.caption if "tokens streamed" in c.value)
+    assert f"{streamed} tokens streamed: the first {streamed - 1} fed through the cache" in caption
