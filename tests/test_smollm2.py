@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import threading
 import zipfile
@@ -245,3 +246,16 @@ def test_the_engine_serves_smollm2_token_for_token_as_generate(smollm2, caching,
         assert engine.stats.prefix_cache_hit_tokens > 0
     else:
         assert engine.stats.preemptions > 0
+
+
+def test_streaming_llm_beats_a_sliding_window_on_smollm2_through_the_command_line(smollm2, capsys):
+    """StreamingLLM's two claims, tested as a user would: the bundled model cannot show them, SmolLM2 does."""
+    from kvcore.cli import main
+
+    argv = ["eviction", "--model", "smollm2-135m", "--policies", "sliding_window", "streaming_llm", "--budgets", "32",
+            "--max-tokens", "192", "--positions", "rerotate"]
+    assert main(argv) == 0
+    verdicts = [line for line in capsys.readouterr().out.splitlines() if "(Xiao et al. 2023)" in line]
+    assert len(verdicts) == 2
+    assert all(line.startswith("HOLDS: StreamingLLM") for line in verdicts), verdicts
+    assert re.search(r"sinks at \[0[,\]]", verdicts[0])  # token 0 first among the sinks
