@@ -104,6 +104,9 @@ PRESETS: dict[str, ModelShape] = {
         ModelShape("qwen2.5-7b", 28, 28, 4, 128, 7_615_616_512, 3584, 18944, 152064, 131072,
                    _hf("Qwen/Qwen2.5-7B")),
         ModelShape("falcon-7b", 32, 71, 1, 64, 6_921_720_704, 4544, 18176, 65024, 2048, _hf("tiiuae/falcon-7b")),
+        # the lab's offline real model (kvcore.models.load_model("smollm2-135m")): GQA, 9 query heads per 3 KV heads
+        ModelShape("smollm2-135m", 30, 9, 3, 64, 134_515_008, 576, 1536, 49152, 8192,
+                   _hf("HuggingFaceTB/SmolLM2-135M-Instruct")),
     )
 }
 

@@ -26,6 +26,10 @@ def test_llama_family_param_counts_follow_from_their_configs(name):
     assert PRESETS[name].num_params == llama_params(PRESETS[name])
 
 
+def test_smollm2_tied_embeddings_param_count():
+    assert PRESETS["smollm2-135m"].num_params == llama_params(PRESETS["smollm2-135m"], tied=True) == 134_515_008
+
+
 def test_qwen_param_count_includes_qkv_bias():
     assert PRESETS["qwen2.5-7b"].num_params == llama_params(PRESETS["qwen2.5-7b"], qkv_bias=True)
 

@@ -259,3 +259,21 @@ def test_streaming_llm_beats_a_sliding_window_on_smollm2_through_the_command_lin
     assert len(verdicts) == 2
     assert all(line.startswith("HOLDS: StreamingLLM") for line in verdicts), verdicts
     assert re.search(r"sinks at \[0[,\]]", verdicts[0])  # token 0 first among the sinks
+
+
+def test_the_preset_is_the_loaded_model_and_its_cache_holds_what_kv_bytes_says(smollm2):
+    """A real GQA model next to its MHA equivalent: 3 KV heads hold a third of what 9 would."""
+    from kvcore.models.loader import model_shape
+    from kvcore.shapes import PRESETS, kv_bytes
+    from kvcore.tensors import tensor_bytes
+
+    model, tokenizer = smollm2
+    preset, loaded = PRESETS["smollm2-135m"], model_shape(model)
+    fields = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "num_params", "hidden_size", "vocab_size")
+    assert [getattr(preset, f) for f in fields] == [getattr(loaded, f) for f in fields]
+    ids = torch.tensor([tokenizer(loader.bundled_text(max_chars=800))["input_ids"][:100]])
+    with torch.inference_mode():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    held = sum(tensor_bytes(layer.keys, layer.values) for layer in cache.layers)
+    assert held == kv_bytes(preset, 100, bits=32)  # float32 weights and cache
+    assert kv_bytes(preset.with_kv_heads(9), 100) == 3 * kv_bytes(preset, 100)
