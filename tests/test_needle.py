@@ -11,15 +11,20 @@ import pytest
 import torch
 
 from kvcore.cli import build_parser, main
-from kvcore.eviction import H2O, TOVA, RandomEviction, SlidingWindow, SnapKV, StreamingLLM
+from kvcore.eviction import H2O, TOVA, FullCache, RandomEviction, SlidingWindow, SnapKV, StreamingLLM
+from kvcore.eviction.evaluate import sample_text
 from kvcore.eviction.hook import eviction_plan
+from kvcore.eviction.reference import reference_pass
+from kvcore.eviction.runner import run_policy
 from kvcore.models.loader import bundled_text, load_model
 from kvcore.models.plan import FULL, run_step
+from kvcore.models.runtime import text_ids
 from kvcore.needle import NEEDLES, NeedleConfig, build_prompt, draw_needles, prompt_template, run_needle
 from kvcore.needle.answer import _step, greedy_answers
 from kvcore.needle.compress import choose, kept_share, padded_cache, quantized_cache
 from kvcore.needle.lesson import FINE_LOST, WORSE_KEPT, agreement, join_perplexity
 from kvcore.needle.methods import method_named
+from kvcore.needle.perplexity import prefill_perplexity
 from kvcore.needle.prompt import SNAP_TOKENS, corpus_ids
 from kvcore.needle.run import read_prefill
 from kvcore.needle.tables import LOSES, summary_table, wilson_interval
@@ -363,3 +368,22 @@ def test_decode_mode_streams_the_context_through_a_cache_held_at_the_budget(bund
     assert decode.loc[("evict:sliding_window", 1.0), "needle_kept"] > 0.0
     assert decode.loc[("quant:int8-token", 0.0), "kv_bytes"] < decode.loc[("full", 0.0), "kv_bytes"]
     assert decode.loc[("full", 0.0), "answer"] == prefill.loc[("full", 0.0), "answer"]  # the same full cache
+
+
+def test_prefill_perplexity_is_what_the_eviction_runner_measures(bundled):
+    model, tokenizer = bundled
+    config = NeedleConfig(methods=("snapkv", "h2o", "streaming_llm", "kvpress:snapkv", "quant:int8-token"),
+                          budgets=(0.25, 12))
+    ids = text_ids(model, tokenizer, sample_text(), 96)
+    table = prefill_perplexity(model, ids, config)
+    ref = reference_pass(model, ids)
+    assert len(table) == 1 + 4 * 2 + 1
+    for row in table.itertuples():
+        method = method_named(row.method)
+        if method.kind == "quant":
+            assert row.ppl > 0
+            continue
+        run = run_policy(model, ref, method.policy() or FullCache(), 1.0 if row.budget is None else row.budget,
+                         mode="prefill", budget_rule="kvpress" if method.kind == "kvpress" else "round")
+        assert row.scored_tokens == len(run.nll) == 48  # 95 tokens fed: the first 47 compressed, 48 scored
+        assert row.ppl == pytest.approx(math.exp(float(run.nll.double().mean())), rel=1e-4), (row.method, row.budget)

@@ -118,11 +118,12 @@ def perplexity_vs_retrieval(joined: pd.DataFrame) -> go.Figure:
             error_y={"type": "data", "symmetric": False, "array": [row.retrieved_high - row.retrieved],
                      "arrayminus": [row.retrieved - row.retrieved_low], "thickness": 1.2, "width": 4},
             hovertemplate=f"{name}<br>perplexity x%{{x:.3f}}, retrieved %{{y:.2f}}<br>{row.agreement}<extra></extra>"))
-    figures.vline(fig, 1 + PPL_TOLERANCE, f"+{PPL_TOLERANCE:.0%}")
+    fig.add_vline(x=1 + PPL_TOLERANCE, line_dash="dot", line_color=GREY)
     fig.update_xaxes(type="log")
     fig.update_yaxes(range=[-0.08, 1.08])
     return figures.style(fig, "Perplexity vs retrieval (each with its 95% interval; diamond: perplexity fine, needle "
-                              "lost)", x="perplexity / full cache (log)", y="share of needles retrieved",
+                              "lost)", x=f"perplexity / full cache (log; dotted: +{PPL_TOLERANCE:.0%})",
+                         y="share of needles retrieved",
                          legend="right", height=420)
 
 
@@ -134,7 +135,7 @@ def _widgets() -> tuple[str, dict]:
                             options=[m for m in needle_methods() if m != "full"],
                             default=[m for m in DEFAULT_METHODS if m != "full"])
     budgets = params.widget(right.multiselect, "Budgets (share of the context kept)", key="nd_budgets",
-                            options=SHARES, default=[0.25])
+                            options=SHARES, default=[0.25, 0.5])
     left, mid, right = st.columns(3)
     lengths = params.widget(left.multiselect, "Haystack tokens", key="nd_lengths", options=LENGTHS, default=[128, 256])
     depths = params.widget(mid.multiselect, "Needle depths (share of the haystack)", key="nd_depths", options=DEPTHS,

@@ -17,9 +17,9 @@ from kvcore.needle import NeedleConfig, NeedleResults, perplexity_table, run_nee
 from ui.models import shared_model
 from ui.progress import with_progress
 
-# Haystack tokens one page view may read. A SmolLM2 haystack costs about 2 s (128 tokens), 3 s (256) and 5 s (512)
-# of one core with the default methods (one read of the prompt, then every answer in two batches): the default
-# grid (2,304 tokens, 12 haystacks) about 30 s and the perplexity beside it 7 s; this limit about a minute.
+# Haystack tokens one page view may read. A SmolLM2 haystack costs about 2.5 s (128 tokens), 3.3 s (256) and 5 s
+# (512) of one core with the default methods at two budgets (one read of the prompt, every answer in two batches):
+# the default grid (2,304 tokens, 12 haystacks) about 35 s, the perplexity beside it 6 s; this limit about a minute.
 PAGE_HAYSTACK_TOKENS = 4608
 PPL_TOKENS = (128, 256, 512)
 

@@ -14,12 +14,15 @@ and the study above it reports its retrieval column.
 ``compress``  caches made from one shared prefill                  ``answer``   batched greedy answers
 ``run``       :func:`run_needle`                                   ``tables``   rates, intervals, verdicts
 ``lesson``    perplexity joined with retrieval, and what they say  ``cli``      ``python -m kvcore needle``
+``probe``     needles through any cache plan (the study's column)
+``perplexity`` the eviction sweep's perplexity at the same budgets
 """
 
 from kvcore.needle.config import MODES, NeedleConfig
-from kvcore.needle.lesson import disagreements, join_perplexity, lessons, perplexity_table
+from kvcore.needle.lesson import disagreements, join_perplexity, lessons
 from kvcore.needle.methods import DEFAULT_METHODS, NeedleMethod, method_named, needle_methods
 from kvcore.needle.needles import NEEDLES, Draw, Needle, draw_needles
+from kvcore.needle.perplexity import perplexity_table
 from kvcore.needle.prompt import QUESTION_PLACES, NeedlePrompt, build_prompt, prompt_template
 from kvcore.needle.run import NeedleResults, run_needle
 from kvcore.needle.tables import wilson_interval

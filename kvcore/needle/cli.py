@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     """Load the model, run the grid with progress on stderr, print what it found; return the table ``--table``
     names (``summary`` joined with the eviction sweep's perplexity when ``--perplexity-tokens`` is given)."""
     from kvcore.models.loader import describe_model, load_model
-    from kvcore.needle.lesson import join_perplexity, lessons, perplexity_table
+    from kvcore.needle.lesson import join_perplexity, lessons
+    from kvcore.needle.perplexity import perplexity_table
     from kvcore.needle.run import run_needle
 
     config = config_from_args(args)

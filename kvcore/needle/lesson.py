@@ -3,24 +3,17 @@
 Perplexity of running text rewards keeping the recent past; a needle test asks for one fact from anywhere in
 the context (kvpress, SnapKV and RULER judge compression by retrieval for this reason). A method can be fine
 on perplexity and still lose the needle: that is the disagreement this module finds, each side with its
-noise. The perplexity is :mod:`kvcore.eviction.evaluate`'s (the same runner, the same intervals), at the
-needle test's budgets and mode on the bundled held-out text: a share budget keeps the same share of both texts.
+noise. The perplexity is the eviction sweep's measurement at the needle test's budgets and mode
+(:mod:`kvcore.needle.perplexity`, the same columns and intervals as :func:`kvcore.eviction.evaluate.result_row`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
-from kvcore.eviction import FullCache
-from kvcore.eviction.evaluate import result_row, sample_text
-from kvcore.eviction.reference import reference_pass
-from kvcore.eviction.runner import run_policy
-from kvcore.models.runtime import text_ids
-from kvcore.needle.config import NeedleConfig
 from kvcore.needle.tables import BASELINE, LOSES, describe_rate
 from kvcore.noise import MIN_UNITS
 
@@ -29,27 +22,6 @@ PPL_COLUMNS = ["ppl", "ppl_low", "ppl_high", "ppl_vs_full", "ppl_vs_full_low", "
                "ppl_tokens"]
 FINE_LOST, WORSE_KEPT = "perplexity fine, needle lost", "perplexity worse, no needle lost beyond the noise"
 TOO_FEW = f"too few haystacks to judge retrieval (fewer than {MIN_UNITS})"
-Progress = Callable[[int, int, str], None]
-
-
-def perplexity_table(model, tokenizer, config: NeedleConfig, tokens: int = 256, text: str | None = None,
-                     progress: Progress | None = None) -> pd.DataFrame:
-    """The eviction sweep's row (:func:`kvcore.eviction.evaluate.result_row`) for the full cache and each eviction
-    and kvpress method of ``config`` at each of its budgets, in its mode, on ``tokens`` tokens of ``text``
-    (default the bundled held-out sample); ``method`` and ``budget`` columns name the needle table's rows."""
-    ids = text_ids(model, tokenizer, sample_text() if text is None else text, tokens)
-    ref = reference_pass(model, ids, threads=config.threads)
-    methods = config.resolved()
-    specs = [(methods[0], None)] + [(m, b) for m in methods if m.budgeted for b in config.budgets]
-    rows = []
-    for i, (method, budget) in enumerate(specs):
-        policy = method.policy(config.seed) or FullCache()
-        run = run_policy(model, ref, policy, 1.0 if budget is None else budget, mode=config.mode,
-                         threads=config.threads, budget_rule="kvpress" if method.kind == "kvpress" else "round")
-        rows.append({"method": method.name, "budget": budget} | result_row(ref, run))
-        if progress is not None:
-            progress(i + 1, len(specs), f"perplexity: {method.name}" + ("" if budget is None else f" @ {budget}"))
-    return pd.DataFrame(rows)
 
 
 def _key(frame: pd.DataFrame) -> pd.Series:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # The page's own sweep and the needle grid kept to seconds: one 128-token haystack, the window against the full cache.
 SMALL = {"ntok": "64", "budgets": ["16"], "nd_lengths": ["128"], "nd_depths": ["0.5"], "nd_needles": "1",
-         "nd_methods": ["evict:sliding_window"]}
+         "nd_methods": ["evict:sliding_window"], "nd_budgets": ["0.25"]}
 
 
 def _summary(at):
