@@ -70,23 +70,17 @@ st.caption(f"{POSITIONS[positions]} {len(results.tokens) + 1} tokens streamed: t
 st.caption(eviction_figures.KVPRESS_NOTE)
 eviction_figures.show_verdicts(results.verdicts)
 left, right = st.columns(2)
-with left:
-    figures.show(eviction_figures.perplexity_vs_budget(table), key="ppl")
 at = params.widget(st.selectbox, "Budget shown below (tokens)", key="at",
                    options=eviction_figures.budgets_shown(table))
-shown, maps, layers = eviction_figures.at_budget(results, at)
-with right:
-    figures.show(figures.bar_chart(shown, "policy", "kv_bytes_held", title=f"KV bytes held at budget {at}",
-                                   y_title="bytes (real tensors)"), key="bytes")
-figures.show(eviction_figures.visibility_maps(maps, eviction_figures.visibility_title(mode, at)), key="maps")
-c1, c2 = st.columns(2)
-with c1:
-    figures.show(eviction_figures.per_layer(layers, "mass_retained", "Full-cache attention still readable",
-                                            "attention mass retained"), key="mass")
-with c2:
-    figures.show(eviction_figures.per_layer(layers, "output_error", "Attention output error vs full cache",
-                                            "relative L2 error"), key="err")
-figures.show(eviction_figures.token_strip(results.tokens), key="strip")
+figs = eviction_figures.page_figures((text, tuple(config.runs())), at, mode, results)
+for column, name in ((left, "ppl"), (right, "bytes")):
+    with column:
+        figures.show(figs[name], key=name)
+figures.show(figs["maps"], key="maps")
+for column, name in zip(st.columns(2), ("mass", "err"), strict=True):
+    with column:
+        figures.show(figs[name], key=name)
+figures.show(figs["strip"], key="strip")
 eviction_steps.show_step_player(text, config, results, at)
 settings = {"mode": mode, "pos": positions, "tokens": max_tokens}
 tables.show_table(table, "eviction", "results", settings, caption=eviction_figures.TABLE_CAPTION)

@@ -26,9 +26,10 @@ VISIBILITY_TITLE = {"decode": "after each step's eviction", "prefill": "the prom
 TABLE_CAPTION = (
     "One row per policy and budget. ppl_low/ppl_high: 95% block bootstrap (blocks of 16 scored tokens); "
     "ppl_vs_full: perplexity over the full cache's on the same tokens, paired, with its interval; vs_full says worse "
-    "or better only beyond the noise. decode_ms: median of the run's one-token decode steps (the first left out as "
-    "warm-up; the full cache decodes token by token too), decode_ms_q1/q3 its interquartile range, tokens_per_s "
-    "1000 / median, load_1min the machine's load when it ran (runs are re-measured after 15 minutes); prefill mode "
+    "or better only beyond the noise. decode_ms: median of the last one-token decode steps of the text (decode_steps "
+    "of them after a warm-up step), timed alike for every run (the full cache holding every token, a policy its "
+    "budget), decode_ms_q1/q3 their interquartile range, tokens_per_s 1000 / median, load_1min the machine's load "
+    "when they ran (re-timed after 15 minutes; the other columns are kept as measured); prefill mode "
     "has no decode steps to time. hits/misses: full-cache lookups (attention >= uniform share) still readable or "
     "evicted; evictions: KV entries (token x layer x KV head) freed; kv_bytes_held: bytes of the cache's tensors at "
     "the end (attention_window frees nothing).")
@@ -146,3 +147,20 @@ def token_strip(tokens: pd.DataFrame) -> go.Figure:
     fig.update_layout(bargap=0.05)
     return figures.style(fig, "Token strip: attention received in the full cache", x="token position",
                          y="summed attention (log)", height=300)
+
+
+@st.cache_resource(max_entries=32, show_spinner=False)
+def page_figures(sweep_key: object, budget: int, mode: str, _results: EvictionResults) -> dict[str, go.Figure]:
+    """The page's figures for one sweep (``sweep_key`` names it: the text and its runs) at one budget, built once:
+    a rerun, a reload or another session draws the same figures (never changed after they are built)."""
+    table = _results.table
+    shown, maps, layers = at_budget(_results, budget)
+    return {
+        "ppl": perplexity_vs_budget(table),
+        "bytes": figures.bar_chart(shown, "policy", "kv_bytes_held", title=f"KV bytes held at budget {budget}",
+                                   y_title="bytes (real tensors)"),
+        "maps": visibility_maps(maps, visibility_title(mode, budget)),
+        "mass": per_layer(layers, "mass_retained", "Full-cache attention still readable", "attention mass retained"),
+        "err": per_layer(layers, "output_error", "Attention output error vs full cache", "relative L2 error"),
+        "strip": token_strip(_results.tokens),
+    }

@@ -13,11 +13,12 @@ import streamlit as st
 from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec
 from kvcore.eviction.steps import eviction_steps
 from kvcore.models.steps import StepView
-from ui import figures, params
+from ui import disk_cache, figures, params
 from ui import step_figures as sf
 from ui.eviction_runs import EvictionText
 from ui.guard import user_errors
 
+MODULES = ("kvcore.eviction.evaluate", "kvcore.eviction.steps")  # what a step view executes (keys the disk cache)
 TITLE = "Full-cache attention and what each policy kept"
 CAPTION = ("Bars: the full cache's attention from the step's query (layers and heads averaged), on each step's own "
            "scale. Rows: the share of layers and KV heads in which each policy let that query read each token "
@@ -28,8 +29,10 @@ CAPTION = ("Bars: the full cache's attention from the step's query (layers and h
 @st.cache_data(max_entries=64, show_spinner=False)
 def step_view(source: EvictionText, specs: tuple[RunSpec, ...], budget: int, steps: tuple[int, ...],
               _results: EvictionResults) -> StepView:
-    """Steps ``steps`` of the sweep ``specs`` on ``source`` at ``budget`` (``_results``: that sweep, not hashed)."""
-    return eviction_steps(_results, budget, steps)
+    """Steps ``steps`` of the sweep ``specs`` on ``source`` at ``budget`` (``_results``: that sweep, not hashed);
+    kept on disk too (the detector runs once per step shown)."""
+    return disk_cache.computed("eviction-steps", (source, specs, budget, steps), MODULES,
+                               disk_cache.weights_key(source.model), lambda _: eviction_steps(_results, budget, steps))
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)

@@ -108,8 +108,8 @@ def timing_caption(timing: PhaseTiming, age_s: float) -> str:
     """What the timing is: medians of interleaved repeats after a warm-up, their spread, and the load then."""
     parts = [f"{name} {t.describe('calls' if name == 'prefill' else 'steps', load=False)}"
              for name, t in timing.phases().items()]
-    return (f"Timing (measured {age_s:.0f} s ago, re-measured after 5 minutes; each round a prefill then its decode "
-            f"steps, so both see the same load): {'; '.join(parts)}. What else ran: "
+    return (f"Timing (measured {age_s:.0f} s ago, re-measured after 5 minutes; on 1 torch thread; each round a prefill "
+            f"then its decode steps, so both see the same load): {'; '.join(parts)}. What else ran: "
             f"{load_note(timing.prefill.load_1min, timing.prefill.cpus)}; a loaded machine stretches every step.")
 
 

@@ -108,8 +108,10 @@ def with_timing(result: RunResult, step_ms: np.ndarray, load_1min: float) -> Run
     return replace(result, step_ms=np.asarray(step_ms), load_1min=load_1min)
 
 
-# Decode steps timed per run (after one warm-up step): the last ones of the text, the cache at the budget.
-TIMED_STEPS = 16
+# Decode steps timed per run (after one warm-up step): the last ones of the text, the cache at the budget. Their
+# median and interquartile range are a rough cost per policy, never ranked: a few steps say it, and on a 2-core CPU
+# each costs a page view about 10 ms per run.
+TIMED_STEPS = 8
 
 # Tokens (runs x tokens each) one page view may stream through the model: on a 2-core CPU one run of
 # 1,024 tokens takes about 3 s with the bundled model, so this keeps a view near 30 s. The CLI has no limit.

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvcore.device import torch_threads
 from kvcore.models.cache import LabCache
 from kvcore.models.perplexity import streaming_nll
 from kvcore.models.plan import FULL, CachePlan, run_step
@@ -189,14 +190,17 @@ class PhaseTiming:
 
 @torch.inference_mode()
 def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, plan: CachePlan = FULL,
-                    repeats: int = 5, warmup: int = 1, decode_steps: int = 16) -> PhaseTiming:
+                    repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
+                    threads: int | None = 1) -> PhaseTiming:
     """Prefill and decode time of a generation in interleaved rounds, warmed up and repeated (ms).
 
     ids: prompt + generated token ids; prompt_len: how many are prompt. Each of ``warmup`` untimed then
     ``repeats`` timed rounds builds a fresh ``plan`` cache, times one forward of the prompt, then times the
     first ``decode_steps`` generated tokens fed one per step (the same work as generating them; each step one
     sample). Interleaving puts a prefill and its decode steps under the same load, so a burst of other work
-    stretches both rather than one (:class:`PhaseTiming`).
+    stretches both rather than one (:class:`PhaseTiming`). threads: torch threads while timing (None: as set);
+    one by default, as the eviction sweep times its steps: a one-token step of a small model gains nothing from
+    more, and on a shared CPU they contend with whatever else runs.
     """
     tokens = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(1, -1)
     tokens = tokens.to(model_device(model))
@@ -208,11 +212,12 @@ def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, p
     stop = min(tokens.shape[1], prompt_len + decode_steps)
     prefills: list[float] = []
     rounds: list[list[float]] = []
-    for round_ in range(warmup + repeats):
-        steps = _round(model, plan, tokens, prompt_len, stop, sync)
-        if round_ >= warmup:
-            prefills.append(steps[0])
-            rounds.append(steps[1:])
+    with torch_threads(threads):
+        for round_ in range(warmup + repeats):
+            steps = _round(model, plan, tokens, prompt_len, stop, sync)
+            if round_ >= warmup:
+                prefills.append(steps[0])
+                rounds.append(steps[1:])
     decode = [ms for r in rounds for ms in r]
     ratios = np.array([p / float(np.median(r)) for p, r in zip(prefills, rounds, strict=True) if r])
     return PhaseTiming(Timing.of(prefills, warmup), Timing.of(decode, warmup) if decode else None, ratios)
