@@ -29,6 +29,7 @@ LENGTHS = [128, 256, 512, 1024]
 DEPTHS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 VERDICT_COLORS = {BASELINE: "#000000", LOSES: "#D55E00"}  # anything else (within noise) stays grey
 GREY = "#999999"
+SYMBOLS = ("circle", "square", "triangle-up", "diamond")  # one per budget in the perplexity view
 PER_ROW = 4  # heatmaps per row
 CLI = ("python -m kvcore needle --model smollm2-135m --methods all --budgets 0.1 0.25 0.5 --lengths 512 1024 2048 "
        "--depths 0 0.25 0.5 0.75 1 --needles 4 --perplexity-tokens 512 --csv needle.csv")
@@ -104,15 +105,21 @@ def bytes_held(summary: pd.DataFrame, budget) -> go.Figure:
 
 def perplexity_vs_retrieval(joined: pd.DataFrame) -> go.Figure:
     """Perplexity over the full cache's (x, log, 95% CI) against the share of needles retrieved (y, 95% CI), one
-    point per method and budget; a diamond: fine on perplexity (surely under the tolerance), yet losing the needle."""
+    point per method (colour) and budget (symbol); a red ring: fine on perplexity (surely under the tolerance), yet
+    losing the needle."""
     shown = joined[joined["ppl_vs_full"].notna()]
+    colors = {m: figures.PALETTE[i % len(figures.PALETTE)] for i, m in enumerate(dict.fromkeys(shown["method"]))}
+    budgets = list(dict.fromkeys(b for b in shown["budget"] if b is not None and b == b))
     fig = go.Figure()
-    for i, row in enumerate(shown.itertuples()):
-        name = row.method + ("" if row.budget is None or row.budget != row.budget else f" @ {_budget_text(row.budget)}")
+    for row in shown.itertuples():
+        at = row.budget is not None and row.budget == row.budget
+        name = row.method + (f" @ {_budget_text(row.budget)}" if at else "")
+        lost = row.agreement == FINE_LOST
         fig.add_trace(go.Scatter(
             x=[row.ppl_vs_full], y=[row.retrieved], mode="markers", name=name,
-            marker={"size": 12 if row.agreement == FINE_LOST else 9, "color": figures.PALETTE[i % len(figures.PALETTE)],
-                    "symbol": "diamond" if row.agreement == FINE_LOST else "circle"},
+            marker={"size": 11, "color": colors[row.method],
+                    "symbol": SYMBOLS[budgets.index(row.budget) % len(SYMBOLS)] if at else "circle",
+                    "line": {"width": 3 if lost else 0, "color": VERDICT_COLORS[LOSES]}},
             error_x={"type": "data", "symmetric": False, "array": [row.ppl_vs_full_high - row.ppl_vs_full],
                      "arrayminus": [row.ppl_vs_full - row.ppl_vs_full_low], "thickness": 1.2, "width": 4},
             error_y={"type": "data", "symmetric": False, "array": [row.retrieved_high - row.retrieved],
@@ -121,10 +128,9 @@ def perplexity_vs_retrieval(joined: pd.DataFrame) -> go.Figure:
     fig.add_vline(x=1 + PPL_TOLERANCE, line_dash="dot", line_color=GREY)
     fig.update_xaxes(type="log")
     fig.update_yaxes(range=[-0.08, 1.08])
-    return figures.style(fig, "Perplexity vs retrieval (each with its 95% interval; diamond: perplexity fine, needle "
-                              "lost)", x=f"perplexity / full cache (log; dotted: +{PPL_TOLERANCE:.0%})",
-                         y="share of needles retrieved",
-                         legend="right", height=420)
+    return figures.style(fig, "Perplexity vs retrieval (each with its 95% interval; red ring: perplexity fine, "
+                              "needle lost)", x=f"perplexity / full cache (log; dotted: +{PPL_TOLERANCE:.0%})",
+                         y="share of needles retrieved", legend="right", height=420)
 
 
 def _widgets() -> tuple[str, dict]:
