@@ -5,9 +5,9 @@ slider step; with the load average of each measurement.
     python benchmarks/pages.py --pages eviction live_model --no-results
 
 Starts ``streamlit run app.py`` (headless) on a free port and drives Chromium (``/usr/bin/chromium`` or
-``$KVLAB_CHROMIUM``) through Playwright. A wait ends when the app's script has stopped: the time of the last
-change of ``data-test-script-state`` to ``notRunning`` after the action, once nothing has run for
-:data:`QUIET_MS`, measured in the browser's own clock from the navigation (first view, reload) or the click.
+``$KVLAB_CHROMIUM``) through Playwright. A wait ends with the server's last ``script_finished`` message after the
+action (a whole run's, or a fragment's: a step player's slider reruns only its section), once none has come for
+:data:`QUIET_MS`; the time runs from the navigation (first view, reload) or the key press or click.
 
 Two passes by default, each on a server started afresh: ``empty`` gives the server an empty results cache on disk
 (``KVLAB_RESULTS_CACHE`` in a new temporary folder: what the very first visitor of a new deployment waits for), and
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -74,17 +75,20 @@ CLICKS: dict[str, list[Click]] = {
 # Step players: their slider's label; one step back is timed.
 STEPS = {"eviction": "Step (query position)", "live_model": "Step (generated token)"}
 
-# Records every change of the app's script state with the browser's clock (ms since the navigation started).
-WATCH = """
-window.__kvlabStates = [];
-(function watch() {
-  const app = document.querySelector("[data-testid='stApp']");
-  if (!app) { setTimeout(watch, 5); return; }
-  const note = () => window.__kvlabStates.push([performance.now(), app.getAttribute('data-test-script-state')]);
-  note();
-  new MutationObserver(note).observe(app, {attributes: true, attributeFilter: ['data-test-script-state']});
-})();
-"""
+class RunWatch:
+    """Every ``script_finished`` message the server sends a tab (a whole run or a fragment's), with the time it
+    arrived (perf_counter seconds)."""
+
+    def __init__(self, tab) -> None:
+        self.finished: list[float] = []
+        tab.on("websocket", lambda ws: ws.on("framereceived", self._frame))
+
+    def _frame(self, payload: bytes | str) -> None:
+        if isinstance(payload, bytes | bytearray):
+            msg = ForwardMsg()
+            msg.ParseFromString(bytes(payload))
+            if msg.WhichOneof("type") == "script_finished":
+                self.finished.append(time.perf_counter())
 
 
 def free_port() -> int:
@@ -122,22 +126,16 @@ def fresh_server(results_cache: Path) -> Iterator[str]:
             proc.kill()
 
 
-def browser_now(page) -> float:
-    return float(page.evaluate("performance.now()"))
-
-
-def wait_stopped(page, since_ms: float, timeout_s: float = 600.0) -> float:
-    """Seconds from ``since_ms`` (browser clock) until the script last stopped, once it ran after ``since_ms`` and
-    has stayed stopped for :data:`QUIET_MS`."""
+def wait_finished(tab, watch: RunWatch, since: float, timeout_s: float = 600.0) -> float:
+    """Seconds from ``since`` (perf_counter) until the last run the server finished after it, once no run has
+    finished for :data:`QUIET_MS` (a rerun may follow a run)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        states = page.evaluate("window.__kvlabStates || []")
-        after = [(t, s) for t, s in states if t >= since_ms]
-        ran = any(s == "running" for _, s in after)
-        if ran and after[-1][1] == "notRunning" and browser_now(page) - after[-1][0] >= QUIET_MS:
-            return (after[-1][0] - since_ms) / 1e3
-        page.wait_for_timeout(50)
-    raise TimeoutError(f"the script did not stop within {timeout_s:.0f} s")
+        tab.wait_for_timeout(20)  # lets Playwright deliver the websocket frames
+        after = [t for t in watch.finished if t >= since]
+        if after and (time.perf_counter() - after[-1]) * 1e3 >= QUIET_MS:
+            return after[-1] - since
+    raise TimeoutError(f"no run finished within {timeout_s:.0f} s")
 
 
 def do_click(page, click: Click) -> None:
@@ -172,13 +170,14 @@ def step_back(page, label: str) -> None:
     slider_thumb(page, label).press("ArrowLeft")
 
 
-def measure(page, action: Callable[[], None], url_part: str | None = None) -> float:
-    """Seconds from ``action`` until the script stopped (the URL carries ``url_part`` first, when given)."""
-    since = browser_now(page)
+def measure(tab, watch: RunWatch, action: Callable[[], None], url_part: str | None = None) -> float:
+    """Seconds from ``action`` until the server finished what it started (the URL carries ``url_part`` first, when
+    given)."""
+    since = time.perf_counter()
     action()
     if url_part:
-        page.wait_for_url(f"**{url_part}**", timeout=120_000)
-    return wait_stopped(page, since)
+        tab.wait_for_url(f"**{url_part}**", timeout=120_000)
+    return wait_finished(tab, watch, since)
 
 
 def time_page(browser, url: str, path: str) -> list[dict[str, object]]:
@@ -191,18 +190,15 @@ def time_page(browser, url: str, path: str) -> list[dict[str, object]]:
                      "load_1min": round(os.getloadavg()[0], 2)})
 
     tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-    tab.add_init_script(WATCH)
-    tab.goto(f"{url}/{path}")
-    row("first view", wait_stopped(tab, 0.0))
-    tab.reload()
-    row("reload", wait_stopped(tab, 0.0))
+    watch = RunWatch(tab)
+    row("first view", measure(tab, watch, lambda: tab.goto(f"{url}/{path}")))
+    row("reload", measure(tab, watch, tab.reload))
     if path in STEPS:
-        row("slider step", measure(tab, lambda: step_back(tab, STEPS[path]), "step="))
+        row("slider step", measure(tab, watch, lambda: step_back(tab, STEPS[path]), "step="))
     for click in CLICKS.get(path, []):
-        tab.goto(f"{url}/{path}")
-        wait_stopped(tab, 0.0)
+        measure(tab, watch, lambda: tab.goto(f"{url}/{path}"))
         try:
-            row(f"click: {click.url.rstrip('=')}", measure(tab, lambda c=click: do_click(tab, c), click.url))
+            row(f"click: {click.url.rstrip('=')}", measure(tab, watch, lambda c=click: do_click(tab, c), click.url))
         except Exception as exc:  # a control that moved or a wait that ran out: say so, time the rest
             print(f"{name}: {click.label} not timed: {str(exc).splitlines()[0]}", file=sys.stderr)
             row(f"click: {click.url.rstrip('=')}", float("nan"))

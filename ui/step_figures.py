@@ -27,7 +27,7 @@ HELD, PARTLY, EVICTED, COMPRESSED = PALETTE[0], PALETTE[5], "#BBBBBB", PALETTE[4
 SINK, HEAVY = PALETTE[3], PALETTE[1]
 HELD_SCALE = [[0.0, "#F2F2F2"], [1.0, PALETTE[0]]]
 MAX_COLUMNS = 256  # keys are pooled into at most this many columns
-MAX_FRAMES = 64  # animation frames at most (every stride-th step, the last and the opening step among them)
+MAX_FRAMES = 32  # animation frames at most (every stride-th step, the last and the opening step among them)
 DIGITS = 4  # decimals of the attention and held shares sent to the browser
 
 
@@ -86,10 +86,10 @@ def _frame_data(view: StepView, s: int, pool: int, x: np.ndarray, rows: list[tup
     top = _top(att)
     held = _pool(view.held[colored][s], pool, "mean") if colored else None
     comp = _pool(view.compressed[colored][s], pool, "mean") if colored and colored in view.compressed else None
-    z = np.vstack([_pool(r[s], pool, "mean") for _, r in rows]).round(DIGITS)
+    z = np.vstack([_pool(r[s], pool, "mean") for _, r in rows]).round(DIGITS).astype(np.float32)  # half the bytes
     sinks = sorted({p // pool * pool for p in view.sinks[s]})
     heavy = sorted({p // pool * pool for p in view.heavy[s]})
-    bars = np.nan_to_num(att).round(DIGITS)
+    bars = np.nan_to_num(att).round(DIGITS).astype(np.float32)
     if not full:
         return [go.Bar(y=bars, marker_color=_bar_colors(held, comp)),
                 go.Scatter(x=sinks, y=[top * 1.1] * len(sinks)), go.Scatter(x=heavy, y=[top * 1.2] * len(heavy)),

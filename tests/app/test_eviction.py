@@ -10,6 +10,7 @@ import pytest
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES
 from kvcore.eviction.evaluate import TIMED_STEPS
 from kvcore.models.loader import BUNDLED_DIR
+from ui import step_figures as sf
 
 needs_bundled = pytest.mark.skipif(
     not ((BUNDLED_DIR / "model.safetensors").is_file() and (BUNDLED_DIR / "validation.jsonl").is_file()),
@@ -85,9 +86,9 @@ def test_the_step_view_opens_on_the_step_in_the_url(page):
     assert heat["y"] == [f"{p} held" for p in ("sliding_window", "streaming_llm", "h2o", "random")]
     assert "step 40: query at 40" in player["layout"]["title"]["text"]
     names = [f["name"] for f in player["frames"]]
-    assert names == [str(s) for s in range(63)]  # 63 steps (64 tokens): one frame each
-    assert player["layout"]["updatemenus"][0]["buttons"][0]["args"][0] == names[40:]  # ▶ plays from step 40
-    assert player["layout"]["sliders"][0]["active"] == 40
+    assert names == [str(s) for s in sorted({*sf.frame_steps(63, 62), 40})]  # evenly spaced, the last, step 40
+    assert player["layout"]["updatemenus"][0]["buttons"][0]["args"][0] == names[names.index("40"):]  # ▶ from 40
+    assert player["layout"]["sliders"][0]["active"] == names.index("40")
     for frame in player["frames"]:  # each frame brings its own metrics line and its own attention scale
         step = int(frame["name"])
         assert f"step {step}: query at {step}" in frame["layout"]["title"]["text"]

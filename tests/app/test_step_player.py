@@ -36,7 +36,7 @@ def spec(fig) -> dict:
 
 
 def test_frames_are_evenly_spaced_and_keep_the_last_and_the_opening_step():
-    assert sf.frame_steps(40, 12) == list(range(40))
+    assert sf.frame_steps(30, 12) == list(range(30))  # every step when they fit
     steps = sf.frame_steps(255, 254)
     gaps = set(np.diff(steps[:-1]).tolist())
     assert gaps == {sf.frame_stride(255)}  # evenly spaced ticks (they read 0, 12, 29, 45... before)
