@@ -16,8 +16,10 @@ attends:
 
 The weights are applied as transformers 5.24 applies them in ``LlamaDecoderLayer.forward`` and
 ``LlamaAttention.forward`` (``modeling_llama.py``; Mistral, Qwen2 and Qwen3 are the same with a window,
-q/k/v biases, and per-head ``q_norm``/``k_norm`` before RoPE), called as functions (``F.linear``,
-``F.rms_norm``) rather than through module calls: the same math with fewer ops per layer.
+q/k/v biases, and per-head ``q_norm``/``k_norm`` before RoPE), called as functions (``F.rms_norm``, the
+projections' GEMMs) rather than through module calls: the same math with fewer ops per layer. On a CPU the
+projections can run oneDNN's GEMM on weights packed once (:class:`Projection`), as inductor's CPU backend
+packs them when it freezes a model.
 """
 
 from __future__ import annotations
@@ -76,29 +78,77 @@ class StepBatch:
     plans: dict[int | None, AttentionPlan]
 
 
+PACKED_MIN_ROWS = 4  # below this many rows torch's own linear is as fast as the packed one (measured)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can pack this weight for the CPU (fp32 on a CPU build with mkldnn)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+@dataclass(slots=True)
+class Projection:
+    """A linear layer as the step applies it: ``x @ W.T + b`` with torch's linear, or with oneDNN's on a weight
+    packed once for it (the blocked layout its GEMM reads; 2-3x faster at a few to hundreds of rows on the CPU
+    of benchmarks/RESULTS.md, the same fp32 math in another summation order). The packed copy takes the
+    weight's bytes again."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    packed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, module: torch.nn.Linear, pack: bool) -> Projection:
+        packed = None
+        if pack and can_pack(module.weight):
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
+        return cls(module.weight, module.bias, packed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(slots=True)
+class MLP:
+    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``)."""
+
+    gate: Projection
+    up: Projection
+    down: Projection
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
 @dataclass(slots=True)
 class Layer:
     """One decoder layer's weights and norms as the step applies them."""
 
     input_norm: torch.nn.Module
     post_norm: torch.nn.Module
-    q: torch.nn.Linear
-    k: torch.nn.Linear
-    v: torch.nn.Linear
-    o: torch.nn.Linear
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
     q_norm: torch.nn.Module | None
     k_norm: torch.nn.Module | None
-    mlp: torch.nn.Module
+    mlp: MLP
     head_dim: int
     scale: float
     window: int | None
 
     @classmethod
-    def of(cls, layer: torch.nn.Module, window: int | None) -> Layer:
-        attn = layer.self_attn
-        return cls(layer.input_layernorm, layer.post_attention_layernorm, attn.q_proj, attn.k_proj, attn.v_proj,
-                   attn.o_proj, getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), layer.mlp,
-                   attn.head_dim, attn.scaling, window)
+    def of(cls, layer: torch.nn.Module, window: int | None, pack: bool = False) -> Layer:
+        """The layer's modules; pack: apply its projections with packed weights (:class:`Projection`)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v, o = (Projection.of(m, pack) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        ffn = MLP(*(Projection.of(m, pack) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)), mlp.act_fn)
+        return cls(layer.input_layernorm, layer.post_attention_layernorm, q, k, v, o, getattr(attn, "q_norm", None),
+                   getattr(attn, "k_norm", None), ffn, attn.head_dim, attn.scaling, window)
 
 
 @dataclass(slots=True)
@@ -109,7 +159,7 @@ class ModelParts:
     layers: list[Layer]
     norm: torch.nn.Module
     rotary: torch.nn.Module
-    lm_head: torch.nn.Linear
+    lm_head: Projection
     rope: RopeFn
 
     @property
@@ -121,15 +171,6 @@ class ModelParts:
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Llama-style RMSNorm (``weight * x / rms(x)``, transformers' ``LlamaRMSNorm``) as one op."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-
-
-def linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
-
-
-def mlp(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``)."""
-    return linear(module.down_proj, module.act_fn(linear(module.gate_proj, x)) * linear(module.up_proj, x))
 
 
 def attend(q: torch.Tensor, pools: KVPools, index: int, plan: AttentionPlan, scale: float) -> torch.Tensor:
@@ -166,17 +207,17 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
     layer = parts.layers[index]
     T, D = hidden.shape[0], layer.head_dim
     x = rms_norm(layer.input_norm, hidden)  # [T, hidden]
-    q = linear(layer.q, x).view(T, -1, D)  # [T, Hq, D]
-    k = linear(layer.k, x).view(T, -1, D)  # [T, Hkv, D]
-    v = linear(layer.v, x).view(T, -1, D)  # [T, Hkv, D]
+    q = layer.q(x).view(T, -1, D)  # [T, Hq, D]
+    k = layer.k(x).view(T, -1, D)  # [T, Hkv, D]
+    v = layer.v(x).view(T, -1, D)  # [T, Hkv, D]
     if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's D channels, before RoPE
         q, k = rms_norm(layer.q_norm, q), rms_norm(layer.k_norm, k)
     cos, sin = rotary  # [T, D] each
     q, k = parts.rope(q, k, cos, sin, unsqueeze_dim=1)  # heads on dim 1: cos/sin broadcast as [T, 1, D]
     pools.write(index, step.slots, k, v)  # every row's K/V lands before any row attends
     out = attend(q, pools, index, step.plans[layer.window], layer.scale)  # [T, Hq, D]
-    hidden = hidden + linear(layer.o, out.reshape(T, -1))  # [T, hidden]
-    return hidden + mlp(layer.mlp, rms_norm(layer.post_norm, hidden))  # [T, hidden]
+    hidden = hidden + layer.o(out.reshape(T, -1))  # [T, hidden]
+    return hidden + layer.mlp(rms_norm(layer.post_norm, hidden))  # [T, hidden]
 
 
 def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.Tensor:
@@ -186,4 +227,4 @@ def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.T
     for index in range(len(parts.layers)):
         hidden = layer_forward(parts, index, hidden, (cos[0], sin[0]), pools, step)
     last = rms_norm(parts.norm, hidden.index_select(0, step.logits_rows))  # [R, hidden]: norm is per token
-    return linear(parts.lm_head, last).float()  # [R, vocab]
+    return parts.lm_head(last).float()  # [R, vocab]

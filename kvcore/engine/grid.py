@@ -123,7 +123,7 @@ class NoModel:
     it times everything the engine does but the model."""
 
     def __init__(self, runner: ModelRunner) -> None:
-        self._runner, self.vocab = runner, runner.parts.lm_head.out_features
+        self._runner, self.vocab = runner, runner.parts.lm_head.weight.shape[0]
 
     def __getattr__(self, name: str):
         return getattr(self._runner, name)

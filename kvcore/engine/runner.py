@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcore.engine.forward import AttentionPlan, GatheredAttention, Layer, ModelParts, StepBatch, model_forward
+from kvcore.engine.forward import (
+    AttentionPlan,
+    GatheredAttention,
+    Layer,
+    ModelParts,
+    Projection,
+    StepBatch,
+    model_forward,
+)
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import KERNEL_BITS, DecodeBatch, choose_backend
 from kvcore.models.runtime import model_device, num_kv_heads, text_config
@@ -143,13 +151,14 @@ def layer_windows(model, sliding_window: int | None) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in types]
 
 
-def model_parts(model, sliding_window: int | None) -> ModelParts:
-    """The weights :func:`kvcore.engine.forward.model_forward` applies, and each layer's window."""
+def model_parts(model, sliding_window: int | None, pack: bool = False) -> ModelParts:
+    """The weights :func:`kvcore.engine.forward.model_forward` applies, and each layer's window (pack: the
+    projections' weights packed for oneDNN's GEMM, :class:`kvcore.engine.forward.Projection`)."""
     inner = model.model
     attn_module = inspect.getmodule(type(inner.layers[0].self_attn))
-    layers = [Layer.of(layer, window) for layer, window in zip(inner.layers, layer_windows(model, sliding_window),
-                                                                strict=True)]
-    return ModelParts(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, model.lm_head,
+    layers = [Layer.of(layer, window, pack) for layer, window in zip(inner.layers, layer_windows(model, sliding_window),
+                                                                      strict=True)]
+    return ModelParts(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, Projection.of(model.lm_head, pack),
                       attn_module.apply_rotary_pos_emb)
 
 
@@ -162,19 +171,20 @@ class ModelRunner:
     as :func:`kvcore.kernels.quantize_paged_cache` pools (per token and head, ``kv_group_size`` channels
     per scale, None = the whole head). sliding_window: tokens each query sees in every layer (None: the
     model config's windows, e.g. Mistral's ``sliding_window``). backend: the decode kernels' backend (None:
-    the best for the device, :func:`kvcore.kernels.choose_backend`).
+    the best for the device, :func:`kvcore.kernels.choose_backend`). packed_weights: run the projections with
+    oneDNN on weights packed once (a copy of them; fp32 on a CPU only); None: wherever it can.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, kv_bits: int | None = None,
                  sliding_window: int | None = None, kv_group_size: int | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, packed_weights: bool | None = None) -> None:
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(reason)
         _check_settings(num_blocks, block_size, kv_bits, sliding_window)
         self.model = model
         self.block_size = block_size
-        self.parts = model_parts(model, sliding_window)
+        self.parts = model_parts(model, sliding_window, pack=packed_weights is not False)
         head_dim = self.parts.layers[0].head_dim
         if kv_bits is not None and head_dim % (8 // kv_bits):
             raise ValueError(f"head_dim {head_dim} does not fill whole bytes of {kv_bits}-bit codes")
@@ -209,7 +219,7 @@ class ModelRunner:
         """
         with torch.inference_mode():
             if not chunks:
-                return torch.empty(0, self.parts.lm_head.out_features)
+                return torch.empty(0, self.parts.lm_head.weight.shape[0])
             return model_forward(self.parts, self.pools, self.plan(chunks)).cpu()
 
     def copy_block(self, src: int, dst: int) -> None:
