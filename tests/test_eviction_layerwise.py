@@ -83,7 +83,7 @@ def test_one_forward_equals_the_token_by_token_run(tiny, name, positions):
         fast = run_decode_layerwise(model, ref, policy, 8, positions)
     assert_same_run(fast, slow)
     assert slow_forwards.count == 1 + (ref.num_fed - first)  # the first tokens at once, then one per token
-    assert fast_forwards.count == 1
+    assert fast_forwards.count == (0 if policy.keeps_all else 1)  # the full cache: read off the reference
     assert fast.lookups > 0
 
 
@@ -125,13 +125,13 @@ def test_the_step_timer_runs_one_forward_then_exactly_the_steps_it_times(tiny, n
 
 
 def test_a_sweeps_default_work_is_one_forward_per_evicting_run_plus_the_timed_steps(tiny):
-    """The page's default view is bounded by counting: every default run is replayed (one forward) or reads the
-    text at once (the full cache), and each is timed on TIMED_STEPS + 1 real steps after one forward."""
+    """The page's default view is bounded by counting: every default policy is replayed in one forward, the full
+    cache is read off the reference, and each run is timed on TIMED_STEPS + 1 real steps after one forward."""
     model, ref = tiny
     specs = EvictionConfig(max_tokens=41).runs()
     with Forwards(model) as forwards:
         measured = [spec.measure(model, ref) for spec in specs]
-    assert forwards.count == len(specs)
+    assert forwards.count == len(specs) - 1  # the full cache's run is the reference's
     assert all(len(m.step_ms) == 0 for m in measured)
     with Forwards(model) as forwards:
         timed = [spec.time_steps(model, ref)[0] for spec in specs]
@@ -150,3 +150,27 @@ def test_a_run_spec_measures_what_the_token_by_token_run_measures(tiny):
     assert torch.allclose(full.nll, ref.nll, atol=1e-5)
     assert full.hits == full.lookups > 0  # every query after the first measured, everything readable
     assert float(full.output_error.max()) < 1e-5
+
+
+def test_many_steps_measured_at_once_equal_the_steps_measured_one_by_one(tiny):
+    """The meter's batched sums (what the replay uses) against its one-query step, on random read sets."""
+    from kvcore.eviction.metrics import AttentionMeter
+
+    _, ref = tiny
+    gen = torch.Generator().manual_seed(5)
+    L, Hkv, m = ref.num_layers, ref.num_kv_heads, 6
+    ts = list(range(10, ref.num_fed))
+
+    def read(t: int) -> torch.Tensor:  # m - 1 earlier positions and the query itself
+        return torch.cat([torch.randperm(t, generator=gen)[:m - 1], torch.tensor([t])])
+
+    vis = torch.stack([torch.stack([torch.stack([read(t) for _ in range(Hkv)]) for _ in range(L)]) for t in ts])
+    outputs = torch.randn(len(ts), L, ref.outputs.shape[-1], generator=gen)
+    one, many = AttentionMeter(ref, 1.0), AttentionMeter(ref, 1.0)
+    for i, t in enumerate(ts):
+        one.step(t, vis[i], outputs[i])
+    many.step_many(ts, vis, outputs)
+    assert (many.lookups, many.hits, many.steps) == (one.lookups, one.hits, one.steps)
+    assert torch.allclose(many.mass, one.mass, atol=1e-5)
+    assert torch.allclose(many.error, one.error, rtol=1e-5)
+    assert (many.visible == one.visible).all()

@@ -26,9 +26,10 @@ VISIBILITY_TITLE = {"decode": "after each step's eviction", "prefill": "the prom
 TABLE_CAPTION = (
     "One row per policy and budget. ppl_low/ppl_high: 95% block bootstrap (blocks of 16 scored tokens); "
     "ppl_vs_full: perplexity over the full cache's on the same tokens, paired, with its interval; vs_full says worse "
-    "or better only beyond the noise. decode_ms: median of the last one-token decode steps of the text (decode_steps "
-    "of them after a warm-up step), timed alike for every run (the full cache holding every token, a policy its "
-    "budget), decode_ms_q1/q3 their interquartile range, tokens_per_s 1000 / median, load_1min the machine's load "
+    "or better only beyond the noise. decode_ms: median of real one-token decode steps (decode_steps of them after "
+    "a warm-up step), timed alike for every run: a policy's once its cache reached the budget, the full cache's (and "
+    "an attention-only window's) at the end of the text, holding every token; decode_ms_q1/q3 their interquartile "
+    "range, tokens_per_s 1000 / median, load_1min the machine's load "
     "when they ran (re-timed after 15 minutes; the other columns are kept as measured); prefill mode "
     "has no decode steps to time. hits/misses: full-cache lookups (attention >= uniform share) still readable or "
     "evicted; evictions: KV entries (token x layer x KV head) freed; kv_bytes_held: bytes of the cache's tensors at "

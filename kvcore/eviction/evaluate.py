@@ -4,7 +4,7 @@ Runs :mod:`kvcore.eviction.runner` for every policy and budget of an :class:`Evi
 (the bundled offline model and its held-out sample by default) and gathers the results into
 DataFrames: one row per run, one row per run and layer, one row per token. Every perplexity carries a
 block-bootstrap interval and its ratio to the full cache on the same tokens (paired); decode speed is the
-median and interquartile range of real one-token steps at the end of the text, timed alike for every run
+median and interquartile range of real one-token steps, the cache at its budget, timed alike for every run
 (:meth:`RunSpec.time_steps`), with the load average when they ran. Evicting policies are measured in one
 forward replayed layer by layer (:mod:`kvcore.eviction.layerwise`), equal to their token-by-token runs.
 It also checks claims from the literature *against the measured numbers*, each with its noise
@@ -90,8 +90,9 @@ class RunSpec:
         return replace(result, step_ms=np.zeros(0))
 
     def time_steps(self, model, ref: Reference, threads: int | None = 1) -> tuple[np.ndarray, float]:
-        """Wall time (ms) of :data:`TIMED_STEPS` + 1 real decode steps at the end of the text
-        (:func:`~kvcore.eviction.layerwise.time_decode_steps`; none in prefill mode) and the load average then."""
+        """Wall time (ms) of :data:`TIMED_STEPS` + 1 real decode steps, the cache at the budget (the full cache: the
+        text's last steps; :func:`~kvcore.eviction.layerwise.time_decode_steps`; none in prefill mode) and the load
+        average then."""
         if self.mode != "decode":
             return np.zeros(0), load_average()
         steps = time_decode_steps(model, ref, self.make_policy(), self.budget, self.positions, TIMED_STEPS, threads,
@@ -108,7 +109,7 @@ def with_timing(result: RunResult, step_ms: np.ndarray, load_1min: float) -> Run
     return replace(result, step_ms=np.asarray(step_ms), load_1min=load_1min)
 
 
-# Decode steps timed per run (after one warm-up step): the last ones of the text, the cache at the budget. Their
+# Decode steps timed per run (after one warm-up step), the cache at the budget (the full cache: the text's last). Their
 # median and interquartile range are a rough cost per policy, never ranked: a few steps say it, and on a 2-core CPU
 # each costs a page view about 10 ms per run.
 TIMED_STEPS = 8

@@ -12,10 +12,10 @@ runs once over the whole text instead of once per token: a sweep on the bundled 
 faster. ``tests/test_eviction_layerwise.py`` checks that every policy, both position modes and both
 budget kinds give the token-by-token run's numbers.
 
-The full cache is replayed as :func:`run_decode` decodes it for a sweep (``full_prefill=1``: every query after
-the first measured). Not replayed: an attention-only policy's mask (it reads layer 0's choice in every
-layer) and Knorm (:data:`ROUNDING_DECIDES`), which still run through :func:`run_decode`, and step timings,
-which :func:`time_decode_steps` measures on real steps.
+The full cache is read off the reference (:func:`full_from_reference`), as :func:`run_decode` decodes it for a
+sweep (``full_prefill=1``: every query after the first measured). Not replayed: an attention-only policy's mask
+(it reads layer 0's choice in every layer) and Knorm (:data:`ROUNDING_DECIDES`), which still run through
+:func:`run_decode`, and step timings, which :func:`time_decode_steps` measures on real steps.
 """
 
 from __future__ import annotations
@@ -178,6 +178,8 @@ def run_decode_layerwise(model, ref: Reference, policy: EvictionPolicy, budget: 
     _check(positions, "decode")
     if not replays(policy):
         raise ValueError(f"{policy.label()} is not replayed layer by layer; use run_decode")
+    if policy.keeps_all:
+        return full_from_reference(ref, policy, positions, hit_ratio)
     n_in, ids = ref.num_fed, ref.ids
     k = n_in if policy.keeps_all else resolve_budget(budget, n_in, budget_rule)
     first = 1 if policy.keeps_all else k
@@ -192,41 +194,63 @@ def run_decode_layerwise(model, ref: Reference, policy: EvictionPolicy, budget: 
         seconds = time.perf_counter() - start
     meter = AttentionMeter(ref, hit_ratio)
     layers = [replay.layers[i] for i in range(len(replay.layers))]
-    read = None
-    for i, t in enumerate(range(first, n_in)):
-        read = torch.stack([layer.read[i] for layer in layers])  # [L, Hkv, m + 1]
-        meter.step(t, read, torch.stack([o[0, t] for o in outputs]))
+    reads = [torch.stack([layer.read[i] for layer in layers]) for i in range(n_in - first)]  # each [L, Hkv, m]
+    made = torch.stack(outputs)[:, 0].transpose(0, 1)  # [T, L, Hq*D]: every query's attention outputs
+    start = first
+    while start < n_in:  # runs of queries that read as many entries, measured at once (all but the full cache's)
+        width, stop = reads[start - first].shape[-1], start + 1
+        while stop < n_in and reads[stop - first].shape[-1] == width:
+            stop += 1
+        meter.step_many(range(start, stop), torch.stack(reads[start - first:stop - first]), made[start:stop])
+        start = stop
+    read = reads[-1] if reads else None
     held = sum(tensor_bytes(layer.keys, layer.values) for layer in layers)
     return _result(policy, k, positions, "decode", meter, read, nll=_nll(logits, ids[0, 1:n_in + 1]).cpu(),
                    scored_from=1, evictions=sum(layer.evicted for layer in layers), seconds=seconds,
                    kv_bytes_held=held)
 
 
+def full_from_reference(ref: Reference, policy: EvictionPolicy, positions: str = "original",
+                        hit_ratio: float = 1.0) -> RunResult:
+    """The full cache's decode run read off the reference, with no forward: every query after the first reads every
+    earlier token, so its perplexity, attention outputs and bytes are the reference's own (what
+    ``run_decode(..., full_prefill=1)`` measures, up to float rounding)."""
+    n_in = ref.num_fed
+    meter = AttentionMeter(ref, hit_ratio)
+    meter.step_everything(range(1, n_in))
+    every = torch.arange(n_in).expand(ref.num_layers, ref.num_kv_heads, n_in)  # [L, Hkv, T]: the last query's read
+    return _result(policy, n_in, positions, "decode", meter, every, nll=ref.nll.clone(), scored_from=1, evictions=0,
+                   seconds=0.0, kv_bytes_held=ref.kv_bytes)
+
+
 @torch.inference_mode()
 def time_decode_steps(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
                       steps: int = 16, threads: int | None = 1, budget_rule: str = "round") -> np.ndarray:
-    """Wall time (ms) of ``steps + 1`` real one-token decode steps at the end of the text, the policy evicting
-    after each (the first is a warm-up the tables leave out).
+    """Wall time (ms) of ``steps + 1`` real one-token decode steps, the policy evicting after each (the first is a
+    warm-up the tables leave out).
 
-    The text up to the timed steps goes in one forward (the hook then evicts it to the budget once), so each
-    timed step does what every step of a decode run does at that budget: a forward over the held entries
-    plus the policy's own work. A full cache holds every token, as at the end of its run.
+    An evicting policy is timed from the step its cache first reaches the budget: one forward of the first
+    ``budget`` tokens, then the steps, each a forward over the held entries plus the policy's own work, as every
+    step of its decode run from there on (a step costs the same wherever in the text it falls: the cache holds the
+    budget). The full cache and an attention-only window, whose caches hold every token, are timed on the text's
+    last steps, after one forward of the text before them.
     """
     _check(positions, "decode")
     n_in, ids = ref.num_fed, ref.ids
     timed = max(1, min(steps + 1, n_in - 1))
     k = n_in if policy.keeps_all else resolve_budget(budget, n_in, budget_rule)
+    holds_all = policy.keeps_all or policy.stores_all
+    start = k if not holds_all and k + timed <= n_in else n_in - timed
     plan = eviction_plan(policy, k, positions)
     hook: EvictionHook = plan.hook
     step_ms = []
     with attention_implementation(model, "eager"), torch_threads(threads):
         cache = plan.new_cache(model)
-        run_step(model, cache, ids[:, :n_in - timed], plan)
-        for t in range(n_in - timed, n_in):
-            start = time.perf_counter()
+        run_step(model, cache, ids[:, :start], plan)
+        for t in range(start, start + timed):
+            begin = time.perf_counter()
             masked = hook.readable(cache) if policy.stores_all else None
             mask = None if masked is None else decode_mask(masked, t + 1, ref.groups, cache.layers[0].keys.dtype)
             run_step(model, cache, ids[:, t:t + 1], plan, attention_mask=mask)
-            step_ms.append((time.perf_counter() - start) * 1e3)
+            step_ms.append((time.perf_counter() - begin) * 1e3)
     return np.asarray(step_ms)
-

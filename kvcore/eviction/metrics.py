@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -49,6 +51,40 @@ class AttentionMeter:
         share = torch.zeros(t + 1).index_add_(0, vis.flatten().cpu(), torch.ones(vis.numel())) / (L * Hkv)
         self.visible[t, :t + 1] = (share * 255).round().to(torch.uint8).numpy()
         self.steps += 1
+
+    def step_many(self, ts: Sequence[int], vis: torch.Tensor, outputs: torch.Tensor) -> None:
+        """:meth:`step` for many queries at once, each reading as many positions: queries ``ts`` read ``vis``
+        ``[S, L, Hkv, m]`` and made attention outputs ``[S, L, Hq*D]`` (the same sums, batched)."""
+        S, L, Hkv, m = vis.shape
+        if S == 0:
+            return
+        groups, T = self.ref.groups, self.ref.attn.shape[-1]
+        t = torch.as_tensor(list(ts), dtype=torch.long)
+        rows = self.ref.attn[:, :, t].permute(2, 0, 1, 3).reshape(S, L, Hkv, groups, T)  # [S, L, Hkv, G, T]
+        idx = vis[:, :, :, None, :].expand(-1, -1, -1, groups, -1).cpu()  # [S, L, Hkv, G, m]
+        self.mass += rows.gather(-1, idx).sum(-1).mean(dim=(2, 3)).sum(0).cpu()
+        needed = rows >= (self.hit_ratio / (t + 1)).view(S, 1, 1, 1, 1)  # positions after t hold 0: never needed
+        self.lookups += int(needed.sum())
+        self.hits += int(needed.gather(-1, idx).sum())
+        want = self.ref.outputs[:, t].transpose(0, 1)  # [S, L, Hq*D]
+        self.error += ((outputs.cpu() - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)).sum(0).cpu()
+        counts = torch.zeros(S, T).scatter_add_(1, vis.reshape(S, -1).cpu(), torch.ones(S, L * Hkv * m))
+        share = counts / (L * Hkv)  # [S, T]: positions after each query were never read
+        self.visible[t.numpy()] = (share * 255).round().to(torch.uint8).numpy()
+        self.steps += S
+
+    def step_everything(self, ts: Sequence[int]) -> None:
+        """:meth:`step` for queries ``ts`` that read every position up to themselves, as the full cache does: their
+        attention outputs are the reference's own (no error), every lookup hits, every token is visible."""
+        t = torch.as_tensor(list(ts), dtype=torch.long)
+        if not len(t):
+            return
+        rows = self.ref.attn[:, :, t]  # [L, Hq, S, T]: zero after each query
+        self.mass += rows.sum(-1).mean(dim=1).sum(-1).cpu()
+        needed = int((rows >= (self.hit_ratio / (t + 1)).view(1, 1, -1, 1)).sum())
+        self.lookups += needed
+        self.hits += needed
+        self.steps += len(t)
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer mean mass retained and output error (1 and 0 when no step was measured)."""

@@ -52,13 +52,13 @@ def cold(tmp_path, monkeypatch):
     return forget
 
 
-def test_the_eviction_default_is_one_forward_per_run_plus_its_timed_steps(cold):
+def test_the_eviction_default_is_one_forward_per_evicting_run_plus_the_timed_steps(cold):
     runs = len(EvictionConfig().runs())  # the full cache and 4 policies x 2 budgets
     with Forwards() as forwards:
         assert_clean(open_page("eviction"))
-    # the reference pass, one replayed forward per run, then per run one forward up to its timed steps and the
-    # TIMED_STEPS + 1 one-token steps themselves
-    assert forwards.count == 1 + runs + runs * (1 + TIMED_STEPS + 1)
+    # the reference pass, one replayed forward per evicting run (the full cache's is the reference's), then per run
+    # one forward up to its timed steps and the TIMED_STEPS + 1 one-token steps themselves
+    assert forwards.count == 1 + (runs - 1) + runs * (1 + TIMED_STEPS + 1)
     assert forwards.tokens.count(1) == runs * (TIMED_STEPS + 1)
     cold_restart = forwards.count
     disk_cache.forget()  # a restarted server: the runs come back from disk; step times are measured afresh
