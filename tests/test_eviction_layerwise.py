@@ -174,3 +174,26 @@ def test_many_steps_measured_at_once_equal_the_steps_measured_one_by_one(tiny):
     assert torch.allclose(many.mass, one.mass, atol=1e-5)
     assert torch.allclose(many.error, one.error, rtol=1e-5)
     assert (many.visible == one.visible).all()
+
+
+def test_positional_policies_keep_the_same_tokens_whatever_the_keys_say():
+    """A policy marked positional is replayed through one mask worked out on positions alone: check the mark."""
+    from kvcore.eviction.base import EvictionState
+    from kvcore.eviction.layerwise import positional_schedule
+
+    marked = [name for name in POLICIES if POLICIES[name].positional]
+    assert sorted(marked) == ["sliding_window", "streaming_llm"]
+    gen = torch.Generator().manual_seed(3)
+    for name in marked:
+        policy = make_policy(name)
+        state = EvictionState.empty(1, 2)
+        state.append(20)
+        keys, values = torch.randn(1, 2, 20, 8, generator=gen), torch.randn(1, 2, 20, 8, generator=gen)
+        blank = torch.zeros(1, 2, 20, 1)
+        assert torch.equal(policy.select(state, keys, values, 8), policy.select(state, blank, blank, 8))
+    schedule = positional_schedule(make_policy("sliding_window"), 4, 10, 2)
+    assert [r[0].tolist() for r in schedule.reads] == [[t - 4, t - 3, t - 2, t - 1, t] for t in range(4, 10)]
+    assert schedule.kept[0, 0].tolist() == [6, 7, 8, 9]
+    assert schedule.evicted == 6 * 2  # one entry per KV head per step
+    with pytest.raises(ValueError, match="reads more than positions"):
+        positional_schedule(make_policy("h2o"), 4, 10, 2)

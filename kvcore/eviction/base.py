@@ -140,7 +140,9 @@ class EvictionPolicy:
     A subclass implements :meth:`score_tokens` (higher = keep) and, when it reads attention,
     :meth:`observe`. Class attributes: ``name`` (registry key), ``paper`` (what it follows),
     ``needs_attention`` (scores read attention probabilities), ``keeps_all`` (never evicts: the full
-    cache), ``stores_all`` (limits attention only, storage unchanged).
+    cache), ``stores_all`` (limits attention only, storage unchanged), ``positional`` (scores read token
+    positions only, never keys, values or attention, and draw nothing at random: what it keeps at a step is the
+    same in every layer and head, whatever the model computes).
     """
 
     __slots__ = ()
@@ -149,6 +151,7 @@ class EvictionPolicy:
     needs_attention: ClassVar[bool] = False
     keeps_all: ClassVar[bool] = False
     stores_all: ClassVar[bool] = False
+    positional: ClassVar[bool] = False
 
     def score_tokens(self, state: EvictionState, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, Hkv, T]`` of the cached tokens (higher = keep); keys/values ``[B, Hkv, T, D]``."""

@@ -12,6 +12,10 @@ runs once over the whole text instead of once per token: a sweep on the bundled 
 faster. ``tests/test_eviction_layerwise.py`` checks that every policy, both position modes and both
 budget kinds give the token-by-token run's numbers.
 
+A positional policy (StreamingLLM, a sliding window) in original positions keeps the same tokens in every layer
+whatever the model computes, so its schedule is worked out on positions alone first and every layer attends once
+through a mask (the mask-based evaluation of attention-only policies, applied to evicting ones).
+
 The full cache is read off the reference (:func:`full_from_reference`), as :func:`run_decode` decodes it for a
 sweep (``full_prefill=1``: every query after the first measured). Not replayed: an attention-only policy's mask
 (it reads layer 0's choice in every layer) and Knorm (:data:`ROUNDING_DECIDES`), which still run through
@@ -35,7 +39,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from kvcore.device import torch_threads
 from kvcore.eviction.base import Budget, EvictionPolicy, EvictionState, gather_kv, group_attention, resolve_budget
 from kvcore.eviction.hook import EvictionHook, eviction_plan
-from kvcore.eviction.masks import decode_mask
+from kvcore.eviction.masks import additive_mask, decode_mask
 from kvcore.eviction.metrics import AttentionMeter
 from kvcore.eviction.reference import Reference
 from kvcore.eviction.runner import RunResult, _check, _nll, _result
@@ -80,13 +84,19 @@ class LayerReplay:
 
 @dataclass(slots=True)
 class Replay:
-    """The run being replayed: policy, budget, where decoding starts, positions, and every layer's replay."""
+    """The run being replayed: policy, budget, where decoding starts, positions, and every layer's replay.
+
+    schedule: for a positional policy in original positions, what it keeps is known before the forward
+    (:func:`positional_schedule`), so each layer attends through one mask instead of stepping.
+    """
 
     policy: EvictionPolicy
     budget: int
     first: int  # tokens of the first forward (the rest are decode steps)
     inv_freq: torch.Tensor | None  # set when kept keys are re-rotated (StreamingLLM positions)
     layers: dict[int, LayerReplay] = field(default_factory=dict)
+    schedule: PositionalSchedule | None = None
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # query groups -> additive mask [1, Hq, N, N]
 
     def evict(self, layer: LayerReplay) -> None:
         """What :meth:`EvictionHook.evict` and :meth:`LabCache.keep` do to one layer."""
@@ -107,6 +117,67 @@ class Replay:
             self.policy.observe(layer.state, group_attention(probs, layer.state.positions.shape[1]))
         if layer.state.length > self.budget:
             self.evict(layer)
+
+
+@dataclass(slots=True)
+class PositionalSchedule:
+    """What a positional policy lets every decode query read, the same in every layer and KV head.
+
+    reads: per decode step, the positions ``[Hkv, budget + 1]`` its query reads (the kept ones and itself).
+    kept: positions ``[1, Hkv, budget]`` held after the last step. evicted: entries removed per layer.
+    """
+
+    reads: list[torch.Tensor]
+    kept: torch.Tensor
+    evicted: int
+
+
+def positional_schedule(policy: EvictionPolicy, budget: int, num_tokens: int, num_kv_heads: int) -> PositionalSchedule:
+    """Run the hook's bookkeeping on positions alone (no keys, values or attention: a positional policy reads none)
+    for ``num_tokens`` tokens fed one per step after the first ``budget``."""
+    if not policy.positional:
+        raise ValueError(f"{policy.label()} reads more than positions; it is replayed step by step")
+    state = EvictionState.empty(1, num_kv_heads)
+    state.append(budget)
+    reads, evicted = [], 0
+    for t in range(budget, num_tokens):
+        reads.append(torch.cat([state.positions[0], torch.full((num_kv_heads, 1), t)], dim=-1))
+        state.append(1)
+        if state.length > budget:
+            blank = torch.zeros(1, num_kv_heads, state.length, 1)  # what select reads of keys: their count
+            idx = policy.select(state, blank, blank, budget)
+            evicted += (state.length - idx.shape[-1]) * num_kv_heads
+            state.keep(idx)
+    return PositionalSchedule(reads, state.positions, evicted)
+
+
+def _scheduled_mask(run: Replay, n: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask ``[1, Hq, n, n]`` of a scheduled run: causal up to the budget, then each query's reads."""
+    if groups not in run.masks:
+        reads = torch.stack(run.schedule.reads)  # [S, Hkv, k + 1]
+        Hkv = reads.shape[1]
+        allowed = torch.ones(n, n, dtype=torch.bool).tril().expand(Hkv, n, n).clone()  # [Hkv, n, n]
+        decode = torch.zeros(Hkv, len(reads), n, dtype=torch.bool)
+        decode.scatter_(2, reads.transpose(0, 1), True)
+        allowed[:, run.first:] = decode
+        run.masks[groups] = additive_mask(allowed, groups, dtype)
+    return run.masks[groups]
+
+
+def _replay_scheduled(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                      run: Replay) -> torch.Tensor:
+    """One layer of a scheduled run: eager attention through the run's mask; the layer's cache as the hook leaves it."""
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # [1, Hq, N, D]
+    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling + _scheduled_mask(run, query.shape[2], groups,
+                                                                                 query.dtype)
+    out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), v)  # [1, Hq, N, D]
+    kept = run.schedule.kept
+    state = EvictionState(kept.clone(), query.shape[2], module.layer_idx)
+    run.layers[module.layer_idx] = LayerReplay(state, gather_kv(key, kept), gather_kv(value, kept), None,
+                                               run.schedule.reads, run.schedule.evicted)
+    return out
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, groups: int, scaling: float,
@@ -130,6 +201,8 @@ def _replay_layer(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     _, Hq, N, D = query.shape
     groups = Hq // key.shape[1]
     scaling = D ** -0.5 if scaling is None else scaling
+    if run.schedule is not None:
+        return _replay_scheduled(module, query, key, value, scaling, run).transpose(1, 2).contiguous(), None
     k0 = run.first
     out = torch.empty_like(query)  # [1, Hq, N, D]
     out[:, :, :k0], probs = _attend(query[:, :, :k0], key[:, :, :k0], value[:, :, :k0], groups, scaling, True)
@@ -185,6 +258,8 @@ def run_decode_layerwise(model, ref: Reference, policy: EvictionPolicy, budget: 
     first = 1 if policy.keeps_all else k
     inv_freq = rope_inv_freq(model) if positions == "rerotate" else None
     replay = Replay(policy, k, first, inv_freq)
+    if policy.positional and positions == "original" and k < n_in:
+        replay.schedule = positional_schedule(policy, k, n_in, ref.num_kv_heads)
     position_ids = torch.arange(n_in, device=ids.device)
     if positions == "rerotate":  # each new token comes at the cache length, which stays at the budget
         position_ids = position_ids.clamp(max=k)

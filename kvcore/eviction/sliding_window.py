@@ -20,6 +20,7 @@ class SlidingWindow(EvictionPolicy):
 
     name: ClassVar[str] = "sliding_window"
     paper: ClassVar[str] = "window attention (Beltagy et al. 2020; baseline in Xiao et al. 2023)"
+    positional: ClassVar[bool] = True
 
     def score_tokens(self, state: EvictionState, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Original position ``[B, Hkv, T]``: newer is better."""

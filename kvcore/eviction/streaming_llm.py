@@ -21,6 +21,7 @@ class StreamingLLM(EvictionPolicy):
 
     name: ClassVar[str] = "streaming_llm"
     paper: ClassVar[str] = "StreamingLLM (Xiao et al. 2023)"
+    positional: ClassVar[bool] = True
     n_sink: int = field(default=4, metadata={"min": 1, "max": 64, "help": "first tokens kept as attention sinks"})
 
     def __post_init__(self) -> None:
