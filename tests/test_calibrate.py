@@ -59,7 +59,8 @@ def test_the_grid_covers_batches_contexts_chunks_and_mixed_steps():
     assert sorted((d["sequences"], d["kv_tokens_read"]) for d in decode) == [(1, 16), (1, 64), (2, 32), (2, 128),
                                                                             (4, 64)]
     prefill = [s.chunks for s in steps if s.kind == "prefill"]
-    assert prefill == [((0, 8),), ((256, 8),), ((0, 32),), ((256, 32),)]
+    assert prefill == [((0, 8),), ((256, 8),), ((1024, 8),), ((0, 32),), ((256, 32),), ((1024, 32),),
+                       ((0, 32),) * 2, ((0, 32),) * 4]  # several chunks in a step: up to max_seqs of them
     mixed = [s.chunks for s in steps if s.kind == "mixed"]
     assert mixed == [((256, 1),) * 3 + ((0, 32),)]
 

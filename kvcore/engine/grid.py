@@ -56,20 +56,23 @@ def largest_chunks(num_params: int, prefills: Sequence[int] = PREFILLS) -> tuple
 def design(max_seqs: int = 32, contexts: Sequence[int] = (16, 128, 512, 1024),
            prefills: Sequence[int] = PREFILLS, max_kv_tokens: int = 16384) -> list[GridStep]:
     """The grid: decode batches of 1, 2, 4... ``max_seqs`` at each context (at most ``max_kv_tokens`` read),
-    one prefill chunk of each size from scratch and after 256 cached tokens, and decodes beside a chunk."""
+    one prefill chunk of each size from scratch and after 256 or 1,024 cached tokens, 2, 4 and 8 chunks in one
+    step, and decodes beside a chunk."""
     steps = []
     batch = 1
     while batch <= max_seqs:
         steps += [GridStep("decode", ((c, 1),) * batch) for c in contexts if batch * c <= max_kv_tokens]
         batch *= 2
-    steps += [GridStep("prefill", ((cached, n),)) for n in prefills for cached in (0, 256)]
+    steps += [GridStep("prefill", ((cached, n),)) for n in prefills for cached in (0, 256, 1024)]
+    for chunks in (2, 4, 8):  # several prompts prefilled in one step (whole prompts, or the first chunks)
+        steps += [GridStep("prefill", ((0, n),) * chunks) for n in prefills[1:3] if chunks <= max_seqs]
     for seqs in {min(4, max_seqs), max_seqs}:
         steps += [GridStep("mixed", ((256, 1),) * (seqs - 1) + ((0, n),)) for n in prefills[1::2]]
     return steps
 
 
 def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: int = 3, threads: int | None = None,
-              pool_bytes: float = 128e6, seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
+              pool_bytes: float = 256e6, seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
     """Each grid step's seconds on the model runner: median, quartiles and repeats; one row per step with its
     :data:`FEATURES`. A first round, untimed, warms every step up; then ``repeats`` timed rounds. The pools take
     at most ``pool_bytes`` (sequences beyond share blocks)."""
