@@ -48,17 +48,18 @@ class EvictionText:
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def reference(source: EvictionText) -> Reference:
-    """The text through the full cache once (what every run is measured against)."""
-    shared = shared_model(source.model)
+def reference(source: EvictionText, _model: SharedModel | None = None) -> Reference:
+    """The text through the full cache once (what every run is measured against). _model: a copy of the source's
+    model to run it on (the warm-up's own); by default the shared one."""
+    shared = _model or shared_model(source.model)
     with shared.lock:
         return reference_pass(shared.model, text_ids(shared.model, shared.tokenizer, source.text, source.max_tokens))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def reference_claims(source: EvictionText) -> list[dict[str, Any]]:
+def reference_claims(source: EvictionText, _model: SharedModel | None = None) -> list[dict[str, Any]]:
     """Attention sinks and Knorm's premise, measured on the text's reference (they depend on nothing else)."""
-    return model_claims(reference(source))
+    return model_claims(reference(source, _model))
 
 
 def measure_run(source: EvictionText, spec: RunSpec, progress: Progress | None = None,
@@ -87,11 +88,12 @@ def measured(source: EvictionText, spec: RunSpec) -> RunResult:
 
 
 @st.cache_data(max_entries=256, ttl=RUN_TTL_S, show_spinner=False)
-def step_times(source: EvictionText, spec: RunSpec) -> tuple[np.ndarray, float]:
-    """Real decode steps of the run timed now (:meth:`RunSpec.time_steps`) and the load average then."""
-    shared = shared_model(source.model)
+def step_times(source: EvictionText, spec: RunSpec, _model: SharedModel | None = None) -> tuple[np.ndarray, float]:
+    """Real decode steps of the run timed now (:meth:`RunSpec.time_steps`) and the load average then. _model: a
+    copy of the source's model to time them on (the warm-up's own); by default the shared one."""
+    shared = _model or shared_model(source.model)
     with shared.lock:
-        return spec.time_steps(shared.model, reference(source))
+        return spec.time_steps(shared.model, reference(source, _model))
 
 
 def run(source: EvictionText, spec: RunSpec) -> RunResult:
@@ -99,17 +101,21 @@ def run(source: EvictionText, spec: RunSpec) -> RunResult:
     return with_timing(measured(source, spec), *step_times(source, spec))
 
 
-def sweep(source: EvictionText, config: EvictionConfig) -> EvictionResults:
-    """Every run of ``config`` on the text under a progress bar (measured, then timed), gathered into tables."""
+def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | None = None) -> EvictionResults:
+    """Every run of ``config`` on the text under a progress bar (measured, then timed), gathered into tables.
+
+    model: a copy of the source's model to compute with (the warm-up's own, so it never holds the shared one's
+    lock); by default the shared one. Either gives the same numbers."""
     specs, runs, timed = config.runs(), [], []
     with progress_bar() as bar:
         bar(0.0, "Full-cache reference pass...")
-        ref = reference(source)
+        ref = reference(source, model)
         for i, spec in enumerate(specs):
             bar(0.05 + 0.75 * i / len(specs), f"Measuring {spec.label} ({i + 1}/{len(specs)})")
-            runs.append(measured(source, spec))
+            runs.append(measured(source, spec) if model is None else measure_run(source, spec, model=model))
         for i, spec in enumerate(specs):
             bar(0.8 + 0.2 * i / len(specs), f"Timing the decode steps of {spec.label} ({i + 1}/{len(specs)})")
-            timed.append(step_times(source, spec))
+            timed.append(step_times(source, spec, model))
     runs = [with_timing(r, *t) for r, t in zip(runs, timed, strict=True)]
-    return summarize(ref, runs, config, shared_model(source.model).tokenizer, reference_claims(source))
+    tokenizer = (model or shared_model(source.model)).tokenizer
+    return summarize(ref, runs, config, tokenizer, reference_claims(source, model))

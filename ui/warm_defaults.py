@@ -12,7 +12,7 @@ from collections.abc import Callable
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from kvcore.models.attention import AttentionPatterns
 from kvcore.quant import evaluate as qe
-from ui import eviction_runs, eviction_steps, live_runs, quant_runs
+from ui import eviction_runs, eviction_steps, live_runs, live_steps, quant_runs
 from ui import step_figures as sf
 from ui.models import SharedModel, private_model, shared_model
 
@@ -21,17 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def warm_eviction(model: SharedModel | None = None) -> None:
-    """The Eviction page's default sweep and its step player's frames at the first budget. model: a private copy to
-    measure the runs with first (kept on disk), so the shared model is held only to time them."""
+    """The Eviction page's default sweep and its step player's frames at the first budget. model: a copy of the
+    bundled model to compute with (the shared one by default)."""
     config = EvictionConfig()
     text = eviction_runs.EvictionText("bundled", sample_text(), config.max_tokens)
-    if model is not None:
-        for spec in config.runs():
-            eviction_runs.measure_run(text, spec, model=model)
-    results = eviction_runs.sweep(text, config)
+    results = eviction_runs.sweep(text, config, model)
     steps = len(results.tokens)
     grid = tuple(sf.frame_steps(steps, steps - 1))
-    eviction_steps.step_view(text, tuple(config.runs()), min(config.budgets), grid, results)
+    view = eviction_steps.step_view(text, tuple(config.runs()), min(config.budgets), grid, results)
+    eviction_steps.player(text, tuple(config.runs()), min(config.budgets), grid, view)
 
 
 def warm_quantization(model: SharedModel | None = None) -> None:
@@ -40,9 +38,10 @@ def warm_quantization(model: SharedModel | None = None) -> None:
     quant_runs.measure(qe.QuantText(), model=model)
 
 
-def warm_live_model() -> None:
-    """The Live model page's default generation, its full-cache twin, its timing and its step player's frames."""
-    shared = shared_model()
+def warm_live_model(model: SharedModel | None = None) -> None:
+    """The Live model page's default generation, its full-cache twin, its timing and its step player's frames.
+    model: a copy of the bundled model to compute with (the shared one by default)."""
+    shared = model or shared_model()
     run = live_runs.generation(shared, LIVE_DEFAULT, stream=False)
     live_runs.generation(shared, LIVE_DEFAULT.full, stream=False)
     live_runs.step_timing(shared, LIVE_DEFAULT, run)
@@ -50,11 +49,13 @@ def warm_live_model() -> None:
     attn = live_runs.attention(shared, LIVE_DEFAULT, run, layer, None)
     thresholds = AttentionPatterns.for_length(len(run.ids), sink_ratio=5.0, heavy_fraction=0.05)
     grid = tuple(sf.frame_steps(len(run.held), len(run.held) - 1))
-    live_runs.steps_view(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, run, attn)
+    view = live_runs.steps_view(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, run, attn)
+    live_steps.player(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, "Layer 1, head mean", run.plan, view)
 
 
 def default_steps() -> list[tuple[str, Callable[[], object]]]:
-    """The warm-up's steps, quickest to pay off first; the long measurements use a private copy of the model."""
+    """The warm-up's steps, quickest to pay off first, all on a copy of the bundled model of their own (the pages'
+    shared copy is loaded first so that the first page that needs it finds it)."""
     private: list[SharedModel] = []
 
     def copy() -> SharedModel:
@@ -63,7 +64,7 @@ def default_steps() -> list[tuple[str, Callable[[], object]]]:
         return private[0]
 
     return [("the bundled model", shared_model), ("Eviction", lambda: warm_eviction(copy())),
-            ("Live model", warm_live_model), ("Quantization", lambda: warm_quantization(copy()))]
+            ("Live model", lambda: warm_live_model(copy())), ("Quantization", lambda: warm_quantization(copy()))]
 
 
 def warm(steps: list[tuple[str, Callable[[], object]]] | None = None) -> list[str]:

@@ -61,22 +61,20 @@ def private():
     return private_model()
 
 
-@pytest.mark.parametrize("page", ["eviction", "live_model", "quantization"])
-def test_after_the_warm_up_a_default_view_runs_no_forward(page, private):
-    steps = {"eviction": lambda: warm_defaults.warm_eviction(private), "live_model": warm_defaults.warm_live_model,
-             "quantization": lambda: warm_defaults.warm_quantization(private)}
-    steps[page]()
+STEPS = {"eviction": warm_defaults.warm_eviction, "live_model": warm_defaults.warm_live_model,
+         "quantization": warm_defaults.warm_quantization}
+
+
+@pytest.mark.parametrize("page", list(STEPS))
+def test_the_warm_up_computes_on_its_own_copy_and_the_default_view_then_runs_no_forward(page, private, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path))
+    disk_cache.forget()
+    with Forwards() as shared_forwards:
+        STEPS[page](private)
+    assert shared_forwards.count == 0  # the pages' shared copy stays free (its lock never held by the warm-up)
+    assert private.model is not shared_model().model
     with Forwards() as forwards:
         at = open_page(page)
     assert_clean(at)
     assert forwards.count == 0
-
-
-def test_the_long_measurements_run_on_a_private_copy_and_keep_the_shared_model_free(private, tmp_path, monkeypatch):
-    monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path))
-    disk_cache.forget()
-    with Forwards() as shared_forwards:
-        warm_defaults.warm_quantization(private)
-    assert shared_forwards.count == 0
-    assert private is not shared_model()
-    assert private.model is not shared_model().model
