@@ -73,17 +73,18 @@ def _ms(t: Timing | None) -> str:
 
 
 def prefill_vs_decode(timing: PhaseTiming) -> tuple[str, str]:
-    """The headline comparing the phases: ``("3.5 decode steps", why)``, or "within noise" when the rounds
-    disagree more than the phases differ (a loaded machine; never a ratio then)."""
+    """The headline comparing the phases: ``("3.5x", why)`` (a prefill costs 3.5 decode steps), or "noise" when
+    the rounds disagree more than the phases differ (a loaded machine; never a ratio then)."""
     ratio = timing.ratio()
     if ratio is None:
         return "n/a", "nothing was generated, so no decode step was timed"
     median, q1, q3 = ratio
     spread = f"per-round ratios IQR {q1:.2f}-{q3:.2f} over {len(timing.ratios)} interleaved rounds"
     if timing.within_noise():
-        return "within noise", (f"the rounds disagree more than the phases differ ({spread}, median {median:.2f}; "
-                                f"{load_note(timing.prefill.load_1min, timing.prefill.cpus)}): no ratio is stated")
-    return f"{median:.1f} decode steps", f"one prefill costs {median:.2f} one-token decode steps ({spread})"
+        return "noise", (f"within noise: the rounds disagree more than the phases differ ({spread}, median "
+                         f"{median:.2f}; {load_note(timing.prefill.load_1min, timing.prefill.cpus)}), so no ratio "
+                         "is stated")
+    return f"{median:.1f}x", f"one prefill costs {median:.2f} one-token decode steps ({spread})"
 
 
 def generation_metrics(run: LiveRun, timing: PhaseTiming) -> None:
@@ -98,7 +99,7 @@ def generation_metrics(run: LiveRun, timing: PhaseTiming) -> None:
         "Decode, per token": (_ms(decode), f"one-token steps; {spread['decode']}"),
         "KV cache now": (bytes_str(int(last.kv_bytes)), f"{int(last.kv_tokens)} entries per layer"),
         "Mean log-prob": (f"{run.table['logprob'].mean():.2f}", "nats, generated tokens"),
-        "Prefill costs": prefill_vs_decode(timing),
+        "Prefill / decode step": prefill_vs_decode(timing),
     }
     for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
         col.metric(label, value, help=why)
@@ -123,7 +124,8 @@ def timing_chart(timing: PhaseTiming) -> go.Figure:
                                     "array": [phases[n].q3 - phases[n].median for n in names],
                                     "arrayminus": [phases[n].median - phases[n].q1 for n in names]},
                            hovertemplate="%{x}: median %{y:.2f} ms<extra></extra>"))
+    ratio = timing.ratio()
     verdict = "within noise of each other" if timing.within_noise() else \
-        f"a prefill costs {prefill_vs_decode(timing)[0]}"
+        f"a prefill costs {ratio[0]:.1f} decode steps"
     return style(fig, f"Prefill vs decode: medians, IQR bars<br>{verdict}", x="phase", y="ms per call",
                  legend=False, height=320)
