@@ -233,16 +233,33 @@ def markdown(table: pd.DataFrame, started: str, load_start: tuple[float, ...], a
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("-" if pd.isna(v) else str(v) for v in r) + " |" for r in table.itertuples(index=False)]
     load_end = os.getloadavg()
+    command = " ".join(["python benchmarks/pages.py", *shown_args(args.argv)])
     return "\n".join([
         BEGIN, "## First view in a browser (`benchmarks/pages.py`)", "",
-        f"**Command:** `python benchmarks/pages.py{' ' + ' '.join(args.argv) if args.argv else ''}`. "
+        f"**Command:** `{command}`. "
         f"**Date:** {started}. **Machine:** {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}. **Load average** (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} "
         f"at the start, {'/'.join(f'{x:.2f}' for x in load_end)} at the end.", "",
-        "Headless Chromium, one tab per page in the navigation's order, each wait until the app's script stopped. "
-        "`empty`: a fresh server with an empty results cache (the first visitor of a new deployment); `kept`: the "
-        "server restarted on the cache the first pass filled. Targets: first view <= 5 s, one click <= 15 s, "
-        "a slider step < 0.5 s.", "", *lines, "", END])
+        "Headless Chromium, one tab per page in the navigation's order; each time runs from the navigation, key "
+        "press or click until the server finished the run it started (a step player's slider reruns only its "
+        "fragment), once nothing else ran for 0.9 s. `empty`: a fresh server with an empty results cache (the first "
+        "visitor of a new deployment); `kept`: the server restarted on the cache the first pass filled. The "
+        "background warm-up (`ui/warmup.py`) runs in both, as on a deployment. Targets: first view <= 5 s, one "
+        "click <= 15 s, a slider step < 0.5 s.", "", *lines, "", END])
+
+
+def shown_args(argv: list[str]) -> list[str]:
+    """The command's arguments as RESULTS.md shows them (where the CSV went is not part of the benchmark)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--csv="):
+            skip = False
+            continue
+        if arg == "--csv":
+            skip = True
+            continue
+        out.append(arg)
+    return out
 
 
 def write_results(section: str, path: Path = RESULTS) -> None:
