@@ -114,8 +114,10 @@ def with_timing(result: RunResult, step_ms: np.ndarray, load_1min: float) -> Run
 # each costs a page view about 10 ms per run.
 TIMED_STEPS = 8
 
-# Tokens (runs x tokens each) one page view may stream through the model: on a 2-core CPU one run of
-# 1,024 tokens takes about 3 s with the bundled model, so this keeps a view near 30 s. The CLI has no limit.
+# Tokens (runs x tokens each) one page view may stream through the model. On a 2-core CPU with the bundled model a
+# run of 1,024 tokens takes about 1 s replayed layer by layer (H2O; a sliding window 0.6 s) and about 4 s token by
+# token (Knorm, an attention-only window), so the heaviest view (token-by-token runs only) stays near half a minute.
+# The CLI has no limit.
 PAGE_STREAM_LIMIT = 8192
 
 @dataclass(slots=True)
