@@ -23,7 +23,7 @@ from kvcore.engine.calibrate import (
     simulate_engine,
 )
 from kvcore.engine.experiment import EngineSettings, serve_engine
-from kvcore.engine.grid import FEATURES, GridStep, design, largest_chunks, time_engine_overhead
+from kvcore.engine.grid import FEATURES, GridStep, design, largest_chunks, time_engine_run
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models import load_model
 from kvcore.sched.cost import FittedCost
@@ -43,7 +43,9 @@ def test_a_step_counts_its_work_as_the_simulator_does():
         # decodes: 256 + 1 each; prefill of 64 from scratch: 64 * 65 / 2; 8 after 100: 8 * 100 + 8 * 9 / 2
         "attn_pairs": 2 * 257 + 64 * 65 // 2 + 8 * 100 + 36,
         "kv_tokens_read": 256 + 256 + 0 + 100,
+        "small_tokens": 8,  # the first 8 rows: a step under 8 rows runs torch's own GEMM
     }
+    assert GridStep("decode", ((40, 1),) * 3).features()["small_tokens"] == 3
 
 
 def test_a_bigger_model_times_smaller_prefill_chunks():
@@ -88,17 +90,18 @@ def test_held_out_steps_of_an_exactly_linear_grid_are_predicted_exactly():
 
 def test_a_fitted_step_time_adds_every_term():
     cost = FittedCost("hand", 1e-3, per_token_s=1e-4, per_pair_s=1e-8, per_kv_token_s=1e-7, per_seq_s=2e-4,
-                      per_prefill_s=5e-4)
-    # 20 new tokens, 300 pairs, 1000 tokens read, 5 sequences of which 1 a prefill chunk
-    assert cost.step_time(20, 300, 1000, 5, 1) == pytest.approx(1e-3 + 2e-3 + 3e-6 + 1e-4 + 1e-3 + 5e-4)
+                      per_prefill_s=5e-4, per_small_token_s=3e-5, small_rows=8)
+    # 20 new tokens, 300 pairs, 1000 tokens read, 5 sequences of which 1 a prefill chunk; 8 small-step rows
+    assert cost.step_time(20, 300, 1000, 5, 1) == pytest.approx(1e-3 + 2e-3 + 3e-6 + 1e-4 + 1e-3 + 5e-4 + 2.4e-4)
+    assert cost.step_time(3, 3, 0, 3, 0) == pytest.approx(1e-3 + 3e-4 + 3e-8 + 6e-4 + 9e-5)  # 3 small rows
     assert cost.step_time(0, 0, 0, 0, 0) == 0.0
     with pytest.raises(ValueError, match=">= 0"):
         FittedCost("bad", 0.0, per_seq_s=-1.0)
 
 
-def test_the_engine_alone_is_timed_with_the_model_taken_out(bundled):
+def test_a_real_run_gives_every_step_its_work_and_time(bundled):
     model, _ = bundled
-    steps = time_engine_overhead(model, max_seqs=4, requests=12)
+    steps = time_engine_run(model, max_seqs=4, requests=12)
     assert set(FEATURES) <= set(steps.columns)
     assert steps["sequences"].max() == 4
     assert (steps["prefill_seqs"] <= steps["sequences"]).all()

@@ -2,10 +2,12 @@
 
 As Vidur (Agrawal et al., MLSys 2024) profiles a serving engine's operators over a designed grid and simulates
 from the fit, :func:`calibrate_engine` times the engine's model runner on a designed grid of steps
-(:mod:`kvcore.engine.grid`: decode batches at short to long contexts, prefill chunks, mixed steps) and the
-engine's own work around it (scheduling, blocks, sampling) on a run with the model taken out, and fits
+(:mod:`kvcore.engine.grid`: decode batches at short to long contexts, prefill chunks, mixed steps), then what
+a real engine run of random prompts adds per step beyond the grid's model work (scheduling, blocks, sampling,
+garbage collection, cold caches), and fits
 
     step time = a + b * new_tokens + c * sequences + d * prefill chunks + e * attention pairs + f * KV tokens read
+                + g * min(new_tokens, 8)        (small steps: torch's GEMM, costlier per row than the packed one)
 
 with every coefficient >= 0 (least squares on relative error, every subset of terms tried), checked on grid
 steps held out of the fit. The simulator then serves any workload with the engine's scheduler settings and
@@ -24,7 +26,7 @@ import pandas as pd
 
 from kvcore.engine.engine import LLMEngine
 from kvcore.engine.grid import FEATURES as GRID_FEATURES
-from kvcore.engine.grid import block_bytes, design, largest_chunks, time_engine_overhead, time_grid
+from kvcore.engine.grid import SMALL_ROWS, block_bytes, design, largest_chunks, time_engine_run, time_grid
 from kvcore.sched.config import SimConfig
 from kvcore.sched.cost import FittedCost
 from kvcore.sched.metrics import SimResult
@@ -79,19 +81,22 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     """Profile the engine on a designed grid of steps and fit the simulator's step time (Vidur-style).
 
     Grid: :func:`kvcore.engine.grid.design` up to ``max_seqs`` sequences, each step timed ``repeats`` times
-    in shuffled rounds on ``threads`` torch threads; the engine's own per-step work timed on a run with the
-    model taken out. The fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on
-    grid steps held out of it; r2 is on every grid step.
+    in shuffled rounds on ``threads`` torch threads. Then one real engine run of random prompts
+    (:func:`kvcore.engine.grid.time_engine_run`, never a workload it will predict): each of its steps' time
+    beyond the grid fit's model time is fitted to a per-step, per-token and per-sequence cost and added. The
+    fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on grid steps held out
+    of it; r2 is on every grid step.
     """
     report = progress or (lambda fraction, label: None)
     steps = design(max_seqs, prefills=largest_chunks(sum(p.numel() for p in model.parameters())))
     grid = time_grid(model, steps, block_size, repeats, threads, progress=lambda f, label: report(0.85 * f, label))
-    report(0.85, "timing the engine's own work per step")
-    overhead = time_engine_overhead(model, block_size, max_seqs, threads)
-    report(0.95, "fitting the step time")
     runner, r2 = fit_nonnegative(_design_matrix(grid, GRID_FEATURES), grid["seconds"].to_numpy(float), relative=True)
-    busy = overhead[overhead["new_tokens"] > 0]
-    around, _ = fit_nonnegative(_design_matrix(busy, OVERHEAD_FEATURES), busy["seconds"].to_numpy(float))
+    report(0.85, "timing a real engine run: what a step costs beyond its model work")
+    run = time_engine_run(model, block_size, max_seqs, threads)
+    report(0.95, "fitting the step time")
+    run = run[run["new_tokens"] > 0]
+    beyond = run["seconds"].to_numpy(float) - _design_matrix(run, GRID_FEATURES) @ runner
+    around, _ = fit_nonnegative(_design_matrix(run, OVERHEAD_FEATURES), beyond)
     terms = dict(zip(("intercept", *GRID_FEATURES), runner, strict=True))
     terms["intercept"] += around[0]
     terms["new_tokens"] += around[1]
@@ -100,7 +105,8 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     return FittedCost(name, terms["intercept"], terms["new_tokens"], terms["attn_pairs"], terms["kv_tokens_read"],
                       r2=r2, kv_bytes_per_token=block_bytes(model, block_size) / block_size,
                       per_seq_s=terms["sequences"], per_prefill_s=terms["prefill_seqs"],
-                      held_out_error=float(np.median(np.abs(held_out_errors(grid)))), grid_steps=len(grid))
+                      held_out_error=float(np.median(np.abs(held_out_errors(grid)))), grid_steps=len(grid),
+                      per_small_token_s=terms["small_tokens"], small_rows=SMALL_ROWS)
 
 
 def fit_step_time(timeline: pd.DataFrame, name: str = "fitted to this run") -> FittedCost:
@@ -140,5 +146,6 @@ def coefficients_table(cost: FittedCost, num_steps: int | None = None) -> pd.Dat
                           "intercept_us": cost.intercept_s * 1e6, "per_token_us": cost.per_token_s * 1e6,
                           "per_sequence_us": cost.per_seq_s * 1e6, "per_prefill_chunk_us": cost.per_prefill_s * 1e6,
                           "per_attention_pair_ns": cost.per_pair_s * 1e9,
-                          "per_kv_token_read_ns": cost.per_kv_token_s * 1e9, "r2": cost.r2,
+                          "per_kv_token_read_ns": cost.per_kv_token_s * 1e9,
+                          "per_small_step_token_us": cost.per_small_token_s * 1e6, "r2": cost.r2,
                           "held_out_error_pct": cost.held_out_error * 100}])

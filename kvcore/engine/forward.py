@@ -78,7 +78,8 @@ class StepBatch:
     plans: dict[int | None, AttentionPlan]
 
 
-PACKED_MIN_ROWS = 4  # below this many rows torch's own linear is as fast as the packed one (measured)
+PACKED_MIN_ROWS = 8  # below this many rows torch's own linear beats the packed one padded to 16 rows (measured)
+ROW_BUCKET = 16  # packed GEMMs see row counts rounded up to this: oneDNN builds its kernel once per row count
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -106,9 +107,14 @@ class Projection:
         return cls(module.weight, module.bias, packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        rows = x.shape[0]
+        if self.packed is None or rows < PACKED_MIN_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        pad = -rows % ROW_BUCKET  # a new row count costs a kernel build (0.5-1 ms) on its first call
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return out[:rows] if pad else out
 
 
 @dataclass(slots=True)

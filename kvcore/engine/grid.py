@@ -6,7 +6,8 @@ largest at short to long contexts, prefill chunks of a few to hundreds of tokens
 prefix, and mixed steps (decodes beside a prefill chunk). Each grid step is fed straight to the engine's
 model runner (the K/V values in the pools do not change the work), timed ``repeats`` times in rounds of a
 fresh random order, so a load that comes and goes is spread over every step. What the engine does around
-the runner (scheduling, blocks, sampling) is timed apart, on a real run whose model is replaced by a stub.
+the runner (scheduling, blocks, sampling, and what a real run pays that a repeated grid step does not) is
+measured on one real engine run of random prompts.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from kvcore.device import torch_threads
 from kvcore.engine.engine import LLMEngine
+from kvcore.engine.forward import PACKED_MIN_ROWS
 from kvcore.engine.params import SamplingParams
 from kvcore.engine.runner import ModelRunner, SequenceChunk
 from kvcore.sched.cost import prefill_pairs
 
-FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read")
+FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read", "small_tokens")
+SMALL_ROWS = PACKED_MIN_ROWS  # steps of fewer rows run torch's GEMM, costlier per row than the packed one
 PREFILLS = (8, 32, 128, 256, 512)
 GRID_WORK = 4e10  # parameters x tokens of the largest prefill chunk timed (512 tokens of a 78M-parameter model)
 Progress = Callable[[float, str], None]
@@ -42,9 +44,10 @@ class GridStep:
     def features(self) -> dict[str, int]:
         """The step's work in the simulator's terms (a sequence feeding one token after a context decodes)."""
         prefill = [(c, n) for c, n in self.chunks if not (n == 1 and c > 0)]
-        return {"new_tokens": sum(n for _, n in self.chunks), "sequences": len(self.chunks),
-                "prefill_seqs": len(prefill), "attn_pairs": sum(prefill_pairs(n, c) for c, n in self.chunks),
-                "kv_tokens_read": sum(c for c, _ in self.chunks)}
+        new = sum(n for _, n in self.chunks)
+        return {"new_tokens": new, "sequences": len(self.chunks), "prefill_seqs": len(prefill),
+                "attn_pairs": sum(prefill_pairs(n, c) for c, n in self.chunks),
+                "kv_tokens_read": sum(c for c, _ in self.chunks), "small_tokens": min(new, SMALL_ROWS)}
 
 
 def largest_chunks(num_params: int, prefills: Sequence[int] = PREFILLS) -> tuple[int, ...]:
@@ -121,34 +124,25 @@ def _chunks(step: GridStep, runner: ModelRunner, block_size: int, vocab: int, rn
     return chunks
 
 
-class NoModel:
-    """A model runner whose steps return zero logits at once (the rest is the real runner's): an engine run on
-    it times everything the engine does but the model."""
-
-    def __init__(self, runner: ModelRunner) -> None:
-        self._runner, self.vocab = runner, runner.parts.lm_head.weight.shape[0]
-
-    def __getattr__(self, name: str):
-        return getattr(self._runner, name)
-
-    def execute(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor:
-        return torch.zeros(sum(c.wants_logits for c in chunks), self.vocab)
-
-
-def time_engine_overhead(model, block_size: int = 16, max_seqs: int = 32, threads: int | None = None,
-                         requests: int = 96, seed: int = 0) -> pd.DataFrame:
-    """The engine's own time per step (schedule, blocks, chunks, sampling, bookkeeping) with the model taken out:
-    the timeline of a run of ``requests`` random prompts (8-256 tokens, 4-48 outputs) whose runner returns
-    zeros; one row per step with :data:`FEATURES` and ``seconds``."""
-    engine = LLMEngine(model, num_blocks=requests * 20 + 1, block_size=block_size, max_num_seqs=max_seqs,
-                       max_num_batched_tokens=max(512, max_seqs), threads=threads)
-    engine.runner = NoModel(engine.runner)
+def time_engine_run(model, block_size: int = 16, max_seqs: int = 32, threads: int | None = None,
+                    requests: int = 96, seed: int = 0) -> pd.DataFrame:
+    """A real engine run of ``requests`` random prompts (8-256 tokens, 4-48 outputs; fewer and shorter for a
+    big model, whose steps take longer) as its timeline: one row per step with :data:`FEATURES` and
+    ``seconds``. What a step costs beyond its model work (scheduling, blocks, sampling, Python's garbage
+    collector, caches that other steps left cold) shows here and nowhere in the grid."""
+    params = sum(p.numel() for p in model.parameters())
+    scale = min(1.0, GRID_WORK / (512 * params))  # the bundled model: 1; SmolLM2: about a third
+    requests, longest = max(8, int(requests * scale)), max(32, int(256 * scale))
+    engine = LLMEngine(model, num_blocks=requests * (longest + 48) // block_size + requests + 1,
+                       block_size=block_size, max_num_seqs=max_seqs, max_num_batched_tokens=max(512, max_seqs),
+                       threads=threads)
     rng = np.random.default_rng(seed)
-    vocab = engine.runner.vocab
-    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(8, 257, requests)]
-    params = [SamplingParams(max_tokens=int(n), ignore_eos=True) for n in rng.integers(4, 49, requests)]
-    engine.generate(prompts, params)
+    vocab = engine.vocab_size
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(8, longest + 1, requests)]
+    params_each = [SamplingParams(max_tokens=int(n), ignore_eos=True) for n in rng.integers(4, 49, requests)]
+    engine.generate(prompts, params_each)
     steps = engine.stats.timeline
     return pd.DataFrame({"new_tokens": steps["batch_tokens"], "sequences": steps["sequences"],
                          "prefill_seqs": steps["prefill_seqs"], "attn_pairs": steps["attn_pairs"],
-                         "kv_tokens_read": steps["kv_tokens_read"], "seconds": steps["step_s"]})
+                         "kv_tokens_read": steps["kv_tokens_read"],
+                         "small_tokens": steps["batch_tokens"].clip(upper=SMALL_ROWS), "seconds": steps["step_s"]})

@@ -130,12 +130,13 @@ class FittedCost:
     operators and fits their run time; Agrawal et al. 2024).
 
     time = intercept_s + per_token_s * new_tokens + per_pair_s * attn_pairs + per_kv_token_s * kv_tokens_read
-           + per_seq_s * sequences + per_prefill_s * prefill chunks
+           + per_seq_s * sequences + per_prefill_s * prefill chunks + per_small_token_s * min(new_tokens, small_rows)
     for a step with work, 0 for an empty one. name: where the fit comes from (shown in tables). r2: the fit's
     coefficient of determination on its own steps (NaN when not fitted). kv_bytes_per_token,
     host_link_bandwidth: what a swap moves and how fast (swap preemption only). held_out_error: median
     absolute error (fraction) on measured steps the fit did not see; grid_steps: steps it was fitted on
-    (both from :func:`kvcore.engine.calibrate_engine`).
+    (both from :func:`kvcore.engine.calibrate_engine`). per_small_token_s: what each of the first
+    ``small_rows`` tokens adds on top (an engine whose small steps run another, costlier-per-row GEMM).
     """
 
     name: str
@@ -150,10 +151,12 @@ class FittedCost:
     per_prefill_s: float = 0.0
     held_out_error: float = float("nan")
     grid_steps: int = 0
+    per_small_token_s: float = 0.0
+    small_rows: int = 0
 
     def __post_init__(self) -> None:
         values = (self.intercept_s, self.per_token_s, self.per_pair_s, self.per_kv_token_s, self.per_seq_s,
-                  self.per_prefill_s)
+                  self.per_prefill_s, self.per_small_token_s)
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise ValueError(f"a fitted step time needs finite coefficients >= 0, got {values}")
 
@@ -168,4 +171,5 @@ class FittedCost:
         if new_tokens <= 0:
             return 0.0
         return (self.intercept_s + self.per_token_s * new_tokens + self.per_pair_s * attn_pairs
-                + self.per_kv_token_s * kv_tokens_read + self.per_seq_s * num_seqs + self.per_prefill_s * prefill_seqs)
+                + self.per_kv_token_s * kv_tokens_read + self.per_seq_s * num_seqs + self.per_prefill_s * prefill_seqs
+                + self.per_small_token_s * min(new_tokens, self.small_rows))
