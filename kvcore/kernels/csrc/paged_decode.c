@@ -12,9 +12,9 @@
  * fp16 scales and zeros [.., Hkv, ng]); q [B, Hkv, G, D] unscaled; block tables int64 [B, table_stride];
  * partials m, l [slots, Hkv * G] and o [slots, Hkv * G, D].
  *
- * Register blocking: R = 16 / G' tokens of one KV head against G' of its query heads (G' = min(G, 16))
- * make at most 16 dot products, summed by one shuffle tree; any G runs (3 for SmolLM2, 7 for Qwen2.5),
- * in subgroups of G'. Requirements (checked by the caller): D % 16 == 0.
+ * Register blocking: R = 16 / G' tokens of one KV head against G' of its query heads make at most 16 dot
+ * products, summed by one shuffle tree; any G runs (3 for SmolLM2, 7 for Qwen2.5), in subgroups of G'
+ * (1, 2, 3, 4, 8 or 16: six register layouts, so the library builds in seconds). Requirements (checked by the caller): D % 16 == 0.
  * Built with -ffast-math but linked without it, so loading never sets flush-to-zero for the process;
  * -FLT_MAX (not -inf) marks "no score yet" so finite-math optimizations stay exact.
  */
@@ -350,13 +350,15 @@ static inline __attribute__((always_inline)) int span_quantized(int GS, const St
 
 /* ---------------------------------------------------------------------------------------- the work loop */
 
+/* The query heads of a KV head run in subgroups of GS (a compile-time register layout): 1 to 4 as they are,
+   5-15 in subgroups of 4 or 8 (the last one smaller), 16 and more in subgroups of 16. */
 #define CASES(F, st, sp, q, s, m, l, o)                                                                       \
-    switch ((st)->group < LANES ? (st)->group : LANES) {                                                    \
+    switch ((st)->group) {                                                                                  \
     case 1: F(1, st, sp, q, s, m, l, o); break;   case 2: F(2, st, sp, q, s, m, l, o); break;                 \
-    case 3: F(3, st, sp, q, s, m, l, o); break;   case 4: F(4, st, sp, q, s, m, l, o); break;                 \
-    case 5: F(5, st, sp, q, s, m, l, o); break;   case 6: F(6, st, sp, q, s, m, l, o); break;                 \
-    case 7: F(7, st, sp, q, s, m, l, o); break;   case 8: F(8, st, sp, q, s, m, l, o); break;                 \
-    default: F(16, st, sp, q, s, m, l, o); break; /* 9-15 run as one partial subgroup of 16 */             \
+    case 3: F(3, st, sp, q, s, m, l, o); break;   case 4: case 5: case 6: case 7: F(4, st, sp, q, s, m, l, o); break; \
+    default:                                                                                                \
+        if ((st)->group < 16) F(8, st, sp, q, s, m, l, o); else F(16, st, sp, q, s, m, l, o);               \
+        break;                                                                                              \
     }
 
 /* Take spans from the shared counter until none is left; each writes partial slot sp[3]. */
