@@ -85,3 +85,32 @@ def test_models_and_cli_contract():
     for name, sub in commands.items():
         options = {o for a in sub._actions for o in a.option_strings}
         assert {"--csv", "--seed"} <= options, name
+
+
+def test_backends_contract():
+    from kvcore.kernels import BACKENDS, DecodeBatch, choose_backend
+
+    q, kc, vc = torch.randn(2, 9, 16), torch.randn(4, 4, 3, 16), torch.randn(4, 4, 3, 16)  # 3 query heads per KV head
+    tables, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([7, 5])
+    assert set(BACKENDS) == {"torch", "native", "triton"}
+    assert choose_backend(q, kc, vc) in ("native", "torch")
+    ref = paged_decode_attention(q, kc, vc, tables, lens, backend="torch")
+    batch = DecodeBatch.of(choose_backend(q, kc, vc), tables, [7, 5], 9, 16)
+    torch.testing.assert_close(batch.attend(q, kc, vc, 16 ** -0.5), ref, atol=1e-5, rtol=0)
+
+
+def test_engine_calibration_and_needle_contract():
+    from kvcore.engine.calibrate import calibrate_engine
+    from kvcore.needle import NeedleConfig, disagreements, join_perplexity, run_needle
+    from kvcore.sched.cost import FittedCost
+
+    assert list(inspect.signature(calibrate_engine).parameters)[:1] == ["model"]
+    assert {"block_size", "threads"} <= set(inspect.signature(calibrate_engine).parameters)
+    cost = FittedCost("c", 1e-3, per_seq_s=1e-4)
+    assert cost.step_time(4, 10, 10, num_seqs=4, prefill_seqs=0) == pytest.approx(1.4e-3)
+    assert {"model", "tokenizer", "config"} <= set(inspect.signature(run_needle).parameters)
+    assert callable(join_perplexity)
+    assert callable(disagreements)
+    assert NeedleConfig().mode in ("prefill", "decode")
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert "needle" in commands
