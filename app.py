@@ -31,4 +31,5 @@ PAGES = [
 page = st.navigation(PAGES)
 forget_other_pages(page.url_path)
 warmup.start()  # the heavy pages' default views, computed in the background once per server
+warmup.prepare(page.url_path)  # a model page waits for the model code's import, never imports it beside another
 page.run()

@@ -2,12 +2,11 @@
 
 import streamlit as st
 
-from kvcore.engine.calibrate import coefficients_table
 from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import HUB_MODELS, OFFLINE_MODELS, describe_model
 from ui import engine_figures, figures, params, tables
-from ui.engine_runs import calibration, prediction, report
+from ui.engine_runs import report
 from ui.guard import user_errors
 
 st.title("Serving engine")
@@ -77,11 +76,6 @@ tables.show_table(run.requests, "engine", "requests", shown, height=280,
                   caption="Prompt (its last tokens) and output text, prefix-cache hits, preemptions and times.")
 
 st.subheader("Measured vs simulated")
-with user_errors("Simulator"):
-    cost = calibration(model, block_size, settings.threads)
-    predicted = prediction(model, workload, settings, run, run.measured_at)
-st.caption(engine_figures.prediction_caption(cost))
-tables.show_table(coefficients_table(cost), "engine", "fit", shown)
-tables.show_table(predicted, "engine", "prediction", shown)
+engine_figures.measured_vs_simulated(model, workload, settings, run, shown)
 with st.expander("Every step"):
     tables.show_table(run.steps, "engine", "steps", shown, height=260)

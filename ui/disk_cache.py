@@ -226,6 +226,25 @@ def computed(name: str, settings: object, modules: tuple[str, ...], weights: str
             return _remember(key, flight.result)
 
 
+def kept(name: str, settings: object, modules: tuple[str, ...], weights: str | None) -> Any:
+    """What :func:`computed` would return for these arguments without computing: the result from memory or disk,
+    else None (a result is never None)."""
+    key = result_key(name, settings, modules, weights or "not kept on disk")
+    value = _remembered(key)
+    if value is _MISSING and weights is not None:
+        value = _read(results_dir() / f"{key}.pkl")
+    return None if value is _MISSING else _remember(key, value)
+
+
+def in_flight(name: str, settings: object, modules: tuple[str, ...], weights: str | None) -> tuple[float, str] | None:
+    """How far a thread of this process has got computing this result through :func:`computed` (the fraction
+    and label it last reported), or None when none is computing it."""
+    key = result_key(name, settings, modules, weights or "not kept on disk")
+    with _flights_lock:
+        flight = _flights.get(key)
+        return None if flight is None else (flight.fraction, flight.label)
+
+
 MEMORY_ENTRIES = 64
 _memory: OrderedDict[str, Any] = OrderedDict()
 _memory_lock = threading.Lock()

@@ -1,18 +1,26 @@
-"""Figures of the Serving engine page: the run's metrics, the measured step timeline, the block pool at a step.
-Styled through :func:`ui.figures.style`."""
+"""Figures of the Serving engine page: the run's metrics, the measured step timeline, the block pool at a step, and
+the section that sets the calibrated simulator against the run. Styled through :func:`ui.figures.style`."""
 
 from __future__ import annotations
+
+import time
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from kvcore.engine.calibrate import coefficients_table
+from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.report import EngineReport
-from kvcore.noise import WITHIN_NOISE, Interval
+from kvcore.engine.workload import ServeWorkload
+from kvcore.noise import WITHIN_NOISE, Interval, load_note
 from kvcore.sched.cost import FittedCost
+from ui import background, engine_runs, tables
+from ui.engine_runs import Calibration, CalibrationKey
 from ui.figures import PALETTE, round_ticks, style
 from ui.format import bytes_str
+from ui.guard import user_errors
 from ui.tables import shown_text
 
 POOL_COLUMNS = 32  # blocks per row of the pool map
@@ -78,6 +86,43 @@ def prediction_caption(cost: FittedCost) -> str:
             f"steps (decode batches at short to long contexts, prefill chunks, mixed steps) that never saw this "
             f"run; on grid steps held out of the fit it was off by {cost.held_out_error:.0%} (median). Measured: "
             "the engine's first run above.")
+
+
+def calibration_note(calibration: Calibration) -> str:
+    """When, how long and under what load the calibration was taken, and by whom; that it is this server's."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(calibration.measured_at))
+    return (f"Calibrated {when} in {calibration.seconds:.1f} s by {calibration.by} "
+            f"({load_note(calibration.load_before)} as it started, {calibration.load_after:.1f} as it ended; other "
+            "work on the machine slows the steps it times). A measurement of this machine: kept in this server's "
+            "memory only, never on disk, so a restarted server calibrates again.")
+
+
+OFF_NOTE = ("The default view's calibration is measured by the server's background warm-up, which is off here "
+            "(KVLAB_WARMUP=0): calibrate now (a few seconds), or change a setting.")
+
+
+def measured_vs_simulated(model: str, workload: ServeWorkload, settings: EngineSettings, run: EngineReport,
+                          shown: dict[str, object]) -> None:
+    """The calibrated simulator's prediction of the run beside what was measured, and the calibration's terms.
+
+    The default view's calibration comes from the background warm-up: while it is measured, a progress bar follows
+    it and the section fills in by itself. Other settings calibrate when picked, under a progress bar."""
+    key = CalibrationKey(model, settings.block_size, settings.threads)
+    with user_errors("Simulator"):
+        calibration = engine_runs.calibrated(key)
+        if calibration is None:
+            pending = background.Pending(lambda: engine_runs.calibrated(key), lambda: engine_runs.calibrating(key),
+                                         background.CALIBRATION if key == engine_runs.DEFAULT_CALIBRATION else None,
+                                         "Calibrating the simulator on a grid of engine steps")
+            if not background.wait_for(pending, "Calibrate now", "eg_calibrate", OFF_NOTE):
+                return
+            calibration = engine_runs.calibration(key)
+        predicted = engine_runs.prediction(model, workload, settings, run, run.measured_at, calibration.cost,
+                                           calibration.measured_at)
+    st.caption(prediction_caption(calibration.cost))
+    st.caption(calibration_note(calibration))
+    tables.show_table(coefficients_table(calibration.cost), "engine", "fit", shown)
+    tables.show_table(predicted, "engine", "prediction", shown)
 
 
 def step_timeline(steps: pd.DataFrame) -> go.Figure:

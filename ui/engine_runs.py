@@ -1,9 +1,16 @@
-"""Streamlit-cached runs of the Serving engine page: one engine experiment, keyed by the model name and the
-workload and engine settings dataclasses (timings describe the machine when they ran, so a result is kept ten
-minutes only), and the engine's calibration, made once per model, block size and thread count. Every use of
-the model holds its lock."""
+"""Runs of the Serving engine page: one engine experiment, keyed by the model name and the workload and engine
+settings dataclasses (timings describe the machine when they ran, so a result is kept ten minutes only), and the
+engine's calibration, made once per model, block size and thread count and kept in this server's memory only (a
+measurement of this machine, never written to disk), with when, how long and under what load it was taken. The
+default view's calibration is measured by the background warm-up (:func:`ui.warm_defaults.warm_calibration`).
+Every use of the model holds its lock."""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
@@ -12,9 +19,51 @@ from kvcore.engine.calibrate import calibrate_engine
 from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.report import EngineReport, check_page_limits, engine_report, predict_run
 from kvcore.engine.workload import ServeWorkload
+from kvcore.models.loader import BUNDLED_NAME, model_name
+from kvcore.noise import load_average
 from kvcore.sched.cost import FittedCost
-from ui.models import shared_model
-from ui.progress import with_progress
+from ui import disk_cache
+from ui.models import SharedModel, shared_model
+from ui.progress import Progress, progress_bar, with_progress
+
+MODULES = ("kvcore.engine.calibrate",)
+BY_WARMUP = "the server's background warm-up, as the server started"
+BY_PAGE = "this page, when a visitor asked for it"
+KEPT_CALIBRATIONS = 8
+
+
+@dataclass(slots=True, frozen=True)
+class CalibrationKey:
+    """What a calibration is made for: a model, the engine's block size and its torch threads."""
+
+    model: str
+    block_size: int
+    threads: int | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", model_name(self.model))
+
+
+# The page's default view: the bundled model at the engine's default block size and threads.
+DEFAULT_CALIBRATION = CalibrationKey(BUNDLED_NAME, EngineSettings().block_size, EngineSettings().threads)
+
+
+@dataclass(slots=True, frozen=True)
+class Calibration:
+    """A calibration and the conditions it was taken under. measured_at: when it ended (Unix seconds); seconds:
+    how long it ran; load_before / load_after: the machine's 1-minute load average as it started and ended; by:
+    who asked for it (the warm-up or a visit)."""
+
+    cost: FittedCost
+    measured_at: float
+    seconds: float
+    load_before: float
+    load_after: float
+    by: str
+
+
+_kept: OrderedDict[CalibrationKey, Calibration] = OrderedDict()
+_kept_lock = threading.Lock()
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)
@@ -27,21 +76,62 @@ def report(model: str, workload: ServeWorkload, settings: EngineSettings, transf
                                                                      settings, transformers, bar))
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def calibration(model: str, block_size: int, threads: int | None) -> FittedCost:
-    """The engine's step time on this machine, fitted once on a designed grid of steps (it never sees a run the
-    page shows)."""
-    shared = shared_model(model)
-    with shared.lock:
-        return with_progress("Calibrating the simulator on a grid of engine steps (once per model)...",
-                             lambda bar: calibrate_engine(shared.model, block_size=block_size, threads=threads,
-                                                          name=f"{model}'s engine on this machine", progress=bar))
+def _measure(key: CalibrationKey, model: SharedModel, by: str, report_progress: Progress) -> Calibration:
+    with model.lock:
+        before, start = load_average(), time.perf_counter()
+        cost = calibrate_engine(model.model, block_size=key.block_size, threads=key.threads,
+                                name=f"{key.model}'s engine on this machine", progress=report_progress)
+        return Calibration(cost, time.time(), time.perf_counter() - start, before, load_average(), by)
+
+
+def calibrate(key: CalibrationKey, model: SharedModel | None = None, by: str = BY_PAGE,
+              progress: Progress | None = None) -> Calibration:
+    """The engine's step time on this machine for ``key``, fitted once on a designed grid of steps (it never sees a
+    run the page shows); kept in memory for the server's life, never on disk. model: a copy of the key's model to
+    measure on (the warm-up's own); by default the shared one. A calibration another thread is making is waited
+    for, not made twice."""
+    with _kept_lock:
+        if key in _kept:
+            return _kept[key]
+    calibration = disk_cache.computed("engine-calibration", key, MODULES, None,  # None: memory only, never on disk
+                                      lambda bar: _measure(key, model or shared_model(key.model), by, bar), progress)
+    with _kept_lock:
+        _kept[key] = calibration
+        while len(_kept) > KEPT_CALIBRATIONS:
+            _kept.popitem(last=False)
+    return calibration
+
+
+def calibrated(key: CalibrationKey) -> Calibration | None:
+    """The calibration for ``key`` when this server has made it (nothing is measured); else None."""
+    with _kept_lock:
+        return _kept.get(key)
+
+
+def calibrating(key: CalibrationKey) -> tuple[float, str] | None:
+    """How far a thread calibrating ``key`` has got, or None when none is."""
+    return disk_cache.in_flight("engine-calibration", key, MODULES, None)
+
+
+def forget_calibrations() -> None:
+    """Drop every calibration this server made, and the results memory that also holds them (:func:`ui.disk_cache.
+    forget`; what is on disk stays): the next view measures afresh."""
+    with _kept_lock:
+        _kept.clear()
+    disk_cache.forget()
+
+
+def calibration(key: CalibrationKey) -> Calibration:
+    """:func:`calibrate` under a progress bar (a visitor is waiting)."""
+    with progress_bar() as bar:
+        return calibrate(key, progress=lambda fraction, label: bar(
+            fraction, f"Calibrating the simulator on a grid of engine steps (once per server): {label}"))
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)
-def prediction(model: str, workload: ServeWorkload, settings: EngineSettings, _run: EngineReport,
-               run_key: str) -> pd.DataFrame:
-    """The calibrated simulator's prediction of the shown run (``run_key``: when it was measured)."""
+def prediction(model: str, workload: ServeWorkload, settings: EngineSettings, _run: EngineReport, run_key: str,
+               _cost: FittedCost, cost_key: float) -> pd.DataFrame:
+    """The calibrated simulator's prediction of the shown run (``run_key``: when it was measured; ``cost_key``:
+    when the calibration was)."""
     shared = shared_model(model)
-    cost = calibration(model, settings.block_size, settings.threads)
-    return predict_run(_run, shared.model, shared.tokenizer, workload, settings, cost)
+    return predict_run(_run, shared.model, shared.tokenizer, workload, settings, _cost)

@@ -3,7 +3,8 @@
 Figures take the needle test's tables (:mod:`kvcore.needle`) and return ``go.Figure``: a retrieval heatmap per
 method (needle depth x haystack length, G. Kamradt's picture), the retrieval rate with its interval against the
 full cache's, the bytes each method holds, and perplexity against retrieval. :func:`needle_section` is the one
-call the page makes.
+call the page makes: its default view comes from the background warm-up (:func:`ui.needle_runs.warm_default`) and
+fills in by itself when it is done; other settings are computed when picked, under a progress bar.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from kvcore.models.loader import describe_model
-from kvcore.needle import DEFAULT_METHODS, NeedleConfig, disagreements, join_perplexity, lessons, needle_methods
+from kvcore.needle import NeedleConfig, disagreements, join_perplexity, lessons, needle_methods
 from kvcore.needle.lesson import FINE_LOST, PPL_TOLERANCE
 from kvcore.needle.tables import BASELINE, LOSES
-from ui import figures, params, tables
+from ui import background, figures, needle_runs, params, tables
 from ui.guard import USER_ERRORS
-from ui.needle_runs import PAGE_HAYSTACK_TOKENS, NeedleSettings, needle_results, perplexity
+from ui.needle_runs import PAGE_HAYSTACK_TOKENS, NeedleSettings, NeedleView
 
 MODELS = ["smollm2-135m", "bundled"]
 SHARES = [0.05, 0.1, 0.25, 0.5]
@@ -31,6 +32,7 @@ VERDICT_COLORS = {BASELINE: "#000000", LOSES: "#D55E00"}  # anything else (withi
 GREY = "#999999"
 SYMBOLS = ("circle", "square", "triangle-up", "diamond")  # one per budget in the perplexity view
 PER_ROW = 4  # heatmaps per row
+NEEDLES = [1, 2, 3, 4]
 CLI = ("python -m kvcore needle --model smollm2-135m --methods all --budgets 0.1 0.25 0.5 --lengths 512 1024 2048 "
        "--depths 0 0.25 0.5 0.75 1 --needles 4 --perplexity-tokens 512 --csv needle.csv")
 
@@ -134,21 +136,24 @@ def perplexity_vs_retrieval(joined: pd.DataFrame) -> go.Figure:
 
 
 def _widgets() -> tuple[str, dict]:
+    default = needle_runs.DEFAULT  # the widgets' defaults are the view the warm-up computes
     left, mid, right = st.columns(3)
-    model = params.widget(left.selectbox, "Model", key="nd_model", options=MODELS, index=0,
+    model = params.widget(left.selectbox, "Model", key="nd_model", options=MODELS, index=MODELS.index(default.model),
                           help="SmolLM2-135M-Instruct retrieves; the bundled 5.8M model is too small to")
     methods = params.widget(mid.multiselect, "Methods (full cache always)", key="nd_methods",
                             options=[m for m in needle_methods() if m != "full"],
-                            default=[m for m in DEFAULT_METHODS if m != "full"])
+                            default=[m for m in default.config.methods if m != "full"])
     budgets = params.widget(right.multiselect, "Budgets (share of the context kept)", key="nd_budgets",
-                            options=SHARES, default=[0.25, 0.5])
+                            options=SHARES, default=list(default.config.budgets))
     left, mid, right = st.columns(3)
-    lengths = params.widget(left.multiselect, "Haystack tokens", key="nd_lengths", options=LENGTHS, default=[128, 256])
+    lengths = params.widget(left.multiselect, "Haystack tokens", key="nd_lengths", options=LENGTHS,
+                            default=list(default.config.lengths))
     depths = params.widget(mid.multiselect, "Needle depths (share of the haystack)", key="nd_depths", options=DEPTHS,
-                           default=[0.1, 0.5, 0.9])
-    needles = params.widget(right.selectbox, "Needles per cell", key="nd_needles", options=[1, 2, 3, 4], index=1)
+                           default=list(default.config.depths))
+    needles = params.widget(right.selectbox, "Needles per cell", key="nd_needles", options=NEEDLES,
+                            index=NEEDLES.index(default.config.needles))
     question = params.widget(st.segmented_control, "Question", key="nd_q", options=["compressed", "after"],
-                             default="compressed", required=True,
+                             default=default.config.question, required=True,
                              help="compressed: the question ends the compressed context, so SnapKV's window sees it "
                                   "(SnapKV, kvpress's compress_questions); after: fed after compression (kvpress's "
                                   "pipeline)")
@@ -156,7 +161,9 @@ def _widgets() -> tuple[str, dict]:
                    "depths": tuple(sorted(depths)), "needles": needles, "mode": "prefill", "question": question}
 
 
-def _show(settings: NeedleSettings, results, joined: pd.DataFrame) -> None:
+def _show(settings: NeedleSettings, view: NeedleView) -> None:
+    results = view.results
+    joined = join_perplexity(results.summary, view.perplexity)
     full = joined[joined["method"] == "full"].iloc[0]
     st.caption(f"Model: {describe_model(settings.model)}. Baseline: the full cache retrieved "
                f"{round(full.retrieved * full.haystacks)} of {full.haystacks} needles "
@@ -210,9 +217,24 @@ def needle_section() -> None:
     try:
         settings = NeedleSettings(model, NeedleConfig(**chosen))
         settings.check_cost()
-        results = needle_results(settings)
-        joined = join_perplexity(results.summary, perplexity(settings))
+        view = needle_runs.kept(settings)
+        if view is None:
+            if not background.wait_for(_pending(settings), "Run the needle test now (about 40 s)", "nd_run",
+                                       OFF_NOTE):
+                return
+            view = needle_runs.shown(settings)
     except USER_ERRORS as exc:
         st.error(f"Needle test: {exc}", icon=":material/error:")
         return
-    _show(settings, results, joined)
+    _show(settings, view)
+
+
+OFF_NOTE = ("The default needle grid is computed by the server's background warm-up, which is off here "
+            "(KVLAB_WARMUP=0); run it now, or pick other settings above.")
+
+
+def _pending(settings: NeedleSettings) -> background.Pending:
+    """The view as the background sees it: the warm-up computes the default settings, nothing computes others."""
+    return background.Pending(lambda: needle_runs.kept(settings), lambda: needle_runs.in_flight(settings),
+                              background.NEEDLE if settings == needle_runs.DEFAULT else None,
+                              f"Needle test on {settings.model}")

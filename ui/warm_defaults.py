@@ -1,7 +1,10 @@
 """What :mod:`ui.warmup` computes in the background: the heavy pages' default views, through the very functions
 those pages call with the settings of their default URL (so their caches, in memory and on disk, hold the results
 when a visitor opens them; nothing here changes a number). Work already on disk (:mod:`ui.disk_cache`) is only read
-back; a page asking for a result being computed here waits for it rather than computing it twice.
+back; a page asking for a result being computed here waits for it rather than computing it twice. The steps run in
+the order of :data:`ui.background.STEPS` (a page waiting for one moves it up): the Serving engine's calibration first
+(a timing measurement, so nothing else of the warm-up runs beside it, and at the server's own priority), the
+needle test last (SmolLM2 on its default grid: the longest step).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Callable
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from kvcore.models.attention import AttentionPatterns
 from kvcore.quant import evaluate as qe
-from ui import eviction_runs, eviction_steps, live_runs, live_steps, quant_runs
+from ui import background, engine_runs, eviction_runs, eviction_steps, live_runs, live_steps, needle_runs, quant_runs
 from ui import step_figures as sf
 from ui.models import SharedModel, private_model, shared_model
 
@@ -53,9 +56,17 @@ def warm_live_model(model: SharedModel | None = None) -> None:
     live_steps.player(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, "Layer 1, head mean", run.plan, view)
 
 
+def warm_calibration(model: SharedModel | None = None) -> None:
+    """The Serving engine page's default calibration (bundled model, its default block size and thread count),
+    measured on ``model`` (a copy of the bundled model; the shared one by default) and kept in memory only."""
+    engine_runs.calibrate(engine_runs.DEFAULT_CALIBRATION, model=model, by=engine_runs.BY_WARMUP)
+
+
 def default_steps() -> list[tuple[str, Callable[[], object]]]:
-    """The warm-up's steps, quickest to pay off first, all on a copy of the bundled model of their own (the pages'
-    shared copy is loaded first so that the first page that needs it finds it)."""
+    """The warm-up's steps in the order of :data:`ui.background.STEPS`, each on a copy of its model of its own:
+    the bundled model's copy is loaded once and kept, SmolLM2's (the needle test) is loaded for its step and
+    dropped. The pages' shared bundled model is loaded right after the calibration, so that the first page that
+    needs it finds it."""
     private: list[SharedModel] = []
 
     def copy() -> SharedModel:
@@ -63,18 +74,32 @@ def default_steps() -> list[tuple[str, Callable[[], object]]]:
             private.append(private_model())
         return private[0]
 
-    return [("the bundled model", shared_model), ("Eviction", lambda: warm_eviction(copy())),
-            ("Live model", lambda: warm_live_model(copy())), ("Quantization", lambda: warm_quantization(copy()))]
+    steps = {background.CALIBRATION: lambda: warm_calibration(copy()), background.BUNDLED: shared_model,
+             background.EVICTION: lambda: warm_eviction(copy()), background.LIVE_MODEL: lambda: warm_live_model(copy()),
+             background.QUANTIZATION: lambda: warm_quantization(copy()), background.NEEDLE: needle_runs.warm_default}
+    return [(name, steps[name]) for name in background.STEPS]
 
 
-def warm(steps: list[tuple[str, Callable[[], object]]] | None = None) -> list[str]:
-    """Run each step in turn; a step that fails is logged and skipped (its page will say what is wrong). Returns
-    the steps done."""
+def warm(steps: list[tuple[str, Callable[[], object]]] | None = None, queue: background.Queue | None = None,
+         lower_priority: Callable[[], None] | None = None) -> list[str]:
+    """Run the steps in the queue's order (a page may move one up meanwhile); a step that fails is logged and
+    skipped (its page will say what is wrong). queue: the server's (:data:`ui.background.WARMUP`, filled when the
+    warm-up started), else one of the steps in their order. lower_priority: called before the first step that is
+    not a timing measurement (:data:`ui.background.TIMED`). Returns the steps done."""
+    named = dict(steps or default_steps())
+    if queue is None:
+        queue = background.Queue()
+        queue.fill(list(named))
     done = []
-    for name, step in steps or default_steps():
+    while (name := queue.take()) is not None:
+        if lower_priority is not None and name not in background.TIMED:
+            lower_priority()
+            lower_priority = None
         try:
-            step()
+            named[name]()
             done.append(name)
         except Exception:  # a page shows its own errors; the warm-up only tries
             log.warning("warming %s failed", name, exc_info=True)
+        finally:
+            queue.finish(name, done[-1:] == [name])
     return done

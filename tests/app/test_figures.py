@@ -44,8 +44,13 @@ VIEWS = {  # page -> views: a default and one changed view, plus every tab of a 
     "paged_blocks": [{}, {"steps": stepper.EXAMPLE, "dist": "uniform", "bs": "8", "blocks": "24"}],
     "continuous_batching": [{}, {"pre": "swap", "n": "60", "sch": ["continuous", "chunked"], "apc": "true",
                                  "shr": "0.5"}, {"so_on": "true"}, {"so_on": "true", "so_rate": "1.0"}],
-    "serving_engine": [{}, {"eg_n": "6", "eg_apc": "false", "eg_bits": "8-bit", "eg_step": "3"}],
-    "eviction": [{}, {"mode": "prefill", "ntok": "128"}],
+    # the default calibration and needle grid are the background warm-up's (off in the tests): a view with its own
+    # calibration (block size 8) and one with a small needle grid draw those sections' figures and tables
+    "serving_engine": [{}, {"eg_n": "6", "eg_apc": "false", "eg_bits": "8-bit", "eg_step": "3"},
+                       {"eg_n": "4", "eg_pmax": "32", "eg_omax": "8", "eg_bs": "8", "eg_hf": "false"}],
+    "eviction": [{}, {"mode": "prefill", "ntok": "128"},
+                 {"ntok": "64", "budgets": ["16"], "nd_lengths": ["128"], "nd_depths": ["0.1", "0.9"],
+                  "nd_needles": "1", "nd_methods": ["evict:sliding_window", "evict:snapkv"], "nd_budgets": ["0.25"]}],
     "quantization": [{}, {"qmethod": "int4-token", "qtokens": "64"}],
     "sharing": [{}, {"sh_model": "gpt2", "sh_tokens": "2000000", "sh_bits": "2", "sh_kv": "1"},
                 {"sh_tab": "Layers: cross-layer"}, {"sh_tab": "Layers: cross-layer", "sh_start": "0"},

@@ -1,14 +1,50 @@
-"""Serving engine page: real requests on the engine beside transformers, the pool, the simulator's prediction."""
+"""Serving engine page: real requests on the engine beside transformers, the pool, the simulator's prediction.
+
+The default view's calibration is the background warm-up's work: opening the page never measures it (calibrations
+are counted, not timed), a calibration is kept in the server's memory and never on disk, and the page says when and
+under what load it was taken."""
 
 from __future__ import annotations
 
 import pytest
 
+from tests.app.conftest import assert_clean, open_page
+from ui import background, disk_cache, engine_runs, warm_defaults
+from ui.models import private_model
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"eg_n": "4", "eg_pmax": "32", "eg_omax": "8"}
 
 
-def test_defaults_serve_on_both_systems_and_predict_the_run(page):
+class Calibrations:
+    """Counts the engine calibrations the page and the warm-up measure."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        calibrate_engine = engine_runs.calibrate_engine
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return calibrate_engine(*args, **kwargs)
+
+        monkeypatch.setattr(engine_runs, "calibrate_engine", counted)
+
+
+@pytest.fixture
+def calibrations(monkeypatch, tmp_path) -> Calibrations:
+    """Counted calibrations, none made yet in this process, an empty results folder and no warm-up queue."""
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path / "results"))
+    engine_runs.forget_calibrations()
+    background.WARMUP.fill([])
+    yield Calibrations(monkeypatch)
+    engine_runs.forget_calibrations()
+
+
+def prediction_of(at):
+    return next((d.value for d in at.dataframe if "error_pct" in d.value.columns), None)
+
+
+def test_defaults_serve_on_both_systems_and_predict_the_run(page, calibrations, tmp_path):
     at = page("serving_engine")
     assert at.title[0].value == "Serving engine"
     assert [m.label for m in at.metric] == ["Output tokens/s", "TTFT p50", "TPOT p50", "Peak KV blocks",
@@ -16,8 +52,57 @@ def test_defaults_serve_on_both_systems_and_predict_the_run(page):
     systems = at.dataframe[0].value
     assert systems["system"].tolist() == ["engine", "transformers generate (static, batch 16)"]
     assert (systems["output_tokens"] == systems["output_tokens"].iloc[0]).all()
-    prediction = next(d.value for d in at.dataframe if "error_pct" in d.value.columns)
+    # the warm-up is off in these tests: the default calibration waits for a button, and nothing was measured
+    assert calibrations.count == 0
+    assert prediction_of(at) is None
+    assert any("background warm-up" in i.value and "KVLAB_WARMUP=0" in i.value for i in at.info)
+    at.button(key="eg_calibrate").click().run()
+    assert_clean(at)
+    assert calibrations.count == 1
+    prediction = prediction_of(at)
     assert prediction.set_index("metric").loc["steps", "error_pct"] == 0  # the simulator's scheduler is the engine's
+    note = next(c.value for c in at.caption if c.value.startswith("Calibrated "))
+    assert " UTC in " in note
+    assert "by this page" in note
+    assert "1-min load" in note
+    assert "never on disk" in note
+    assert not any("calibration" in p.name for p in (tmp_path / "results").rglob("*"))  # a timing: memory only
+    at = open_page("serving_engine", SMALL)  # another view at the same block size and threads: no new calibration
+    assert calibrations.count == 1
+    assert prediction_of(at) is not None
+
+
+def test_the_warm_up_calibrates_on_its_own_copy_and_the_page_reads_it(calibrations, monkeypatch):
+    def no_shared_model(*_):
+        raise AssertionError("the warm-up used the pages' shared model")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_runs, "shared_model", no_shared_model)
+        warm_defaults.warm_calibration(private_model())
+    assert calibrations.count == 1
+    at = open_page("serving_engine", SMALL)
+    assert_clean(at)
+    assert calibrations.count == 1
+    assert prediction_of(at) is not None
+    assert any("by the server's background warm-up" in c.value for c in at.caption)
+
+
+def test_while_the_warm_up_has_the_calibration_queued_the_section_follows_it(page, calibrations):
+    background.WARMUP.fill([background.CALIBRATION])
+    at = page("serving_engine", SMALL)
+    assert [p.proto.text for p in at.get("progress")] == ["Calibrating the simulator on a grid of engine steps: next "
+                                                          "in the background warm-up..."]
+    assert not at.button
+    assert prediction_of(at) is None
+    background.WARMUP.fill([])
+    assert calibrations.count == 0
+
+
+def test_other_settings_calibrate_when_picked(page, calibrations):
+    at = page("serving_engine", {**SMALL, "eg_bs": "8", "eg_hf": "false"})
+    assert calibrations.count == 1
+    assert prediction_of(at) is not None
+    assert engine_runs.calibrated(engine_runs.DEFAULT_CALIBRATION) is None
 
 
 def test_url_restores_the_view_and_a_shared_prefix_hits(page):

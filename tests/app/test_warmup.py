@@ -4,10 +4,14 @@ tests unless asked."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.app.conftest import assert_clean, open_page
-from ui import disk_cache, warm_defaults, warmup
+from tests.conftest import ROOT
+from ui import background, disk_cache, warm_defaults, warmup
 from ui.models import private_model, shared_model
 
 
@@ -44,9 +48,53 @@ def test_the_warm_up_starts_once_and_not_when_turned_off(monkeypatch):
         warmup._started.clear()
 
 
-def test_the_default_steps_warm_the_model_then_the_quick_pages_then_quantization():
-    assert [name for name, _ in warm_defaults.default_steps()] == ["the bundled model", "Eviction", "Live model",
-                                                                    "Quantization"]
+def test_the_default_steps_calibrate_first_then_the_model_the_quick_pages_quantization_and_the_needle_test():
+    assert [name for name, _ in warm_defaults.default_steps()] == [
+        "the Serving engine's calibration", "the bundled model", "Eviction", "Live model", "Quantization",
+        "the Eviction page's needle test"]
+    assert background.TIMED == (background.CALIBRATION,)
+
+
+def test_the_queue_is_known_before_the_thread_imports_model_code(monkeypatch):
+    monkeypatch.setattr(warmup, "_run", lambda: None)
+    monkeypatch.setenv(warmup.WARMUP_ENV, "1")
+    warmup._started.clear()
+    try:
+        warmup.start().join(10)
+        assert [background.WARMUP.state(step) for step in background.STEPS] == ["queued"] * len(background.STEPS)
+    finally:
+        warmup._started.clear()
+        background.WARMUP.fill([])
+
+
+def test_a_waiting_page_moves_its_step_up_behind_the_timing_and_the_steps_run_in_that_order():
+    queue = background.Queue()
+    queue.fill(list(background.STEPS))
+    queue.hurry(background.NEEDLE)  # a visitor on the Eviction page, before the warm-up took its first step
+    assert queue.queued[:2] == [background.CALIBRATION, background.NEEDLE]
+    ran: list[str] = []
+    steps = [(name, lambda name=name: ran.append(name)) for name in background.STEPS]
+    assert warm_defaults.warm(steps, queue, lambda: ran.append("lower priority")) == [
+        background.CALIBRATION, background.NEEDLE, *background.STEPS[1:-1]]
+    assert ran == [background.CALIBRATION, "lower priority", background.NEEDLE, *background.STEPS[1:-1]]
+    assert queue.done == ran[:1] + ran[2:]
+    assert queue.running is None
+    assert queue.state(background.NEEDLE) == "done"
+
+
+def test_a_step_that_fails_is_marked_so_and_a_page_stops_waiting_for_it():
+    def broken() -> None:
+        raise OSError("no network")
+
+    pending = background.Pending(lambda: None, lambda: None, "broken", "A result")
+    background.WARMUP.fill(["broken"])
+    try:
+        assert pending.status() == (0.0, "A result: next in the background warm-up...")
+        assert warm_defaults.warm([("broken", broken)], background.WARMUP) == []
+        assert background.WARMUP.state("broken") == "failed"
+        assert pending.status() is None  # no longer computed: the page computes it itself, or says what is wrong
+    finally:
+        background.WARMUP.fill([])
 
 
 def test_a_failing_step_is_skipped_and_the_rest_still_run():
@@ -78,3 +126,17 @@ def test_the_warm_up_computes_on_its_own_copy_and_the_default_view_then_runs_no_
         at = open_page(page)
     assert_clean(at)
     assert forwards.count == 0
+
+
+@pytest.mark.parametrize("path", warmup.WITHOUT_TRANSFORMERS)
+def test_a_page_that_skips_the_import_gate_imports_no_transformers(path):
+    # a model page waits for transformers' import (one thread at a time: two at once can deadlock inside it and
+    # leave a page with a half-initialised module); the pages let through must not import it at all
+    source = ROOT / "app_pages" / f"{path or 'home'}.py"
+    probe = ("import ast, sys\n"
+             f"tree = ast.parse(open({str(source)!r}).read())\n"
+             "exec(compile(ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], []), "
+             "'imports', 'exec'))\n"
+             "print('transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

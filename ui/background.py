@@ -1,0 +1,145 @@
+"""Work done in the background, and the page sections that wait for it without holding the page.
+
+The server's warm-up (:mod:`ui.warmup`) runs its steps (:data:`STEPS`) one at a time on one thread. Its queue
+(:data:`WARMUP`) is known before the thread imports any model code, so a page opened at once already sees what is
+coming; a section waiting for a step moves it to the front (behind the timing measurements, which run first and
+alone: :data:`TIMED`). A section whose result is being computed in the background shows a progress bar that
+follows it and reruns the page once it is done (:func:`wait_for`): the rest of the page is complete meanwhile, and
+the visitor does nothing to see the result. This module imports no model code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import streamlit as st
+
+Status = tuple[float, str]  # how far (0-1) and what is being computed
+
+CALIBRATION = "the Serving engine's calibration"
+BUNDLED = "the bundled model"
+EVICTION = "Eviction"
+LIVE_MODEL = "Live model"
+QUANTIZATION = "Quantization"
+NEEDLE = "the Eviction page's needle test"
+STEPS = (CALIBRATION, BUNDLED, EVICTION, LIVE_MODEL, QUANTIZATION, NEEDLE)  # the warm-up's order
+TIMED = (CALIBRATION,)  # timing measurements: first, alone, at the server's own priority
+POLL_S = 1.0  # how often a waiting section looks again
+
+
+@dataclass(slots=True)
+class Queue:
+    """The warm-up's steps: those still queued (in the order they will run), the one running, those done or
+    failed. Thread-safe; one per server process (:data:`WARMUP`)."""
+
+    queued: list[str] = field(default_factory=list)
+    running: str | None = None
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fill(self, names: tuple[str, ...] | list[str]) -> None:
+        """Queue ``names`` afresh (the warm-up starting)."""
+        with self.lock:
+            self.queued, self.running, self.done, self.failed = list(names), None, [], []
+
+    def take(self) -> str | None:
+        """The next step, now running (None: nothing left)."""
+        with self.lock:
+            self.running = self.queued.pop(0) if self.queued else None
+            return self.running
+
+    def finish(self, name: str, ok: bool) -> None:
+        """``name`` ran (``ok``) or failed."""
+        with self.lock:
+            (self.done if ok else self.failed).append(name)
+            if self.running == name:
+                self.running = None
+
+    def hurry(self, name: str) -> None:
+        """Run ``name`` next, behind the timing measurements still queued (a visitor is waiting for it)."""
+        with self.lock:
+            if name in self.queued:
+                self.queued.remove(name)
+                ahead = sum(1 for step in self.queued if step in TIMED)
+                self.queued.insert(ahead, name)
+
+    def state(self, name: str) -> str | None:
+        """``"queued"``, ``"running"``, ``"done"`` or ``"failed"``; None when the warm-up never had it (it is off)."""
+        with self.lock:
+            if name == self.running:
+                return "running"
+            for state, names in (("queued", self.queued), ("done", self.done), ("failed", self.failed)):
+                if name in names:
+                    return state
+            return None
+
+    def waiting_line(self, name: str) -> str:
+        """Where ``name`` stands, in words."""
+        with self.lock:
+            if name == self.running:
+                return "starting in the background"
+            if name not in self.queued:
+                return "done"
+            ahead = ([self.running] if self.running else []) + self.queued[:self.queued.index(name)]
+            return f"queued in the background warm-up behind {', '.join(ahead)}" if ahead else \
+                "next in the background warm-up"
+
+
+WARMUP = Queue()
+
+
+@dataclass(slots=True, frozen=True)
+class Pending:
+    """A section's result as the background sees it. kept: the result once computed, else None. in_flight: how
+    far a thread computing it has got (None: none is). step: the warm-up step that computes it (None: no step
+    does, e.g. settings other than the page's default). what: what is computed, in words."""
+
+    kept: Callable[[], object | None]
+    in_flight: Callable[[], Status | None]
+    step: str | None
+    what: str
+
+    def status(self) -> Status | None:
+        """How far the background has got, or None when it is not (or no longer) computing the result."""
+        if self.kept() is not None:
+            return None
+        flight = self.in_flight()
+        if flight is not None:
+            return flight
+        state = WARMUP.state(self.step) if self.step else None
+        if state in ("queued", "running"):
+            return 0.0, f"{self.what}: {WARMUP.waiting_line(self.step)}..."
+        return None
+
+
+@st.fragment(run_every=POLL_S)
+def _follow(pending: Pending) -> None:
+    status = pending.status()
+    if status is None:
+        st.rerun()  # done: the whole page again, which now finds the result
+    fraction, label = status
+    st.progress(min(max(float(fraction), 0.0), 1.0), text=label)
+    st.caption("Computed in the background; the rest of the page is ready, and this section fills in by itself "
+               "when it is done.")
+
+
+def wait_for(pending: Pending, button: str, key: str, off_note: str) -> bool:
+    """Draw what a section shows while its result is not kept; True when the caller should compute it now.
+
+    While the background computes it (or the warm-up has it queued): a progress bar that follows it and reruns the
+    page when it is done (False). A default result the warm-up never had (the warm-up is off): ``off_note`` and a
+    button labelled ``button`` (True once pressed). Otherwise (other settings, or the warm-up's try is over): True.
+    """
+    state = WARMUP.state(pending.step) if pending.step else None
+    if pending.in_flight() is not None or state in ("queued", "running"):
+        if pending.step:
+            WARMUP.hurry(pending.step)
+        _follow(pending)
+        return False
+    if pending.step is not None and state is None:
+        st.info(off_note, icon=":material/schedule:")
+        return st.button(button, key=key)
+    return True
