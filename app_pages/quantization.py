@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from kvcore.models.loader import OFFLINE_MODELS, describe_model
 from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, CustomSettings, method_named
 from ui import figures, params, quant_figures, tables
@@ -13,14 +14,18 @@ st.markdown(
     "Storing keys and values in fewer bits shrinks the cache, but every code is a rounded value. **Keys** have a "
     "few channels with large magnitudes in every token (bright columns below), so one scale per *token* wastes "
     "levels on them; **values** have no such channels. KIVI therefore quantizes keys per **channel** and values "
-    "per **token**, and keeps the most recent tokens in fp16. Every number below is measured on the bundled "
-    "model: exact bytes of the packed codes, scales and zeros, the error of K, V and attention outputs, and the "
-    "perplexity of decoding token by token through the quantized cache."
+    "per **token**, and keeps the most recent tokens in fp16. Every number below is measured on the chosen "
+    "model: KIVI's premise, exact bytes of the packed codes, scales and zeros, the error of K, V and attention "
+    "outputs, and the perplexity of decoding token by token through the quantized cache."
 )
 
-with user_errors("Loading the bundled model"):
-    cfg = model()[0].config
 side = st.sidebar
+model_name = params.widget(side.selectbox, "Model", key="qmodel", options=list(OFFLINE_MODELS),
+                           help="bundled: the 5.8M-parameter toy (fast); smollm2-135m: a real pretrained model, "
+                                "30 layers (its first view decodes one text window: about a minute)")
+with user_errors(f"Loading {model_name}"):
+    cfg = model(model_name)[0].config
+st.caption(f"Model: {describe_model(model_name)}.")
 name = params.widget(side.selectbox, "Method", key="qmethod", options=[*METHODS, "custom"],
                      index=list(METHODS).index("kivi-2"))
 with side.expander("Custom method (method = custom)", expanded=name == "custom"):
@@ -39,7 +44,7 @@ tokens = params.widget(side.select_slider, "Text length (tokens)", key="qtokens"
                        value=qe.PAGE_TOKENS, help="the first half is the prompt; the second half is decoded and scored")
 windows = params.widget(side.number_input, "Text windows", key="qwindows", min_value=1,
                         max_value=max(1, qe.PAGE_TOKEN_LIMIT // tokens),
-                        value=min(qe.PAGE_WINDOWS, max(1, qe.PAGE_TOKEN_LIMIT // tokens)),
+                        value=min(qe.page_windows(model_name), max(1, qe.PAGE_TOKEN_LIMIT // tokens)),
                         help="perplexity averages over this many consecutive windows: more = narrower intervals, "
                              f"slower (up to {qe.PAGE_TOKEN_LIMIT} tokens in all, every method decoding them)")
 seed = params.widget(side.number_input, "Which windows (seed)", key="qseed", min_value=0, max_value=999, value=0)
@@ -52,10 +57,14 @@ new_tokens = params.widget(side.number_input, "Generated tokens", key="qgen", mi
 with user_errors("Quantization"):
     custom = CustomSettings(bits, scheme, group, residual, sinks, outliers)
     method, text = method_named(name, custom), qe.QuantText(tokens, seed, windows)
-    result = results(text, name, custom)
+    result = results(model_name, text, name, custom)
+    premise = result.premise()
 st.caption(f"**{name}**: {method.describe()}. Follows {method.paper}.")
 quant_figures.method_metrics(result.summary.set_index("method").loc[name])
-st.caption(quant_figures.noise_caption(result))
+st.caption(quant_figures.noise_caption(result, model_name))
+st.subheader(f"KIVI's premise, measured on {model_name}")
+quant_figures.premise_boxes(premise)
+figures.show(quant_figures.channel_outliers(result.channels), key="q_channels")
 
 tab_pareto, tab_maps, tab_layers, tab_text, tab_table = params.widget(st.tabs, quant_figures.TABS, key="qtab")
 if tab_pareto.open:
@@ -63,7 +72,7 @@ if tab_pareto.open:
         figures.show(quant_figures.pareto(result.summary, name))
 if tab_maps.open:
     with tab_maps, user_errors("K/V maps"):
-        grid = maps(text, layer, None if head == "all" else int(head), name, custom)
+        grid = maps(model_name, text, layer, None if head == "all" else int(head), name, custom)
         titles = ("|K|", "|V|", f"|K̂ - K| ({name})", f"|V̂ - V| ({name})")
         for col, z, title in zip(st.columns(2) * 2, grid, titles, strict=True):
             with col:
@@ -74,7 +83,7 @@ if tab_layers.open:
         figures.show(quant_figures.layer_errors(result.by_layer, name))
 if tab_text.open:
     with tab_text, user_errors("Generation"):
-        prompt, fp16_text, method_text = texts(text, new_tokens, name, custom)
+        prompt, fp16_text, method_text = texts(model_name, text, new_tokens, name, custom)
         st.caption(f"Greedy continuation of the first {tokens // 2} tokens of window 1 (last 400 characters shown):")
         st.code(prompt[-400:], language=None, wrap_lines=True)
         for col, label, words in zip(st.columns(2), ("fp16", name), (fp16_text, method_text), strict=True):
@@ -82,7 +91,7 @@ if tab_text.open:
             col.code(words, language=None, wrap_lines=True)
 if tab_table.open:
     with tab_table:
-        shown = {"qtokens": tokens, "qwindows": windows, "qseed": seed}
+        shown = {"qmodel": model_name, "qtokens": tokens, "qwindows": windows, "qseed": seed}
         tables.show_table(result.summary, "quantization", "methods", shown, caption=(
             f"{windows} x {tokens} tokens, the first {tokens // 2} of each prefilled, the rest decoded one by one "
             "and scored. bytes: what the cache holds at the end (all layers); errors: means over layers; "
@@ -92,3 +101,6 @@ if tab_table.open:
             f"({speed_note(result)}; the results are kept, so the speeds are as old as they are)."))
         tables.show_table(result.by_layer, "quantization", "by-layer", shown)
         tables.show_table(qe.methods_table(), "quantization", "registry", caption="Every method and its paper.")
+        tables.show_table(premise, "quantization", "kivi-premise", shown, caption="KIVI's premise as measured.")
+        tables.show_table(result.channels, "quantization", "channels", shown,
+                          caption=quant_figures.CHANNELS_CAPTION)

@@ -10,12 +10,18 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE
+from kvcore.quant import evaluate as qe
 from kvcore.quant.evaluate import QuantEval
+from kvcore.quant.premise import OUTLIER_RATIO
 from ui.figures import PALETTE, heatmap, label_size, line_chart, place_labels, style
 from ui.format import signed_pct
 
 TABS = ["Memory vs perplexity", "K/V magnitudes", "Error by layer", "Generated text", "Results"]
 ERRORS = {"k_rel_err": "keys", "v_rel_err": "values", "attn_rel_err": "attention output"}
+VERDICT_BOX = {"holds": st.success, "partly holds": st.warning, "does not hold": st.warning}
+CHANNELS_CAPTION = ("Per layer: the largest key (k_) and value (v_) channel over its head's median channel (mean |x| "
+                    "over the tokens, the largest over KV heads), and the share of (head, channel) pairs at "
+                    f"{OUTLIER_RATIO:g}x or more.")
 
 
 def ratio_text(row: pd.Series) -> str:
@@ -50,8 +56,12 @@ def method_metrics(row: pd.Series) -> None:
                    "far tighter than the perplexity's own interval")
 
 
-def noise_caption(result: QuantEval) -> str:
-    """How many tokens were scored, why, and what the intervals are."""
+def noise_caption(result: QuantEval, model: str = "bundled") -> str:
+    """How many tokens were scored, why, and what the intervals are (and why a slower model opens on fewer)."""
+    fewer = qe.page_windows(model) < qe.PAGE_WINDOWS
+    slower = (f" On {model} the page opens on {qe.page_windows(model)} window ({qe.PAGE_TOKENS // 2} scored tokens, "
+              "the fewest that rank anything) so that its first view stays near a minute; add windows for narrower "
+              "intervals." if fewer else "")
     blocks = -(-(result.num_tokens - result.prompt_tokens) // BLOCK_TOKENS) * result.windows
     few = (f" Fewer than {MIN_UNITS} blocks: too few to call any difference, so none is coloured or ranked."
            if blocks < MIN_UNITS else "")
@@ -61,7 +71,28 @@ def noise_caption(result: QuantEval) -> str:
             "blocks. A change inside its interval says \"within noise\" and is neither coloured nor put on the "
             "Pareto front. Why 256 tokens by default: at 64 scored tokens int2-token's ratio to fp16 ran from "
             "0.98 to 1.23 across text windows (kivi-2 showed a -2% \"gain\"); at 256 int2 stayed 4-12% worse "
-            f"in every window group.{few}")
+            f"in every window group.{few}{slower}")
+
+
+def premise_boxes(premise: pd.DataFrame) -> None:
+    """One box per part of KIVI's premise (:func:`kvcore.quant.premise.kivi_premise`), coloured only when the
+    measurement decides it (green: holds; orange: does not, or only partly; grey: within noise)."""
+    for row in premise.itertuples():
+        VERDICT_BOX.get(row.verdict, st.info)(f"**{row.claim}**: {row.verdict}. {row.measured}.")
+
+
+def channel_outliers(channels: pd.DataFrame, ratio: float = OUTLIER_RATIO) -> go.Figure:
+    """Per layer, the largest key and value channel over its head's median channel (mean |x| over tokens), with the
+    outlier threshold dashed: keys far above it and values near 1-3x is KIVI's premise (Liu et al. 2024, Fig. 2)."""
+    part = channels.melt(id_vars="layer", value_vars=["k_top_ratio", "v_top_ratio"], var_name="cache",
+                         value_name="ratio")
+    part["cache"] = part["cache"].map({"k_top_ratio": "keys", "v_top_ratio": "values"})
+    fig = line_chart(part, "layer", "ratio", "cache", title="Largest channel over its head's median channel "
+                     f"(mean |x| over tokens; dashed: {ratio:g}x, an outlier channel)", x_title="layer",
+                     y_title="largest / median channel")
+    fig.add_hline(y=ratio, line={"color": "#666666", "dash": "dash", "width": 1})
+    fig.update_yaxes(rangemode="tozero")
+    return fig
 
 
 def magnitude_map(z: np.ndarray, title: str, heads: int | None = None, colorbar: str = "|x|") -> go.Figure:

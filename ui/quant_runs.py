@@ -1,11 +1,12 @@
-"""Cached runs of the Quantization page on the bundled model: captured Q/K/V, every method measured, K/V
-magnitude maps and greedy text. Keys are typed: the text (:class:`~kvcore.quant.evaluate.QuantText`) and the
-custom method's settings (:class:`~kvcore.quant.methods.CustomSettings`); every use of the model holds its lock.
+"""Cached runs of the Quantization page on the chosen model (the bundled one or SmolLM2): captured Q/K/V, every
+method measured, K/V magnitude maps and greedy text. Keys are typed: the model's name, the text
+(:class:`~kvcore.quant.evaluate.QuantText`) and the custom method's settings
+(:class:`~kvcore.quant.methods.CustomSettings`); every use of a model holds its lock.
 
 The measurement of every method (the page's heavy part: each method decodes the text token by token) is kept on
-disk across server restarts, keyed by the settings, the weights and the code (:mod:`ui.disk_cache`), and runs
-under a progress bar that says how far the decode is. Its speed columns say when and under what load they were
-measured (:func:`speed_note`)."""
+disk across server restarts, keyed by the model, the settings, the weights and the code (:mod:`ui.disk_cache`),
+and runs under a progress bar that says how far the decode is. Its speed columns say when and under what load
+they were measured (:func:`speed_note`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from kvcore.models.loader import model_name
 from kvcore.noise import load_note
 from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, CustomSettings, method_named
@@ -25,37 +27,41 @@ from ui.models import BUNDLED, SharedModel, shared_model
 from ui.progress import progress_bar
 
 
-def model() -> tuple[Any, Any]:
-    """The bundled model and its tokenizer, shared by every page and session."""
-    shared = shared_model()
+def model(name: str = BUNDLED) -> tuple[Any, Any]:
+    """The model ``name`` and its tokenizer, shared by every page and session."""
+    shared = shared_model(name)
     return shared.model, shared.tokenizer
 
 
 @st.cache_resource(show_spinner="Capturing queries, keys and values...")
-def captured(text: qe.QuantText) -> CapturedKV:
-    """Queries, keys and values of every layer over the first text window."""
-    with shared_model().lock:
-        return qe.capture_qkv(model()[0], text.ids(model()[1])[0])
+def captured(name: str, text: qe.QuantText) -> CapturedKV:
+    """Queries, keys and values of every layer of model ``name`` over the first text window."""
+    shared = shared_model(name)
+    with shared.lock:
+        return qe.capture_qkv(shared.model, text.ids(shared.tokenizer)[0])
 
 
 MODULES = ("kvcore.quant.evaluate",)  # what a measurement executes (their import closure keys the disk cache)
 
 
 def measure(text: qe.QuantText, custom: CustomSettings | None = None,
-            model: SharedModel | None = None) -> qe.QuantEval:
-    """Every registered method measured (``custom`` None), or fp16 and the custom method: from memory, from disk,
-    or decoded now under a progress bar. model: a private copy of the bundled model to decode with (the background
-    warm-up's, so it never holds the shared model's lock for long); by default the shared one."""
+            model: SharedModel | None = None, name: str = BUNDLED) -> qe.QuantEval:
+    """Every registered method measured (``custom`` None), or fp16 and the custom method, on model ``name``: from
+    memory, from disk, or decoded now under a progress bar. model: a private copy of that model to decode with (the
+    background warm-up's, so it never holds the shared model's lock for long; its own name counts then); by
+    default the shared one."""
     methods = METHODS if custom is None else {"fp16": METHODS["fp16"], "custom": custom.method()}
+    key = model_name(model.name if model is not None else name)
 
     def compute(progress) -> qe.QuantEval:
-        shared = model or shared_model()
+        shared = model or shared_model(key)
         with shared.lock:
             return qe.evaluate(shared.model, text.ids(shared.tokenizer), methods, progress=progress)
 
     with progress_bar() as bar:
-        return disk_cache.computed("quant-eval", (BUNDLED, text, custom), MODULES, disk_cache.weights_key(BUNDLED),
-                                   compute, lambda fraction, label: bar(fraction, f"{len(methods)} methods: {label}"))
+        return disk_cache.computed("quant-eval", (key, text, custom), MODULES, disk_cache.weights_key(key),
+                                   compute, lambda fraction, label: bar(fraction, f"{len(methods)} methods on "
+                                                                                  f"{key}: {label}"))
 
 
 def speed_note(result: qe.QuantEval) -> str:
@@ -66,27 +72,28 @@ def speed_note(result: qe.QuantEval) -> str:
     return f"tokens_per_s measured {when}, {load_note(result.load_1min)}"
 
 
-def results(text: qe.QuantText, name: str, custom: CustomSettings) -> qe.QuantEval:
-    """Every registered method, plus the custom one when it is the method shown."""
-    result = measure(text)
-    return qe.combine(result, measure(text, custom)) if name == "custom" else result
+def results(name: str, text: qe.QuantText, method: str, custom: CustomSettings) -> qe.QuantEval:
+    """Every registered method on model ``name``, plus the custom one when it is the method shown."""
+    result = measure(text, name=name)
+    return qe.combine(result, measure(text, custom, name=name)) if method == "custom" else result
 
 
 @st.cache_data(show_spinner=False)
-def maps(text: qe.QuantText, layer: int, head: int | None, name: str, custom: CustomSettings) -> list[np.ndarray]:
+def maps(name: str, text: qe.QuantText, layer: int, head: int | None, method: str,
+         custom: CustomSettings) -> list[np.ndarray]:
     """Token x channel magnitudes of K, V and of the method's K and V errors at ``layer`` (``head`` None = all)."""
-    cap = captured(text)
-    k_hat, v_hat, _ = qe.reconstruct(cap, method_named(name, custom), layer)
+    cap = captured(name, text)
+    k_hat, v_hat, _ = qe.reconstruct(cap, method_named(method, custom), layer)
     k, v = cap.keys[layer], cap.values[layer]
     return [qe.channel_magnitudes(t, head).numpy() for t in (k, v, k_hat - k, v_hat - v)]
 
 
 @st.cache_data(show_spinner="Generating with both caches...")
-def texts(text: qe.QuantText, new_tokens: int, name: str, custom: CustomSettings) -> list[str]:
+def texts(name: str, text: qe.QuantText, new_tokens: int, method: str, custom: CustomSettings) -> list[str]:
     """The prompt (first half of window 1), then its greedy continuation through the fp16 and the method's cache."""
-    m, tok = model()
-    prompt = text.ids(tok)[0, : text.tokens // 2]
-    with shared_model().lock:
-        return [tok.decode(prompt, skip_special_tokens=True)] + [
-            qe.generate_text(m, tok, prompt, method, new_tokens) for method in (METHODS["fp16"],
-                                                                                method_named(name, custom))]
+    shared = shared_model(name)
+    prompt = text.ids(shared.tokenizer)[0, : text.tokens // 2]
+    with shared.lock:
+        return [shared.tokenizer.decode(prompt, skip_special_tokens=True)] + [
+            qe.generate_text(shared.model, shared.tokenizer, prompt, m, new_tokens) for m in (
+                METHODS["fp16"], method_named(method, custom))]

@@ -25,12 +25,14 @@ import torch
 from kvcore.device import torch_threads
 from kvcore.models.generate import GenerationSettings, generate_stream
 from kvcore.models.loader import bundled_text
-from kvcore.models.perplexity import Progress, Streamed, stream_text
+from kvcore.models.perplexity import PROGRESS_EVERY, Progress, Streamed, stream_text
+from kvcore.models.plan import FULL, run_step
 from kvcore.models.runtime import token_windows
 from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE, block_sums, bootstrap_ratios, load_average
 from kvcore.quant.hf_cache import fp16_nbytes_per_row, nbytes_per_row, quantized_plan, seconds_per_row
 from kvcore.quant.methods import METHODS, QuantMethod
 from kvcore.quant.model_kv import CapturedKV, capture_qkv
+from kvcore.quant.premise import OUTLIER_RATIO, channel_outliers, kivi_premise
 from kvcore.quant.stream import QuantizedKV
 
 # Tokens (windows x length) the page decodes through every method's cache at once. benchmarks/memory.py
@@ -44,6 +46,17 @@ PAGE_TOKEN_LIMIT = 512
 # percent of 1, which their intervals call within noise. Over 6 groups of 2 windows, the groups' 95%
 # intervals held the 12-window estimate in 91% of (method, group) cases.
 PAGE_TOKENS, PAGE_WINDOWS = 256, 2
+# SmolLM2-135M (23x the bundled model's parameters, 30 layers to quantize instead of 6) decodes every method at
+# 2 x 256 tokens in about two minutes on 2 shared cores (118 s at load 2.5) and at 1 x 256 in about half that:
+# its page opens on one window (128 scored tokens, 8 bootstrap blocks, the fewest that rank anything), where
+# int2-token (51x fp16) and int2-channel (2.7x) stay far apart and int4-token's +15% [+6%, +25%] stays worse.
+PAGE_WINDOWS_BY_MODEL = {"smollm2-135m": 1}
+
+
+def page_windows(model: str) -> int:
+    """Text windows the Quantization page opens on for ``model`` (a :func:`~kvcore.models.loader.model_name`)."""
+    return PAGE_WINDOWS_BY_MODEL.get(model, PAGE_WINDOWS)
+
 
 def text_windows(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:
     """``windows`` consecutive windows of ``num_tokens`` token ids of ``text``, ``<bos>`` first: ``[W, T]``.
@@ -106,6 +119,46 @@ def layer_errors(captured: CapturedKV, method: QuantMethod) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@torch.inference_mode()
+def stream_methods(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
+                   progress: Progress | None = None) -> Streamed:
+    """Every (window, method) pair streamed in one batch, row ``r`` = window ``r // M`` through method ``r % M``:
+    what ``stream_text(model, windows.repeat_interleave(M, 0), quantized_plan(...), prompt_tokens,
+    feed_last=True)`` measures, with each window's prompt fed once instead of once per method.
+
+    A prefill attends to its own tokens exactly whatever the cache stores (:class:`QuantizedKVLayer`, as KIVI and
+    transformers' quantized cache), so its keys, values and logits are the same for every method: they are
+    computed once per window in full precision and appended to every method's store, then each later token is
+    decoded through each row's own store. windows: ``[W, T]``; returns the batch's :class:`Streamed`.
+    """
+    W, T = windows.shape
+    M = len(methods)
+    if not 1 <= prompt_tokens < T:
+        raise ValueError(f"prompt_tokens must be in [1, {T - 1}] for {T}-token windows, got {prompt_tokens}")
+    prompt = FULL.new_cache(model)
+    logits = run_step(model, prompt, windows[:, :prompt_tokens])  # [W, P, V]
+    plan = quantized_plan([m for _ in range(W) for m in methods])
+    cache = plan.new_cache(model)
+    for i, layer in enumerate(prompt.layers):  # [W, Hkv, P, D] -> [W * M, Hkv, P, D]
+        cache.update(layer.keys.repeat_interleave(M, dim=0), layer.values.repeat_interleave(M, dim=0), i)
+    ids = windows.repeat_interleave(M, dim=0)  # [W * M, T]
+    parts = [_nll(logits, windows[:, 1:prompt_tokens + 1]).repeat_interleave(M, dim=0)]  # [W * M, P]
+    start = time.perf_counter()
+    for t in range(prompt_tokens, T):  # the last token is fed too, so the cache ends holding each whole window
+        if progress is not None and (t - prompt_tokens) % PROGRESS_EVERY == 0:
+            progress((t - prompt_tokens) / (T - prompt_tokens),
+                     f"decoding token {t - prompt_tokens + 1} of {T - prompt_tokens}")
+        step = run_step(model, cache, ids[:, t:t + 1], plan)  # [W * M, 1, V]
+        if t + 1 < T:
+            parts.append(_nll(step, ids[:, t + 1:t + 2]))
+    return Streamed(torch.cat(parts, dim=1).cpu(), time.perf_counter() - start, T - prompt_tokens, cache)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[B, n, V]`` logits, ``[B, n]`` targets -> ``[B, n]`` NLL in nats (float32 log-softmax, as streaming does)."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+
 def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
                  batched: bool, progress: Progress | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Perplexity, bytes held and speed of each method decoding every window (one batched run, or one run
@@ -115,9 +168,8 @@ def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], promp
     report = progress or (lambda fraction, label: None)
     if batched:  # row r decodes window r // M with method r % M
         what = f"{M} methods x {W} windows in one batch"
-        run = stream_text(model, windows.repeat_interleave(M, dim=0),
-                          quantized_plan([m for _ in range(W) for m in methods]), prompt_tokens, feed_last=True,
-                          progress=lambda fraction, label: report(fraction, f"{label}, {what}"))
+        run = stream_methods(model, windows, methods, prompt_tokens,
+                             progress=lambda fraction, label: report(fraction, f"{label}, {what}"))
         parts = [(run, methods[i], list(range(i, W * M, M))) for i in range(M)]
     else:
         parts = []
@@ -170,7 +222,8 @@ class QuantEval:
     by_layer: one row per method and layer. num_tokens/prompt_tokens: each window's length and how much of
     it was prefilled before scoring; windows: how many. nll: each method's scored NLL ``[W, T - prompt]``
     (nats), what the intervals resample. measured_at / load_1min: when the decode ran (Unix seconds) and the
-    1-minute load average then: what the speed columns (tokens_per_s, cache_ms_per_token) describe.
+    1-minute load average then: what the speed columns (tokens_per_s, cache_ms_per_token) describe. channels:
+    each layer's key and value channel magnitudes (:func:`~kvcore.quant.premise.channel_outliers`).
     """
 
     summary: pd.DataFrame
@@ -181,6 +234,14 @@ class QuantEval:
     nll: dict[str, torch.Tensor] | None = None
     measured_at: float = float("nan")
     load_1min: float = float("nan")
+    channels: pd.DataFrame | None = None
+
+    def premise(self, ratio: float = OUTLIER_RATIO) -> pd.DataFrame:
+        """KIVI's premise as measured here (:func:`~kvcore.quant.premise.kivi_premise`): outlier channels in keys,
+        not values, and per-channel keys beating per-token ones at each bit width both ran at."""
+        if self.channels is None:
+            raise ValueError("this result has no channel magnitudes (measure it with evaluate)")
+        return kivi_premise(self.channels, self.summary, self.by_layer, ratio)
 
     @property
     def scored_tokens(self) -> int:
@@ -311,7 +372,7 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     summary["ppl_vs_fp16"] = summary["perplexity"] / base.iloc[0] if len(base) else float("nan")
     summary = _with_noise(summary, nll, seed)
     return QuantEval(summary, by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]), nll, time.time(),
-                     load_average())
+                     load_average(), channel_outliers(captured))
 
 
 def _with_noise(summary: pd.DataFrame, nll: Mapping[str, torch.Tensor], seed: int = 0) -> pd.DataFrame:
@@ -336,7 +397,8 @@ def combine(first: QuantEval, second: QuantEval) -> QuantEval:
         second.summary.loc[new, "method"])]], ignore_index=True)
     finite = [r for r in (first, second) if np.isfinite(r.measured_at)]
     measured = (min(r.measured_at for r in finite), max(r.load_1min for r in finite)) if finite else (np.nan, np.nan)
-    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows, nll, *measured)
+    return QuantEval(summary, by_layer, first.num_tokens, first.prompt_tokens, first.windows, nll, *measured,
+                     first.channels if first.channels is not None else second.channels)
 
 
 def methods_table(methods: Mapping[str, QuantMethod] | None = None) -> pd.DataFrame:

@@ -1,6 +1,8 @@
 """Quantization page: renders every method's measurements with their noise, reruns on a widget change, restores
 from the URL (tabs included)."""
 
+import json
+
 import pytest
 
 from kvcore.models.loader import BUNDLED_DIR
@@ -68,8 +70,9 @@ def test_tabs_are_in_the_url(page):
     assert [t.label for t in at.tabs] == ["Memory vs perplexity", "K/V magnitudes", "Error by layer",
                                          "Generated text", "Results"]
     titles = [c.proto.spec for c in at.get("plotly_chart")]
-    assert len(titles) == 1
-    assert "relative L2 error by layer" in titles[0]
+    assert len(titles) == 2  # KIVI's premise above the tabs, then the open tab's chart alone
+    assert "Largest channel over its head" in titles[0]
+    assert "relative L2 error by layer" in titles[1]
     assert not at.dataframe  # the Results tab is closed: its tables are not built
 
 
@@ -80,7 +83,7 @@ def test_changing_the_method_reruns(page):
     assert not at.exception
     row = at.dataframe[0].value.set_index("method").loc["int8-token"]
     assert metrics(at)["KV bytes vs fp16"] == f"{row.bytes_ratio:.3f}x"
-    assert "int8" in at.caption[0].value
+    assert "int8" in next(c.value for c in at.caption if c.value.startswith("**"))
 
 
 @needs_model
@@ -115,8 +118,6 @@ def test_garbage_url_falls_back_to_defaults(page):
 def test_the_pareto_front_passes_through_no_point_within_noise(page):
     # The dashed "Pareto front (beyond noise)" ran through int3-token, a hollow within-noise marker
     # (CSV: vs_fp16=within noise, pareto=True).
-    import json
-
     at = page("quantization", RESULTS)
     summary = at.dataframe[0].value
     assert not summary[(summary["vs_fp16"] == "within noise") & summary["pareto"]].size
@@ -191,3 +192,33 @@ def test_a_change_near_zero_never_reads_minus_zero():
 
     text = ratio_text(pd.Series({"ppl_vs_fp16": 0.99996, "ppl_vs_fp16_low": 0.9991, "ppl_vs_fp16_high": 1.0008}))
     assert text == "0.0% [-0.1%, +0.1%]"
+
+
+def test_smollm2_measures_kivis_premise(page):
+    at = page("quantization", {"qmodel": "smollm2-135m", "qtokens": "64", **RESULTS})
+    assert any(c.value.startswith("Model: SmolLM2-135M-Instruct") for c in at.caption)
+    assert at.number_input(key="qwindows").value == 1  # the slower model opens on one window
+    outliers = next(b.value for b in at.success if b.value.startswith("**Keys have outlier channels"))
+    assert "in 30 of 30 layers" in outliers
+    per_channel = next(b.value for b in at.success if "lose less than per token at 2 bits" in b.value)
+    assert "lower in 30 of 30 layers" in per_channel
+    premise = next(d.value for d in at.dataframe if list(d.value.columns) == ["claim", "measured", "verdict"])
+    assert premise["verdict"].tolist()[:3] == ["holds", "holds", "holds"]
+    channels = next(d.value for d in at.dataframe if "k_top_ratio" in d.value.columns)
+    assert len(channels) == 30
+    figures = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert any(f["layout"]["yaxis"]["title"]["text"] == "largest / median channel" for f in figures)
+
+
+def test_the_kept_measurement_is_keyed_by_its_model(monkeypatch):
+    from kvcore.quant import evaluate as qe
+    from ui import disk_cache, quant_runs
+
+    keys = []
+    monkeypatch.setattr(disk_cache, "computed", lambda name, settings, modules, weights, *rest: keys.append(
+        (settings[0], weights)))
+    for name in ("bundled", "smollm2-135m"):
+        quant_runs.measure(qe.QuantText(), name=name)
+    assert [k[0] for k in keys] == ["bundled", "smollm2-135m"]
+    assert keys[0][1] != keys[1][1]
+    assert keys[1][1].startswith("smollm2-135m:")
