@@ -3,8 +3,8 @@
 import streamlit as st
 
 from kvcore.models.attention import AttentionPatterns
-from kvcore.models.live import kv_curves, patterns_table
-from kvcore.models.loader import BUNDLED_NAME, HUB_MODELS
+from kvcore.models.live import kv_curves, opening_layer, patterns_table
+from kvcore.models.loader import describe_model
 from kvcore.models.runtime import text_config
 from kvcore.plans import cache_plans
 from ui import figures, live_runs, params, tables
@@ -12,17 +12,14 @@ from ui import live_figures as lf
 from ui.guard import user_errors
 from ui.live_runs import LiveRequest, comparison, generation, step_timing
 from ui.live_steps import show_step_player
-from ui.models import shared_model
-
-OTHER = "other (type a Hub name)"
+from ui.models import choose_model, shared_model
 
 st.title("Live model")
 st.markdown("A real causal LM writes one token per step: **prefill** puts the prompt's keys and values in the KV "
             "cache in one pass, each **decode** step reads the whole cache and appends one entry. **Attention sinks** "
             "(StreamingLLM) and **heavy hitters** (H2O), marked on the map, are what eviction policies keep.")
 with st.sidebar:
-    choice = params.widget(st.selectbox, "Model", key="lm_model", options=[BUNDLED_NAME, *HUB_MODELS, OTHER])
-    hub = params.widget(st.text_input, "Hub name", key="lm_hub", value="", max_chars=96) if choice == OTHER else ""
+    name = choose_model("Model", key="lm_model", hub_key="lm_hub")
     prompt = params.widget(st.text_area, "Prompt", key="lm_prompt", value="The import statement", max_chars=1000)
     new = params.widget(st.number_input, "New tokens", key="lm_new", min_value=1, max_value=128, value=40)
     temp = params.widget(st.slider, "Temperature (0 = greedy)", key="lm_temp", min_value=0.0, max_value=2.0,
@@ -35,12 +32,13 @@ with st.sidebar:
     positions = params.widget(st.segmented_control, "Positions after eviction", key="lm_pos", disabled=not evicting,
                               options=["original", "rerotate"], default="original", required=True)
 
-if (name := (hub.strip() or None) if choice == OTHER else choice) is None:
+if name is None:
     st.info("Type a Hugging Face Hub name (a causal LM with at most 1.5 GB of weights), or pick the bundled model.")
     st.stop()
 with user_errors(f"Loading {name}"):  # a progress bar while it loads; an error shown openly, never in a closed box
     shared = shared_model(name)
 model, tokenizer = shared.model, shared.tokenizer
+st.caption(f"Model: {describe_model(name)}.")
 request = LiveRequest.of(prompt, new, temp, seed, plan_name, budget, positions)
 with user_errors("Settings"):
     plan = request.cache_plan()
@@ -68,7 +66,8 @@ tables.show_table(run.table, "live", "tokens", csv_settings, height=260,
 st.subheader("Attention over the generated sequence")
 cfg, c = text_config(model), st.columns(5)
 layer = params.widget(c[0].number_input, "Layer", key="lm_layer", min_value=0, max_value=cfg.num_hidden_layers - 1,
-                      value=min(1, cfg.num_hidden_layers - 1))
+                      value=opening_layer(cfg.num_hidden_layers),
+                      help="opens on the first layer past a sixth of the depth: the first layers attend locally")
 head = params.widget(c[1].selectbox, "Head", key="lm_head", options=["mean", *range(cfg.num_attention_heads)])
 sink_ratio = params.widget(c[2].number_input, "Sink: x uniform share", key="lm_sink", min_value=1.5,
                            max_value=100.0, value=5.0, step=0.5)
@@ -80,6 +79,9 @@ attn = live_runs.attention(shared, request, run, layer, None if head == "mean" e
 patterns = patterns_table(attn, run.tokens, thresholds)
 title = f"Layer {layer}, head {head}: full cache, eager attention (dotted line: generation starts)"
 figures.show(lf.attention_heatmap(attn, run.tokens, patterns, title, log_color, run.prompt_len), key="lm_map")
+found, note = lf.sink_evidence(patterns, thresholds, f"layer {layer}, head {head}",
+                               live_runs.token_zero_by_layer(shared, request, run, thresholds), shared.name)
+(st.success if found else st.info)(note)
 bars_title = f"Attention each key receives from far queries (sink: {sink_ratio:g}x)"
 figures.show(lf.pattern_bars(patterns, run.tokens, bars_title, sink_ratio), key="lm_bars")
 tables.show_table(patterns, "live", "patterns", {**csv_settings, "layer": layer, "head": head}, height=240,

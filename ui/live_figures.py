@@ -10,8 +10,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from kvcore.models.attention import AttentionPatterns
 from kvcore.models.generate import PhaseTiming
 from kvcore.models.live import LiveRun
+from kvcore.models.loader import BUNDLED_NAME, OFFLINE_MODELS
 from kvcore.noise import Timing, load_note
 from ui.figures import PALETTE, SEQUENTIAL, style
 from ui.format import bytes_str
@@ -66,6 +68,42 @@ def pattern_bars(patterns: pd.DataFrame, tokens: Sequence[str], title: str, sink
         fig.add_hline(y=sink_ratio, line={"color": SINK_COLOR, "dash": "dash", "width": 1})
     fig.update_xaxes(showticklabels=len(judged) <= 80, tickangle=-60)
     return style(fig, title, x="key", y="far attention / uniform share", legend=False, height=320)
+
+
+SINK_MODEL = OFFLINE_MODELS[1]  # the offline model that has sinks
+MARKED = 6  # sinks named one by one in the detector's note
+
+
+def sink_evidence(patterns: pd.DataFrame, thresholds: AttentionPatterns, where: str, by_layer: pd.DataFrame,
+                  model: str) -> tuple[bool, str]:
+    """What the sink detector found on the map shown, with its evidence: (any sink, the note in words).
+
+    patterns: the map's :func:`~kvcore.models.live.patterns_table`. where: "layer 5, head mean". by_layer: token
+    0's ratio in every layer (:func:`~kvcore.models.live.key_sink_by_layer`). model: the model's name; the
+    bundled model, which has no sink, points to the offline one that has (StreamingLLM, Xiao et al. 2023).
+    """
+    rule = (f"{thresholds.sink_ratio:g}x the uniform share 1/(t+1) from queries {thresholds.min_distance}+ "
+            "positions later")
+    sinks = patterns[patterns["sink"]]
+    labels = token_labels(patterns["token"].tolist())
+    if len(sinks):
+        named = [f"**{labels[p]}** ({r:.1f}x over {q} queries)" for p, r, q in
+                 zip(sinks["position"], sinks["received_vs_uniform"], sinks["far_queries"], strict=True)]
+        more = f" and {len(named) - MARKED} more" if len(named) > MARKED else ""
+        found = f"Sink detector, {where}: {', '.join(named[:MARKED])}{more}: each receives at least {rule}."
+    else:
+        first = patterns["received_vs_uniform"].iloc[0]
+        zero = "too few far queries to judge" if np.isnan(first) else f"{first:.1f}x"
+        found = f"Sink detector, {where}: no key reaches {rule} (token 0: {zero})."
+    judged = by_layer.dropna(subset=["received_vs_uniform"])
+    layers = ""
+    if len(judged):
+        top = judged.loc[judged["received_vs_uniform"].idxmax()]
+        layers = (f" Token 0 across layers (heads averaged): a sink in {int(judged['sink'].sum())} of {len(by_layer)}, "
+                  f"strongest {top.received_vs_uniform:.1f}x at layer {int(top.layer)}.")
+    point = (f" The bundled model has no attention sink: choose {SINK_MODEL} in the Model box to see one."
+             if model == BUNDLED_NAME and not len(sinks) else "")
+    return bool(len(sinks)), found + layers + point
 
 
 def _ms(t: Timing | None) -> str:

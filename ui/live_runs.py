@@ -20,7 +20,15 @@ import torch
 from kvcore.device import torch_threads
 from kvcore.models.attention import AttentionPatterns
 from kvcore.models.generate import GenerationSettings, PhaseTiming, compare_to_full, time_generation
-from kvcore.models.live import LiveRun, layer_map, run_attention, run_live, step_view, stream_run
+from kvcore.models.live import (
+    LiveRun,
+    key_sink_by_layer,
+    layer_map,
+    run_attention,
+    run_live,
+    step_view,
+    stream_run,
+)
 from kvcore.models.plan import CachePlan
 from kvcore.models.steps import StepView
 from kvcore.plans import make_plan
@@ -169,6 +177,14 @@ def attention(shared: SharedModel, request: LiveRequest, run: LiveRun, layer: in
     every layer is captured once per run (one forward) and kept."""
     with user_errors("Attention"):
         return layer_map(_attention(shared.name, request, shared, run), layer, head)
+
+
+def token_zero_by_layer(shared: SharedModel, request: LiveRequest, run: LiveRun,
+                        thresholds: AttentionPatterns) -> pd.DataFrame:
+    """Whether token 0 is a sink in each layer of the run (heads averaged; :func:`key_sink_by_layer`), read off
+    the attention captured once per run."""
+    with user_errors("Attention"):
+        return key_sink_by_layer(_attention(shared.name, request, shared, run), thresholds)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

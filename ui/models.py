@@ -17,10 +17,16 @@ from typing import Any
 
 import streamlit as st
 
-from kvcore.models.loader import describe_model, load_model, model_name
+from kvcore.models.loader import HUB_MODELS, OFFLINE_MODELS, describe_model, load_model, model_name
+from ui import params
 from ui.progress import progress_bar
 
 BUNDLED = "bundled"
+OTHER = "other (type a Hub name)"
+MODEL_CHOICES = (*OFFLINE_MODELS, *HUB_MODELS, OTHER)  # what loads offline first, then the Hub's, then any name
+CHOICE_HELP = ("bundled: the 5.8M-parameter toy trained on Python's docs (fast; no attention sink); smollm2-135m: "
+               "SmolLM2-135M-Instruct, a real pretrained model that loads with no model hub (token 0 is a sink); "
+               "the Hub names and other need a network")
 
 
 @dataclass(slots=True)
@@ -74,3 +80,24 @@ def shared_model(name: str | None = None) -> SharedModel:
                     del held.models[other]  # one model beside the bundled one
                 held.models[key] = SharedModel(key, model, tokenizer)
     return held.models[key]
+
+
+def choose_model(label: str, *, key: str, hub_key: str, hub_label: str = "Hub name", container=st,
+                 typed_links: bool = False) -> str | None:
+    """A URL-bound model selectbox over :data:`MODEL_CHOICES`, whose last choice, "other", opens a text box bound to
+    ``hub_key``; returns the model's name, or None while "other" has no name typed.
+
+    typed_links: the page's ``key`` once took a typed name, so an old link may carry any name (a Hub name, a
+    folder): a URL value that is no choice joins the choices for the session and opens as chosen.
+    """
+    options = list(MODEL_CHOICES)
+    if typed_links:
+        kept, raw = f"_typed_{key}", st.query_params.get(key)
+        if kept not in st.session_state:
+            st.session_state[kept] = raw.strip() if raw and raw.strip() and raw not in options else None
+        options[-1:-1] = [st.session_state[kept]] if st.session_state[kept] else []
+    choice = params.widget(container.selectbox, label, key=key, options=options, help=CHOICE_HELP)
+    if choice != OTHER:
+        return choice
+    hub = params.widget(container.text_input, hub_label, key=hub_key, value="", max_chars=96)
+    return hub.strip() or None

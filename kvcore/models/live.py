@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns
+from kvcore.models.attention import AttentionPatterns, capture_attention, detect_patterns, far_attention_ratio
 from kvcore.models.cache import LabCache
 from kvcore.models.generate import GenerationSettings, TokenEvent, events_table, generate_stream
 from kvcore.models.plan import CachePlan
@@ -98,6 +98,32 @@ def layer_map(attention: torch.Tensor, layer: int, head: int | None) -> np.ndarr
         raise ValueError(f"head must be in 0..{H - 1} or the mean, got {head}")
     attn = attention[layer].mean(dim=0) if head is None else attention[layer, head]  # [T, T]
     return attn.numpy()
+
+
+def opening_layer(num_layers: int) -> int:
+    """The layer a page first shows: the first one past a sixth of the model's depth.
+
+    The first layers of a pretrained LLM attend locally and attention sinks show after them (StreamingLLM,
+    Xiao et al. 2023, Fig. 2: layers 0-1 of Llama-2-7B's 32 are local; SmolLM2-135M's token 0 gets 5-22x
+    its uniform share from far queries in 26 of its 30 layers, none of layers 0-2). 6 layers -> 1, 30 -> 5.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return min(num_layers - 1, num_layers // 6)
+
+
+def key_sink_by_layer(attention: torch.Tensor, patterns: AttentionPatterns, key: int = 0) -> pd.DataFrame:
+    """Whether key ``key`` is an attention sink in each layer of ``attention`` ``[L, Hq, T, T]`` (heads averaged,
+    the detector of :func:`~kvcore.models.attention.detect_patterns`): ``layer``, ``received_vs_uniform`` (the
+    mean attention it gets from queries ``min_distance``+ later over the uniform share; NaN when too few such
+    queries) and ``sink`` (at least ``sink_ratio``). StreamingLLM (Xiao et al. 2023) finds token 0 a sink in
+    most layers of a pretrained LLM."""
+    if not 0 <= key < attention.shape[-1]:
+        raise ValueError(f"key must be in 0..{attention.shape[-1] - 1}, got {key}")
+    maps = attention.float().mean(dim=1)  # [L, T, T]
+    ratio = far_attention_ratio(maps, patterns.min_distance, patterns.min_queries)[:, key]  # [L]
+    return pd.DataFrame({"layer": range(maps.shape[0]), "received_vs_uniform": ratio.tolist(),
+                         "sink": (ratio >= patterns.sink_ratio).tolist()})
 
 
 def attention_map(model, run: LiveRun, layer: int, head: int | None) -> np.ndarray:

@@ -26,6 +26,12 @@ def test_defaults_generate_and_show_attention(page):
     patterns = at.dataframe[1].value
     assert {"sink", "heavy_hitter", "received_vs_uniform"} <= set(patterns.columns)
     assert not at.error
+    assert any(c.value.startswith("Model: the bundled 5.8M-parameter") for c in at.caption)
+    # the bundled model has no sink: the detector says so, with token 0's ratio, and points to the model that has one
+    note = next(i.value for i in at.info if i.value.startswith("Sink detector, layer 1, head mean: no key reaches"))
+    assert "(token 0: " in note
+    assert "a sink in 0 of 6" in note
+    assert "choose smollm2-135m in the Model box" in note
 
 
 def test_timings_are_medians_of_repeats_with_their_spread_and_the_load(page):
@@ -120,3 +126,20 @@ def test_an_eviction_plan_is_compared_with_the_full_cache(page):
     held = next(d.value for d in at.dataframe if any(c.endswith(" held") for c in d.value.columns))
     column = next(c for c in held.columns if c.endswith(" held"))
     assert held[column].sum() == pytest.approx(min(len(held), 8 + 1), abs=1e-6)  # the budget, plus the fed token
+
+
+def test_smollm2_opens_where_token_zero_is_a_sink_and_marks_it_with_its_evidence(page):
+    at = page("live_model", {"lm_model": "smollm2-135m", "lm_new": "16"})
+    assert any(c.value.startswith("Model: SmolLM2-135M-Instruct") for c in at.caption)
+    assert at.number_input(key="lm_layer").value == 5  # 30 layers: the first past a sixth
+    patterns = at.dataframe[1].value
+    assert patterns.loc[0, "sink"]
+    note = next(s.value for s in at.success if s.value.startswith("Sink detector, layer 5, head mean:"))
+    ratio = patterns.loc[0, "received_vs_uniform"]
+    assert f"**0 The** ({ratio:.1f}x over {patterns.loc[0, 'far_queries']} queries)" in note
+    assert "Token 0 across layers (heads averaged): a sink in " in note
+    assert "choose smollm2-135m" not in note
+    heatmap = next(f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+                   if f["layout"]["title"]["text"].startswith("Layer 5, head mean: full cache"))
+    sinks = next(t for t in heatmap["data"] if t.get("name") == "sink")
+    assert sinks["x"][0] == "0 The"  # the map marks token 0
