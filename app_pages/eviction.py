@@ -4,10 +4,12 @@ import streamlit as st
 
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, kvpress_hyperparameters
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
+from kvcore.models.loader import describe_model
 from ui import eviction_figures, eviction_steps, figures, params, tables
 from ui.eviction_runs import EvictionText, sweep
 from ui.format import bytes_str
 from ui.guard import user_errors
+from ui.models import choose_model
 from ui.needle_figures import needle_section
 
 TOKEN_BUDGETS = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
@@ -24,8 +26,7 @@ st.markdown("When the KV cache outgrows its memory, a policy decides which token
             "perplexity, the share of full-cache attention that still lands on readable tokens, the error of each "
             "layer's attention output, cache hits and misses, speed and the bytes the cache really holds.")
 with st.sidebar:
-    model_name = params.widget(st.text_input, "Model (bundled, Hub name or folder)", key="model", value="bundled",
-                               max_chars=96)
+    model_name = choose_model("Model", key="model", hub_key="hub", hub_label="Hub name or folder", typed_links=True)
     source = params.widget(st.segmented_control, "Text", key="src", options=["bundled sample", "your text"],
                            default="bundled sample", required=True)
     own = (params.widget(st.text_area, "Your text", key="text", value="", max_chars=20_000)
@@ -53,8 +54,8 @@ with st.sidebar:
     if kvpress:
         hyper |= kvpress_hyperparameters(chosen)
 
-if not chosen or not budgets:
-    st.info("Pick at least one policy and one budget.")
+if model_name is None or not chosen or not budgets:
+    st.info("Type a Hub name or a model folder." if model_name is None else "Pick at least one policy and one budget.")
     st.stop()
 with user_errors("Settings"):
     config = EvictionConfig(tuple(chosen), tuple(budgets), hyper, positions, mode, max_tokens,
@@ -64,6 +65,7 @@ with user_errors("Settings"):
     results = sweep(text, config)
 table = results.table
 
+st.caption(f"Model: {describe_model(model_name)}.")
 st.caption(f"{POSITIONS[positions]} {len(results.tokens) + 1} tokens streamed: the first {len(results.tokens)} fed "
            f"through the cache, each predicting the next; the full cache holds "
            f"{bytes_str(table['kv_bytes_full'].iloc[0])}.")

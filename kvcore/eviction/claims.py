@@ -28,9 +28,11 @@ from kvcore.eviction.reference import Reference, received_vs_uniform
 from kvcore.noise import WITHIN_NOISE, Interval, block_sums, bootstrap_interval, bootstrap_rank_correlation
 
 ATTENTION_POLICIES = tuple(name for name, cls in POLICIES.items() if cls.needs_attention)
-SINK_MODELS = "HuggingFaceTB/SmolLM2-135M or Qwen/Qwen2.5-0.5B"
-WHERE_SINKS_SHOW = (f"to see sinks, run a Hub model that has them ({SINK_MODELS}) in the Model box of a deployment "
-                    "that is online (or with `python -m kvcore eviction --model HuggingFaceTB/SmolLM2-135M`)")
+SINK_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct: loads with no model hub, token 0 a sink (StreamingLLM holds)
+SINK_MODELS = "HuggingFaceTB/SmolLM2-135M or Qwen/Qwen2.5-0.5B"  # Hub models with sinks, when online
+WHERE_SINKS_SHOW = (f"to see sinks, choose {SINK_MODEL} as the model (SmolLM2-135M-Instruct, offline: token 0 is a "
+                    f"sink there; `python -m kvcore eviction --model {SINK_MODEL}` on the command line), or online "
+                    f"a Hub model that has them ({SINK_MODELS})")
 CANNOT_SHOW = "this model cannot show it"
 COLUMNS = ("claim", "compared", "held", "against", "within_noise", "verdict", "evidence")
 

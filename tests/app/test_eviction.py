@@ -53,6 +53,7 @@ def test_claims_carry_their_noise_and_say_what_this_model_cannot_show(page):
     assert "this model cannot show it" in sink
     assert "token 0:" in sink
     assert "SmolLM2-135M" in sink
+    assert "choose smollm2-135m as the model" in sink  # the model of this page's Model box that shows sinks
     knorm = next(b.value for b in at.warning if b.value.startswith("**Knorm"))
     assert "does not hold" in knorm
     assert "rank correlation" in knorm
@@ -181,3 +182,25 @@ def test_the_caption_counts_the_tokens_the_slider_streams(page):
     streamed = at.slider(key="ntok").value
     caption = next(c.value for c in at.caption if "tokens streamed" in c.value)
     assert f"{streamed} tokens streamed: the first {streamed - 1} fed through the cache" in caption
+
+
+@needs_bundled
+def test_an_old_link_with_a_typed_model_folder_still_loads_it(page):
+    """The Model box was a text field: ``?model=<folder>`` (or a Hub name) joins the choices and opens chosen."""
+    at = page("eviction", {**SMALL, "model": str(BUNDLED_DIR)})
+    assert at.selectbox(key="model").value == str(BUNDLED_DIR)
+    assert str(BUNDLED_DIR) in at.selectbox(key="model").options
+    assert not at.error
+    assert results(at)["policy"].iloc[0] == "full"
+    assert page("eviction", {**SMALL, "model": "bundled"}).selectbox(key="model").value == "bundled"
+
+
+def test_smollm2_shows_the_sink_the_bundled_model_cannot(page):
+    at = page("eviction", {"model": "smollm2-135m", "ntok": "96", "budgets": ["32"],
+                           "policies": ["sliding_window", "streaming_llm"]})
+    assert any(c.value.startswith("Model: SmolLM2-135M-Instruct") for c in at.caption)
+    sink = next(b.value for b in at.success if b.value.startswith("**StreamingLLM: the first tokens"))
+    assert "holds." in sink
+    assert "sinks at [0" in sink
+    assert "cannot show" not in sink
+    assert any("StreamingLLM beats a sliding window" in b.value for b in (*at.success, *at.warning, *at.info))
