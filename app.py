@@ -7,7 +7,7 @@ folder's pages without this router (no layout, no navigation titles).
 
 import streamlit as st
 
-from ui import warmup
+from ui import background, warmup
 from ui.params import forget_other_pages
 
 PAGE_ICON = "💾"
@@ -32,4 +32,5 @@ page = st.navigation(PAGES)
 forget_other_pages(page.url_path)
 warmup.start()  # the heavy pages' default views, computed in the background once per server
 warmup.prepare(page.url_path)  # a model page waits for the model code's import, never imports it beside another
-page.run()
+with background.PAGES.page_run():  # counted: the warm-up's timing measurement waits for no page to be running
+    page.run()

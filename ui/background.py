@@ -2,16 +2,18 @@
 
 The server's warm-up (:mod:`ui.warmup`) runs its steps (:data:`STEPS`) one at a time on one thread. Its queue
 (:data:`WARMUP`) is known before the thread imports any model code, so a page opened at once already sees what is
-coming; a section waiting for a step moves it to the front (behind the timing measurements, which run first and
-alone: :data:`TIMED`). A section whose result is being computed in the background shows a progress bar that
-follows it and reruns the page once it is done (:func:`wait_for`): the rest of the page is complete meanwhile, and
-the visitor does nothing to see the result. This module imports no model code.
+coming; a section waiting for a step moves it to the front, behind the timing measurements (:data:`TIMED`: they run
+first and alone, once no page has run for a second, :data:`PAGES`). A section whose result is being computed in the
+background shows a progress bar that follows it and reruns the page once it is done (:func:`wait_for`): the rest of
+the page is complete meanwhile, and the visitor does nothing to see the result. This module imports no model code.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import streamlit as st
@@ -89,6 +91,46 @@ class Queue:
 
 
 WARMUP = Queue()
+
+
+@dataclass(slots=True)
+class Activity:
+    """How many page scripts this server is running now (app.py counts each run), so that a timing measurement in
+    the background can start when no page is running beside it."""
+
+    running: int = 0
+    last_end: float = 0.0
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @contextmanager
+    def page_run(self) -> Iterator[None]:
+        """Count the block as a page run."""
+        with self.changed:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.last_end = time.monotonic()
+                self.changed.notify_all()
+
+    def wait_idle(self, quiet_s: float = 1.0, timeout_s: float = 30.0) -> bool:
+        """Wait until no page has run for ``quiet_s`` seconds (at most ``timeout_s``); False when it timed out."""
+        deadline = time.monotonic() + timeout_s
+        with self.changed:
+            while True:
+                now = time.monotonic()
+                quiet_for = now - self.last_end if self.running == 0 else -1.0
+                if quiet_for >= quiet_s:
+                    return True
+                if now >= deadline:
+                    return False
+                wait = quiet_s - quiet_for if quiet_for >= 0 else quiet_s
+                self.changed.wait(min(wait, deadline - now))
+
+
+PAGES = Activity()
 
 
 @dataclass(slots=True, frozen=True)

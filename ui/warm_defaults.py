@@ -58,7 +58,10 @@ def warm_live_model(model: SharedModel | None = None) -> None:
 
 def warm_calibration(model: SharedModel | None = None) -> None:
     """The Serving engine page's default calibration (bundled model, its default block size and thread count),
-    measured on ``model`` (a copy of the bundled model; the shared one by default) and kept in memory only."""
+    measured on ``model`` (a copy of the bundled model; the shared one by default) and kept in memory only. A
+    timing: it starts once no page has run for a second (the server's first page usually runs as it starts), or
+    after half a minute of pages; the load it ran under is kept with it."""
+    background.PAGES.wait_idle()
     engine_runs.calibrate(engine_runs.DEFAULT_CALIBRATION, model=model, by=engine_runs.BY_WARMUP)
 
 

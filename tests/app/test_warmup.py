@@ -82,6 +82,14 @@ def test_a_waiting_page_moves_its_step_up_behind_the_timing_and_the_steps_run_in
     assert queue.state(background.NEEDLE) == "done"
 
 
+def test_the_timing_waits_until_no_page_is_running():
+    pages = background.Activity()
+    with pages.page_run():
+        assert not pages.wait_idle(quiet_s=0.05, timeout_s=0.2)  # a page is running: timed out
+    assert pages.running == 0
+    assert pages.wait_idle(quiet_s=0.05, timeout_s=5.0)
+
+
 def test_a_step_that_fails_is_marked_so_and_a_page_stops_waiting_for_it():
     def broken() -> None:
         raise OSError("no network")
