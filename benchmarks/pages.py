@@ -25,12 +25,9 @@ import argparse
 import datetime as dt
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,8 +37,11 @@ import pandas as pd
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.app_server import CHROMIUM, CHROMIUM_FLAGS, app_server  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-CHROMIUM = os.environ.get("KVLAB_CHROMIUM", "/usr/bin/chromium")
 RESULTS_CACHE_ENV = "KVLAB_RESULTS_CACHE"  # ui.disk_cache reads it
 QUIET_MS = 900  # the script must stay stopped this long for a wait to end (a rerun may follow a first run)
 FILLED_QUIET_MS = 3000  # no run at all this long: no section polls for background work any more (it polls every 1 s)
@@ -76,6 +76,8 @@ CLICKS: dict[str, list[Click]] = {
     "memory_hierarchy": [Click("Remote (GB)", "number:200", "h_r_gb=200")],
     "live_model": [Click("New tokens", "number:12", "lm_new=12")],
 }
+# The URL key of each page's model choice (``--model`` sets it on these pages).
+MODEL_KEYS = {"serving_engine": "eg_model", "eviction": "model", "quantization": "qmodel", "live_model": "lm_model"}
 # Step players: their slider's label; one step back is timed.
 STEPS = {"eviction": "Step (query position)", "live_model": "Step (generated token)"}
 
@@ -99,39 +101,11 @@ class RunWatch:
                     self.whole.append(now)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def fresh_server(results_cache: Path) -> Iterator[str]:
-    """``streamlit run app.py`` on a free port with its results cache in ``results_cache``; yields the URL."""
-    port = free_port()
-    env = {**os.environ, RESULTS_CACHE_ENV: str(results_cache)}
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless=true", f"--server.port={port}",
-           "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("streamlit did not become healthy within 120 s")
+    """A fresh server with its results cache in ``results_cache``; yields the URL."""
+    with app_server({RESULTS_CACHE_ENV: str(results_cache)}) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def wait_finished(tab, runs: list[float], since: float, quiet_ms: float = QUIET_MS, timeout_s: float = 600.0) -> float:
@@ -189,10 +163,12 @@ def measure(tab, watch: RunWatch, action: Callable[[], None], url_part: str | No
     return wait_finished(tab, watch.finished if fragment else watch.whole, since)
 
 
-def time_page(browser, url: str, path: str) -> list[dict[str, object]]:
-    """First view, reload, each click and a slider step of one page: one row each."""
+def time_page(browser, url: str, path: str, model: str | None = None) -> list[dict[str, object]]:
+    """First view, reload, each click and a slider step of one page (with ``model`` chosen where the page has a
+    model choice): one row each."""
     rows: list[dict[str, object]] = []
     name = PAGES[path]
+    address = f"{url}/{path}" + (f"?{MODEL_KEYS[path]}={model}" if model and path in MODEL_KEYS else "")
 
     def row(action: str, seconds: float) -> None:
         rows.append({"page": name, "action": action, "seconds": round(seconds, 2),
@@ -201,13 +177,13 @@ def time_page(browser, url: str, path: str) -> list[dict[str, object]]:
     tab = browser.new_page(viewport={"width": 1400, "height": 1000})
     watch = RunWatch(tab)
     since = time.perf_counter()
-    row("first view", measure(tab, watch, lambda: tab.goto(f"{url}/{path}")))
+    row("first view", measure(tab, watch, lambda: tab.goto(address)))
     row("filled in", wait_finished(tab, watch.finished, since, FILLED_QUIET_MS))
     row("reload", measure(tab, watch, tab.reload))
     if path in STEPS:
         row("slider step", measure(tab, watch, lambda: step_back(tab, STEPS[path]), "step=", fragment=True))
     for click in CLICKS.get(path, []):
-        measure(tab, watch, lambda: tab.goto(f"{url}/{path}"))
+        measure(tab, watch, lambda: tab.goto(address))
         try:
             row(f"click: {click.url.rstrip('=')}", measure(tab, watch, lambda c=click: do_click(tab, c), click.url))
         except Exception as exc:  # a control that moved or a wait that ran out: say so, time the rest
@@ -217,10 +193,10 @@ def time_page(browser, url: str, path: str) -> list[dict[str, object]]:
     return rows
 
 
-def run_pass(browser, results_cache: Path, paths: list[str], label: str) -> pd.DataFrame:
+def run_pass(browser, results_cache: Path, paths: list[str], label: str, model: str | None = None) -> pd.DataFrame:
     """Every page on one fresh server."""
     with fresh_server(results_cache) as url:
-        rows = [r for p in paths for r in time_page(browser, url, p)]
+        rows = [r for p in paths for r in time_page(browser, url, p, model)]
     return pd.DataFrame(rows).assign(results_cache=label)
 
 
@@ -245,8 +221,10 @@ def markdown(table: pd.DataFrame, started: str, load_start: tuple[float, ...], a
     lines += ["| " + " | ".join("-" if pd.isna(v) else str(v) for v in r) + " |" for r in table.itertuples(index=False)]
     load_end = os.getloadavg()
     command = " ".join(["python benchmarks/pages.py", *shown_args(args.argv)])
+    begin, _ = markers(args.model)
+    title = "## First view in a browser" + (f" with {args.model} chosen" if args.model else "")
     return "\n".join([
-        BEGIN, "## First view in a browser (`benchmarks/pages.py`)", "",
+        begin, f"{title} (`benchmarks/pages.py`)", "",
         f"**Command:** `{command}`. "
         f"**Date:** {started}. **Machine:** {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}. **Load average** (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} "
@@ -258,7 +236,17 @@ def markdown(table: pd.DataFrame, started: str, load_start: tuple[float, ...], a
         "itself (no run, not even a poll, for 3 s). `empty`: a fresh server with an empty results cache (the first "
         "visitor of a new deployment); `kept`: the server restarted on the cache the first pass filled. The "
         "background warm-up (`ui/warmup.py`) runs in both, as on a deployment. Targets: first view <= 5 s, one "
-        "click <= 15 s, a slider step < 0.5 s.", "", *lines, "", END])
+        "click <= 15 s, a slider step < 0.5 s." + (
+            f" `--model {args.model}` opens each page that has a model choice with it chosen (in the URL); the "
+            "model's files were already in the lab's cache (a first fetch and conversion is not timed here)."
+            if args.model else ""), "", *lines, "", markers(args.model)[1]])
+
+
+def markers(model: str | None) -> tuple[str, str]:
+    """The comments around the section of RESULTS.md this run replaces (one section per ``--model``)."""
+    if not model:
+        return BEGIN, END
+    return f"<!-- pages-benchmark:{model}:begin -->", f"<!-- pages-benchmark:{model}:end -->"
 
 
 def shown_args(argv: list[str]) -> list[str]:
@@ -275,12 +263,13 @@ def shown_args(argv: list[str]) -> list[str]:
     return out
 
 
-def write_results(section: str, path: Path = RESULTS) -> None:
+def write_results(section: str, path: Path = RESULTS, model: str | None = None) -> None:
     """Replace the benchmark's section of RESULTS.md (or append it)."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section + rest.partition(END)[2]
+    begin, end = markers(model)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + section + rest.partition(end)[2]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
@@ -292,8 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passes", nargs="*", default=["empty", "kept"], choices=["empty", "kept"])
     parser.add_argument("--csv", help="every measurement, one row each")
     parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    parser.add_argument("--model", help="choose this model on the pages that have a model choice (and time only "
+                        "those, unless --pages says otherwise), e.g. smollm2-135m")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.model and "--pages" not in args.argv:
+        args.pages = list(MODEL_KEYS)
     paths = ["" if p in ("", "home") else p for p in args.pages]
     unknown = [p for p in paths if p not in PAGES]
     if unknown:
@@ -306,17 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()
     tables = []
     with tempfile.TemporaryDirectory(prefix="kvlab-results-") as cache, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         for label in args.passes:
-            tables.append(run_pass(browser, Path(cache), paths, label))
+            tables.append(run_pass(browser, Path(cache), paths, label, args.model))
             print(summary(tables[-1]).to_string(index=False), flush=True)
         browser.close()
     table = pd.concat(tables, ignore_index=True)
     if args.csv:
         table.to_csv(args.csv, index=False)
     if not args.no_results:
-        write_results(markdown(summary(table), started, load_start, args))
+        write_results(markdown(summary(table), started, load_start, args), model=args.model)
 
 
 if __name__ == "__main__":

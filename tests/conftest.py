@@ -20,6 +20,28 @@ settings.register_profile(
 settings.load_profile("lab")
 
 
+class Forwards:
+    """Forward passes of a causal LM's decoder (``model.model``) while the block runs, with the tokens each fed."""
+
+    def __init__(self, model) -> None:
+        self.tokens: list[int] = []
+        self.handle = model.model.register_forward_hook(self._seen, with_kwargs=True)
+
+    def _seen(self, module, args, kwargs, out) -> None:
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        self.tokens.append(ids.shape[-1] if ids is not None else embeds.shape[-2])
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+    def __enter__(self) -> "Forwards":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module: one-token model steps gain nothing from threads, and on a shared

@@ -13,6 +13,7 @@ from kvcore.eviction.evaluate import TIMED_STEPS, EvictionConfig, RunSpec
 from kvcore.eviction.layerwise import ROUNDING_DECIDES, replays, run_decode_layerwise, time_decode_steps
 from kvcore.eviction.reference import reference_pass
 from kvcore.eviction.runner import run_decode
+from tests.conftest import Forwards
 
 REPLAYED = [name for name in POLICIES if replays(make_policy(name))]
 
@@ -29,23 +30,6 @@ def tiny():
     model = llama()
     ids = torch.randint(0, 64, (1, 41), generator=torch.Generator().manual_seed(3))
     return model, reference_pass(model, ids)
-
-
-class Forwards:
-    """Counts the model's forward passes (the decoder's, once per call of the model)."""
-
-    def __init__(self, model) -> None:
-        self.count = 0
-        self.handle = model.model.register_forward_hook(self._seen)
-
-    def _seen(self, *_) -> None:
-        self.count += 1
-
-    def __enter__(self) -> Forwards:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 def assert_same_run(fast, slow) -> None:

@@ -46,3 +46,20 @@ def page() -> Callable[..., AppTest]:
         assert_clean(at)
         return at
     return _open
+
+
+class Calls:
+    """Counts calls of functions that a module looks up by name, each under an alias:
+    ``Calls(monkeypatch, needle_runs, grids="run_needle")`` wraps ``needle_runs.run_needle`` and counts its calls
+    in ``.grids`` (the work a page does, not its time)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, **names: str) -> None:
+        for alias, name in names.items():
+            setattr(self, alias, 0)
+            monkeypatch.setattr(module, name, self._counted(alias, getattr(module, name)))
+
+    def _counted(self, alias: str, real: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            setattr(self, alias, getattr(self, alias) + 1)
+            return real(*args, **kwargs)
+        return counted

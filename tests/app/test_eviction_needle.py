@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from kvcore.needle import NeedleConfig
-from tests.app.conftest import assert_clean, open_page
+from tests.app.conftest import Calls, assert_clean, open_page
 from ui import background, disk_cache, needle_runs
 from ui.needle_runs import NeedleSettings
 
@@ -34,32 +34,13 @@ def _has_section_tables(at) -> bool:
     return any({"depth", "answer"} <= set(frame.value.columns) for frame in at.dataframe)
 
 
-class Work:
-    """Counts the needle grids and perplexity tables the section computes (the work, not the time)."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.grids, self.perplexities = 0, 0
-        run_needle, perplexity_table = needle_runs.run_needle, needle_runs.perplexity_table
-
-        def grid(*args, **kwargs):
-            self.grids += 1
-            return run_needle(*args, **kwargs)
-
-        def perplexity(*args, **kwargs):
-            self.perplexities += 1
-            return perplexity_table(*args, **kwargs)
-
-        monkeypatch.setattr(needle_runs, "run_needle", grid)
-        monkeypatch.setattr(needle_runs, "perplexity_table", perplexity)
-
-
 @pytest.fixture
-def work(monkeypatch, tmp_path) -> Work:
+def work(monkeypatch, tmp_path) -> Calls:
     """Counted work on an empty results folder, with nothing in memory and no warm-up queue."""
     monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path / "results"))
     disk_cache.forget()
     background.WARMUP.fill([])
-    yield Work(monkeypatch)
+    yield Calls(monkeypatch, needle_runs, grids="run_needle", perplexities="perplexity_table")
     disk_cache.forget()
     background.WARMUP.fill([])
 

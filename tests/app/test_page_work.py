@@ -11,29 +11,11 @@ from kvcore.eviction.evaluate import TIMED_STEPS, EvictionConfig
 from kvcore.models.generate import time_generation
 from kvcore.quant.evaluate import PAGE_TOKENS, PAGE_WINDOWS
 from tests.app.conftest import assert_clean, open_page
+from tests.conftest import Forwards
 from ui import disk_cache, eviction_runs, eviction_steps, live_runs
 from ui.models import shared_model
 
 TIMING = {name: p.default for name, p in inspect.signature(time_generation).parameters.items()}
-
-
-class Forwards:
-    """Forward passes of the shared bundled model's decoder, with the tokens each one fed."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.handle = shared_model().model.model.register_forward_hook(
-            lambda module, args, kwargs, out: self.tokens.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
-
-    @property
-    def count(self) -> int:
-        return len(self.tokens)
-
-    def __enter__(self) -> Forwards:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 @pytest.fixture
@@ -54,7 +36,7 @@ def cold(tmp_path, monkeypatch):
 
 def test_the_eviction_default_is_one_forward_per_evicting_run_plus_the_timed_steps(cold):
     runs = len(EvictionConfig().runs())  # the full cache and 4 policies x 2 budgets
-    with Forwards() as forwards:
+    with Forwards(shared_model().model) as forwards:
         assert_clean(open_page("eviction"))
     # the reference pass, one replayed forward per evicting run (the full cache's is the reference's), then per run
     # one forward up to its timed steps and the TIMED_STEPS + 1 one-token steps themselves
@@ -64,26 +46,26 @@ def test_the_eviction_default_is_one_forward_per_evicting_run_plus_the_timed_ste
     disk_cache.forget()  # a restarted server: the runs come back from disk; step times are measured afresh
     eviction_runs.measured.clear()
     eviction_runs.step_times.clear()
-    with Forwards() as forwards:
+    with Forwards(shared_model().model) as forwards:
         assert_clean(open_page("eviction"))
     assert forwards.count == runs * (1 + TIMED_STEPS + 1) < cold_restart
 
 
 def test_the_quantization_default_decodes_every_method_in_one_batch_then_reads_it_back(cold):
-    with Forwards() as forwards:
+    with Forwards(shared_model().model) as forwards:
         assert_clean(open_page("quantization"))
     # one capture per window, then every (method, window) pair in one batch: a prefill of half the window and one
     # step per token of the other half
     assert forwards.count == PAGE_WINDOWS + 1 + PAGE_TOKENS // 2
     disk_cache.forget()
-    with Forwards() as forwards:
+    with Forwards(shared_model().model) as forwards:
         assert_clean(open_page("quantization"))
     assert forwards.count == 0
 
 
 def test_the_live_model_default_generates_once_times_in_rounds_and_captures_attention_once(cold):
     repeats, warmup, decode_steps = TIMING["repeats"], TIMING["warmup"], TIMING["decode_steps"]
-    with Forwards() as forwards:
+    with Forwards(shared_model().model) as forwards:
         at = open_page("live_model")
     assert_clean(at)
     generated = len(at.dataframe[0].value)

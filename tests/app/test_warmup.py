@@ -10,26 +10,9 @@ import sys
 import pytest
 
 from tests.app.conftest import assert_clean, open_page
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Forwards
 from ui import background, disk_cache, warm_defaults, warmup
 from ui.models import private_model, shared_model
-
-
-class Forwards:
-    """Counts forward passes of the shared bundled model's decoder."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.handle = shared_model().model.model.register_forward_hook(self._seen)
-
-    def _seen(self, *_) -> None:
-        self.count += 1
-
-    def __enter__(self) -> Forwards:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 def test_the_warm_up_starts_once_and_not_when_turned_off(monkeypatch):
@@ -126,11 +109,11 @@ def test_the_warm_up_computes_on_its_own_copy_and_the_default_view_then_runs_no_
                                                                                         monkeypatch):
     monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path))
     disk_cache.forget()
-    with Forwards() as shared_forwards:
+    with Forwards(shared_model().model) as shared_forwards:
         STEPS[page](private)
     assert shared_forwards.count == 0  # the pages' shared copy stays free (its lock never held by the warm-up)
     assert private.model is not shared_model().model
-    with Forwards() as forwards:
+    with Forwards(shared_model().model) as forwards:
         at = open_page(page)
     assert_clean(at)
     assert forwards.count == 0
