@@ -6,7 +6,7 @@ from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import HUB_MODELS, OFFLINE_MODELS, describe_model
 from ui import engine_figures, figures, params, tables
-from ui.engine_runs import report
+from ui.engine_runs import choose_model_workload, report, workload_defaults
 from ui.guard import user_errors
 
 st.title("Serving engine")
@@ -20,12 +20,16 @@ st.markdown(
 with st.sidebar:
     model = params.widget(st.selectbox, "Model (Llama family)", key="eg_model",
                           options=[*OFFLINE_MODELS, *(m for m in HUB_MODELS if m != "gpt2")],
+                          on_change=choose_model_workload,
                           help="bundled: the 5.8M-parameter toy (fast); smollm2-135m: a real pretrained model, "
-                               "24x the parameters, so serve fewer, shorter requests")
+                               "23x the parameters, so choosing it sets fewer, shorter requests")
+    defaults = workload_defaults(model)
     st.subheader("Workload (real text, all arriving at once)")
-    n = params.widget(st.slider, "Requests", key="eg_n", min_value=1, max_value=64, value=16)
-    p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400, value=128)
-    o_max = params.widget(st.slider, "Longest output (tokens)", key="eg_omax", min_value=8, max_value=64, value=32)
+    n = params.widget(st.slider, "Requests", key="eg_n", min_value=1, max_value=64, value=defaults["eg_n"])
+    p_max = params.widget(st.slider, "Longest prompt (tokens)", key="eg_pmax", min_value=8, max_value=400,
+                          value=defaults["eg_pmax"])
+    o_max = params.widget(st.slider, "Longest output (tokens)", key="eg_omax", min_value=8, max_value=64,
+                          value=defaults["eg_omax"])
     prefix = params.widget(st.slider, "Shared prefix (tokens)", key="eg_prefix", min_value=0, max_value=256, value=0,
                            step=16, help="a system prompt that some requests start with")
     share = params.widget(st.slider, "Requests with the prefix", key="eg_share", min_value=0.0, max_value=1.0,
@@ -33,12 +37,12 @@ with st.sidebar:
     seed = params.widget(st.number_input, "Seed", key="eg_seed", min_value=0, max_value=10_000, value=0)
     st.subheader("Engine (vLLM's settings)")
     blocks = params.widget(st.select_slider, "KV blocks", key="eg_blocks", options=[16, 32, 64, 128, 256, 512, 1024,
-                                                                                      2048], value=512)
+                                                                                      2048], value=256)
     block_size = params.widget(st.segmented_control, "Block size", key="eg_bs", options=[8, 16, 32], default=16,
                                required=True)
     seqs = params.widget(st.slider, "max_num_seqs", key="eg_seqs", min_value=1, max_value=32, value=16)
     budget = params.widget(st.select_slider, "max_num_batched_tokens", key="eg_budget",
-                           options=[64, 128, 256, 512, 1024, 2048], value=512)
+                           options=[64, 128, 256, 512, 1024, 2048], value=256)
     caching = params.widget(st.toggle, "Prefix caching", key="eg_apc", value=True)
     chunked = params.widget(st.toggle, "Chunked prefill", key="eg_chunked", value=True)
     bits = params.widget(st.segmented_control, "KV pools", key="eg_bits", options=["fp32", "8-bit", "4-bit"],

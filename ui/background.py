@@ -10,6 +10,7 @@ the page is complete meanwhile, and the visitor does nothing to see the result. 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,12 @@ NEEDLE = "the Eviction page's needle test"
 STEPS = (CALIBRATION, BUNDLED, EVICTION, LIVE_MODEL, QUANTIZATION, NEEDLE)  # the warm-up's order
 TIMED = (CALIBRATION,)  # timing measurements: first, alone, at the server's own priority
 POLL_S = 1.0  # how often a waiting section looks again
+WARMUP_ENV = "KVLAB_WARMUP"  # "0": no background work (the AppTest suite: its counts see only the page under test)
+
+
+def enabled() -> bool:
+    """Whether this server works in the background (the warm-up, sections computed behind the page)."""
+    return os.environ.get(WARMUP_ENV, "1").strip() != "0"
 
 
 @dataclass(slots=True)

@@ -105,15 +105,20 @@ def measured_vs_simulated(model: str, workload: ServeWorkload, settings: EngineS
                           shown: dict[str, object]) -> None:
     """The calibrated simulator's prediction of the run beside what was measured, and the calibration's terms.
 
-    The default view's calibration comes from the background warm-up: while it is measured, a progress bar follows
-    it and the section fills in by itself. Other settings calibrate when picked, under a progress bar."""
+    The default view's calibration comes from the background warm-up, other settings' from a thread started when
+    they are picked: while it is measured, a progress bar follows it and the section fills in by itself. Without
+    background work (``KVLAB_WARMUP=0``) other settings calibrate in the page, under a progress bar."""
     key = CalibrationKey(model, settings.block_size, settings.threads)
     with user_errors("Simulator"):
         calibration = engine_runs.calibrated(key)
+        if (failure := engine_runs.calibration_failure(key)) is not None:
+            raise failure
         if calibration is None:
             pending = background.Pending(lambda: engine_runs.calibrated(key), lambda: engine_runs.calibrating(key),
                                          background.CALIBRATION if key == engine_runs.DEFAULT_CALIBRATION else None,
                                          "Calibrating the simulator on a grid of engine steps")
+            if pending.step is None and background.enabled():
+                engine_runs.calibrate_behind(key)  # other settings: measured behind the page, which follows it
             if not background.wait_for(pending, "Calibrate now", "eg_calibrate", OFF_NOTE):
                 return
             calibration = engine_runs.calibration(key)

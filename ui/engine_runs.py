@@ -64,6 +64,25 @@ class Calibration:
 
 _kept: OrderedDict[CalibrationKey, Calibration] = OrderedDict()
 _kept_lock = threading.Lock()
+_threads: dict[CalibrationKey, threading.Thread] = {}  # calibrations started behind a page
+_failed: dict[CalibrationKey, Exception] = {}
+
+
+# The workload each model's view opens on (URL keys of the Serving engine page): the bundled model's, and for
+# SmolLM2 (23x its parameters) one that stays inside the page's work limit with transformers beside the engine.
+WORKLOAD_DEFAULTS = {"eg_n": 16, "eg_pmax": 128, "eg_omax": 32}
+MODEL_WORKLOADS = {"smollm2-135m": {"eg_n": 4, "eg_pmax": 64, "eg_omax": 32}}
+
+
+def workload_defaults(model: str) -> dict[str, int]:
+    """The Serving engine page's workload defaults for ``model`` (the bundled model's for any model not listed)."""
+    return WORKLOAD_DEFAULTS | MODEL_WORKLOADS.get(model, {})
+
+
+def choose_model_workload(model_key: str = "eg_model") -> None:
+    """The model selectbox's ``on_change``: a newly chosen model opens on its own workload defaults, so a model
+    that the bundled model's workload would overload (SmolLM2) opens on a view the page serves."""
+    st.session_state.update(workload_defaults(st.session_state[model_key]))
 
 
 @st.cache_data(ttl=600, max_entries=8, show_spinner=False)
@@ -71,9 +90,21 @@ def report(model: str, workload: ServeWorkload, settings: EngineSettings, transf
     """Serve the workload on the engine (and on transformers, interleaved), snapshot the pool."""
     shared = shared_model(model)
     check_page_limits(shared.model, workload, settings, transformers)
-    with shared.lock:
-        return with_progress("Serving...", lambda bar: engine_report(shared.model, shared.tokenizer, workload,
-                                                                     settings, transformers, bar))
+    return with_progress("Serving...", lambda bar: _serve(shared, workload, settings, transformers, bar))
+
+
+def _serve(shared: SharedModel, workload: ServeWorkload, settings: EngineSettings, transformers: bool,
+           bar: Progress) -> EngineReport:
+    """Serve once the model is free, saying what holds it meanwhile (a calibration measuring on it: runs never
+    share the CPU with a timing)."""
+    while not shared.lock.acquire(timeout=0.5):
+        busy = next(filter(None, (calibrating(key) for key in list(_threads) if key.model == shared.name)), None)
+        bar(busy[0] if busy else 0.0, f"Waiting for {shared.name}, busy until it is done: {busy[1]}" if busy else
+            f"Waiting for {shared.name}: another view is using it")
+    try:
+        return engine_report(shared.model, shared.tokenizer, workload, settings, transformers, bar)
+    finally:
+        shared.lock.release()
 
 
 def _measure(key: CalibrationKey, model: SharedModel, by: str, report_progress: Progress) -> Calibration:
@@ -102,6 +133,30 @@ def calibrate(key: CalibrationKey, model: SharedModel | None = None, by: str = B
     return calibration
 
 
+def calibrate_behind(key: CalibrationKey) -> None:
+    """Start calibrating ``key`` on a thread of its own on the shared model, unless one is at it or it failed:
+    a page then follows it (:func:`calibrating`) instead of waiting for it (SmolLM2's takes about 40 s)."""
+    model = shared_model(key.model)  # loaded here, under the page's progress bar, not in the thread
+
+    def run() -> None:
+        try:
+            calibrate(key, model)
+        except Exception as exc:  # kept for the page to show (the thread has no page to show it on)
+            _failed[key] = exc
+
+    with _kept_lock:
+        thread = _threads.get(key)
+        if key in _kept or key in _failed or (thread is not None and thread.is_alive()):
+            return
+        _threads[key] = thread = threading.Thread(target=run, name=f"calibrate {key.model}", daemon=True)
+        thread.start()
+
+
+def calibration_failure(key: CalibrationKey) -> Exception | None:
+    """Why calibrating ``key`` behind the page failed, or None."""
+    return _failed.get(key)
+
+
 def calibrated(key: CalibrationKey) -> Calibration | None:
     """The calibration for ``key`` when this server has made it (nothing is measured); else None."""
     with _kept_lock:
@@ -110,7 +165,11 @@ def calibrated(key: CalibrationKey) -> Calibration | None:
 
 def calibrating(key: CalibrationKey) -> tuple[float, str] | None:
     """How far a thread calibrating ``key`` has got, or None when none is."""
-    return disk_cache.in_flight("engine-calibration", key, MODULES, None)
+    flight = disk_cache.in_flight("engine-calibration", key, MODULES, None)
+    thread = _threads.get(key)
+    if flight is None and thread is not None and thread.is_alive() and key not in _kept:
+        flight = 0.0, "starting"
+    return None if flight is None else (flight[0], f"Calibrating the simulator: {flight[1]}")
 
 
 def forget_calibrations() -> None:
@@ -118,6 +177,7 @@ def forget_calibrations() -> None:
     forget`; what is on disk stays): the next view measures afresh."""
     with _kept_lock:
         _kept.clear()
+        _failed.clear()
     disk_cache.forget()
 
 

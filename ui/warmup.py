@@ -22,7 +22,7 @@ import streamlit as st
 
 from ui import background
 
-WARMUP_ENV = "KVLAB_WARMUP"
+WARMUP_ENV = background.WARMUP_ENV
 NICENESS = 10  # the warm-up runs behind any page a visitor is waiting for
 
 
@@ -79,6 +79,6 @@ def _started() -> threading.Thread:
 
 def start() -> threading.Thread | None:
     """Start the warm-up once per server process (None when ``KVLAB_WARMUP=0``)."""
-    if os.environ.get(WARMUP_ENV, "1").strip() == "0":
+    if not background.enabled():
         return None
     return _started()

@@ -8,35 +8,24 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.conftest import assert_clean, open_page
-from ui import background, disk_cache, engine_runs, warm_defaults
+from kvcore.engine.experiment import EngineSettings
+from kvcore.engine.report import check_page_limits
+from kvcore.engine.workload import ServeWorkload
+from tests.app.conftest import Calls, assert_clean, open_page
+from ui import background, disk_cache, engine_runs, warm_defaults, warmup
 from ui.models import private_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"eg_n": "4", "eg_pmax": "32", "eg_omax": "8"}
 
 
-class Calibrations:
-    """Counts the engine calibrations the page and the warm-up measure."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.count = 0
-        calibrate_engine = engine_runs.calibrate_engine
-
-        def counted(*args, **kwargs):
-            self.count += 1
-            return calibrate_engine(*args, **kwargs)
-
-        monkeypatch.setattr(engine_runs, "calibrate_engine", counted)
-
-
 @pytest.fixture
-def calibrations(monkeypatch, tmp_path) -> Calibrations:
+def calibrations(monkeypatch, tmp_path) -> Calls:
     """Counted calibrations, none made yet in this process, an empty results folder and no warm-up queue."""
     monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path / "results"))
     engine_runs.forget_calibrations()
     background.WARMUP.fill([])
-    yield Calibrations(monkeypatch)
+    yield Calls(monkeypatch, engine_runs, count="calibrate_engine")
     engine_runs.forget_calibrations()
 
 
@@ -105,6 +94,46 @@ def test_other_settings_calibrate_when_picked(page, calibrations):
     assert engine_runs.calibrated(engine_runs.DEFAULT_CALIBRATION) is None
 
 
+@pytest.fixture
+def behind(monkeypatch):
+    """Background work on (as on a server), with no warm-up started: only what the page starts runs behind it."""
+    monkeypatch.setattr(background, "enabled", lambda: True)
+    monkeypatch.setattr(warmup, "start", lambda: None)
+    yield
+    for thread in list(engine_runs._threads.values()):
+        thread.join(timeout=300)
+    engine_runs._threads.clear()
+
+
+SETTINGS_BS8 = {**SMALL, "eg_bs": "8", "eg_hf": "false"}
+KEY_BS8 = engine_runs.CalibrationKey("bundled", 8, EngineSettings().threads)
+
+
+def test_with_background_work_other_settings_calibrate_behind_the_page(page, calibrations, behind):
+    at = page("serving_engine", SETTINGS_BS8)
+    assert prediction_of(at) is None  # the page is complete without it: a bar follows the thread
+    texts = [p.proto.text for p in at.get("progress")]
+    assert len(texts) == 1
+    assert texts[0].startswith("Calibrating the simulator: "), texts
+    engine_runs._threads[KEY_BS8].join(timeout=300)
+    assert calibrations.count == 1
+    at = page("serving_engine", SETTINGS_BS8)
+    assert prediction_of(at) is not None
+    assert calibrations.count == 1  # read back, never measured twice
+
+
+def test_a_calibration_that_fails_behind_the_page_says_why(page, calibrations, behind, monkeypatch):
+    def broken(*_, **__):
+        raise ValueError("no grid step fits this pool")
+
+    monkeypatch.setattr(engine_runs, "calibrate_engine", broken)
+    page("serving_engine", SETTINGS_BS8)
+    engine_runs._threads[KEY_BS8].join(timeout=60)
+    at = page("serving_engine", SETTINGS_BS8)
+    assert any("no grid step fits this pool" in e.value for e in at.error)
+    assert KEY_BS8 not in engine_runs._threads or not engine_runs._threads[KEY_BS8].is_alive()  # not retried
+
+
 def test_url_restores_the_view_and_a_shared_prefix_hits(page):
     at = page("serving_engine", {**SMALL, "eg_n": "6", "eg_prefix": "32", "eg_share": "1.0", "eg_hf": "false",
                                  "eg_seqs": "1"})
@@ -127,7 +156,7 @@ def test_quantized_pools_and_the_step_slider(page):
 def test_garbage_url_falls_back_to_defaults(page):
     at = page("serving_engine", {**SMALL, "eg_bits": "3-bit", "eg_blocks": "7", "eg_model": "gpt-99", "eg_bs": ""})
     assert at.segmented_control(key="eg_bits").value == "fp32"
-    assert at.select_slider(key="eg_blocks").value == 512
+    assert at.select_slider(key="eg_blocks").value == 256
     assert at.selectbox(key="eg_model").value == "bundled"
     assert at.segmented_control(key="eg_bs").value == 16
 
@@ -195,3 +224,15 @@ def test_the_latency_metrics_show_the_systems_table_numbers_as_it_does(page):
     assert shown["TTFT p50"].value == f"{cell_text(at, 'ttft_ms_p50')} ms"
     assert shown["TTFT p50"].delta == f"p99 {cell_text(at, 'ttft_ms_p99')} ms"
     assert shown["TPOT p50"].value == f"{cell_text(at, 'tpot_ms_p50')} ms"
+
+
+def test_smollm2_opens_on_a_workload_the_page_serves(page, smollm2):
+    """Choosing SmolLM2 sets its own workload (the bundled model's would be refused by the page's work limit)."""
+    model, _ = smollm2
+    blocks = page("serving_engine", SMALL).select_slider(key="eg_blocks").value
+    own, bundled = (engine_runs.workload_defaults(name) for name in ("smollm2-135m", "bundled"))
+    check_page_limits(model, ServeWorkload(own["eg_n"], 5, own["eg_pmax"], 8, own["eg_omax"]), EngineSettings(blocks),
+                      transformers=True)
+    with pytest.raises(ValueError, match="more than one view serves"):
+        check_page_limits(model, ServeWorkload(bundled["eg_n"], 5, bundled["eg_pmax"], 8, bundled["eg_omax"]),
+                          EngineSettings(blocks), transformers=True)
