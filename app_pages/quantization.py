@@ -63,7 +63,7 @@ st.caption(f"**{name}**: {method.describe()}. Follows {method.paper}.")
 quant_figures.method_metrics(result.summary.set_index("method").loc[name])
 st.caption(quant_figures.noise_caption(result, model_name))
 st.subheader(f"KIVI's premise, measured on {model_name}")
-quant_figures.premise_boxes(premise)
+quant_figures.premise_boxes(premise, model_name)
 figures.show(quant_figures.channel_outliers(result.channels), key="q_channels")
 
 tab_pareto, tab_maps, tab_layers, tab_text, tab_table = params.widget(st.tabs, quant_figures.TABS, key="qtab")

@@ -9,6 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from kvcore.models.loader import BUNDLED_NAME as BUNDLED
+from kvcore.models.smollm2 import SMOLLM2
 from kvcore.noise import BLOCK_TOKENS, LEVEL, MIN_UNITS, WITHIN_NOISE
 from kvcore.quant import evaluate as qe
 from kvcore.quant.evaluate import QuantEval
@@ -74,11 +76,16 @@ def noise_caption(result: QuantEval, model: str = "bundled") -> str:
             f"in every window group.{few}{slower}")
 
 
-def premise_boxes(premise: pd.DataFrame) -> None:
+def premise_boxes(premise: pd.DataFrame, model_name: str) -> None:
     """One box per part of KIVI's premise (:func:`kvcore.quant.premise.kivi_premise`), coloured only when the
-    measurement decides it (green: holds; orange: does not, or only partly; grey: within noise)."""
+    measurement decides it (green: holds; orange: does not, or only partly; grey: within noise). Where the bundled
+    toy does not show a part, a line points to the real model that can."""
     for row in premise.itertuples():
         VERDICT_BOX.get(row.verdict, st.info)(f"**{row.claim}**: {row.verdict}. {row.measured}.")
+    if model_name == BUNDLED and (premise["verdict"] != "holds").any():
+        st.caption(f"The bundled 5.8M-parameter model is too small to show every part of the premise: choose "
+                   f"**{SMOLLM2.name}** (Model, in the sidebar) to measure it on a real pretrained model, with no "
+                   f"model hub.")
 
 
 def channel_outliers(channels: pd.DataFrame, ratio: float = OUTLIER_RATIO) -> go.Figure:

@@ -31,6 +31,9 @@ def test_defaults_render(page):
     kivi = summary.set_index("method").loc["kivi-2"]
     assert metrics(at)["KV bytes vs fp16"] == f"{kivi.bytes_ratio:.3f}x"
     assert len(at.dataframe[2].value) == len(METHODS)  # the registry with its papers
+    premise = next(d.value for d in at.dataframe if list(d.value.columns) == ["claim", "measured", "verdict"])
+    pointer = [c.value for c in at.caption if "choose **smollm2-135m**" in c.value]
+    assert len(pointer) == (premise["verdict"] != "holds").any()  # the toy cannot show it all: the real model can
 
 
 @needs_model
