@@ -129,7 +129,8 @@ def simulator(model, tokenizer, threads: int = 1, max_seqs: int = 32, max_reques
     seconds = time.perf_counter() - start
     tables = []
     for name, (workload, settings) in UNSEEN.items():
-        workload = replace(workload, num_requests=min(workload.num_requests, max_requests or workload.num_requests))
+        if max_requests is not None and workload.num_requests > max_requests:
+            workload, name = replace(workload, num_requests=max_requests), f"{name} (cut to {max_requests} requests)"
         prompts, outputs = workload.build(tokenizer)
         engine = serve_engine(model, prompts, outputs, replace(settings, threads=threads)).engine
         table = prediction_table(engine.result(), simulate_engine(engine, prompts, outputs, fit))
