@@ -169,7 +169,7 @@ def calibrating(key: CalibrationKey) -> tuple[float, str] | None:
     thread = _threads.get(key)
     if flight is None and thread is not None and thread.is_alive() and key not in _kept:
         flight = 0.0, "starting"
-    return None if flight is None else (flight[0], f"Calibrating the simulator: {flight[1]}")
+    return None if flight is None else (flight[0], f"Calibrating the simulator: {flight[1] or 'starting'}")
 
 
 def forget_calibrations() -> None:

@@ -115,6 +115,7 @@ def test_with_background_work_other_settings_calibrate_behind_the_page(page, cal
     texts = [p.proto.text for p in at.get("progress")]
     assert len(texts) == 1
     assert texts[0].startswith("Calibrating the simulator: "), texts
+    assert texts[0] != "Calibrating the simulator: ", texts  # says what it is doing
     engine_runs._threads[KEY_BS8].join(timeout=300)
     assert calibrations.count == 1
     at = page("serving_engine", SETTINGS_BS8)
