@@ -42,7 +42,7 @@ with st.sidebar:
                                required=True)
     seqs = params.widget(st.slider, "max_num_seqs", key="eg_seqs", min_value=1, max_value=32, value=16)
     budget = params.widget(st.select_slider, "max_num_batched_tokens", key="eg_budget",
-                           options=[64, 128, 256, 512, 1024, 2048], value=256)
+                           options=[64, 128, 256, 512, 1024, 2048], value=512)
     caching = params.widget(st.toggle, "Prefix caching", key="eg_apc", value=True)
     chunked = params.widget(st.toggle, "Chunked prefill", key="eg_chunked", value=True)
     bits = params.widget(st.segmented_control, "KV pools", key="eg_bits", options=["fp32", "8-bit", "4-bit"],
