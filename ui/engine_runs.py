@@ -167,9 +167,10 @@ def calibrating(key: CalibrationKey) -> tuple[float, str] | None:
     """How far a thread calibrating ``key`` has got, or None when none is."""
     flight = disk_cache.in_flight("engine-calibration", key, MODULES, None)
     thread = _threads.get(key)
-    if flight is None and thread is not None and thread.is_alive() and key not in _kept:
-        flight = 0.0, "starting"
-    return None if flight is None else (flight[0], f"Calibrating the simulator: {flight[1] or 'starting'}")
+    if flight is None and (thread is None or not thread.is_alive() or key in _kept):
+        return None
+    fraction, label = flight or (0.0, "")  # a thread started behind the page that has not reported yet
+    return fraction, f"Calibrating the simulator: {label or 'starting'}"
 
 
 def forget_calibrations() -> None:

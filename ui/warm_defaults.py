@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from kvcore.models.attention import AttentionPatterns
+from kvcore.models.live import opening_layer
 from kvcore.quant import evaluate as qe
 from ui import background, engine_runs, eviction_runs, eviction_steps, live_runs, live_steps, needle_runs, quant_runs
 from ui import step_figures as sf
@@ -48,12 +49,13 @@ def warm_live_model(model: SharedModel | None = None) -> None:
     run = live_runs.generation(shared, LIVE_DEFAULT, stream=False)
     live_runs.generation(shared, LIVE_DEFAULT.full, stream=False)
     live_runs.step_timing(shared, LIVE_DEFAULT, run)
-    layer = min(1, shared.model.config.num_hidden_layers - 1)
+    layer = opening_layer(shared.model.config.num_hidden_layers)  # the layer the page opens on
     attn = live_runs.attention(shared, LIVE_DEFAULT, run, layer, None)
     thresholds = AttentionPatterns.for_length(len(run.ids), sink_ratio=5.0, heavy_fraction=0.05)
     grid = tuple(sf.frame_steps(len(run.held), len(run.held) - 1))
     view = live_runs.steps_view(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, run, attn)
-    live_steps.player(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, "Layer 1, head mean", run.plan, view)
+    live_steps.player(shared.name, LIVE_DEFAULT, layer, None, thresholds, grid, f"Layer {layer}, head mean", run.plan,
+                      view)
 
 
 def warm_calibration(model: SharedModel | None = None) -> None:
