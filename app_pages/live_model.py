@@ -48,15 +48,20 @@ st.subheader(f"Generated with the {plan.name} cache")
 run = generation(shared, request, stream=True)
 full = generation(shared, request.full, stream=False)
 
-timing, age = step_timing(shared, request, run)
-lf.generation_metrics(run, timing)
-st.caption(lf.timing_caption(timing, age))
+metrics, caption = st.container(), st.container()
 left, right = st.columns(2)
 with left:
     figures.show(figures.line_chart(kv_curves({plan.name: run, "full": full}), "step", "kv_bytes", "cache",
                                     title="KV bytes after each step"), key="lm_kv")
-with right:
-    figures.show(lf.timing_chart(timing), key="lm_ms")
+timed = None
+with right, user_errors("Timing", stop=False):
+    timed = step_timing(shared, request, run)  # None while it is measured behind the page (a bar follows it)
+    if timed is not None:
+        figures.show(lf.timing_chart(timed[0]), key="lm_ms")
+with metrics:
+    lf.generation_metrics(run, None if timed is None else timed[0])
+if timed is not None:
+    caption.caption(lf.timing_caption(*timed))
 csv_settings = {"model": name, "plan": plan_name, "new": new, "seed": seed}
 tables.show_table(run.table, "live", "tokens", csv_settings, height=260,
                   caption="One row per generated token: its log-prob, the wall time of that one step in this "

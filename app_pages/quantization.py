@@ -44,7 +44,7 @@ tokens = params.widget(side.select_slider, "Text length (tokens)", key="qtokens"
                        value=qe.PAGE_TOKENS, help="the first half is the prompt; the second half is decoded and scored")
 windows = params.widget(side.number_input, "Text windows", key="qwindows", min_value=1,
                         max_value=max(1, qe.PAGE_TOKEN_LIMIT // tokens),
-                        value=min(qe.page_windows(model_name), max(1, qe.PAGE_TOKEN_LIMIT // tokens)),
+                        value=qe.page_windows(model_name, tokens),
                         help="perplexity averages over this many consecutive windows: more = narrower intervals, "
                              f"slower (up to {qe.PAGE_TOKEN_LIMIT} tokens in all, every method decoding them)")
 seed = params.widget(side.number_input, "Which windows (seed)", key="qseed", min_value=0, max_value=999, value=0)

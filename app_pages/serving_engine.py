@@ -6,7 +6,7 @@ from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import HUB_MODELS, OFFLINE_MODELS, describe_model
 from ui import engine_figures, figures, params, tables
-from ui.engine_runs import choose_model_workload, report, workload_defaults
+from ui.engine_runs import choose_model_workload, served, workload_defaults
 from ui.guard import user_errors
 
 st.title("Serving engine")
@@ -54,11 +54,11 @@ with user_errors("Settings"):
     settings = EngineSettings(blocks, block_size, seqs, budget, caching, chunked,
                               {"fp32": None, "8-bit": 8, "4-bit": 4}[bits])
 with user_errors("Serving"):
-    run = report(model, workload, settings, versus)
+    run, comparing = served(model, workload, settings, versus)  # comparing: transformers' runs measured behind
 
 engine_figures.run_metrics(run)
 st.caption(f"Model: {describe_model(model)}.")
-st.caption(engine_figures.measured_note(run))
+st.caption(engine_figures.measured_note(run, comparing))
 figures.show(engine_figures.step_timeline(run.steps), key="eg_timeline")
 shown = {"model": model, "n": n, "seed": seed}
 tables.show_table(run.summary, "engine", "systems", shown, caption=(

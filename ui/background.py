@@ -13,13 +13,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import streamlit as st
 
+from ui.progress import progress_bar
+
 Status = tuple[float, str]  # how far (0-1) and what is being computed
+T = TypeVar("T")
 
 CALIBRATION = "the Serving engine's calibration"
 BUNDLED = "the bundled model"
@@ -27,7 +31,12 @@ EVICTION = "Eviction"
 LIVE_MODEL = "Live model"
 QUANTIZATION = "Quantization"
 NEEDLE = "the Eviction page's needle test"
-STEPS = (CALIBRATION, BUNDLED, EVICTION, LIVE_MODEL, QUANTIZATION, NEEDLE)  # the warm-up's order
+SMOLLM2 = "smollm2-135m"  # the real model: its default views are warmed last, on the copy the needle test loaded
+LIVE_MODEL_SMOLLM2 = f"Live model on {SMOLLM2}"
+EVICTION_SMOLLM2 = f"Eviction on {SMOLLM2}"
+QUANTIZATION_SMOLLM2 = f"Quantization on {SMOLLM2}"
+STEPS = (CALIBRATION, BUNDLED, EVICTION, LIVE_MODEL, QUANTIZATION, NEEDLE, LIVE_MODEL_SMOLLM2, EVICTION_SMOLLM2,
+         QUANTIZATION_SMOLLM2)  # the warm-up's order
 TIMED = (CALIBRATION,)  # timing measurements: first, alone, at the server's own priority
 POLL_S = 1.0  # how often a waiting section looks again
 WARMUP_ENV = "KVLAB_WARMUP"  # "0": no background work (the AppTest suite: its counts see only the page under test)
@@ -140,6 +149,72 @@ class Activity:
 PAGES = Activity()
 
 
+@dataclass(slots=True)
+class Behind:
+    """Work a page starts on a thread of its own and then follows (:func:`wait_for`) instead of waiting for it: at
+    most one thread per key, how far it has got, and why it failed (a thread has no page to show an error on).
+
+    What the work computes it keeps itself, where the page reads it back (a cache, a kept store); a timing among it
+    starts once no page has run for a moment (:data:`PAGES`), so that the page that started it has finished drawing.
+    """
+
+    running: dict[Hashable, Status] = field(default_factory=dict)
+    failed: dict[Hashable, Exception] = field(default_factory=dict)
+    threads: dict[Hashable, threading.Thread] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, key: Hashable, what: str, work: Callable[[Callable[[float, str], None]], object],
+              timing: bool = False) -> None:
+        """Run ``work(report)`` on a thread unless one is running for ``key`` or its failure is not yet shown;
+        ``report(fraction, label)`` says how far it is. what: the work in words (the progress bar's first words);
+        timing: wait first for the pages to be quiet (at most :data:`TIMING_WAIT_S` seconds)."""
+        with self.lock:
+            if key in self.running or key in self.failed:
+                return
+            self.running[key] = (0.0, f"{what}: starting")
+
+        def report(fraction: float, label: str) -> None:
+            with self.lock:
+                self.running[key] = (fraction, f"{what}: {label}")
+
+        def run() -> None:
+            try:
+                if timing:
+                    PAGES.wait_idle(quiet_s=0.2, timeout_s=TIMING_WAIT_S)
+                work(report)
+            except Exception as exc:  # kept for the page to show
+                with self.lock:
+                    self.failed[key] = exc
+            finally:
+                with self.lock:
+                    self.running.pop(key, None)
+
+        thread = threading.Thread(target=run, name=f"behind the page: {what}", daemon=True)
+        with self.lock:
+            self.threads = {k: t for k, t in self.threads.items() if t.is_alive()}
+            self.threads[key] = thread
+        thread.start()
+
+    def status(self, key: Hashable) -> Status | None:
+        """How far the work for ``key`` has got; None when no thread is at it."""
+        with self.lock:
+            return self.running.get(key)
+
+    def failure(self, key: Hashable) -> Exception | None:
+        """Why the work for ``key`` failed, handed over once: the next :meth:`start` tries again."""
+        with self.lock:
+            return self.failed.pop(key, None)
+
+    def join(self, timeout_s: float = 300.0) -> None:
+        """Wait for every thread started so far (tests)."""
+        for thread in list(self.threads.values()):
+            thread.join(timeout=timeout_s)
+
+
+TIMING_WAIT_S = 10.0
+BEHIND = Behind()
+
+
 @dataclass(slots=True, frozen=True)
 class Pending:
     """A section's result as the background sees it. kept: the result once computed, else None. in_flight: how
@@ -192,3 +267,24 @@ def wait_for(pending: Pending, button: str, key: str, off_note: str) -> bool:
         st.info(off_note, icon=":material/schedule:")
         return st.button(button, key=key)
     return True
+
+
+def computed_behind(key: Hashable, what: str, kept: Callable[[], T | None],
+                    work: Callable[[Callable[[float, str], None]], object], timing: bool = False) -> T | None:
+    """A section's result: ``kept()`` when it is there; else ``work`` (which keeps it where ``kept`` finds it) runs
+    behind the page (:data:`BEHIND`) while a bar here follows it and reruns the page when it is done (None). With
+    background work off (:func:`enabled`), ``work`` runs here under a progress bar instead. A failure behind the page
+    is raised here, on the page that follows it (and the next view tries again)."""
+    result = kept()
+    if result is not None:
+        return result
+    if not enabled():
+        with progress_bar(show_after_s=0.0) as bar:
+            work(lambda fraction, label: bar(fraction, f"{what}: {label}"))
+        return kept()
+    failure = BEHIND.failure(key)
+    if failure is not None:
+        raise failure
+    BEHIND.start(key, what, work, timing)
+    _follow(Pending(kept, lambda: BEHIND.status(key), None, what))
+    return None

@@ -69,12 +69,16 @@ def run_metrics(report: EngineReport) -> None:
         col.metric(label, value, note, delta_color="off", delta_arrow=arrow, help=helps.get(label))
 
 
-def measured_note(report: EngineReport) -> str:
-    """When and how the timings were taken, and which run the step-by-step views show."""
+def measured_note(report: EngineReport, comparing: bool = False) -> str:
+    """When and how the timings were taken, and which run the step-by-step views show; comparing: transformers'
+    runs are being measured behind the page (this report is one engine run until they are done)."""
     runs = int(report.summary.iloc[0].runs)
     repeats = (f"{runs} runs per system, interleaved (engine, transformers, engine...) so that a passing load "
                "hits both; the steps, pool, requests and the simulator below are the engine's first run"
                if report.speedup is not None else "one engine run")
+    if comparing:
+        repeats += (" while the interleaved runs of both systems are measured behind the page (the bar above): the "
+                    "whole view is then drawn from them")
     return (f"Measured {report.measured_at} on this machine (1-minute load average {report.load_average:.2f}; "
             f"other sessions and processes slow it), one torch thread per system, {repeats}; kept 10 minutes.")
 

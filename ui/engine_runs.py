@@ -22,7 +22,7 @@ from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import BUNDLED_NAME, model_name
 from kvcore.noise import load_average
 from kvcore.sched.cost import FittedCost
-from ui import disk_cache
+from ui import background, disk_cache
 from ui.models import SharedModel, shared_model
 from ui.progress import Progress, progress_bar, with_progress
 
@@ -91,6 +91,47 @@ def report(model: str, workload: ServeWorkload, settings: EngineSettings, transf
     shared = shared_model(model)
     check_page_limits(shared.model, workload, settings, transformers)
     return with_progress("Serving...", lambda bar: _serve(shared, workload, settings, transformers, bar))
+
+
+COMPARISON_TTL_S = 600  # as long as report() keeps a run: a timing says what the machine did then
+_compared: dict[tuple, tuple[EngineReport, float]] = {}  # comparisons measured behind the page, and when (monotonic)
+_compared_lock = threading.Lock()
+
+
+def kept_comparison(key: tuple) -> EngineReport | None:
+    """The engine-vs-transformers report for ``key`` = (model, workload, settings) measured behind the page less
+    than :data:`COMPARISON_TTL_S` seconds ago, else None."""
+    with _compared_lock:
+        kept = _compared.get(key)
+    return None if kept is None or time.monotonic() - kept[1] > COMPARISON_TTL_S else kept[0]
+
+
+def _compare(key: tuple, bar: Progress) -> None:
+    model, workload, settings = key
+    compared = _serve(shared_model(model), workload, settings, True, bar)
+    with _compared_lock:
+        _compared[key] = (compared, time.monotonic())
+        for old in list(_compared)[:max(0, len(_compared) - KEPT_CALIBRATIONS)]:
+            del _compared[old]
+
+
+def served(model: str, workload: ServeWorkload, settings: EngineSettings, transformers: bool
+           ) -> tuple[EngineReport, bool]:
+    """The report the page shows, and whether its comparison with transformers is being measured behind the page.
+
+    With transformers beside the engine and the server working behind its pages, the interleaved runs of both
+    systems (seconds on a real model) are measured on a thread while a bar follows them; meanwhile the page shows one
+    engine run, and the whole report once it is there. Otherwise :func:`report`, here."""
+    if not (transformers and background.enabled()):
+        return report(model, workload, settings, transformers), False
+    check_page_limits(shared_model(model).model, workload, settings, transformers)
+    key = (model_name(model), workload, settings)
+    compared = background.computed_behind(
+        ("serving comparison", key), "Serving the same requests on transformers and the engine, interleaved",
+        lambda: kept_comparison(key), lambda bar: _compare(key, bar), timing=True)
+    if compared is not None:
+        return compared, False
+    return report(model, workload, settings, False), True
 
 
 def _serve(shared: SharedModel, workload: ServeWorkload, settings: EngineSettings, transformers: bool,

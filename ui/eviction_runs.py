@@ -9,6 +9,8 @@ time, not of the first visit's. Every use of the model holds its lock.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import RunResult
 from kvcore.models.loader import model_name
 from kvcore.models.runtime import text_ids
-from ui import disk_cache
+from ui import background, disk_cache
 from ui.models import SharedModel, shared_model
 from ui.progress import Progress, progress_bar
 
@@ -87,13 +89,50 @@ def measured(source: EvictionText, spec: RunSpec) -> RunResult:
     return measure_run(source, spec)
 
 
-@st.cache_data(max_entries=256, ttl=RUN_TTL_S, show_spinner=False)
-def step_times(source: EvictionText, spec: RunSpec, _model: SharedModel | None = None) -> tuple[np.ndarray, float]:
-    """Real decode steps of the run timed now (:meth:`RunSpec.time_steps`) and the load average then. _model: a
-    copy of the source's model to time them on (the warm-up's own); by default the shared one."""
+Times = tuple[np.ndarray, float]  # a run's decode step times (ms) and the load average then
+_times: dict[tuple[EvictionText, RunSpec], tuple[Times, float]] = {}  # and when they were taken (monotonic s)
+_times_lock = threading.Lock()
+KEPT_TIMES = 256
+
+
+def kept_times(source: EvictionText, spec: RunSpec) -> Times | None:
+    """The run's step times when they were taken less than :data:`RUN_TTL_S` seconds ago, else None."""
+    with _times_lock:
+        kept = _times.get((source, spec))
+    return None if kept is None or time.monotonic() - kept[1] > RUN_TTL_S else kept[0]
+
+
+def step_times(source: EvictionText, spec: RunSpec, _model: SharedModel | None = None) -> Times:
+    """Real decode steps of the run (:meth:`RunSpec.time_steps`) and the load average then: kept, or timed now and
+    kept for :data:`RUN_TTL_S` s. _model: a copy of the source's model to time them on (the warm-up's own); by
+    default the shared one."""
+    if (kept := kept_times(source, spec)) is not None:
+        return kept
     shared = _model or shared_model(source.model)
     with shared.lock:
-        return spec.time_steps(shared.model, reference(source, _model))
+        times = spec.time_steps(shared.model, reference(source, _model))
+    with _times_lock:
+        _times[(source, spec)] = (times, time.monotonic())
+        for old in list(_times)[:max(0, len(_times) - KEPT_TIMES)]:
+            del _times[old]
+    return times
+
+
+def forget_times() -> None:
+    """Drop every kept step time (tests; the next view times its runs again)."""
+    with _times_lock:
+        _times.clear()
+
+
+def time_runs(source: EvictionText, specs: list[RunSpec], model: SharedModel | None = None,
+              progress: Progress | None = None) -> list[Times]:
+    """:func:`step_times` of every run, saying which it is timing."""
+    timed = []
+    for i, spec in enumerate(specs):
+        if progress is not None:
+            progress(i / len(specs), f"{spec.label} ({i + 1}/{len(specs)})")
+        timed.append(step_times(source, spec, model))
+    return timed
 
 
 def run(source: EvictionText, spec: RunSpec) -> RunResult:
@@ -102,20 +141,30 @@ def run(source: EvictionText, spec: RunSpec) -> RunResult:
 
 
 def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | None = None) -> EvictionResults:
-    """Every run of ``config`` on the text under a progress bar (measured, then timed), gathered into tables.
+    """Every run of ``config`` on the text under a progress bar, gathered into tables; their decode steps are timed
+    behind the page when the server works behind its pages (:func:`ui.background.computed_behind`: the speed
+    columns fill in), here otherwise.
 
     model: a copy of the source's model to compute with (the warm-up's own, so it never holds the shared one's
-    lock); by default the shared one. Either gives the same numbers."""
-    specs, runs, timed = config.runs(), [], []
+    lock; it times here); by default the shared one. Either gives the same numbers."""
+    specs, runs = config.runs(), []
     with progress_bar() as bar:
         bar(0.0, "Full-cache reference pass...")
         ref = reference(source, model)
         for i, spec in enumerate(specs):
-            bar(0.05 + 0.75 * i / len(specs), f"Measuring {spec.label} ({i + 1}/{len(specs)})")
+            bar(0.05 + 0.95 * i / len(specs), f"Measuring {spec.label} ({i + 1}/{len(specs)})")
             runs.append(measured(source, spec) if model is None else measure_run(source, spec, model=model))
-        for i, spec in enumerate(specs):
-            bar(0.8 + 0.2 * i / len(specs), f"Timing the decode steps of {spec.label} ({i + 1}/{len(specs)})")
-            timed.append(step_times(source, spec, model))
-    runs = [with_timing(r, *t) for r, t in zip(runs, timed, strict=True)]
+    if model is not None:
+        timed = time_runs(source, specs, model)
+    else:
+        def kept() -> list[Times] | None:
+            times = [kept_times(source, spec) for spec in specs]
+            return None if any(t is None for t in times) else times
+
+        timed = background.computed_behind(("eviction timing", source, tuple(specs)),
+                                           "Timing the decode steps of each run", kept,
+                                           lambda bar: time_runs(source, specs, progress=bar), timing=True)
+    if timed is not None:
+        runs = [with_timing(r, *t) for r, t in zip(runs, timed, strict=True)]
     tokenizer = (model or shared_model(source.model)).tokenizer
     return summarize(ref, runs, config, tokenizer, reference_claims(source, model))

@@ -125,19 +125,23 @@ def prefill_vs_decode(timing: PhaseTiming) -> tuple[str, str]:
     return f"{median:.1f}x", f"one prefill costs {median:.2f} one-token decode steps ({spread})"
 
 
-def generation_metrics(run: LiveRun, timing: PhaseTiming) -> None:
+def generation_metrics(run: LiveRun, timing: PhaseTiming | None) -> None:
     """Prefill and decode time (medians of interleaved repeats), the prefill in decode steps (or "within noise"),
-    the cache now and the mean log-prob of one generation."""
+    the cache now and the mean log-prob of one generation; the times say "timing..." while they are measured."""
     last = run.table.iloc[-1]
-    prefill, decode = timing.prefill, timing.decode
-    spread = {k: "" if t is None else f"IQR {t.q1:.1f}-{t.q3:.1f} ms over {t.repeats}" for k, t in
-              (("prefill", prefill), ("decode", decode))}
+    prefill = decode = ratio = ("timing...", "measured behind the page; it fills in by itself")
+    if timing is not None:
+        spread = {k: "" if t is None else f"IQR {t.q1:.1f}-{t.q3:.1f} ms over {t.repeats}" for k, t in
+                  (("prefill", timing.prefill), ("decode", timing.decode))}
+        prefill = (_ms(timing.prefill), f"{run.prompt_len} prompt tokens in one pass; {spread['prefill']}")
+        decode = (_ms(timing.decode), f"one-token steps; {spread['decode']}")
+        ratio = prefill_vs_decode(timing)
     metrics = {
-        "Prefill": (_ms(prefill), f"{run.prompt_len} prompt tokens in one pass; {spread['prefill']}"),
-        "Decode, per token": (_ms(decode), f"one-token steps; {spread['decode']}"),
+        "Prefill": prefill,
+        "Decode, per token": decode,
         "KV cache now": (bytes_str(int(last.kv_bytes)), f"{int(last.kv_tokens)} entries per layer"),
         "Mean log-prob": (f"{run.table['logprob'].mean():.2f}", "nats, generated tokens"),
-        "Prefill / decode step": prefill_vs_decode(timing),
+        "Prefill / decode step": ratio,
     }
     for col, (label, (value, why)) in zip(st.columns(len(metrics)), metrics.items(), strict=True):
         col.metric(label, value, help=why)

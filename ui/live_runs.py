@@ -32,9 +32,10 @@ from kvcore.models.live import (
 from kvcore.models.plan import CachePlan
 from kvcore.models.steps import StepView
 from kvcore.plans import make_plan
+from ui import background
 from ui.guard import user_errors
 from ui.models import SharedModel
-from ui.progress import progress_bar
+from ui.progress import Progress
 
 MAX_RUNS = 24  # finished runs kept per model
 # Torch threads for the page's model work. One-token steps of these small models gain nothing from more, and on a
@@ -144,26 +145,36 @@ def comparison(shared: SharedModel, request: LiveRequest, full: LiveRun) -> pd.D
     return table
 
 
-def step_timing(shared: SharedModel, request: LiveRequest, run: LiveRun) -> tuple[PhaseTiming, float]:
-    """Prefill and decode ms of ``run`` through its plan in interleaved rounds, warmed up and repeated
-    (:func:`time_generation`), and how many seconds ago they were measured; kept for :data:`TIMING_TTL_S` s only
-    (a timing says what the machine did then), measured under a progress bar when due."""
-    key = ("timing", request)
-
-    def due(kept: tuple | None) -> bool:
-        return kept is None or time.time() - kept[1] > TIMING_TTL_S
-
-    kept = _kept(shared, key)
-    if due(kept):
-        with _turn(shared, key):
-            kept = _kept(shared, key)
-            if due(kept):
-                with user_errors("Timing"), progress_bar(show_after_s=0.0) as bar, shared.lock:
-                    bar(0.5, "Timing prefill and decode: interleaved rounds, repeated...")
-                    kept = (time_generation(shared.model, run.ids, run.prompt_len, request.cache_plan()),
-                            time.time())
-                _keep(shared, key, kept)
+def kept_timing(shared: SharedModel, request: LiveRequest) -> tuple[PhaseTiming, float] | None:
+    """The kept timing of ``request`` and how many seconds ago it was measured, unless it is older than
+    :data:`TIMING_TTL_S` (a timing says what the machine did then); None when there is none to show."""
+    kept = _kept(shared, ("timing", request))
+    if kept is None or time.time() - kept[1] > TIMING_TTL_S:
+        return None
     return kept[0], time.time() - kept[1]
+
+
+def measure_timing(shared: SharedModel, request: LiveRequest, run: LiveRun,
+                   progress: Progress | None = None) -> tuple[PhaseTiming, float]:
+    """Prefill and decode ms of ``run`` through its plan in interleaved rounds, warmed up and repeated
+    (:func:`time_generation`), kept (another thread asking meanwhile waits for this one's)."""
+    key = ("timing", request)
+    with _turn(shared, key):
+        if (timing := kept_timing(shared, request)) is not None:
+            return timing
+        with shared.lock:
+            kept = (time_generation(shared.model, run.ids, run.prompt_len, request.cache_plan(), progress=progress),
+                    time.time())
+        _keep(shared, key, kept)
+    return kept[0], 0.0
+
+
+def step_timing(shared: SharedModel, request: LiveRequest, run: LiveRun) -> tuple[PhaseTiming, float] | None:
+    """The timing of ``run`` and its age: kept, or measured behind the page while a bar in its place follows it
+    (None until it is there; measured here under a bar when the server works in nothing behind its pages)."""
+    return background.computed_behind(
+        ("live timing", shared.name, request), "Timing prefill and decode in interleaved rounds",
+        lambda: kept_timing(shared, request), lambda bar: measure_timing(shared, request, run, bar), timing=True)
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)

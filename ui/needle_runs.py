@@ -115,7 +115,8 @@ def in_flight(settings: NeedleSettings) -> tuple[float, str] | None:
     return disk_cache.in_flight("needle-view", settings, MODULES, disk_cache.weights_key(settings.model))
 
 
-def warm_default() -> NeedleView:
-    """The default view on a copy of its model of its own, loaded here and dropped after (the warm-up's step)."""
+def warm_default(model: SharedModel | None = None) -> NeedleView:
+    """The default view on a copy of its model of its own (the warm-up's step): ``model``, else one loaded here and
+    dropped after."""
     kept_view = kept(DEFAULT)
-    return kept_view if kept_view is not None else view(DEFAULT, private_model(DEFAULT.model))
+    return kept_view if kept_view is not None else view(DEFAULT, model or private_model(DEFAULT.model))

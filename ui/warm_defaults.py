@@ -3,8 +3,9 @@ those pages call with the settings of their default URL (so their caches, in mem
 when a visitor opens them; nothing here changes a number). Work already on disk (:mod:`ui.disk_cache`) is only read
 back; a page asking for a result being computed here waits for it rather than computing it twice. The steps run in
 the order of :data:`ui.background.STEPS` (a page waiting for one moves it up): the Serving engine's calibration first
-(a timing measurement, so nothing else of the warm-up runs beside it, and at the server's own priority), the
-needle test last (SmolLM2 on its default grid: the longest step).
+(a timing measurement, so nothing else of the warm-up runs beside it, and at the server's own priority), then the
+bundled model's views, the needle test (SmolLM2 on its default grid) and SmolLM2's default views of Live model,
+Eviction and Quantization, so that a visitor who chooses the real model finds them kept.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ log = logging.getLogger(__name__)
 
 def warm_eviction(model: SharedModel | None = None) -> None:
     """The Eviction page's default sweep and its step player's frames at the first budget. model: a copy of the
-    bundled model to compute with (the shared one by default)."""
+    model to compute with (the shared bundled one by default)."""
     config = EvictionConfig()
-    text = eviction_runs.EvictionText("bundled", sample_text(), config.max_tokens)
+    text = eviction_runs.EvictionText(model.name if model else "bundled", sample_text(), config.max_tokens)
     results = eviction_runs.sweep(text, config, model)
     steps = len(results.tokens)
     grid = tuple(sf.frame_steps(steps, steps - 1))
@@ -39,16 +40,17 @@ def warm_eviction(model: SharedModel | None = None) -> None:
 def warm_quantization(model: SharedModel | None = None) -> None:
     """The Quantization page's default measurement of every method (decoded with ``model``, a private copy, when
     given: the longest work of the warm-up never holds the shared model's lock)."""
-    quant_runs.measure(qe.QuantText(), model=model)
+    name = model.name if model else "bundled"
+    quant_runs.measure(qe.QuantText(windows=qe.page_windows(name)), model=model)
 
 
 def warm_live_model(model: SharedModel | None = None) -> None:
     """The Live model page's default generation, its full-cache twin, its timing and its step player's frames.
-    model: a copy of the bundled model to compute with (the shared one by default)."""
+    model: a copy of the model to compute with (the shared bundled one by default)."""
     shared = model or shared_model()
     run = live_runs.generation(shared, LIVE_DEFAULT, stream=False)
     live_runs.generation(shared, LIVE_DEFAULT.full, stream=False)
-    live_runs.step_timing(shared, LIVE_DEFAULT, run)
+    live_runs.measure_timing(shared, LIVE_DEFAULT, run)
     layer = opening_layer(shared.model.config.num_hidden_layers)  # the layer the page opens on
     attn = live_runs.attention(shared, LIVE_DEFAULT, run, layer, None)
     thresholds = AttentionPatterns.for_length(len(run.ids), sink_ratio=5.0, heavy_fraction=0.05)
@@ -69,19 +71,24 @@ def warm_calibration(model: SharedModel | None = None) -> None:
 
 def default_steps() -> list[tuple[str, Callable[[], object]]]:
     """The warm-up's steps in the order of :data:`ui.background.STEPS`, each on a copy of its model of its own:
-    the bundled model's copy is loaded once and kept, SmolLM2's (the needle test) is loaded for its step and
-    dropped. The pages' shared bundled model is loaded right after the calibration, so that the first page that
-    needs it finds it."""
-    private: list[SharedModel] = []
+    the bundled model's copy is loaded once and kept; SmolLM2's is loaded (fetched on a first run) for the needle
+    test and kept for its default views, the last steps. The pages' shared bundled model is loaded right after the
+    calibration, so that the first page that needs it finds it."""
+    private: dict[str, SharedModel] = {}
 
-    def copy() -> SharedModel:
-        if not private:
-            private.append(private_model())
-        return private[0]
+    def copy(name: str = "bundled") -> SharedModel:
+        if name not in private:
+            private[name] = private_model(name)
+        return private[name]
 
+    smollm2 = background.SMOLLM2
     steps = {background.CALIBRATION: lambda: warm_calibration(copy()), background.BUNDLED: shared_model,
              background.EVICTION: lambda: warm_eviction(copy()), background.LIVE_MODEL: lambda: warm_live_model(copy()),
-             background.QUANTIZATION: lambda: warm_quantization(copy()), background.NEEDLE: needle_runs.warm_default}
+             background.QUANTIZATION: lambda: warm_quantization(copy()),
+             background.NEEDLE: lambda: needle_runs.warm_default(copy(smollm2)),
+             background.LIVE_MODEL_SMOLLM2: lambda: warm_live_model(copy(smollm2)),
+             background.EVICTION_SMOLLM2: lambda: warm_eviction(copy(smollm2)),
+             background.QUANTIZATION_SMOLLM2: lambda: warm_quantization(copy(smollm2))}
     return [(name, steps[name]) for name in background.STEPS]
 
 

@@ -191,7 +191,7 @@ class PhaseTiming:
 @torch.inference_mode()
 def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, plan: CachePlan = FULL,
                     repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
-                    threads: int | None = 1) -> PhaseTiming:
+                    threads: int | None = 1, progress: Callable[[float, str], None] | None = None) -> PhaseTiming:
     """Prefill and decode time of a generation in interleaved rounds, warmed up and repeated (ms).
 
     ids: prompt + generated token ids; prompt_len: how many are prompt. Each of ``warmup`` untimed then
@@ -200,7 +200,8 @@ def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, p
     sample). Interleaving puts a prefill and its decode steps under the same load, so a burst of other work
     stretches both rather than one (:class:`PhaseTiming`). threads: torch threads while timing (None: as set);
     one by default, as the eviction sweep times its steps: a one-token step of a small model gains nothing from
-    more, and on a shared CPU they contend with whatever else runs.
+    more, and on a shared CPU they contend with whatever else runs. progress: called ``(fraction, label)`` as each
+    round starts.
     """
     tokens = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(1, -1)
     tokens = tokens.to(model_device(model))
@@ -214,6 +215,9 @@ def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, p
     rounds: list[list[float]] = []
     with torch_threads(threads):
         for round_ in range(warmup + repeats):
+            if progress is not None:
+                progress(round_ / (warmup + repeats), f"round {round_ + 1} of {warmup + repeats} (a prefill, then "
+                                                      f"{stop - prompt_len} decode steps)")
             steps = _round(model, plan, tokens, prompt_len, stop, sync)
             if round_ >= warmup:
                 prefills.append(steps[0])

@@ -53,9 +53,10 @@ PAGE_TOKENS, PAGE_WINDOWS = 256, 2
 PAGE_WINDOWS_BY_MODEL = {"smollm2-135m": 1}
 
 
-def page_windows(model: str) -> int:
-    """Text windows the Quantization page opens on for ``model`` (a :func:`~kvcore.models.loader.model_name`)."""
-    return PAGE_WINDOWS_BY_MODEL.get(model, PAGE_WINDOWS)
+def page_windows(model: str, tokens: int = PAGE_TOKENS) -> int:
+    """Text windows the Quantization page opens on for ``model`` (a :func:`~kvcore.models.loader.model_name`) at
+    ``tokens`` tokens per window: the model's own number, fewer where they would pass :data:`PAGE_TOKEN_LIMIT`."""
+    return min(PAGE_WINDOWS_BY_MODEL.get(model, PAGE_WINDOWS), max(1, PAGE_TOKEN_LIMIT // tokens))
 
 
 def text_windows(tokenizer, num_tokens: int, seed: int = 0, windows: int = 1, text: str | None = None) -> torch.Tensor:

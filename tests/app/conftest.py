@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -46,6 +46,20 @@ def page() -> Callable[..., AppTest]:
         assert_clean(at)
         return at
     return _open
+
+
+@pytest.fixture
+def behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Background work on (as on a server), with no warm-up started: only what the page starts runs behind it."""
+    from ui import background, engine_runs, warmup
+
+    monkeypatch.setattr(background, "enabled", lambda: True)
+    monkeypatch.setattr(warmup, "start", lambda: None)
+    yield
+    for thread in list(engine_runs._threads.values()):
+        thread.join(timeout=300)
+    engine_runs._threads.clear()
+    background.BEHIND.join()
 
 
 class Calls:

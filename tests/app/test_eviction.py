@@ -10,6 +10,7 @@ import pytest
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES
 from kvcore.eviction.evaluate import TIMED_STEPS
 from kvcore.models.loader import BUNDLED_DIR
+from ui import background, eviction_runs
 from ui import step_figures as sf
 
 needs_bundled = pytest.mark.skipif(
@@ -75,6 +76,24 @@ def test_every_row_times_the_same_decode_steps_with_their_spread(page):
     assert (table["decode_ms_q1"] <= table["decode_ms"]).all()
     assert (table["decode_ms"] <= table["decode_ms_q3"]).all()
     assert table["load_1min"].notna().all()
+
+
+def test_with_background_work_the_decode_steps_are_timed_behind_the_page(page, behind):
+    """Timing every run's steps costs seconds on a real model: the page is complete without them (every other
+    column), a bar follows the thread, and the next run (the bar's rerun) fills the speed columns in."""
+    eviction_runs.forget_times()
+    view = {**SMALL, "policies": ["streaming_llm", "h2o"]}
+    at = page("eviction", view)
+    table = results(at)
+    assert table["decode_ms"].isna().all()
+    assert table["ppl"].notna().all()
+    texts = [p.proto.text for p in at.get("progress")]
+    assert len(texts) == 1, texts
+    assert texts[0].startswith("Timing the decode steps of each run: "), texts
+    background.BEHIND.join()
+    at = page("eviction", view)
+    assert (results(at)["decode_steps"] == TIMED_STEPS).all()
+    assert not at.get("progress")
 
 
 @needs_bundled

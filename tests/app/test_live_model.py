@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kvcore.plans import cache_plans
+from ui import background, live_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +48,48 @@ def test_timings_are_medians_of_repeats_with_their_spread_and_the_load(page):
     assert ratio.value == "noise" or ratio.value.endswith("x")
     assert ("within noise" in ratio.help) == (ratio.value == "noise")
     assert "interleaved rounds" in ratio.help
+
+
+def metric(at, label):
+    return next(m for m in at.metric if m.label == label)
+
+
+def test_with_background_work_the_timing_fills_in_behind_the_page(page, behind):
+    """A model of 135M parameters times its rounds for seconds: the page is complete without them, a bar follows
+    the thread, and the next run (the bar's rerun) shows them."""
+    view = {"lm_new": "5", "lm_prompt": "Timed behind the page"}
+    at = page("live_model", view)
+    assert metric(at, "Prefill").value == "timing..."
+    assert metric(at, "KV cache now").value.endswith("B")  # the rest of the page is there
+    texts = [p.proto.text for p in at.get("progress")]
+    assert len(texts) == 1, texts
+    assert texts[0].startswith("Timing prefill and decode in interleaved rounds: "), texts
+    assert not any(c.value.startswith("Timing (measured") for c in at.caption)
+    background.BEHIND.join()
+    at = page("live_model", view)
+    assert metric(at, "Prefill").value.endswith(" ms")
+    assert any(c.value.startswith("Timing (measured") for c in at.caption)
+    assert not at.get("progress")
+
+
+def test_a_timing_that_fails_behind_the_page_says_why_and_is_tried_again(page, behind, monkeypatch):
+    def broken(*_, **__):
+        raise ValueError("the clock went backwards")
+
+    monkeypatch.setattr(live_runs, "time_generation", broken)
+    view = {"lm_new": "4", "lm_prompt": "A timing that fails"}
+    page("live_model", view)
+    background.BEHIND.join()
+    at = page("live_model", view)
+    assert any("the clock went backwards" in e.value for e in at.error)
+    assert metric(at, "Prefill").value == "timing..."
+    background.BEHIND.join()
+    monkeypatch.undo()
+    monkeypatch.setattr(background, "enabled", lambda: True)
+    at = page("live_model", view)  # the next view tries again
+    assert not at.error
+    background.BEHIND.join()
+    assert metric(page("live_model", view), "Prefill").value.endswith(" ms")
 
 
 def test_a_hub_model_that_cannot_load_says_so_openly(page):

@@ -26,9 +26,9 @@ def cold(tmp_path, monkeypatch):
     def forget() -> None:
         disk_cache.forget()
         for cached in (eviction_runs.reference, eviction_runs.reference_claims, eviction_runs.measured,
-                       eviction_runs.step_times, eviction_steps.step_view, live_runs.finished_runs,
-                       live_runs._attention, live_runs.steps_view):
+                       eviction_steps.step_view, live_runs.finished_runs, live_runs._attention, live_runs.steps_view):
             cached.clear()
+        eviction_runs.forget_times()
 
     forget()
     return forget
@@ -45,7 +45,7 @@ def test_the_eviction_default_is_one_forward_per_evicting_run_plus_the_timed_ste
     cold_restart = forwards.count
     disk_cache.forget()  # a restarted server: the runs come back from disk; step times are measured afresh
     eviction_runs.measured.clear()
-    eviction_runs.step_times.clear()
+    eviction_runs.forget_times()
     with Forwards(shared_model().model) as forwards:
         assert_clean(open_page("eviction"))
     assert forwards.count == runs * (1 + TIMED_STEPS + 1) < cold_restart

@@ -12,7 +12,7 @@ from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.report import check_page_limits
 from kvcore.engine.workload import ServeWorkload
 from tests.app.conftest import Calls, assert_clean, open_page
-from ui import background, disk_cache, engine_runs, warm_defaults, warmup
+from ui import background, disk_cache, engine_runs, warm_defaults
 from ui.models import private_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,17 +94,6 @@ def test_other_settings_calibrate_when_picked(page, calibrations):
     assert engine_runs.calibrated(engine_runs.DEFAULT_CALIBRATION) is None
 
 
-@pytest.fixture
-def behind(monkeypatch):
-    """Background work on (as on a server), with no warm-up started: only what the page starts runs behind it."""
-    monkeypatch.setattr(background, "enabled", lambda: True)
-    monkeypatch.setattr(warmup, "start", lambda: None)
-    yield
-    for thread in list(engine_runs._threads.values()):
-        thread.join(timeout=300)
-    engine_runs._threads.clear()
-
-
 SETTINGS_BS8 = {**SMALL, "eg_bs": "8", "eg_hf": "false"}
 KEY_BS8 = engine_runs.CalibrationKey("bundled", 8, EngineSettings().threads)
 
@@ -133,6 +122,21 @@ def test_a_calibration_that_fails_behind_the_page_says_why(page, calibrations, b
     at = page("serving_engine", SETTINGS_BS8)
     assert any("no grid step fits this pool" in e.value for e in at.error)
     assert KEY_BS8 not in engine_runs._threads or not engine_runs._threads[KEY_BS8].is_alive()  # not retried
+
+
+def test_with_background_work_transformers_runs_are_measured_behind_the_page(page, calibrations, behind):
+    """On a real model the interleaved runs of both systems take seconds: the page shows one engine run at once, a
+    bar follows the comparison, and the page's rerun shows both systems."""
+    view = {**SMALL, "eg_seed": "7", "eg_bs": "8"}  # eg_bs 8: its calibration also goes behind the page
+    at = page("serving_engine", view)
+    assert at.dataframe[0].value["system"].tolist() == ["engine"]
+    texts = [p.proto.text for p in at.get("progress")]
+    assert any(t.startswith("Serving the same requests on transformers and the engine, interleaved: ") for t in texts)
+    assert any("measured behind the page" in c.value for c in at.caption)
+    background.BEHIND.join()
+    at = page("serving_engine", view)
+    assert at.dataframe[0].value["system"].tolist() == ["engine", "transformers generate (static, batch 16)"]
+    assert not any(t.startswith("Serving the same") for t in (p.proto.text for p in at.get("progress")))
 
 
 def test_url_restores_the_view_and_a_shared_prefix_hits(page):

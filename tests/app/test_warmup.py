@@ -31,10 +31,11 @@ def test_the_warm_up_starts_once_and_not_when_turned_off(monkeypatch):
         warmup._started.clear()
 
 
-def test_the_default_steps_calibrate_first_then_the_model_the_quick_pages_quantization_and_the_needle_test():
+def test_the_default_steps_calibrate_first_then_the_bundled_views_the_needle_test_and_smollm2s_views():
     assert [name for name, _ in warm_defaults.default_steps()] == [
         "the Serving engine's calibration", "the bundled model", "Eviction", "Live model", "Quantization",
-        "the Eviction page's needle test"]
+        "the Eviction page's needle test", "Live model on smollm2-135m", "Eviction on smollm2-135m",
+        "Quantization on smollm2-135m"]
     assert background.TIMED == (background.CALIBRATION,)
 
 
@@ -57,9 +58,10 @@ def test_a_waiting_page_moves_its_step_up_behind_the_timing_and_the_steps_run_in
     assert queue.queued[:2] == [background.CALIBRATION, background.NEEDLE]
     ran: list[str] = []
     steps = [(name, lambda name=name: ran.append(name)) for name in background.STEPS]
+    rest = [step for step in background.STEPS[1:] if step != background.NEEDLE]
     assert warm_defaults.warm(steps, queue, lambda: ran.append("lower priority")) == [
-        background.CALIBRATION, background.NEEDLE, *background.STEPS[1:-1]]
-    assert ran == [background.CALIBRATION, "lower priority", background.NEEDLE, *background.STEPS[1:-1]]
+        background.CALIBRATION, background.NEEDLE, *rest]
+    assert ran == [background.CALIBRATION, "lower priority", background.NEEDLE, *rest]
     assert queue.done == ran[:1] + ran[2:]
     assert queue.running is None
     assert queue.state(background.NEEDLE) == "done"
@@ -116,6 +118,23 @@ def test_the_warm_up_computes_on_its_own_copy_and_the_default_view_then_runs_no_
     with Forwards(shared_model().model) as forwards:
         at = open_page(page)
     assert_clean(at)
+    assert forwards.count == 0
+
+
+def test_smollm2s_live_model_view_is_warmed_on_its_own_copy_and_the_page_then_runs_no_forward(tmp_path, monkeypatch):
+    """The real model's views are the warm-up's last steps; the quickest of them stands for the others here (they
+    share warm_eviction and warm_quantization with the bundled model's steps, tested above)."""
+    monkeypatch.setenv(disk_cache.CACHE_ENV, str(tmp_path))
+    private = private_model("smollm2-135m")
+    shared = shared_model("smollm2-135m")
+    with Forwards(shared.model) as shared_forwards, Forwards(private.model) as private_forwards:
+        warm_defaults.warm_live_model(private)
+    assert shared_forwards.count == 0
+    assert private_forwards.count > 0
+    with Forwards(shared.model) as forwards:
+        at = open_page("live_model", {"lm_model": "smollm2-135m"})
+    assert_clean(at)
+    assert any(c.value.startswith("Model: SmolLM2-135M-Instruct") for c in at.caption)
     assert forwards.count == 0
 
 
