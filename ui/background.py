@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import streamlit as st
 
+from ui import timings
 from ui.progress import progress_bar
 
 Status = tuple[float, str]  # how far (0-1) and what is being computed
@@ -155,7 +156,8 @@ class Behind:
     most one thread per key, how far it has got, and why it failed (a thread has no page to show an error on).
 
     What the work computes it keeps itself, where the page reads it back (a cache, a kept store); a timing among it
-    starts once no page has run for a moment (:data:`PAGES`), so that the page that started it has finished drawing.
+    starts once no page has run for a moment (:data:`PAGES`), so that the page that started it has finished drawing,
+    and the warm-up pauses while it runs (:mod:`ui.timings`).
     """
 
     running: dict[Hashable, Status] = field(default_factory=dict)
@@ -181,7 +183,10 @@ class Behind:
             try:
                 if timing:
                     PAGES.wait_idle(quiet_s=0.2, timeout_s=TIMING_WAIT_S)
-                work(report)
+                    with timings.measuring():  # the warm-up pauses meanwhile
+                        work(report)
+                else:
+                    work(report)
             except Exception as exc:  # kept for the page to show
                 with self.lock:
                     self.failed[key] = exc

@@ -22,7 +22,7 @@ from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import BUNDLED_NAME, model_name
 from kvcore.noise import load_average
 from kvcore.sched.cost import FittedCost
-from ui import background, disk_cache
+from ui import background, disk_cache, timings
 from ui.models import SharedModel, shared_model
 from ui.progress import Progress, progress_bar, with_progress
 
@@ -181,7 +181,8 @@ def calibrate_behind(key: CalibrationKey) -> None:
 
     def run() -> None:
         try:
-            calibrate(key, model)
+            with timings.measuring():  # the warm-up pauses meanwhile
+                calibrate(key, model)
         except Exception as exc:  # kept for the page to show (the thread has no page to show it on)
             _failed[key] = exc
 
@@ -211,7 +212,7 @@ def calibrating(key: CalibrationKey) -> tuple[float, str] | None:
     if flight is None and (thread is None or not thread.is_alive() or key in _kept):
         return None
     fraction, label = flight or (0.0, "")  # a thread started behind the page that has not reported yet
-    return fraction, f"Calibrating the simulator: {label or 'starting'}"
+    return fraction, f"Calibrating the simulator: {label or 'waiting for the model to be free'}"
 
 
 def forget_calibrations() -> None:

@@ -1,0 +1,49 @@
+"""ui.timings: a thread that gives way (the warm-up) waits at its progress reports while a timing is measured;
+every other thread never waits there."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ui import timings
+
+
+def test_a_thread_that_gives_way_pauses_while_a_timing_runs_and_others_do_not():
+    reached: list[float] = []
+    go = threading.Event()
+
+    def warmup() -> None:
+        timings.give_way_here()
+        go.wait()
+        timings.pause_point()
+        reached.append(time.monotonic())
+
+    thread = threading.Thread(target=warmup)
+    thread.start()
+    with timings.measuring():
+        assert timings.running() == 1
+        go.set()
+        timings.pause_point()  # this thread does not give way: no wait
+        time.sleep(0.3)
+        assert reached == []  # the warm-up waits for the timing
+        released = time.monotonic()
+    thread.join(5)
+    assert reached
+    assert reached[0] >= released
+    assert timings.running() == 0
+
+
+def test_a_pause_ends_after_its_limit_if_a_timing_never_does():
+    done = []
+
+    def warmup() -> None:
+        timings.give_way_here()
+        timings.pause_point(max_pause_s=0.2)
+        done.append(True)
+
+    with timings.measuring():
+        thread = threading.Thread(target=warmup)
+        thread.start()
+        thread.join(5)
+        assert done == [True]
