@@ -10,6 +10,7 @@ the page is complete meanwhile, and the visitor does nothing to see the result. 
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -41,6 +42,16 @@ STEPS = (CALIBRATION, BUNDLED, EVICTION, LIVE_MODEL, QUANTIZATION, NEEDLE, LIVE_
 TIMED = (CALIBRATION,)  # timing measurements: first, alone, at the server's own priority
 POLL_S = 1.0  # how often a waiting section looks again
 WARMUP_ENV = "KVLAB_WARMUP"  # "0": no background work (the AppTest suite: its counts see only the page under test)
+
+
+def counted_fragment(fn: Callable[..., T]) -> Callable[..., T]:
+    """``st.fragment`` whose runs count as page runs (:data:`PAGES`): a step player's step, which the warm-up gives
+    way to like a whole page."""
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> T:
+        with PAGES.page_run():
+            return fn(*args, **kwargs)
+    return st.fragment(run)
 
 
 def enabled() -> bool:
@@ -148,6 +159,7 @@ class Activity:
 
 
 PAGES = Activity()
+timings.give_way_to(lambda: PAGES.running > 0)  # the warm-up pauses while a visitor's page or player step runs
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ import streamlit as st
 from kvcore.eviction.evaluate import EvictionConfig, EvictionResults, RunSpec
 from kvcore.eviction.steps import eviction_steps
 from kvcore.models.steps import StepView
-from ui import disk_cache, figures, params
+from ui import background, disk_cache, figures, params
 from ui import step_figures as sf
 from ui.eviction_runs import EvictionText
 from ui.guard import user_errors
@@ -43,7 +43,7 @@ def player(source: EvictionText, specs: tuple[RunSpec, ...], budget: int, steps:
     return sf.player_base(_view, TITLE)
 
 
-@st.fragment
+@background.counted_fragment
 def show_step_player(source: EvictionText, config: EvictionConfig, results: EvictionResults, budget: int) -> None:
     """The section: its step slider (bound to the URL), the player opening on that step, its caption."""
     st.subheader(f"Step by step at budget {budget}")

@@ -14,7 +14,7 @@ import streamlit as st
 from kvcore.models.attention import AttentionPatterns
 from kvcore.models.live import LiveRun
 from kvcore.models.steps import StepView
-from ui import figures, params, tables
+from ui import background, figures, params, tables
 from ui import step_figures as sf
 from ui.guard import user_errors
 from ui.live_runs import LiveRequest, steps_view
@@ -27,7 +27,7 @@ def player(model: str, request: LiveRequest, layer: int, head: int | None, thres
     return sf.player_base(_view, title, colored)
 
 
-@st.fragment
+@background.counted_fragment
 def show_step_player(model: str, request: LiveRequest, run: LiveRun, attn: np.ndarray, layer: int, head: str,
                      thresholds: AttentionPatterns, plan_name: str, csv_settings: dict) -> None:
     """The section: the step slider (bound to the URL), the player opening on that step, what the cache held."""

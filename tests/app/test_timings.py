@@ -47,3 +47,25 @@ def test_a_pause_ends_after_its_limit_if_a_timing_never_does():
         thread.start()
         thread.join(5)
         assert done == [True]
+
+
+def test_the_warm_up_gives_way_to_a_page_run():
+    from ui import background
+
+    reached = []
+    go = threading.Event()
+
+    def warmup() -> None:
+        timings.give_way_here()
+        go.wait()
+        timings.pause_point()
+        reached.append(True)
+
+    thread = threading.Thread(target=warmup)
+    thread.start()
+    with background.PAGES.page_run():
+        go.set()
+        time.sleep(0.3)
+        assert reached == []
+    thread.join(5)
+    assert reached == [True]
