@@ -21,6 +21,7 @@ from ui import background, engine_runs, eviction_runs, eviction_steps, live_runs
 from ui import step_figures as sf
 from ui.models import SharedModel, private_model, shared_model
 
+QUIET_BEFORE_SMOLLM2_S = 30.0  # SmolLM2's default views are warmed once no page has run for this long
 LIVE_DEFAULT = live_runs.LiveRequest.of("The import statement", 40, 0.0, 0, "full", 32, "original")
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ def warm_calibration(model: SharedModel | None = None) -> None:
 def default_steps() -> list[tuple[str, Callable[[], object]]]:
     """The warm-up's steps in the order of :data:`ui.background.STEPS`, each on a copy of its model of its own:
     the bundled model's copy is loaded once and kept; SmolLM2's is loaded (fetched on a first run) for the needle
-    test and kept for its default views, the last steps. The pages' shared bundled model is loaded right after the
-    calibration, so that the first page that needs it finds it."""
+    test and kept for its default views, the last steps, each of which starts once no page has run for
+    :data:`QUIET_BEFORE_SMOLLM2_S` seconds (they serve later visitors; the one clicking now comes first). The
+    pages' shared bundled model is loaded right after the calibration, so that the first page that needs it finds
+    it."""
     private: dict[str, SharedModel] = {}
 
     def copy(name: str = "bundled") -> SharedModel:
@@ -82,13 +85,20 @@ def default_steps() -> list[tuple[str, Callable[[], object]]]:
         return private[name]
 
     smollm2 = background.SMOLLM2
+
+    def when_quiet(warm_view: Callable[[SharedModel], object]) -> Callable[[], object]:
+        def step() -> object:  # SmolLM2's views are for later visitors: never beside a visitor's clicks
+            background.PAGES.wait_idle(quiet_s=QUIET_BEFORE_SMOLLM2_S, timeout_s=float("inf"))
+            return warm_view(copy(smollm2))
+        return step
+
     steps = {background.CALIBRATION: lambda: warm_calibration(copy()), background.BUNDLED: shared_model,
              background.EVICTION: lambda: warm_eviction(copy()), background.LIVE_MODEL: lambda: warm_live_model(copy()),
              background.QUANTIZATION: lambda: warm_quantization(copy()),
              background.NEEDLE: lambda: needle_runs.warm_default(copy(smollm2)),
-             background.LIVE_MODEL_SMOLLM2: lambda: warm_live_model(copy(smollm2)),
-             background.EVICTION_SMOLLM2: lambda: warm_eviction(copy(smollm2)),
-             background.QUANTIZATION_SMOLLM2: lambda: warm_quantization(copy(smollm2))}
+             background.LIVE_MODEL_SMOLLM2: when_quiet(warm_live_model),
+             background.EVICTION_SMOLLM2: when_quiet(warm_eviction),
+             background.QUANTIZATION_SMOLLM2: when_quiet(warm_quantization)}
     return [(name, steps[name]) for name in background.STEPS]
 
 
