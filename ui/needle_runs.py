@@ -10,6 +10,7 @@ haystack tokens it reads (:data:`PAGE_HAYSTACK_TOKENS`); the CLI has no limit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -115,8 +116,8 @@ def in_flight(settings: NeedleSettings) -> tuple[float, str] | None:
     return disk_cache.in_flight("needle-view", settings, MODULES, disk_cache.weights_key(settings.model))
 
 
-def warm_default(model: SharedModel | None = None) -> NeedleView:
-    """The default view on a copy of its model of its own (the warm-up's step): ``model``, else one loaded here and
-    dropped after."""
+def warm_default(load: Callable[[], SharedModel] | None = None) -> NeedleView:
+    """The default view on a copy of its model of its own (the warm-up's step), loaded only when the view is not
+    kept: by ``load``, else here (and dropped after)."""
     kept_view = kept(DEFAULT)
-    return kept_view if kept_view is not None else view(DEFAULT, model or private_model(DEFAULT.model))
+    return kept_view if kept_view is not None else view(DEFAULT, (load or (lambda: private_model(DEFAULT.model)))())

@@ -95,7 +95,7 @@ def default_steps() -> list[tuple[str, Callable[[], object]]]:
     steps = {background.CALIBRATION: lambda: warm_calibration(copy()), background.BUNDLED: shared_model,
              background.EVICTION: lambda: warm_eviction(copy()), background.LIVE_MODEL: lambda: warm_live_model(copy()),
              background.QUANTIZATION: lambda: warm_quantization(copy()),
-             background.NEEDLE: lambda: needle_runs.warm_default(copy(smollm2)),
+             background.NEEDLE: lambda: needle_runs.warm_default(lambda: copy(smollm2)),
              background.LIVE_MODEL_SMOLLM2: when_quiet(warm_live_model),
              background.EVICTION_SMOLLM2: when_quiet(warm_eviction),
              background.QUANTIZATION_SMOLLM2: when_quiet(warm_quantization)}

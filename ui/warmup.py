@@ -4,9 +4,11 @@ A visitor usually lands on the home page and reads it for a few seconds; meanwhi
 the model code (torch, transformers: seconds on a small CPU, so never on the first page's path), calibrates the
 Serving engine's default view (a timing measurement: first, alone, at the server's own priority), loads the bundled
 model and computes the default views of Eviction, Live model and Quantization, then the Eviction page's needle test
-on SmolLM2 (:mod:`ui.warm_defaults`, in the order of :data:`ui.background.STEPS`; a page waiting for a step moves it
-to the front). After the calibration it runs at a lower CPU priority than the pages, and every step computes on a
-copy of its model of its own, so a page never waits for the shared model's lock behind it.
+on SmolLM2 and, once the server has been quiet for a while, SmolLM2's default views (:mod:`ui.warm_defaults`, in the
+order of :data:`ui.background.STEPS`; a page waiting for a step moves it to the front). After the calibration it
+runs at a lower CPU priority than the pages and pauses while a page, a player step or a timing behind a page runs
+(:mod:`ui.timings`), and every step computes on a copy of its model of its own, so a page never waits for the shared
+model's lock behind it.
 
 ``KVLAB_WARMUP=0`` turns it off (the AppTest suite does, so that its counts see only the page under test): the
 sections it would have filled then wait for a button.
