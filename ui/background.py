@@ -258,13 +258,14 @@ class Pending:
 
 @st.fragment(run_every=POLL_S)
 def _follow(pending: Pending) -> None:
-    status = pending.status()
-    if status is None:
-        st.rerun()  # done: the whole page again, which now finds the result
-    fraction, label = status
-    st.progress(min(max(float(fraction), 0.0), 1.0), text=label)
-    st.caption("Computed in the background; the rest of the page is ready, and this section fills in by itself "
-               "when it is done.")
+    with PAGES.page_run():  # a visitor watching a bar is a visitor: the warm-up's later steps wait for quiet
+        status = pending.status()
+        if status is None:
+            st.rerun()  # done: the whole page again, which now finds the result
+        fraction, label = status
+        st.progress(min(max(float(fraction), 0.0), 1.0), text=label)
+        st.caption("Computed in the background; the rest of the page is ready, and this section fills in by itself "
+                   "when it is done.")
 
 
 def wait_for(pending: Pending, button: str, key: str, off_note: str) -> bool:

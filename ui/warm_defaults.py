@@ -11,13 +11,24 @@ Eviction and Quantization, so that a visitor who chooses the real model finds th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from kvcore.models.attention import AttentionPatterns
 from kvcore.models.live import opening_layer
 from kvcore.quant import evaluate as qe
-from ui import background, engine_runs, eviction_runs, eviction_steps, live_runs, live_steps, needle_runs, quant_runs
+from ui import (
+    background,
+    engine_runs,
+    eviction_runs,
+    eviction_steps,
+    live_runs,
+    live_steps,
+    needle_runs,
+    quant_runs,
+    timings,
+)
 from ui import step_figures as sf
 from ui.models import SharedModel, private_model, shared_model
 
@@ -74,7 +85,8 @@ def default_steps() -> list[tuple[str, Callable[[], object]]]:
     """The warm-up's steps in the order of :data:`ui.background.STEPS`, each on a copy of its model of its own:
     the bundled model's copy is loaded once and kept; SmolLM2's is loaded (fetched on a first run) for the needle
     test and kept for its default views, the last steps, each of which starts once no page has run for
-    :data:`QUIET_BEFORE_SMOLLM2_S` seconds (they serve later visitors; the one clicking now comes first). The
+    :data:`QUIET_BEFORE_SMOLLM2_S` seconds (a bar following work counts as a page) and no timing is measured
+    behind a page (they serve later visitors; the one here now comes first). The
     pages' shared bundled model is loaded right after the calibration, so that the first page that needs it finds
     it."""
     private: dict[str, SharedModel] = {}
@@ -87,8 +99,10 @@ def default_steps() -> list[tuple[str, Callable[[], object]]]:
     smollm2 = background.SMOLLM2
 
     def when_quiet(warm_view: Callable[[SharedModel], object]) -> Callable[[], object]:
-        def step() -> object:  # SmolLM2's views are for later visitors: never beside a visitor's clicks
-            background.PAGES.wait_idle(quiet_s=QUIET_BEFORE_SMOLLM2_S, timeout_s=float("inf"))
+        def step() -> object:  # SmolLM2's views are for later visitors: never beside a visitor or a timing
+            while not (background.PAGES.wait_idle(quiet_s=QUIET_BEFORE_SMOLLM2_S, timeout_s=QUIET_BEFORE_SMOLLM2_S)
+                       and timings.running() == 0):
+                time.sleep(1.0)
             return warm_view(copy(smollm2))
         return step
 
