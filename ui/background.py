@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import streamlit as st
 
@@ -44,14 +44,16 @@ POLL_S = 1.0  # how often a waiting section looks again
 WARMUP_ENV = "KVLAB_WARMUP"  # "0": no background work (the AppTest suite: its counts see only the page under test)
 
 
-def counted_fragment(fn: Callable[..., T]) -> Callable[..., T]:
-    """``st.fragment`` whose runs count as page runs (:data:`PAGES`): a step player's step, which the warm-up gives
-    way to like a whole page."""
-    @functools.wraps(fn)
-    def run(*args: object, **kwargs: object) -> T:
-        with PAGES.page_run():
-            return fn(*args, **kwargs)
-    return st.fragment(run)
+def counted_fragment(run_every: float | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """``st.fragment(run_every=...)`` whose runs count as page runs (:data:`PAGES`): a step player's step, or a bar
+    a visitor watches, which the warm-up gives way to like a whole page."""
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(*args: object, **kwargs: object) -> T:
+            with PAGES.page_run():
+                return fn(*args, **kwargs)
+        return st.fragment(run, run_every=run_every)
+    return decorate
 
 
 def enabled() -> bool:
@@ -232,6 +234,36 @@ TIMING_WAIT_S = 10.0
 BEHIND = Behind()
 
 
+@dataclass(slots=True)
+class Expiring(Generic[T]):
+    """Values kept ``ttl_s`` seconds, at most ``size`` of them (the oldest dropped first); thread-safe. For what work
+    behind a page measures: a timing says what the machine did when it was taken, not forever."""
+
+    ttl_s: float
+    size: int
+    items: dict[Hashable, tuple[T, float]] = field(default_factory=dict)  # value, when kept (monotonic s)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, key: Hashable) -> T | None:
+        """The value kept for ``key`` less than :attr:`ttl_s` seconds ago, else None."""
+        with self.lock:
+            kept = self.items.get(key)
+        return None if kept is None or time.monotonic() - kept[1] > self.ttl_s else kept[0]
+
+    def put(self, key: Hashable, value: T) -> None:
+        """Keep ``value`` for ``key`` from now on."""
+        with self.lock:
+            self.items.pop(key, None)
+            self.items[key] = (value, time.monotonic())
+            for old in list(self.items)[:max(0, len(self.items) - self.size)]:
+                del self.items[old]
+
+    def clear(self) -> None:
+        """Drop every value (tests; the next view measures again)."""
+        with self.lock:
+            self.items.clear()
+
+
 @dataclass(slots=True, frozen=True)
 class Pending:
     """A section's result as the background sees it. kept: the result once computed, else None. in_flight: how
@@ -256,16 +288,15 @@ class Pending:
         return None
 
 
-@st.fragment(run_every=POLL_S)
+@counted_fragment(run_every=POLL_S)  # a visitor watching a bar is a visitor: the warm-up's later steps wait for quiet
 def _follow(pending: Pending) -> None:
-    with PAGES.page_run():  # a visitor watching a bar is a visitor: the warm-up's later steps wait for quiet
-        status = pending.status()
-        if status is None:
-            st.rerun()  # done: the whole page again, which now finds the result
-        fraction, label = status
-        st.progress(min(max(float(fraction), 0.0), 1.0), text=label)
-        st.caption("Computed in the background; the rest of the page is ready, and this section fills in by itself "
-                   "when it is done.")
+    status = pending.status()
+    if status is None:
+        st.rerun()  # done: the whole page again, which now finds the result
+    fraction, label = status
+    st.progress(min(max(float(fraction), 0.0), 1.0), text=label)
+    st.caption("Computed in the background; the rest of the page is ready, and this section fills in by itself "
+               "when it is done.")
 
 
 def wait_for(pending: Pending, button: str, key: str, off_note: str) -> bool:

@@ -94,25 +94,19 @@ def report(model: str, workload: ServeWorkload, settings: EngineSettings, transf
 
 
 COMPARISON_TTL_S = 600  # as long as report() keeps a run: a timing says what the machine did then
-_compared: dict[tuple, tuple[EngineReport, float]] = {}  # comparisons measured behind the page, and when (monotonic)
-_compared_lock = threading.Lock()
+# comparisons measured behind the page, by (model, workload, settings)
+_compared: background.Expiring[EngineReport] = background.Expiring(COMPARISON_TTL_S, 8)
 
 
 def kept_comparison(key: tuple) -> EngineReport | None:
     """The engine-vs-transformers report for ``key`` = (model, workload, settings) measured behind the page less
     than :data:`COMPARISON_TTL_S` seconds ago, else None."""
-    with _compared_lock:
-        kept = _compared.get(key)
-    return None if kept is None or time.monotonic() - kept[1] > COMPARISON_TTL_S else kept[0]
+    return _compared.get(key)
 
 
 def _compare(key: tuple, bar: Progress) -> None:
     model, workload, settings = key
-    compared = _serve(shared_model(model), workload, settings, True, bar)
-    with _compared_lock:
-        _compared[key] = (compared, time.monotonic())
-        for old in list(_compared)[:max(0, len(_compared) - KEPT_CALIBRATIONS)]:
-            del _compared[old]
+    _compared.put(key, _serve(shared_model(model), workload, settings, True, bar))
 
 
 def served(model: str, workload: ServeWorkload, settings: EngineSettings, transformers: bool

@@ -9,8 +9,6 @@ time, not of the first visit's. Every use of the model holds its lock.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +88,12 @@ def measured(source: EvictionText, spec: RunSpec) -> RunResult:
 
 
 Times = tuple[np.ndarray, float]  # a run's decode step times (ms) and the load average then
-_times: dict[tuple[EvictionText, RunSpec], tuple[Times, float]] = {}  # and when they were taken (monotonic s)
-_times_lock = threading.Lock()
-KEPT_TIMES = 256
+_times: background.Expiring[Times] = background.Expiring(RUN_TTL_S, 256)  # by (source, spec)
 
 
 def kept_times(source: EvictionText, spec: RunSpec) -> Times | None:
     """The run's step times when they were taken less than :data:`RUN_TTL_S` seconds ago, else None."""
-    with _times_lock:
-        kept = _times.get((source, spec))
-    return None if kept is None or time.monotonic() - kept[1] > RUN_TTL_S else kept[0]
+    return _times.get((source, spec))
 
 
 def step_times(source: EvictionText, spec: RunSpec, _model: SharedModel | None = None) -> Times:
@@ -111,17 +105,13 @@ def step_times(source: EvictionText, spec: RunSpec, _model: SharedModel | None =
     shared = _model or shared_model(source.model)
     with shared.lock:
         times = spec.time_steps(shared.model, reference(source, _model))
-    with _times_lock:
-        _times[(source, spec)] = (times, time.monotonic())
-        for old in list(_times)[:max(0, len(_times) - KEPT_TIMES)]:
-            del _times[old]
+    _times.put((source, spec), times)
     return times
 
 
 def forget_times() -> None:
     """Drop every kept step time (tests; the next view times its runs again)."""
-    with _times_lock:
-        _times.clear()
+    _times.clear()
 
 
 def time_runs(source: EvictionText, specs: list[RunSpec], model: SharedModel | None = None,

@@ -43,7 +43,7 @@ def player(source: EvictionText, specs: tuple[RunSpec, ...], budget: int, steps:
     return sf.player_base(_view, TITLE)
 
 
-@background.counted_fragment
+@background.counted_fragment()
 def show_step_player(source: EvictionText, config: EvictionConfig, results: EvictionResults, budget: int) -> None:
     """The section: its step slider (bound to the URL), the player opening on that step, its caption."""
     st.subheader(f"Step by step at budget {budget}")

@@ -27,7 +27,7 @@ def player(model: str, request: LiveRequest, layer: int, head: int | None, thres
     return sf.player_base(_view, title, colored)
 
 
-@background.counted_fragment
+@background.counted_fragment()
 def show_step_player(model: str, request: LiveRequest, run: LiveRun, attn: np.ndarray, layer: int, head: str,
                      thresholds: AttentionPatterns, plan_name: str, csv_settings: dict) -> None:
     """The section: the step slider (bound to the URL), the player opening on that step, what the cache held."""
