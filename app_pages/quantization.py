@@ -5,9 +5,10 @@ import streamlit as st
 from kvcore.models.loader import OFFLINE_MODELS, describe_model
 from kvcore.quant import evaluate as qe
 from kvcore.quant.methods import METHODS, CustomSettings, method_named
+from kvcore.quant.premise import kivi_premise
 from ui import figures, params, quant_figures, tables
 from ui.guard import user_errors
-from ui.quant_runs import maps, model, results, speed_note, texts
+from ui.quant_runs import first_look, maps, model, results, speed_note, texts
 
 st.title("KV cache quantization")
 st.markdown(
@@ -22,7 +23,7 @@ st.markdown(
 side = st.sidebar
 model_name = params.widget(side.selectbox, "Model", key="qmodel", options=list(OFFLINE_MODELS),
                            help="bundled: the 5.8M-parameter toy (fast); smollm2-135m: a real pretrained model, "
-                                "30 layers (its first view decodes one text window: about a minute)")
+                                "30 layers (its decode of one text window fills in behind the page: about a minute)")
 with user_errors(f"Loading {model_name}"):
     cfg = model(model_name)[0].config
 st.caption(f"Model: {describe_model(model_name)}.")
@@ -57,19 +58,28 @@ new_tokens = params.widget(side.number_input, "Generated tokens", key="qgen", mi
 with user_errors("Quantization"):
     custom = CustomSettings(bits, scheme, group, residual, sinks, outliers)
     method, text = method_named(name, custom), qe.QuantText(tokens, seed, windows)
-    result = results(model_name, text, name, custom)
-    premise = result.premise()
+    result = results(model_name, text, name, custom)  # None while the decode runs behind the page
+    by_layer, channels = (result.by_layer, result.channels) if result else first_look(model_name, text, name, custom)
+    premise = result.premise() if result else kivi_premise(channels, None, by_layer)
 st.caption(f"**{name}**: {method.describe()}. Follows {method.paper}.")
-quant_figures.method_metrics(result.summary.set_index("method").loc[name])
-st.caption(quant_figures.noise_caption(result, model_name))
+quant_figures.method_metrics(result.summary.set_index("method").loc[name] if result else
+                             qe.error_means(by_layer).set_index("method").loc[method.name])
+if result:
+    st.caption(quant_figures.noise_caption(result, model_name))
 st.subheader(f"KIVI's premise, measured on {model_name}")
 quant_figures.premise_boxes(premise, model_name)
-figures.show(quant_figures.channel_outliers(result.channels), key="q_channels")
+if not result:
+    st.caption("Per channel vs per token at each bit width fills in with the decode (it needs every method's "
+               "perplexity).")
+figures.show(quant_figures.channel_outliers(channels), key="q_channels")
 
 tab_pareto, tab_maps, tab_layers, tab_text, tab_table = params.widget(st.tabs, quant_figures.TABS, key="qtab")
 if tab_pareto.open:
     with tab_pareto:
-        figures.show(quant_figures.pareto(result.summary, name))
+        if result:
+            figures.show(quant_figures.pareto(result.summary, name))
+        else:
+            st.info(quant_figures.DECODING, icon=":material/hourglass_top:")
 if tab_maps.open:
     with tab_maps, user_errors("K/V maps"):
         grid = maps(model_name, text, layer, None if head == "all" else int(head), name, custom)
@@ -80,7 +90,7 @@ if tab_maps.open:
                                                          cfg.num_key_value_heads if head == "all" else None))
 if tab_layers.open:
     with tab_layers:
-        figures.show(quant_figures.layer_errors(result.by_layer, name))
+        figures.show(quant_figures.layer_errors(by_layer, method.name))
 if tab_text.open:
     with tab_text, user_errors("Generation"):
         prompt, fp16_text, method_text = texts(model_name, text, new_tokens, name, custom)
@@ -92,15 +102,17 @@ if tab_text.open:
 if tab_table.open:
     with tab_table:
         shown = {"qmodel": model_name, "qtokens": tokens, "qwindows": windows, "qseed": seed}
-        tables.show_table(result.summary, "quantization", "methods", shown, caption=(
-            f"{windows} x {tokens} tokens, the first {tokens // 2} of each prefilled, the rest decoded one by one "
-            "and scored. bytes: what the cache holds at the end (all layers); errors: means over layers; "
-            "_low/_high: the 95% interval; vs_fp16: worse/better only beyond the noise; pareto: the front when "
-            "differences within noise are ties; tokens_per_s: shared batched model step + this method's own "
-            "cache time, from one run under whatever load there was: a rough cost, never compared or ranked "
-            f"({speed_note(result)}; the results are kept, so the speeds are as old as they are)."))
-        tables.show_table(result.by_layer, "quantization", "by-layer", shown)
+        if result:
+            tables.show_table(result.summary, "quantization", "methods", shown, caption=(
+                f"{windows} x {tokens} tokens, the first {tokens // 2} of each prefilled, the rest decoded one by one "
+                "and scored. bytes: what the cache holds at the end (all layers); errors: means over layers; "
+                "_low/_high: the 95% interval; vs_fp16: worse/better only beyond the noise; pareto: the front when "
+                "differences within noise are ties; tokens_per_s: shared batched model step + this method's own "
+                "cache time, from one run under whatever load there was: a rough cost, never compared or ranked "
+                f"({speed_note(result)}; the results are kept, so the speeds are as old as they are)."))
+            tables.show_table(result.by_layer, "quantization", "by-layer", shown)
+        else:
+            st.info(quant_figures.DECODING, icon=":material/hourglass_top:")
         tables.show_table(qe.methods_table(), "quantization", "registry", caption="Every method and its paper.")
         tables.show_table(premise, "quantization", "kivi-premise", shown, caption="KIVI's premise as measured.")
-        tables.show_table(result.channels, "quantization", "channels", shown,
-                          caption=quant_figures.CHANNELS_CAPTION)
+        tables.show_table(channels, "quantization", "channels", shown, caption=quant_figures.CHANNELS_CAPTION)

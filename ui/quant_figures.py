@@ -42,14 +42,24 @@ def perplexity_delta(row: pd.Series) -> tuple[str | None, str]:
     return f"{ratio_text(row)} vs fp16", "inverse"
 
 
+DECODING = ("Fills in when every method has decoded the text (the bar above says how far): perplexity, the bytes "
+            "the cache holds at the end, and the memory vs perplexity front need the decode.")
+
+
 def method_metrics(row: pd.Series) -> None:
-    """Bytes, K/V/attention errors and perplexity (with its interval) of one method (a row of the summary)."""
+    """Bytes, K/V/attention errors and perplexity (with its interval) of one method (a row of the summary); a row
+    of errors alone (the decode still running) shows bytes and perplexity as "decoding..."."""
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 1.8])  # the perplexity's delta carries its interval
-    c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x")
+    decoded = "perplexity" in row
+    c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x" if decoded else "decoding...",
+              help="what the cache holds at the end of the decode (all layers, codes, scales and zeros)")
     rel = "relative L2 error ||x̂ - x|| / ||x||, mean over layers"
     c2.metric("Key error", f"{row.k_rel_err:.3f}", help=rel)
     c3.metric("Value error", f"{row.v_rel_err:.3f}", help=rel)
     c4.metric("Attention error", f"{row.attn_rel_err:.3f}", help=f"{rel} (attention outputs)")
+    if not decoded:
+        c5.metric("Perplexity", "decoding...", help="every method decodes the text token by token, behind the page")
+        return
     delta, color = perplexity_delta(row)
     c5.metric("Perplexity", f"{row.perplexity:.1f}", delta, delta_color=color,
               delta_arrow="off" if color == "off" else "auto",
@@ -62,7 +72,7 @@ def noise_caption(result: QuantEval, model: str = "bundled") -> str:
     """How many tokens were scored, why, and what the intervals are (and why a slower model opens on fewer)."""
     fewer = qe.page_windows(model) < qe.PAGE_WINDOWS
     slower = (f" On {model} the page opens on {qe.page_windows(model)} window ({qe.PAGE_TOKENS // 2} scored tokens, "
-              "the fewest that rank anything) so that its first view stays near a minute; add windows for narrower "
+              "the fewest that rank anything) so that its decode takes about a minute; add windows for narrower "
               "intervals." if fewer else "")
     blocks = -(-(result.num_tokens - result.prompt_tokens) // BLOCK_TOKENS) * result.windows
     few = (f" Fewer than {MIN_UNITS} blocks: too few to call any difference, so none is coloured or ranked."

@@ -10,19 +10,22 @@ they were measured (:func:`speed_note`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from kvcore.models.loader import model_name
+from kvcore.models.perplexity import Progress
 from kvcore.noise import load_note
 from kvcore.quant import evaluate as qe
-from kvcore.quant.methods import METHODS, CustomSettings, method_named
+from kvcore.quant.methods import METHODS, CustomSettings, QuantMethod, method_named
 from kvcore.quant.model_kv import CapturedKV
-from ui import disk_cache
+from ui import background, disk_cache
 from ui.models import BUNDLED, SharedModel, shared_model
 from ui.progress import progress_bar
 
@@ -44,24 +47,35 @@ def captured(name: str, text: qe.QuantText) -> CapturedKV:
 MODULES = ("kvcore.quant.evaluate",)  # what a measurement executes (their import closure keys the disk cache)
 
 
-def measure(text: qe.QuantText, custom: CustomSettings | None = None,
-            model: SharedModel | None = None, name: str = BUNDLED) -> qe.QuantEval:
+def _methods(custom: CustomSettings | None) -> dict[str, QuantMethod]:
+    return dict(METHODS) if custom is None else {"fp16": METHODS["fp16"], "custom": custom.method()}
+
+
+def _settings(text: qe.QuantText, custom: CustomSettings | None, key: str) -> tuple[object, ...]:
+    return "quant-eval", (key, text, custom), MODULES, disk_cache.weights_key(key)
+
+
+def measure(text: qe.QuantText, custom: CustomSettings | None = None, model: SharedModel | None = None,
+            name: str = BUNDLED, progress: Progress | None = None) -> qe.QuantEval:
     """Every registered method measured (``custom`` None), or fp16 and the custom method, on model ``name``: from
-    memory, from disk, or decoded now under a progress bar. model: a private copy of that model to decode with (the
-    background warm-up's, so it never holds the shared model's lock for long; its own name counts then); by
-    default the shared one."""
-    methods = METHODS if custom is None else {"fp16": METHODS["fp16"], "custom": custom.method()}
+    memory, from disk, or decoded now (reporting to ``progress``, by default a progress bar here). The model's lock
+    is held per forward pass, so a visitor's next view of the model runs between the decode's steps. model: a
+    private copy of that model to decode with (the background warm-up's; its own name counts then); by default the
+    shared one."""
+    methods = _methods(custom)
     key = model_name(model.name if model is not None else name)
 
-    def compute(progress) -> qe.QuantEval:
+    def compute(report: Progress) -> qe.QuantEval:
         shared = model or shared_model(key)
-        with shared.lock:
-            return qe.evaluate(shared.model, text.ids(shared.tokenizer), methods, progress=progress)
+        return qe.evaluate(shared.model, text.ids(shared.tokenizer), methods, progress=report, lock=shared.lock)
 
+    def label(report: Progress) -> Progress:
+        return lambda fraction, what: report(fraction, f"{len(methods)} methods on {key}: {what}")
+
+    if progress is not None:
+        return disk_cache.computed(*_settings(text, custom, key), compute, label(progress))
     with progress_bar() as bar:
-        return disk_cache.computed("quant-eval", (key, text, custom), MODULES, disk_cache.weights_key(key),
-                                   compute, lambda fraction, label: bar(fraction, f"{len(methods)} methods on "
-                                                                                  f"{key}: {label}"))
+        return disk_cache.computed(*_settings(text, custom, key), compute, label(bar))
 
 
 def speed_note(result: qe.QuantEval) -> str:
@@ -72,10 +86,32 @@ def speed_note(result: qe.QuantEval) -> str:
     return f"tokens_per_s measured {when}, {load_note(result.load_1min)}"
 
 
-def results(name: str, text: qe.QuantText, method: str, custom: CustomSettings) -> qe.QuantEval:
-    """Every registered method on model ``name``, plus the custom one when it is the method shown."""
-    result = measure(text, name=name)
-    return qe.combine(result, measure(text, custom, name=name)) if method == "custom" else result
+def results(name: str, text: qe.QuantText, method: str, custom: CustomSettings) -> qe.QuantEval | None:
+    """Every registered method on model ``name``, plus the custom one when it is the method shown: kept, or decoded
+    behind the page (:func:`ui.background.computed_behind`: None meanwhile, and a bar here follows the decode)."""
+    needed = [None, custom] if method == "custom" else [None]
+    key = model_name(name)
+
+    def kept() -> qe.QuantEval | None:
+        found = [disk_cache.kept(*_settings(text, c, key)) for c in needed]
+        return None if any(r is None for r in found) else functools.reduce(qe.combine, found)
+
+    def work(bar: Progress) -> None:
+        for i, c in enumerate(needed):
+            measure(text, c, name=name, progress=lambda f, what, i=i: bar((i + f) / len(needed), what))
+
+    return background.computed_behind(("quantization", key, text, custom if method == "custom" else None),
+                                      f"Decoding the text through every method's cache on {key}", kept, work)
+
+
+@st.cache_data(show_spinner="Storing the K/V with the method...")
+def first_look(name: str, text: qe.QuantText, method: str, custom: CustomSettings) -> tuple[pd.DataFrame,
+                                                                                            pd.DataFrame]:
+    """What the page shows before the decode is done: the method's errors by layer and every layer's channel
+    magnitudes (:func:`kvcore.quant.evaluate.errors`, a second or two), equal to the full measurement's."""
+    shared = shared_model(name)
+    with shared.lock:
+        return qe.errors(shared.model, text.ids(shared.tokenizer), {method: method_named(method, custom)})
 
 
 @st.cache_data(show_spinner=False)

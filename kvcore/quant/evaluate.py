@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,7 +123,7 @@ def layer_errors(captured: CapturedKV, method: QuantMethod) -> pd.DataFrame:
 
 @torch.inference_mode()
 def stream_methods(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
-                   progress: Progress | None = None) -> Streamed:
+                   progress: Progress | None = None, lock: AbstractContextManager | None = None) -> Streamed:
     """Every (window, method) pair streamed in one batch, row ``r`` = window ``r // M`` through method ``r % M``:
     what ``stream_text(model, windows.repeat_interleave(M, 0), quantized_plan(...), prompt_tokens,
     feed_last=True)`` measures, with each window's prompt fed once instead of once per method.
@@ -130,29 +131,35 @@ def stream_methods(model, windows: torch.Tensor, methods: list[QuantMethod], pro
     A prefill attends to its own tokens exactly whatever the cache stores (:class:`QuantizedKVLayer`, as KIVI and
     transformers' quantized cache), so its keys, values and logits are the same for every method: they are
     computed once per window in full precision and appended to every method's store, then each later token is
-    decoded through each row's own store. windows: ``[W, T]``; returns the batch's :class:`Streamed`.
+    decoded through each row's own store. windows: ``[W, T]``; returns the batch's :class:`Streamed`. lock: held
+    around each forward pass, not the whole run (a shared model's lock: its other users run between the steps).
     """
+    lock = lock or nullcontext()
     W, T = windows.shape
     M = len(methods)
     if not 1 <= prompt_tokens < T:
         raise ValueError(f"prompt_tokens must be in [1, {T - 1}] for {T}-token windows, got {prompt_tokens}")
     prompt = FULL.new_cache(model)
-    logits = run_step(model, prompt, windows[:, :prompt_tokens])  # [W, P, V]
+    with lock:
+        logits = run_step(model, prompt, windows[:, :prompt_tokens])  # [W, P, V]
     plan = quantized_plan([m for _ in range(W) for m in methods])
     cache = plan.new_cache(model)
     for i, layer in enumerate(prompt.layers):  # [W, Hkv, P, D] -> [W * M, Hkv, P, D]
         cache.update(layer.keys.repeat_interleave(M, dim=0), layer.values.repeat_interleave(M, dim=0), i)
     ids = windows.repeat_interleave(M, dim=0)  # [W * M, T]
     parts = [_nll(logits, windows[:, 1:prompt_tokens + 1]).repeat_interleave(M, dim=0)]  # [W * M, P]
-    start = time.perf_counter()
+    start, waited = time.perf_counter(), 0.0  # waited: for the lock, not decoding (not in the decode time)
     for t in range(prompt_tokens, T):  # the last token is fed too, so the cache ends holding each whole window
         if progress is not None and (t - prompt_tokens) % PROGRESS_EVERY == 0:
             progress((t - prompt_tokens) / (T - prompt_tokens),
                      f"decoding token {t - prompt_tokens + 1} of {T - prompt_tokens}")
-        step = run_step(model, cache, ids[:, t:t + 1], plan)  # [W * M, 1, V]
+        asked = time.perf_counter()
+        with lock:
+            waited += time.perf_counter() - asked
+            step = run_step(model, cache, ids[:, t:t + 1], plan)  # [W * M, 1, V]
         if t + 1 < T:
             parts.append(_nll(step, ids[:, t + 1:t + 2]))
-    return Streamed(torch.cat(parts, dim=1).cpu(), time.perf_counter() - start, T - prompt_tokens, cache)
+    return Streamed(torch.cat(parts, dim=1).cpu(), time.perf_counter() - start - waited, T - prompt_tokens, cache)
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -161,22 +168,25 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_rows(model, windows: torch.Tensor, methods: list[QuantMethod], prompt_tokens: int,
-                 batched: bool, progress: Progress | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+                 batched: bool, progress: Progress | None = None, lock: AbstractContextManager | None = None
+                 ) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Perplexity, bytes held and speed of each method decoding every window (one batched run, or one run
     per method with one row per window), and each method's scored NLL ``[W, T - prompt_tokens]``. The
-    cache ends holding each whole window. progress: ``(fraction, label)`` as the decode goes."""
+    cache ends holding each whole window. progress: ``(fraction, label)`` as the decode goes. lock: held around
+    each forward pass (batched) or each method's run."""
     W, M = windows.shape[0], len(methods)
     report = progress or (lambda fraction, label: None)
     if batched:  # row r decodes window r // M with method r % M
         what = f"{M} methods x {W} windows in one batch"
         run = stream_methods(model, windows, methods, prompt_tokens,
-                             progress=lambda fraction, label: report(fraction, f"{label}, {what}"))
+                             progress=lambda fraction, label: report(fraction, f"{label}, {what}"), lock=lock)
         parts = [(run, methods[i], list(range(i, W * M, M))) for i in range(M)]
     else:
         parts = []
         for i, method in enumerate(methods):
-            run = stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True,
-                              progress=_share(report, i, M, method.name))
+            with lock or nullcontext():
+                run = stream_text(model, windows, quantized_plan([method] * W), prompt_tokens, feed_last=True,
+                                  progress=_share(report, i, M, method.name))
             parts.append((run, method, list(range(W))))
     runs = {id(run): run for run, _, _ in parts}  # batched: one run shared by every method
     held = {key: (nbytes_per_row(run.cache), fp16_nbytes_per_row(run.cache)) for key, run in runs.items()}
@@ -335,9 +345,28 @@ def vs_fp16(is_base: bool, low: float, high: float, trusted: bool = True) -> str
     return "worse" if low > 1 else "better" if high < 1 else WITHIN_NOISE
 
 
+def errors(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What storing each window's whole K/V with each method costs, without decoding (a second or two where
+    :func:`evaluate`'s decode takes a minute): ``by_layer`` (one row per method and layer: bytes, K/V MSE and
+    relative error, attention output error; means over windows) and every layer's key and value channel magnitudes
+    (:func:`~kvcore.quant.premise.channel_outliers`). input_ids: ``[T]`` or ``[W, T]``; one forward per window."""
+    windows = input_ids.reshape(-1, input_ids.shape[-1])  # [W, T]
+    with torch_threads(1):
+        captured = [capture_qkv(model, w) for w in windows]  # shared by every method
+        per_window = [layer_errors(c, m) for c in captured for m in methods.values()]
+    by_layer = pd.concat(per_window).groupby(["method", "layer"], sort=False).mean().reset_index()
+    return by_layer, channel_outliers(captured)
+
+
+def error_means(by_layer: pd.DataFrame) -> pd.DataFrame:
+    """Each method's K/V and attention errors, means over layers (the summary's error columns)."""
+    return by_layer.groupby("method", sort=False)[["k_mse", "k_rel_err", "v_mse", "v_rel_err",
+                                                   "attn_rel_err"]].mean().reset_index()
+
+
 def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] | None = None,
              prompt_tokens: int | None = None, batched: bool = True, seed: int = 0,
-             progress: Progress | None = None) -> QuantEval:
+             progress: Progress | None = None, lock: AbstractContextManager | None = None) -> QuantEval:
     """Measure each method on ``model``'s KV cache over ``input_ids``: ``[T]`` or ``[W, T]`` (W windows).
 
     methods: name -> method (default every method of :data:`METHODS`). prompt_tokens: tokens of each
@@ -346,8 +375,10 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     (method, window) pair in one batched pass, one row each (same numbers as separate runs, far faster
     on a CPU). bytes: exact bytes one window's cache holds at the end (all layers, K and V);
     fp16_bytes: the same tokens at 2 bytes; errors: means over layers (and windows) of each window's
-    whole K/V stored in one go. seed: seeds the bootstrap of the intervals (:func:`noise_columns`).
-    progress: called as ``progress(fraction, label)`` while it runs (a page's progress bar).
+    whole K/V stored in one go (:func:`errors`). seed: seeds the bootstrap of the intervals
+    (:func:`noise_columns`). progress: called as ``progress(fraction, label)`` while it runs (a page's progress
+    bar). lock: held around each use of the model (each forward pass of the decode), not the whole run, so that
+    other users of a shared model run between the steps.
     """
     methods = dict(METHODS if methods is None else methods)
     if not methods:
@@ -355,17 +386,13 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     windows = input_ids.reshape(-1, input_ids.shape[-1])  # [W, T]
     prompt = windows.shape[1] // 2 if prompt_tokens is None else prompt_tokens
     report = progress or (lambda fraction, label: None)
+    report(0.0, "Storing each window's K/V with every method (bytes, K/V and attention error)...")
+    with lock or nullcontext():
+        by_layer, channels = errors(model, windows, methods)
     with torch_threads(1):
-        report(0.0, "Storing each window's K/V with every method (bytes, K/V and attention error)...")
-        captured = [capture_qkv(model, w) for w in windows]  # one forward per window, shared by every method
-        errors = [layer_errors(c, m) for c in captured for m in methods.values()]
         rows, nll = _decode_rows(model, windows, list(methods.values()), prompt, batched,
-                                 lambda fraction, label: report(0.1 + 0.9 * fraction, f"Perplexity: {label}"))
-    decode = pd.DataFrame(rows)
-    by_layer = pd.concat(errors).groupby(["method", "layer"], sort=False).mean().reset_index()
-    means = by_layer.groupby("method", sort=False)[["k_mse", "k_rel_err", "v_mse", "v_rel_err",
-                                                    "attn_rel_err"]].mean().reset_index()
-    summary = decode.merge(means, on="method")
+                                 lambda fraction, label: report(0.1 + 0.9 * fraction, f"Perplexity: {label}"), lock)
+    summary = pd.DataFrame(rows).merge(error_means(by_layer), on="method")
     summary["family"] = [methods[n].family for n in summary["method"]]
     summary["bytes"], summary["fp16_bytes"] = summary.pop("cache_bytes"), summary.pop("cache_fp16_bytes")
     summary["bytes_ratio"] = summary["bytes"] / summary["fp16_bytes"]
@@ -373,7 +400,7 @@ def evaluate(model, input_ids: torch.Tensor, methods: Mapping[str, QuantMethod] 
     summary["ppl_vs_fp16"] = summary["perplexity"] / base.iloc[0] if len(base) else float("nan")
     summary = _with_noise(summary, nll, seed)
     return QuantEval(summary, by_layer, int(windows.shape[1]), prompt, int(windows.shape[0]), nll, time.time(),
-                     load_average(), channel_outliers(captured))
+                     load_average(), channels)
 
 
 def _with_noise(summary: pd.DataFrame, nll: Mapping[str, torch.Tensor], seed: int = 0) -> pd.DataFrame:

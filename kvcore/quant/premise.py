@@ -137,10 +137,11 @@ def per_channel_rows(summary: pd.DataFrame, by_layer: pd.DataFrame) -> list[dict
     return rows
 
 
-def kivi_premise(channels: pd.DataFrame, summary: pd.DataFrame, by_layer: pd.DataFrame,
+def kivi_premise(channels: pd.DataFrame, summary: pd.DataFrame | None, by_layer: pd.DataFrame,
                  ratio: float = OUTLIER_RATIO) -> pd.DataFrame:
     """KIVI's premise as measured: outlier channels in keys (not values), and per-channel keys beating per-token
     ones at each bit width. channels: :func:`channel_outliers`; summary / by_layer: a
-    :class:`~kvcore.quant.evaluate.QuantEval`'s tables. Columns :data:`PREMISE_COLUMNS`."""
-    rows = outlier_rows(channels, ratio) + per_channel_rows(summary, by_layer)
+    :class:`~kvcore.quant.evaluate.QuantEval`'s tables (summary None: the outlier rows alone, before any decode).
+    Columns :data:`PREMISE_COLUMNS`."""
+    rows = outlier_rows(channels, ratio) + ([] if summary is None else per_channel_rows(summary, by_layer))
     return pd.DataFrame(rows, columns=list(PREMISE_COLUMNS))

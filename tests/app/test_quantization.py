@@ -225,3 +225,30 @@ def test_the_kept_measurement_is_keyed_by_its_model(monkeypatch):
     assert [k[0] for k in keys] == ["bundled", "smollm2-135m"]
     assert keys[0][1] != keys[1][1]
     assert keys[1][1].startswith("smollm2-135m:")
+
+
+@needs_model
+def test_with_background_work_the_decode_fills_in_behind_the_page(page, behind):
+    """Every method decoding the text is the page's minute on a real model: the first view shows the chosen method's
+    errors, the premise's outlier rows and the channel chart at once, with a bar that follows the decode; the next
+    run (the bar's rerun) shows the perplexity, and its errors are the ones the first view showed."""
+    from ui import background
+
+    view = {"qtokens": "64", "qseed": "11", **RESULTS}
+    at = page("quantization", view)
+    first = metrics(at)
+    assert first["Perplexity"] == first["KV bytes vs fp16"] == "decoding..."
+    texts = [p.proto.text for p in at.get("progress")]
+    assert len(texts) == 1 and texts[0].startswith("Decoding the text through every method's cache on bundled: "), texts
+    premise = next(d.value for d in at.dataframe if list(d.value.columns) == ["claim", "measured", "verdict"])
+    assert premise["claim"].str.contains("outlier channels").any()
+    assert not premise["claim"].str.contains("per channel lose less").any()  # that half needs the decode
+    assert any("k_top_ratio" in d.value.columns for d in at.dataframe)
+    background.BEHIND.join()
+    at = page("quantization", view)
+    assert not at.get("progress")
+    done = metrics(at)
+    assert done["Perplexity"] != "decoding..."
+    assert {k: done[k] for k in ("Key error", "Value error", "Attention error")} == \
+        {k: first[k] for k in ("Key error", "Value error", "Attention error")}
+    assert at.dataframe[0].value["method"].tolist() == list(METHODS)
