@@ -316,3 +316,39 @@ def test_the_pages_limits_count_the_prefix_the_pools_and_transformers_scores(bun
     with pytest.raises(ValueError, match="batches of 32 x 400"):
         check_page_limits(model, benchmark, wide, transformers=True)
     check_page_limits(model, benchmark, wide, transformers=False)  # the engine holds no padded batch
+
+
+def test_a_report_takes_its_turn_per_run(bundled):
+    """A comparison takes the model per run (engine, transformers, engine...), so its other users go between the
+    runs: every run inside a turn of its own, none outside one."""
+    from contextlib import contextmanager
+
+    from kvcore.engine.experiment import EngineSettings
+    from kvcore.engine.report import REPEATS, engine_report
+    from kvcore.engine.workload import ServeWorkload
+
+    model, tokenizer = bundled
+    inside, turns = [False], []
+
+    @contextmanager
+    def turn():
+        assert not inside[0]  # turns never nest: one run each
+        inside[0] = True
+        turns.append(1)
+        yield
+        inside[0] = False
+
+    def watched(fn):
+        def run(*args, **kwargs):
+            assert inside[0], "a run outside its turn"
+            return fn(*args, **kwargs)
+        return run
+
+    import kvcore.engine.report as report_module
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report_module, "serve_engine", watched(report_module.serve_engine))
+        mp.setattr(report_module, "serve_transformers", watched(report_module.serve_transformers))
+        report = engine_report(model, tokenizer, ServeWorkload(4, 5, 20, 4, 8), EngineSettings(64, 16, 4, 64),
+                               turn=turn)
+    assert len(turns) == 2 * REPEATS
+    assert report.speedup is not None

@@ -115,10 +115,13 @@ def forget_times() -> None:
 
 
 def time_runs(source: EvictionText, specs: list[RunSpec], model: SharedModel | None = None,
-              progress: Progress | None = None) -> list[Times]:
-    """:func:`step_times` of every run, saying which it is timing."""
+              progress: Progress | None = None, behind: bool = False) -> list[Times]:
+    """:func:`step_times` of every run, saying which it is timing. behind: timed behind a page, so a visitor's page
+    goes first between the runs (:func:`ui.background.pages_first`)."""
     timed = []
     for i, spec in enumerate(specs):
+        if behind:
+            background.pages_first()
         if progress is not None:
             progress(i / len(specs), f"{spec.label} ({i + 1}/{len(specs)})")
         timed.append(step_times(source, spec, model))
@@ -153,7 +156,7 @@ def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | Non
 
         timed = background.computed_behind(("eviction timing", source, tuple(specs)),
                                            "Timing the decode steps of each run", kept,
-                                           lambda bar: time_runs(source, specs, progress=bar), timing=True)
+                                           lambda bar: time_runs(source, specs, progress=bar, behind=True), timing=True)
     if timed is not None:
         runs = [with_timing(r, *t) for r, t in zip(runs, timed, strict=True)]
     tokenizer = (model or shared_model(source.model)).tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
@@ -135,11 +136,13 @@ def request_table(run: ServedRun, tokenizer, prompts: list[list[int]]) -> pd.Dat
 
 
 def engine_report(model, tokenizer, workload: ServeWorkload, settings: EngineSettings, transformers: bool = True,
-                  progress: Progress | None = None, repeats: int = REPEATS) -> EngineReport:
+                  progress: Progress | None = None, repeats: int = REPEATS,
+                  turn: Callable[[], AbstractContextManager] = nullcontext) -> EngineReport:
     """Serve ``workload`` on the engine (and on transformers), snapshot the pool, fit and predict.
 
     With transformers, the two systems run ``repeats`` times each, interleaved (engine, transformers, engine...),
-    so a load that comes and goes hits both alike; the engine's first run is the one shown step by step.
+    so a load that comes and goes hits both alike; the engine's first run is the one shown step by step. turn: entered
+    around each run (a shared model's lock, taken per run so that its other users go between the runs).
     """
     prompts, outputs = workload.build(tokenizer)
     snapshots: list[dict] = []
@@ -147,16 +150,19 @@ def engine_report(model, tokenizer, workload: ServeWorkload, settings: EngineSet
     runs = 2 * repeats if transformers else 1
     report = (lambda i, label: None) if progress is None else (lambda i, label: progress(0.9 * i / runs, label))
     report(0, "serving on the engine (run 1)")
-    run = serve_engine(model, prompts, outputs, settings, engine=engine,
-                       on_step=lambda e: snapshots.extend(pool_snapshot(e)))
+    with turn():
+        run = serve_engine(model, prompts, outputs, settings, engine=engine,
+                           on_step=lambda e: snapshots.extend(pool_snapshot(e)))
     engines, others = [run], []
     for i in range(repeats if transformers else 0):
         report(2 * i + 1, f"serving with transformers' generate (run {i + 1} of {repeats})")
-        others.append(serve_transformers(model, prompts, outputs, settings.max_num_seqs, tokenizer.pad_token_id or 0,
-                                         threads=settings.threads))
+        with turn():
+            others.append(serve_transformers(model, prompts, outputs, settings.max_num_seqs,
+                                             tokenizer.pad_token_id or 0, threads=settings.threads))
         if i + 1 < repeats:
             report(2 * i + 2, f"serving on the engine (run {i + 2} of {repeats})")
-            engines.append(serve_engine(model, prompts, outputs, settings))
+            with turn():
+                engines.append(serve_engine(model, prompts, outputs, settings))
     pool = pd.DataFrame(snapshots, columns=["step", "block", "ref_cnt", "owners", "hash"])
     kept = sorted(pool["step"].unique())
     if len(kept) > MAX_SNAPSHOT_STEPS:

@@ -239,7 +239,8 @@ def test_with_background_work_the_decode_fills_in_behind_the_page(page, behind):
     first = metrics(at)
     assert first["Perplexity"] == first["KV bytes vs fp16"] == "decoding..."
     texts = [p.proto.text for p in at.get("progress")]
-    assert len(texts) == 1 and texts[0].startswith("Decoding the text through every method's cache on bundled: "), texts
+    assert len(texts) == 1, texts
+    assert texts[0].startswith("Decoding the text through every method's cache on bundled: "), texts
     premise = next(d.value for d in at.dataframe if list(d.value.columns) == ["claim", "measured", "verdict"])
     assert premise["claim"].str.contains("outlier channels").any()
     assert not premise["claim"].str.contains("per channel lose less").any()  # that half needs the decode

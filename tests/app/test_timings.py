@@ -69,3 +69,26 @@ def test_the_warm_up_gives_way_to_a_page_run():
         assert reached == []
     thread.join(5)
     assert reached == [True]
+
+
+def test_work_behind_a_page_lets_pages_go_first_but_a_page_never_waits_for_itself():
+    from ui import background
+
+    ran = threading.Event()
+
+    def visitor():
+        with background.PAGES.page_run():
+            ran.set()
+            time.sleep(0.6)
+
+    thread = threading.Thread(target=visitor)
+    thread.start()
+    ran.wait()
+    start = time.monotonic()
+    background.pages_first()  # another thread's page runs: wait for it, then 0.2 s of quiet
+    assert time.monotonic() - start >= 0.5
+    thread.join()
+    with background.PAGES.page_run():
+        start = time.monotonic()
+        background.pages_first()  # inside a page (background work off): no wait
+        assert time.monotonic() - start < 0.1
