@@ -6,6 +6,7 @@ The bundled model is loaded once per module, offline (tests/conftest.py sets HF_
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -360,12 +361,19 @@ def test_timing_is_warmed_up_repeated_and_interleaved(bundled):
     calls = []
     handle = model.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(
         kwargs["input_ids"].shape[1]), with_kwargs=True)
+
+    @contextmanager
+    def turn():  # a round's turn with the model: every forward of the round inside it
+        calls.append("turn")
+        yield
+        calls.append("end")
+
     try:
-        timing = time_generation(model, run.ids, run.prompt_len, repeats=3, warmup=1, decode_steps=4)
+        timing = time_generation(model, run.ids, run.prompt_len, repeats=3, warmup=1, decode_steps=4, turn=turn)
     finally:
         handle.remove()
     steps = min(4, len(run.ids) - run.prompt_len)
-    assert calls == [run.prompt_len, *[1] * steps] * 4  # each round: a prefill, then its decode steps
+    assert calls == ["turn", run.prompt_len, *[1] * steps, "end"] * 4  # each round: a prefill, then its decode steps
     assert (timing.prefill.repeats, timing.prefill.warmup) == (3, 1)
     assert timing.decode.repeats == 3 * steps
     assert timing.decode.q1 <= timing.decode.median <= timing.decode.q3

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -247,6 +247,17 @@ def pages_first() -> None:
     seconds). The same work run inside a page (background work off) never waits for its own page."""
     if not PAGES.in_page():
         PAGES.wait_idle(quiet_s=0.2, timeout_s=TIMING_WAIT_S)
+
+
+def turns(lock: AbstractContextManager) -> Callable[[], AbstractContextManager]:
+    """Turns for work behind a page that takes a shared model run by run (round by round): a visitor's page first
+    (:func:`pages_first`), then the model's ``lock`` for one part only."""
+    @contextmanager
+    def turn() -> Iterator[None]:
+        pages_first()
+        with lock:
+            yield
+    return turn
 
 
 @dataclass(slots=True)

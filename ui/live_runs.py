@@ -162,9 +162,8 @@ def measure_timing(shared: SharedModel, request: LiveRequest, run: LiveRun,
     with _turn(shared, key):
         if (timing := kept_timing(shared, request)) is not None:
             return timing
-        with shared.lock:
-            kept = (time_generation(shared.model, run.ids, run.prompt_len, request.cache_plan(), progress=progress),
-                    time.time())
+        kept = (time_generation(shared.model, run.ids, run.prompt_len, request.cache_plan(), progress=progress,
+                                turn=background.turns(shared.lock)), time.time())
         _keep(shared, key, kept)
     return kept[0], 0.0
 

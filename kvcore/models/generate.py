@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -191,7 +192,8 @@ class PhaseTiming:
 @torch.inference_mode()
 def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, plan: CachePlan = FULL,
                     repeats: int = 5, warmup: int = 1, decode_steps: int = 16,
-                    threads: int | None = 1, progress: Callable[[float, str], None] | None = None) -> PhaseTiming:
+                    threads: int | None = 1, progress: Callable[[float, str], None] | None = None,
+                    turn: Callable[[], AbstractContextManager] = nullcontext) -> PhaseTiming:
     """Prefill and decode time of a generation in interleaved rounds, warmed up and repeated (ms).
 
     ids: prompt + generated token ids; prompt_len: how many are prompt. Each of ``warmup`` untimed then
@@ -201,7 +203,8 @@ def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, p
     stretches both rather than one (:class:`PhaseTiming`). threads: torch threads while timing (None: as set);
     one by default, as the eviction sweep times its steps: a one-token step of a small model gains nothing from
     more, and on a shared CPU they contend with whatever else runs. progress: called ``(fraction, label)`` as each
-    round starts.
+    round starts. turn: entered around each round (a shared model's lock, taken per round so that its other users
+    go between the rounds).
     """
     tokens = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids).reshape(1, -1)
     tokens = tokens.to(model_device(model))
@@ -213,15 +216,15 @@ def time_generation(model, ids: Sequence[int] | torch.Tensor, prompt_len: int, p
     stop = min(tokens.shape[1], prompt_len + decode_steps)
     prefills: list[float] = []
     rounds: list[list[float]] = []
-    with torch_threads(threads):
-        for round_ in range(warmup + repeats):
-            if progress is not None:
-                progress(round_ / (warmup + repeats), f"round {round_ + 1} of {warmup + repeats} (a prefill, then "
-                                                      f"{stop - prompt_len} decode steps)")
+    for round_ in range(warmup + repeats):
+        if progress is not None:
+            progress(round_ / (warmup + repeats), f"round {round_ + 1} of {warmup + repeats} (a prefill, then "
+                                                  f"{stop - prompt_len} decode steps)")
+        with turn(), torch_threads(threads):  # threads per round: another user may set them between rounds
             steps = _round(model, plan, tokens, prompt_len, stop, sync)
-            if round_ >= warmup:
-                prefills.append(steps[0])
-                rounds.append(steps[1:])
+        if round_ >= warmup:
+            prefills.append(steps[0])
+            rounds.append(steps[1:])
     decode = [ms for r in rounds for ms in r]
     ratios = np.array([p / float(np.median(r)) for p, r in zip(prefills, rounds, strict=True) if r])
     return PhaseTiming(Timing.of(prefills, warmup), Timing.of(decode, warmup) if decode else None, ratios)
