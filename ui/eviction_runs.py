@@ -32,10 +32,11 @@ from ui.models import SharedModel, shared_model
 from ui.progress import Progress, progress_bar
 
 RUN_TTL_S = 900
-# CPU threads of the reference pass and of each run's measurement (their step times keep one thread): on SmolLM2 the
-# default view's 8 runs took 9.1 s at one thread and 6.4 s at two, with the same NLL to 6 decimals (2-core machine).
-# Part of a run's key: a thread count may change the last bits.
-THREADS = 2
+# CPU threads of the reference pass and of each run's measurement. On SmolLM2 the default view's 8 runs took 9.1 s at
+# one thread and 6.4 s at two on a quiet 2-core machine (same NLL to 6 decimals), but in the page benchmark, with work
+# behind another page on one core, two threads made the view slower (15.2 -> 18.2 s new, rerotate 17.6 -> 28.9 s):
+# one thread. Part of a run's key: a thread count may change the last bits.
+THREADS = 1
 MODULES = ("kvcore.eviction.evaluate",)  # what a run executes (their import closure keys the disk cache)
 
 
