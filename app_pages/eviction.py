@@ -6,7 +6,7 @@ from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES, POLICIES, kvpress
 from kvcore.eviction.evaluate import EvictionConfig, sample_text
 from kvcore.models.loader import describe_model
 from ui import eviction_figures, eviction_steps, figures, params, tables
-from ui.eviction_runs import EvictionText, sweep
+from ui.eviction_runs import EvictionText, reference_verdicts, sweep
 from ui.format import bytes_str
 from ui.guard import user_errors
 from ui.models import choose_model
@@ -63,30 +63,36 @@ with user_errors("Settings"):
     config.check_cost()
     text = EvictionText(model_name, own if source == "your text" else sample_text(), max_tokens)
     results = sweep(text, config)
-table = results.table
-
 st.caption(f"Model: {describe_model(model_name)}.")
-st.caption(f"{POSITIONS[positions]} {len(results.tokens) + 1} tokens streamed: the first {len(results.tokens)} fed "
-           f"through the cache, each predicting the next; the full cache holds "
-           f"{bytes_str(table['kv_bytes_full'].iloc[0])}.")
-st.caption(eviction_figures.KVPRESS_NOTE)
-eviction_figures.show_verdicts(results.verdicts)
-left, right = st.columns(2)
-at = params.widget(st.selectbox, "Budget shown below (tokens)", key="at",
-                   options=eviction_figures.budgets_shown(table))
-figs = eviction_figures.page_figures((text, tuple(config.runs())), at, mode, results)
-for column, name in ((left, "ppl"), (right, "bytes")):
-    with column:
-        figures.show(figs[name], key=name)
-figures.show(figs["maps"], key="maps")
-for column, name in zip(st.columns(2), ("mass", "err"), strict=True):
-    with column:
-        figures.show(figs[name], key=name)
-figures.show(figs["strip"], key="strip")
-eviction_steps.show_step_player(text, config, results, at)
-settings = {"mode": mode, "pos": positions, "tokens": max_tokens}
-tables.show_table(table, "eviction", "results", settings, caption=eviction_figures.TABLE_CAPTION)
-with st.expander("Per-layer and per-token tables"):
-    tables.show_table(results.layers, "eviction", "layers", settings)
-    tables.show_table(results.tokens, "eviction", "tokens", settings)
+if results is None:  # the runs are measured behind the page: what the reference alone decides, meanwhile
+    with user_errors("Reference"):
+        eviction_figures.show_verdicts(reference_verdicts(text))
+    st.caption("The policies' perplexities, attention kept, maps, step player and tables fill in when every run is "
+               "measured (the bar above says how far).")
+else:
+    table = results.table
+
+    st.caption(f"{POSITIONS[positions]} {len(results.tokens) + 1} tokens streamed: the first {len(results.tokens)} fed "
+               f"through the cache, each predicting the next; the full cache holds "
+               f"{bytes_str(table['kv_bytes_full'].iloc[0])}.")
+    st.caption(eviction_figures.KVPRESS_NOTE)
+    eviction_figures.show_verdicts(results.verdicts)
+    left, right = st.columns(2)
+    at = params.widget(st.selectbox, "Budget shown below (tokens)", key="at",
+                       options=eviction_figures.budgets_shown(table))
+    figs = eviction_figures.page_figures((text, tuple(config.runs())), at, mode, results)
+    for column, name in ((left, "ppl"), (right, "bytes")):
+        with column:
+            figures.show(figs[name], key=name)
+    figures.show(figs["maps"], key="maps")
+    for column, name in zip(st.columns(2), ("mass", "err"), strict=True):
+        with column:
+            figures.show(figs[name], key=name)
+    figures.show(figs["strip"], key="strip")
+    eviction_steps.show_step_player(text, config, results, at)
+    settings = {"mode": mode, "pos": positions, "tokens": max_tokens}
+    tables.show_table(table, "eviction", "results", settings, caption=eviction_figures.TABLE_CAPTION)
+    with st.expander("Per-layer and per-token tables"):
+        tables.show_table(results.layers, "eviction", "layers", settings)
+        tables.show_table(results.tokens, "eviction", "tokens", settings)
 needle_section()

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
+from kvcore.eviction.claims import COLUMNS
 from kvcore.eviction.evaluate import (
     EvictionConfig,
     EvictionResults,
@@ -25,7 +27,7 @@ from kvcore.eviction.evaluate import (
 )
 from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import RunResult
-from kvcore.models.loader import model_name
+from kvcore.models.loader import BUNDLED_NAME, model_name
 from kvcore.models.runtime import text_ids
 from ui import background, disk_cache
 from ui.models import SharedModel, shared_model
@@ -79,8 +81,35 @@ def measure_run(source: EvictionText, spec: RunSpec, progress: Progress | None =
         shared = model or shared_model(source.model)
         with shared.lock:
             return spec.measure(shared.model, reference(source, model), THREADS)
-    return disk_cache.computed("eviction-run", (source, spec, THREADS), MODULES,
-                               disk_cache.weights_key(source.model), compute, progress)
+    return disk_cache.computed(*_run_key(source, spec), compute, progress)
+
+
+def _run_key(source: EvictionText, spec: RunSpec) -> tuple[object, ...]:
+    return "eviction-run", (source, spec, THREADS), MODULES, disk_cache.weights_key(source.model)
+
+
+def kept_runs(source: EvictionText, specs: list[RunSpec]) -> list[RunResult] | None:
+    """Every run of ``specs`` when all are kept (memory or disk), else None."""
+    runs = [disk_cache.kept(*_run_key(source, spec)) for spec in specs]
+    return None if any(r is None for r in runs) else runs
+
+
+def runs_behind(source: EvictionText) -> bool:
+    """Whether a sweep's runs are measured behind the page: on any model but the bundled one (whose default runs take
+    about 2 s; SmolLM2's 8 take about 10 s, more under load), when the server works behind its pages."""
+    return source.model != BUNDLED_NAME and background.enabled()
+
+
+def _measure_behind(source: EvictionText, specs: list[RunSpec], bar: Progress) -> None:
+    for i, spec in enumerate(specs):
+        background.pages_first()  # a visitor's page goes between the runs
+        bar(i / len(specs), f"{spec.label} ({i + 1}/{len(specs)})")
+        measure_run(source, spec)
+
+
+def reference_verdicts(source: EvictionText) -> pd.DataFrame:
+    """The claims the reference alone decides (attention sinks, Knorm's premise), as rows of the verdicts."""
+    return pd.DataFrame(reference_claims(source), columns=list(COLUMNS))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -135,14 +164,21 @@ def run(source: EvictionText, spec: RunSpec) -> RunResult:
     return with_timing(measured(source, spec), *step_times(source, spec))
 
 
-def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | None = None) -> EvictionResults:
+def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | None = None) -> EvictionResults | None:
     """Every run of ``config`` on the text under a progress bar, gathered into tables; their decode steps are timed
     behind the page when the server works behind its pages (:func:`ui.background.computed_behind`: the speed
-    columns fill in), here otherwise.
+    columns fill in), here otherwise. On a model whose runs take longer than a view (:func:`runs_behind`) the runs
+    themselves are measured behind the page first: None until they are kept, while a bar follows them.
 
     model: a copy of the source's model to compute with (the warm-up's own, so it never holds the shared one's
     lock; it times here); by default the shared one. Either gives the same numbers."""
     specs, runs = config.runs(), []
+    if model is None and runs_behind(source):
+        measuring = f"Measuring each run against the full cache on {source.model}"
+        if background.computed_behind(("eviction runs", source, tuple(specs)), measuring,
+                                      lambda: kept_runs(source, specs),
+                                      lambda bar: _measure_behind(source, specs, bar)) is None:
+            return None
     with progress_bar() as bar:
         bar(0.0, "Full-cache reference pass...")
         ref = reference(source, model)

@@ -223,3 +223,25 @@ def test_smollm2_shows_the_sink_the_bundled_model_cannot(page):
     assert "sinks at [0" in sink
     assert "cannot show" not in sink
     assert any("StreamingLLM beats a sliding window" in b.value for b in (*at.success, *at.warning, *at.info))
+
+
+def test_on_a_real_model_the_runs_fill_in_behind_the_page_and_the_url_keeps_the_view(page, behind):
+    """SmolLM2's runs take longer than a view: the first view shows what the reference alone decides (its sink) and a
+    bar that follows the runs, and keeps the view's settings in the URL (the budget shown, the step); once the runs
+    are kept the page is whole, on the same settings."""
+    eviction_runs.forget_times()
+    view = {"model": "smollm2-135m", "ntok": "64", "budgets": ["16", "32"], "policies": ["streaming_llm"],
+            "at": "32", "step": "40"}
+    at = page("eviction", view)
+    sink = next(b.value for b in at.success if b.value.startswith("**StreamingLLM: the first tokens"))
+    assert "holds." in sink
+    assert not any("beats a sliding window" in b.value for b in (*at.success, *at.warning, *at.info))
+    texts = [p.proto.text for p in at.get("progress")]
+    assert texts[0].startswith("Measuring each run against the full cache on smollm2-135m: "), texts
+    assert at.query_params["at"] == "32"
+    assert at.query_params["step"] == "40"
+    background.BEHIND.join()
+    at = page("eviction", view)
+    assert results(at)["policy"].tolist().count("streaming_llm") == 2
+    assert at.selectbox(key="at").value == 32
+    assert at.slider(key="step").value == 40
