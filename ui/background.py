@@ -44,13 +44,15 @@ POLL_S = 1.0  # how often a waiting section looks again
 WARMUP_ENV = "KVLAB_WARMUP"  # "0": no background work (the AppTest suite: its counts see only the page under test)
 
 
-def counted_fragment(run_every: float | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def counted_fragment(run_every: float | None = None, follower: bool = False
+                     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """``st.fragment(run_every=...)`` whose runs count as page runs (:data:`PAGES`): a step player's step, or a bar
-    a visitor watches, which the warm-up gives way to like a whole page."""
+    a visitor watches, which the warm-up gives way to like a whole page. follower: a bar following work behind a
+    page, which that work does not wait for (:func:`pages_first`)."""
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def run(*args: object, **kwargs: object) -> T:
-            with PAGES.page_run():
+            with PAGES.page_run(follower):
                 return fn(*args, **kwargs)
         return st.fragment(run, run_every=run_every)
     return decorate
@@ -130,14 +132,17 @@ class Activity:
 
     running: int = 0
     last_end: float = 0.0
+    visiting: int = 0  # the runs among them that are no bar following background work
+    last_visit_end: float = 0.0
     changed: threading.Condition = field(default_factory=threading.Condition)
     local: threading.local = field(default_factory=threading.local)  # .depth: page runs on this thread now
 
     @contextmanager
-    def page_run(self) -> Iterator[None]:
-        """Count the block as a page run."""
+    def page_run(self, follower: bool = False) -> Iterator[None]:
+        """Count the block as a page run (follower: a bar following background work)."""
         with self.changed:
             self.running += 1
+            self.visiting += not follower
         self.local.depth = getattr(self.local, "depth", 0) + 1
         try:
             yield
@@ -145,20 +150,26 @@ class Activity:
             self.local.depth -= 1
             with self.changed:
                 self.running -= 1
+                self.visiting -= not follower
                 self.last_end = time.monotonic()
+                if not follower:
+                    self.last_visit_end = self.last_end
                 self.changed.notify_all()
 
     def in_page(self) -> bool:
         """Whether this thread is running a page now."""
         return getattr(self.local, "depth", 0) > 0
 
-    def wait_idle(self, quiet_s: float = 1.0, timeout_s: float = 30.0) -> bool:
-        """Wait until no page has run for ``quiet_s`` seconds (at most ``timeout_s``); False when it timed out."""
+    def wait_idle(self, quiet_s: float = 1.0, timeout_s: float = 30.0, followers: bool = True) -> bool:
+        """Wait until no page has run for ``quiet_s`` seconds (at most ``timeout_s``); False when it timed out.
+        followers: whether bars following background work count (False: only pages and player steps)."""
         deadline = time.monotonic() + timeout_s
         with self.changed:
             while True:
                 now = time.monotonic()
-                quiet_for = now - self.last_end if self.running == 0 else -1.0
+                running, last_end = (self.running, self.last_end) if followers else \
+                    (self.visiting, self.last_visit_end)
+                quiet_for = now - last_end if running == 0 else -1.0
                 if quiet_for >= quiet_s:
                     return True
                 if now >= deadline:
@@ -245,8 +256,8 @@ def pages_first() -> None:
     """Called by work behind a page between its parts (runs, rounds): a visitor's page running now goes first, so
     that it neither waits for the rest of the work nor shares the CPU with a timing (at most :data:`TIMING_WAIT_S`
     seconds). The same work run inside a page (background work off) never waits for its own page."""
-    if not PAGES.in_page():
-        PAGES.wait_idle(quiet_s=0.2, timeout_s=TIMING_WAIT_S)
+    if not PAGES.in_page():  # the bars following background work (this one's among them) are no reason to wait
+        PAGES.wait_idle(quiet_s=0.2, timeout_s=TIMING_WAIT_S, followers=False)
 
 
 def turns(lock: AbstractContextManager) -> Callable[[], AbstractContextManager]:
@@ -314,7 +325,7 @@ class Pending:
         return None
 
 
-@counted_fragment(run_every=POLL_S)  # a visitor watching a bar is a visitor: the warm-up's later steps wait for quiet
+@counted_fragment(run_every=POLL_S, follower=True)  # a visitor watching a bar: the warm-up's later steps wait for quiet
 def _follow(pending: Pending) -> None:
     status = pending.status()
     if status is None:

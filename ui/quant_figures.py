@@ -51,8 +51,9 @@ def method_metrics(row: pd.Series) -> None:
     of errors alone (the decode still running) shows bytes and perplexity as "decoding..."."""
     c1, c2, c3, c4, c5 = st.columns([1, 1, 1, 1, 1.8])  # the perplexity's delta carries its interval
     decoded = "perplexity" in row
-    c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x" if decoded else "decoding...",
-              help="what the cache holds at the end of the decode (all layers, codes, scales and zeros)")
+    c1.metric("KV bytes vs fp16", f"{row.bytes_ratio:.3f}x" if decoded else "...",
+              help="what the cache holds at the end of the decode (all layers, codes, scales and zeros); \"...\": "
+                   "the decode is running behind the page")
     rel = "relative L2 error ||x̂ - x|| / ||x||, mean over layers"
     c2.metric("Key error", f"{row.k_rel_err:.3f}", help=rel)
     c3.metric("Value error", f"{row.v_rel_err:.3f}", help=rel)

@@ -72,8 +72,8 @@ def measure(text: qe.QuantText, custom: CustomSettings | None = None, model: Sha
     def label(report: Progress) -> Progress:
         return lambda fraction, what: report(fraction, f"{len(methods)} methods on {key}: {what}")
 
-    if progress is not None:
-        return disk_cache.computed(*_settings(text, custom, key), compute, label(progress))
+    if progress is not None:  # a bar that already names the work
+        return disk_cache.computed(*_settings(text, custom, key), compute, progress)
     with progress_bar() as bar:
         return disk_cache.computed(*_settings(text, custom, key), compute, label(bar))
 

@@ -92,3 +92,23 @@ def test_work_behind_a_page_lets_pages_go_first_but_a_page_never_waits_for_itsel
         start = time.monotonic()
         background.pages_first()  # inside a page (background work off): no wait
         assert time.monotonic() - start < 0.1
+
+
+def test_a_bar_following_background_work_holds_the_warm_up_but_not_that_work():
+    from ui import background
+
+    done = threading.Event()
+
+    def follower():
+        with background.PAGES.page_run(follower=True):
+            done.wait(2.0)
+
+    thread = threading.Thread(target=follower)
+    thread.start()
+    time.sleep(0.3)  # the follower's run has started; the last visit ended long enough ago
+    start = time.monotonic()
+    background.pages_first()
+    assert time.monotonic() - start < 0.5  # the work behind the page goes on
+    assert not background.PAGES.wait_idle(quiet_s=0.1, timeout_s=0.3)  # the warm-up still waits for the bar
+    done.set()
+    thread.join()
