@@ -260,15 +260,24 @@ def pages_first() -> None:
         PAGES.wait_idle(quiet_s=0.2, timeout_s=TIMING_WAIT_S, followers=False)
 
 
-def turns(lock: AbstractContextManager) -> Callable[[], AbstractContextManager]:
-    """Turns for work behind a page that takes a shared model run by run (round by round): a visitor's page first
-    (:func:`pages_first`), then the model's ``lock`` for one part only."""
+def turns(lock: threading.RLock, waiting: Callable[[], None] | None = None) -> Callable[[], AbstractContextManager]:
+    """Turns for work that takes a shared model run by run (round by round): a visitor's page first
+    (:func:`pages_first`, nothing when the work runs inside a page), then the model's ``lock`` for one part only.
+    waiting: called every :data:`LOCK_POLL_S` seconds while another user holds the lock (to say who)."""
     @contextmanager
     def turn() -> Iterator[None]:
         pages_first()
-        with lock:
+        while not lock.acquire(timeout=LOCK_POLL_S):
+            if waiting is not None:
+                waiting()
+        try:
             yield
+        finally:
+            lock.release()
     return turn
+
+
+LOCK_POLL_S = 0.5
 
 
 @dataclass(slots=True)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -108,7 +106,7 @@ def kept_comparison(key: tuple) -> EngineReport | None:
 
 def _compare(key: tuple, bar: Progress) -> None:
     model, workload, settings = key
-    _compared.put(key, _serve(shared_model(model), workload, settings, True, bar, behind=True))
+    _compared.put(key, _serve(shared_model(model), workload, settings, True, bar))
 
 
 def served(model: str, workload: ServeWorkload, settings: EngineSettings, transformers: bool
@@ -131,25 +129,17 @@ def served(model: str, workload: ServeWorkload, settings: EngineSettings, transf
 
 
 def _serve(shared: SharedModel, workload: ServeWorkload, settings: EngineSettings, transformers: bool,
-           bar: Progress, behind: bool = False) -> EngineReport:
-    """Serve, taking the model's lock per run and saying what holds it meanwhile (a calibration measuring on it: runs
-    never share the model with a timing). behind: measured behind a page, so each run first waits for the pages to
-    be quiet for a moment (at most :data:`~ui.background.TIMING_WAIT_S` s): a visitor's next view goes between the
-    runs instead of beside or after all of them."""
-    @contextmanager
-    def turn() -> Iterator[None]:
-        if behind:
-            background.pages_first()
-        while not shared.lock.acquire(timeout=0.5):
-            busy = next(filter(None, (calibrating(key) for key in list(_threads) if key.model == shared.name)), None)
-            bar(busy[0] if busy else 0.0, f"Waiting for {shared.name}, busy until it is done: {busy[1]}" if busy else
-                f"Waiting for {shared.name}: another view is using it")
-        try:
-            yield
-        finally:
-            shared.lock.release()
+           bar: Progress) -> EngineReport:
+    """Serve, taking the model's lock per run (:func:`ui.background.turns`: behind a page, a visitor's next view goes
+    between the runs) and saying what holds it meanwhile (a calibration measuring on it: runs never share the model
+    with a timing)."""
+    def waiting() -> None:
+        busy = next(filter(None, (calibrating(key) for key in list(_threads) if key.model == shared.name)), None)
+        bar(busy[0] if busy else 0.0, f"Waiting for {shared.name}, busy until it is done: {busy[1]}" if busy else
+            f"Waiting for {shared.name}: another view is using it")
 
-    return engine_report(shared.model, shared.tokenizer, workload, settings, transformers, bar, turn=turn)
+    return engine_report(shared.model, shared.tokenizer, workload, settings, transformers, bar,
+                         turn=background.turns(shared.lock, waiting))
 
 
 def _measure(key: CalibrationKey, model: SharedModel, by: str, report_progress: Progress) -> Calibration:

@@ -112,3 +112,23 @@ def test_a_bar_following_background_work_holds_the_warm_up_but_not_that_work():
     assert not background.PAGES.wait_idle(quiet_s=0.1, timeout_s=0.3)  # the warm-up still waits for the bar
     done.set()
     thread.join()
+
+
+def test_a_turn_says_it_waits_while_another_user_holds_the_model():
+    from ui import background
+
+    lock, held, calls = threading.RLock(), threading.Event(), []
+
+    def other_user():
+        with lock:
+            held.set()
+            time.sleep(1.2)
+
+    thread = threading.Thread(target=other_user)
+    thread.start()
+    held.wait()
+    with background.turns(lock, lambda: calls.append(time.monotonic()))():
+        assert lock._is_owned()  # the turn holds the model
+    assert len(calls) >= 1  # it said so at least once while it waited (every 0.5 s)
+    thread.join()
+    assert not lock._is_owned()
