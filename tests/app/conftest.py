@@ -62,6 +62,17 @@ def behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     background.BEHIND.join()
 
 
+@pytest.fixture(autouse=True)
+def no_warm_up_left_running() -> Iterator[None]:
+    """A test that started the server's warm-up (ui.warmup) for real would leave its thread computing the default
+    views under the tests that follow (their counts and pending sections would see it): fail that test instead."""
+    yield
+    import threading
+
+    left = [t for t in threading.enumerate() if t.name == "kvlab-warmup" and t.is_alive()]
+    assert not left, "the test left the background warm-up running (was warmup.start un-patched?)"
+
+
 class Calls:
     """Counts calls of functions that a module looks up by name, each under an alias:
     ``Calls(monkeypatch, needle_runs, grids="run_needle")`` wraps ``needle_runs.run_needle`` and counts its calls
