@@ -18,8 +18,18 @@ from kvcore.cli import main
 from kvcore.eviction import DEFAULT_POLICIES, POLICIES, resolve_budget
 from kvcore.eviction.claims import CANNOT_SHOW, knorm_claim, sink_claim, verdicts
 from kvcore.eviction.cli import MODES, POSITIONS, coerce_hyperparameter, parse_hyperparameters
-from kvcore.eviction.evaluate import TIMED_STEPS, EvictionConfig, evaluate, evaluate_text, sample_text
-from kvcore.eviction.reference import Reference
+from kvcore.eviction.evaluate import (
+    TIMED_STEPS,
+    EvictionConfig,
+    evaluate,
+    evaluate_text,
+    run_key,
+    sample_text,
+    summarize,
+    with_speeds,
+    with_timing,
+)
+from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import MODES as RUNNER_MODES
 from kvcore.eviction.steps import eviction_steps
 from kvcore.models.attention import AttentionPatterns, detect_patterns
@@ -83,6 +93,21 @@ def test_same_config_same_numbers(tiny):
     a, b = evaluate(tiny, ids, config).table, evaluate(tiny, ids, config).table
     timed = ["decode_ms", "decode_ms_q1", "decode_ms_q3", "tokens_per_s", "load_1min"]
     pd.testing.assert_frame_equal(a.drop(columns=timed), b.drop(columns=timed))
+
+
+def test_speeds_timed_apart_fill_the_same_table_as_timed_runs(tiny):
+    """The page keeps a sweep's summary without step times and fills its speed columns in later (with_speeds)."""
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    config = small(policies=("sliding_window", "h2o"), max_tokens=40)
+    ref = reference_pass(tiny, ids)
+    untimed = [spec.measure(tiny, ref) for spec in config.runs()]
+    times = [(np.array([9.0, 1.0 + i, 2.0 + i, 3.0 + i]), 0.5 + i) for i in range(len(untimed))]  # made-up clock
+    timed = summarize(ref, [with_timing(r, *t) for r, t in zip(untimed, times, strict=True)], config)
+    filled = with_speeds(summarize(ref, untimed, config), {run_key(r): t for r, t in zip(untimed, times, strict=True)})
+    pd.testing.assert_frame_equal(filled.table, timed.table)
+    row = filled.table.iloc[-1]  # the first step is the warm-up: the median of the other three
+    assert (row.decode_ms, row.decode_steps, row.load_1min) == (2.0 + len(untimed) - 1, 3, 0.5 + len(untimed) - 1)
+    assert summarize(ref, untimed, config).table["decode_ms"].isna().all()  # untimed: no speed shown
 
 
 def test_the_full_cache_is_timed_token_by_token_like_every_policy(tiny):

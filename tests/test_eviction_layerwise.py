@@ -102,7 +102,7 @@ def test_a_budget_below_the_policys_minimum_is_refused_as_by_the_token_by_token_
 def test_the_step_timer_runs_one_forward_then_exactly_the_steps_it_times(tiny, name):
     model, ref = tiny
     with Forwards(model) as forwards:
-        steps = time_decode_steps(model, ref, make_policy(name), 8, steps=5)
+        steps = time_decode_steps(model, ref.ids, make_policy(name), 8, steps=5)
     assert len(steps) == 6
     assert (steps > 0).all()
     assert forwards.count == 1 + 6
@@ -118,7 +118,7 @@ def test_a_sweeps_default_work_is_one_forward_per_evicting_run_plus_the_timed_st
     assert forwards.count == len(specs) - 1  # the full cache's run is the reference's
     assert all(len(m.step_ms) == 0 for m in measured)
     with Forwards(model) as forwards:
-        timed = [spec.time_steps(model, ref)[0] for spec in specs]
+        timed = [spec.time_steps(model, ref.ids)[0] for spec in specs]
     assert forwards.count == len(specs) * (1 + TIMED_STEPS + 1)
     assert all(len(t) == TIMED_STEPS + 1 for t in timed)
 

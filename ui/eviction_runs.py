@@ -2,9 +2,11 @@
 
 A run is measured once per setting (keyed by the text and its :class:`~kvcore.eviction.evaluate.RunSpec`) and
 kept on disk across server restarts (:mod:`ui.disk_cache`: keyed by the settings, the weights and the code),
-so a view that adds a policy or a budget only runs what is new. Its decode step times are measured apart and
-kept for :data:`RUN_TTL_S` seconds only: a later visitor gets speeds measured under the load of their own
-time, not of the first visit's. Every use of the model holds its lock.
+so a view that adds a policy or a budget only runs what is new; a sweep's tables, verdicts and maps (its
+summary, all but the step times) are kept on disk the same way, so a view someone saw before needs neither the
+model nor the reference pass. Decode step times are measured apart and kept for :data:`RUN_TTL_S` seconds only: a
+later visitor gets speeds measured under the load of their own time, not of the first visit's. Every use of the
+model holds its lock.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from kvcore.eviction.claims import COLUMNS
 from kvcore.eviction.evaluate import (
@@ -22,8 +25,9 @@ from kvcore.eviction.evaluate import (
     EvictionResults,
     RunSpec,
     model_claims,
+    run_key,
     summarize,
-    with_timing,
+    with_speeds,
 )
 from kvcore.eviction.reference import Reference, reference_pass
 from kvcore.eviction.runner import RunResult
@@ -54,14 +58,17 @@ class EvictionText:
         object.__setattr__(self, "model", model_name(self.model))
 
 
+def _ids(shared: SharedModel, source: EvictionText) -> torch.Tensor:
+    return text_ids(shared.model, shared.tokenizer, source.text, source.max_tokens)
+
+
 @st.cache_resource(max_entries=4, show_spinner=False)
 def reference(source: EvictionText, _model: SharedModel | None = None) -> Reference:
     """The text through the full cache once (what every run is measured against). _model: a copy of the source's
     model to run it on (the warm-up's own); by default the shared one."""
     shared = _model or shared_model(source.model)
     with shared.lock:
-        return reference_pass(shared.model, text_ids(shared.model, shared.tokenizer, source.text, source.max_tokens),
-                              threads=THREADS)
+        return reference_pass(shared.model, _ids(shared, source), threads=THREADS)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -88,10 +95,41 @@ def _run_key(source: EvictionText, spec: RunSpec) -> tuple[object, ...]:
     return "eviction-run", (source, spec, THREADS), MODULES, disk_cache.weights_key(source.model)
 
 
-def kept_runs(source: EvictionText, specs: list[RunSpec]) -> list[RunResult] | None:
-    """Every run of ``specs`` when all are kept (memory or disk), else None."""
-    runs = [disk_cache.kept(*_run_key(source, spec)) for spec in specs]
-    return None if any(r is None for r in runs) else runs
+@dataclass(slots=True, frozen=True)
+class Summary:
+    """A sweep's results without step times (:func:`kvcore.eviction.evaluate.summarize` of its untimed runs), and
+    each run's ``run_key`` in the order of ``config.runs()`` (where its step times go)."""
+
+    results: EvictionResults
+    keys: tuple[str, ...]
+
+
+def _summary_key(source: EvictionText, config: EvictionConfig) -> tuple[object, ...]:
+    return "eviction-summary", (source, config, THREADS), MODULES, disk_cache.weights_key(source.model)
+
+
+def kept_summary(source: EvictionText, config: EvictionConfig) -> Summary | None:
+    """The sweep's summary when it is kept (memory or disk), else None (nothing is computed)."""
+    return disk_cache.kept(*_summary_key(source, config))
+
+
+def summary(source: EvictionText, config: EvictionConfig, model: SharedModel | None = None,
+            progress: Progress | None = None) -> Summary:
+    """The sweep's summary: kept, or gathered now from the reference and every run (each from disk when kept,
+    else measured) and kept. model: a copy of the source's model to compute with (the warm-up's own); by default
+    the shared one."""
+    def compute(report: Progress) -> Summary:
+        specs, runs = config.runs(), []
+        report(0.0, "Full-cache reference pass...")
+        ref = reference(source, model)
+        for i, spec in enumerate(specs):
+            report(0.05 + 0.95 * i / len(specs), f"Measuring {spec.label} ({i + 1}/{len(specs)})")
+            runs.append(measured(source, spec) if model is None else measure_run(source, spec, model=model))
+        tokenizer = (model or shared_model(source.model)).tokenizer
+        return Summary(summarize(ref, runs, config, tokenizer, reference_claims(source, model)),
+                       tuple(run_key(r) for r in runs))
+
+    return disk_cache.computed(*_summary_key(source, config), compute, progress)
 
 
 def runs_behind(source: EvictionText) -> bool:
@@ -100,11 +138,15 @@ def runs_behind(source: EvictionText) -> bool:
     return source.model != BUNDLED_NAME and background.enabled()
 
 
-def _measure_behind(source: EvictionText, specs: list[RunSpec], bar: Progress) -> None:
+def _measure_behind(source: EvictionText, config: EvictionConfig, bar: Progress) -> None:
+    specs = config.runs()
     for i, spec in enumerate(specs):
         background.pages_first()  # a visitor's page goes between the runs
         bar(i / len(specs), f"{spec.label} ({i + 1}/{len(specs)})")
         measure_run(source, spec)
+    background.pages_first()
+    bar(1.0, "the summary of every run")
+    summary(source, config)
 
 
 def reference_verdicts(source: EvictionText) -> pd.DataFrame:
@@ -134,8 +176,8 @@ def step_times(source: EvictionText, spec: RunSpec, _model: SharedModel | None =
     if (kept := kept_times(source, spec)) is not None:
         return kept
     shared = _model or shared_model(source.model)
-    with shared.lock:
-        times = spec.time_steps(shared.model, reference(source, _model))
+    with shared.lock:  # the text's tokens only: no reference pass
+        times = spec.time_steps(shared.model, _ids(shared, source))
     _times.put((source, spec), times)
     return times
 
@@ -159,32 +201,28 @@ def time_runs(source: EvictionText, specs: list[RunSpec], model: SharedModel | N
     return timed
 
 
-def run(source: EvictionText, spec: RunSpec) -> RunResult:
-    """One policy at one budget on the text, with its step times."""
-    return with_timing(measured(source, spec), *step_times(source, spec))
-
-
 def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | None = None) -> EvictionResults | None:
-    """Every run of ``config`` on the text under a progress bar, gathered into tables; their decode steps are timed
-    behind the page when the server works behind its pages (:func:`ui.background.computed_behind`: the speed
-    columns fill in), here otherwise. On a model whose runs take longer than a view (:func:`runs_behind`) the runs
-    themselves are measured behind the page first: None until they are kept, while a bar follows them.
+    """Every run of ``config`` on the text gathered into tables (:func:`summary`, under a progress bar when it is
+    not kept); their decode steps are timed behind the page when the server works behind its pages
+    (:func:`ui.background.computed_behind`: the speed columns fill in), here otherwise. On a model whose runs take
+    longer than a view (:func:`runs_behind`) a summary not kept is gathered behind the page: None until it is,
+    while a bar follows it.
 
     model: a copy of the source's model to compute with (the warm-up's own, so it never holds the shared one's
     lock; it times here); by default the shared one. Either gives the same numbers."""
-    specs, runs = config.runs(), []
+    specs = config.runs()
     if model is None and runs_behind(source):
         measuring = f"Measuring each run against the full cache on {source.model}"
-        if background.computed_behind(("eviction runs", source, tuple(specs)), measuring,
-                                      lambda: kept_runs(source, specs),
-                                      lambda bar: _measure_behind(source, specs, bar)) is None:
+        gathered = background.computed_behind(("eviction runs", source, tuple(specs)), measuring,
+                                              lambda: kept_summary(source, config),
+                                              lambda bar: _measure_behind(source, config, bar))
+        if gathered is None:
             return None
-    with progress_bar() as bar:
-        bar(0.0, "Full-cache reference pass...")
-        ref = reference(source, model)
-        for i, spec in enumerate(specs):
-            bar(0.05 + 0.95 * i / len(specs), f"Measuring {spec.label} ({i + 1}/{len(specs)})")
-            runs.append(measured(source, spec) if model is None else measure_run(source, spec, model=model))
+    else:
+        gathered = kept_summary(source, config)
+        if gathered is None:
+            with progress_bar() as bar:
+                gathered = summary(source, config, model, bar)
     if model is not None:
         timed = time_runs(source, specs, model)
     else:
@@ -195,7 +233,6 @@ def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | Non
         timed = background.computed_behind(("eviction timing", source, tuple(specs)),
                                            "Timing the decode steps of each run", kept,
                                            lambda bar: time_runs(source, specs, progress=bar, behind=True), timing=True)
-    if timed is not None:
-        runs = [with_timing(r, *t) for r, t in zip(runs, timed, strict=True)]
-    tokenizer = (model or shared_model(source.model)).tokenizer
-    return summarize(ref, runs, config, tokenizer, reference_claims(source, model))
+    if timed is None:
+        return gathered.results
+    return with_speeds(gathered.results, dict(zip(gathered.keys, timed, strict=True)))

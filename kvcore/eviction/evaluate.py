@@ -17,7 +17,7 @@ attention-based policies vs random (H2O), and Knorm's premise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,19 +89,19 @@ class RunSpec:
                             self.hit_ratio, threads, self.budget_rule)
         return replace(result, step_ms=np.zeros(0))
 
-    def time_steps(self, model, ref: Reference, threads: int | None = 1) -> tuple[np.ndarray, float]:
-        """Wall time (ms) of :data:`TIMED_STEPS` + 1 real decode steps, the cache at the budget (the full cache: the
-        text's last steps; :func:`~kvcore.eviction.layerwise.time_decode_steps`; none in prefill mode) and the load
-        average then."""
+    def time_steps(self, model, ids: torch.Tensor, threads: int | None = 1) -> tuple[np.ndarray, float]:
+        """Wall time (ms) of :data:`TIMED_STEPS` + 1 real decode steps over the text ``ids`` ``[1, T]`` (the
+        reference's), the cache at the budget (the full cache: the text's last steps;
+        :func:`~kvcore.eviction.layerwise.time_decode_steps`; none in prefill mode) and the load average then."""
         if self.mode != "decode":
             return np.zeros(0), load_average()
-        steps = time_decode_steps(model, ref, self.make_policy(), self.budget, self.positions, TIMED_STEPS, threads,
+        steps = time_decode_steps(model, ids, self.make_policy(), self.budget, self.positions, TIMED_STEPS, threads,
                                   self.budget_rule)
         return steps, load_average()
 
     def run(self, model, ref: Reference, threads: int | None = 1) -> RunResult:
         """:meth:`measure` with :meth:`time_steps`: every column of a table row."""
-        return with_timing(self.measure(model, ref, threads), *self.time_steps(model, ref, threads))
+        return with_timing(self.measure(model, ref, threads), *self.time_steps(model, ref.ids, threads))
 
 
 def with_timing(result: RunResult, step_ms: np.ndarray, load_1min: float) -> RunResult:
@@ -234,15 +234,33 @@ def run_key(run: RunResult) -> str:
 def decode_speed(run: RunResult, warmup: int = 1) -> dict[str, float]:
     """Median and interquartile range (ms) of a run's one-token decode steps, the first ``warmup`` left out as
     warm-up; tokens/s from the median; the load average when it ran. NaN in prefill mode (no decode steps)."""
-    steps = np.asarray(run.step_ms, dtype=np.float64)[warmup:]
+    return step_speed(run.step_ms, run.load_1min, warmup)
+
+
+def step_speed(step_ms: np.ndarray, load_1min: float, warmup: int = 1) -> dict[str, float]:
+    """:func:`decode_speed` of step times (ms) taken under a load average of ``load_1min``."""
+    steps = np.asarray(step_ms, dtype=np.float64)[warmup:]
     if not len(steps):
         nan = float("nan")
         return {"decode_ms": nan, "decode_ms_q1": nan, "decode_ms_q3": nan, "decode_steps": 0, "tokens_per_s": nan,
-                "load_1min": run.load_1min}
+                "load_1min": load_1min}
     q1, median, q3 = np.percentile(steps, [25, 50, 75])
     return {"decode_ms": float(median), "decode_ms_q1": float(q1), "decode_ms_q3": float(q3),
             "decode_steps": len(steps), "tokens_per_s": 1e3 / float(median) if median > 0 else float("nan"),
-            "load_1min": run.load_1min}
+            "load_1min": load_1min}
+
+
+def with_speeds(results: EvictionResults, speeds: Mapping[str, tuple[np.ndarray, float]]) -> EvictionResults:
+    """``results`` with the decode speeds of runs timed apart from their measurement: ``run_key`` -> (step times in
+    ms, load average then) fills that run's speed columns (:func:`step_speed`); everything else is shared. Equal to
+    :func:`summarize` of the runs :func:`with_timing` those times (a test checks it)."""
+    table = results.table.copy()
+    keys = table["policy"].astype(str) + "@" + table["budget_tokens"].astype(str)
+    for row, key in zip(table.index, keys, strict=True):
+        if key in speeds:
+            for column, value in step_speed(*speeds[key]).items():
+                table.loc[row, column] = value
+    return replace(results, table=table)
 
 
 def result_row(ref: Reference, run: RunResult) -> dict[str, Any]:

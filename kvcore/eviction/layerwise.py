@@ -46,7 +46,7 @@ from kvcore.eviction.runner import RunResult, _check, _nll, _result
 from kvcore.models.capture import attention_outputs
 from kvcore.models.plan import run_step
 from kvcore.models.rope import rope_inv_freq, rotate
-from kvcore.models.runtime import attention_implementation
+from kvcore.models.runtime import attention_implementation, num_kv_heads
 from kvcore.tensors import tensor_bytes
 
 IMPLEMENTATION = "kvlab_layerwise_eviction"
@@ -299,7 +299,7 @@ def full_from_reference(ref: Reference, policy: EvictionPolicy, positions: str =
 
 
 @torch.inference_mode()
-def time_decode_steps(model, ref: Reference, policy: EvictionPolicy, budget: Budget, positions: str = "original",
+def time_decode_steps(model, ids: torch.Tensor, policy: EvictionPolicy, budget: Budget, positions: str = "original",
                       steps: int = 16, threads: int | None = 1, budget_rule: str = "round") -> np.ndarray:
     """Wall time (ms) of ``steps + 1`` real one-token decode steps, the policy evicting after each (the first is a
     warm-up the tables leave out).
@@ -308,10 +308,12 @@ def time_decode_steps(model, ref: Reference, policy: EvictionPolicy, budget: Bud
     ``budget`` tokens, then the steps, each a forward over the held entries plus the policy's own work, as every
     step of its decode run from there on (a step costs the same wherever in the text it falls: the cache holds the
     budget). The full cache and an attention-only window, whose caches hold every token, are timed on the text's
-    last steps, after one forward of the text before them.
+    last steps, after one forward of the text before them. ids: ``[1, T]`` the text's tokens, as the reference
+    fed them (no reference pass is needed: a step's time depends on the tokens and the cache, not on its outputs).
     """
     _check(positions, "decode")
-    n_in, ids = ref.num_fed, ref.ids
+    n_in = ids.shape[1] - 1
+    groups = model.config.num_attention_heads // num_kv_heads(model)
     timed = max(1, min(steps + 1, n_in - 1))
     k = n_in if policy.keeps_all else resolve_budget(budget, n_in, budget_rule)
     holds_all = policy.keeps_all or policy.stores_all
@@ -325,7 +327,7 @@ def time_decode_steps(model, ref: Reference, policy: EvictionPolicy, budget: Bud
         for t in range(start, start + timed):
             begin = time.perf_counter()
             masked = hook.readable(cache) if policy.stores_all else None
-            mask = None if masked is None else decode_mask(masked, t + 1, ref.groups, cache.layers[0].keys.dtype)
+            mask = None if masked is None else decode_mask(masked, t + 1, groups, cache.layers[0].keys.dtype)
             run_step(model, cache, ids[:, t:t + 1], plan, attention_mask=mask)
             step_ms.append((time.perf_counter() - begin) * 1e3)
     return np.asarray(step_ms)
