@@ -9,6 +9,7 @@ benchmarks/engine.py on a quiet machine, never asserted here (wall time).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -110,7 +111,16 @@ def test_a_real_run_gives_every_step_its_work_and_time(bundled):
 
 def test_calibrated_once_the_simulator_predicts_a_run_it_never_saw(bundled):
     model, tokenizer = bundled
-    cost = calibrate_engine(model, max_seqs=4, repeats=1)
+    turns: list[str] = []  # the model is taken step by step: an app's other users go between grid steps
+
+    @contextmanager
+    def turn():
+        turns.append("in")
+        yield
+        turns.append("out")
+
+    cost = calibrate_engine(model, max_seqs=4, repeats=1, turn=turn)
+    assert turns == ["in", "out"] * (2 * len(design(4)) + 1)  # a warm-up and a timed round, then the engine run
     coefficients = [cost.intercept_s, cost.per_token_s, cost.per_seq_s, cost.per_prefill_s, cost.per_pair_s,
                     cost.per_kv_token_s]
     assert all(c >= 0 for c in coefficients)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -77,7 +78,7 @@ def held_out_errors(table: pd.DataFrame, folds: int = FOLDS) -> np.ndarray:
 
 def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None, max_seqs: int = 32,
                      repeats: int = 3, name: str = "this machine's engine", progress: Callable[[float, str], None]
-                     | None = None) -> FittedCost:
+                     | None = None, turn: Callable[[], AbstractContextManager] = nullcontext) -> FittedCost:
     """Profile the engine on a designed grid of steps and fit the simulator's step time (Vidur-style).
 
     Grid: :func:`kvcore.engine.grid.design` up to ``max_seqs`` sequences, each step timed ``repeats`` times
@@ -85,14 +86,17 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     (:func:`kvcore.engine.grid.time_engine_run`, never a workload it will predict): each of its steps' time
     beyond the grid fit's model time is fitted to a per-step, per-token and per-sequence cost and added. The
     fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on grid steps held out
-    of it; r2 is on every grid step.
+    of it; r2 is on every grid step. turn: entered around each grid step and around the engine run (an app's
+    shared model lock: other users of the model go between them).
     """
     report = progress or (lambda fraction, label: None)
     steps = design(max_seqs, prefills=largest_chunks(sum(p.numel() for p in model.parameters())))
-    grid = time_grid(model, steps, block_size, repeats, threads, progress=lambda f, label: report(0.85 * f, label))
+    grid = time_grid(model, steps, block_size, repeats, threads, progress=lambda f, label: report(0.85 * f, label),
+                     turn=turn)
     runner, r2 = fit_nonnegative(_design_matrix(grid, GRID_FEATURES), grid["seconds"].to_numpy(float), relative=True)
     report(0.85, "timing a real engine run: what a step costs beyond its model work")
-    run = time_engine_run(model, block_size, max_seqs, threads)
+    with turn():
+        run = time_engine_run(model, block_size, max_seqs, threads)
     report(0.95, "fitting the step time")
     run = run[run["new_tokens"] > 0]
     beyond = run["seconds"].to_numpy(float) - _design_matrix(run, GRID_FEATURES) @ runner

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,10 +76,12 @@ def design(max_seqs: int = 32, contexts: Sequence[int] = (16, 128, 512, 1024),
 
 
 def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: int = 3, threads: int | None = None,
-              pool_bytes: float = 256e6, seed: int = 0, progress: Progress | None = None) -> pd.DataFrame:
+              pool_bytes: float = 256e6, seed: int = 0, progress: Progress | None = None,
+              turn: Callable[[], AbstractContextManager] = nullcontext) -> pd.DataFrame:
     """Each grid step's seconds on the model runner: median, quartiles and repeats; one row per step with its
     :data:`FEATURES`. A first round, untimed, warms every step up; then ``repeats`` timed rounds. The pools take
-    at most ``pool_bytes`` (sequences beyond share blocks)."""
+    at most ``pool_bytes`` (sequences beyond share blocks). turn: entered around each step (an app takes its
+    shared model's lock there, so that other users of the model go between steps, never during one)."""
     per_block = block_bytes(model, block_size)
     runner = ModelRunner(model, max(16, int(pool_bytes // per_block)), block_size)
     rng, vocab = random.Random(seed), runner.parts.embed.num_embeddings
@@ -89,10 +92,12 @@ def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: i
             rng.shuffle(order)
             for done, i in enumerate(order):
                 chunks = _chunks(steps[i], runner, block_size, vocab, rng)
-                start = time.perf_counter()
-                runner.execute(chunks)
+                with turn():
+                    start = time.perf_counter()
+                    runner.execute(chunks)
+                    seconds = time.perf_counter() - start
                 if r:  # round 0 warms up
-                    times[i].append(time.perf_counter() - start)
+                    times[i].append(seconds)
                 if progress is not None:
                     progress((r * len(steps) + done + 1) / ((repeats + 1) * len(steps)),
                              f"timing a grid of {len(steps)} engine steps (round {r + 1} of {repeats + 1})")
