@@ -115,17 +115,16 @@ def measured_vs_simulated(model: str, workload: ServeWorkload, settings: EngineS
     key = CalibrationKey(model, settings.block_size, settings.threads)
     with user_errors("Simulator"):
         calibration = engine_runs.calibrated(key)
-        if (failure := engine_runs.calibration_failure(key)) is not None:
-            raise failure
-        if calibration is None:
+        if calibration is None and key == engine_runs.DEFAULT_CALIBRATION:  # the warm-up's to measure
             pending = background.Pending(lambda: engine_runs.calibrated(key), lambda: engine_runs.calibrating(key),
-                                         background.CALIBRATION if key == engine_runs.DEFAULT_CALIBRATION else None,
-                                         "Calibrating the simulator on a grid of engine steps")
-            if pending.step is None and background.enabled():
-                engine_runs.calibrate_behind(key)  # other settings: measured behind the page, which follows it
+                                         background.CALIBRATION, "Calibrating the simulator on a grid of engine steps")
             if not background.wait_for(pending, "Calibrate now", "eg_calibrate", OFF_NOTE):
                 return
             calibration = engine_runs.calibration(key)
+        elif calibration is None:  # other settings: measured behind the page, which follows it
+            calibration = engine_runs.calibrated_behind(key)
+            if calibration is None:
+                return
         predicted = engine_runs.prediction(model, workload, settings, run, run.measured_at, calibration.cost,
                                            calibration.measured_at)
     st.caption(prediction_caption(calibration.cost))

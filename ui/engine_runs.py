@@ -2,8 +2,9 @@
 settings dataclasses (timings describe the machine when they ran, so a result is kept ten minutes only), and the
 engine's calibration, made once per model, block size and thread count and kept in this server's memory only (a
 measurement of this machine, never written to disk), with when, how long and under what load it was taken. The
-default view's calibration is measured by the background warm-up (:func:`ui.warm_defaults.warm_calibration`).
-Every use of the model holds its lock."""
+default view's calibration is measured by the background warm-up (:func:`ui.warm_defaults.warm_calibration`),
+other settings' behind the page (:func:`calibrated_behind`). Every use of the model holds its lock (a calibration
+and the serving runs behind a page take it step by step or run by run)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from kvcore.engine.workload import ServeWorkload
 from kvcore.models.loader import BUNDLED_NAME, model_name
 from kvcore.noise import load_average
 from kvcore.sched.cost import FittedCost
-from ui import background, disk_cache, timings
+from ui import background, disk_cache
 from ui.models import SharedModel, shared_model
 from ui.progress import Progress, progress_bar, with_progress
 
@@ -64,8 +65,6 @@ class Calibration:
 
 _kept: OrderedDict[CalibrationKey, Calibration] = OrderedDict()
 _kept_lock = threading.Lock()
-_threads: dict[CalibrationKey, threading.Thread] = {}  # calibrations started behind a page
-_failed: dict[CalibrationKey, Exception] = {}
 
 
 # The workload each model's view opens on (URL keys of the Serving engine page): the bundled model's, and for
@@ -134,9 +133,7 @@ def _serve(shared: SharedModel, workload: ServeWorkload, settings: EngineSetting
     between the runs) and saying what holds it meanwhile (a calibration measuring on it: runs never share the model
     with a timing)."""
     def waiting() -> None:
-        busy = next(filter(None, (calibrating(key) for key in list(_threads) if key.model == shared.name)), None)
-        bar(busy[0] if busy else 0.0, f"Waiting for {shared.name} between two steps of: {busy[1]}" if busy else
-            f"Waiting for {shared.name}: another view is using it")
+        bar(0.0, f"Waiting for {shared.name}: another view is using it")
 
     return engine_report(shared.model, shared.tokenizer, workload, settings, transformers, bar,
                          turn=background.turns(shared.lock, waiting))
@@ -170,31 +167,6 @@ def calibrate(key: CalibrationKey, model: SharedModel | None = None, by: str = B
     return calibration
 
 
-def calibrate_behind(key: CalibrationKey) -> None:
-    """Start calibrating ``key`` on a thread of its own on the shared model, unless one is at it or it failed:
-    a page then follows it (:func:`calibrating`) instead of waiting for it (SmolLM2's takes about 40 s)."""
-    model = shared_model(key.model)  # loaded here, under the page's progress bar, not in the thread
-
-    def run() -> None:
-        try:
-            with timings.measuring():  # the warm-up pauses meanwhile
-                calibrate(key, model)
-        except Exception as exc:  # kept for the page to show (the thread has no page to show it on)
-            _failed[key] = exc
-
-    with _kept_lock:
-        thread = _threads.get(key)
-        if key in _kept or key in _failed or (thread is not None and thread.is_alive()):
-            return
-        _threads[key] = thread = threading.Thread(target=run, name=f"calibrate {key.model}", daemon=True)
-        thread.start()
-
-
-def calibration_failure(key: CalibrationKey) -> Exception | None:
-    """Why calibrating ``key`` behind the page failed, or None."""
-    return _failed.get(key)
-
-
 def calibrated(key: CalibrationKey) -> Calibration | None:
     """The calibration for ``key`` when this server has made it (nothing is measured); else None."""
     with _kept_lock:
@@ -202,13 +174,18 @@ def calibrated(key: CalibrationKey) -> Calibration | None:
 
 
 def calibrating(key: CalibrationKey) -> tuple[float, str] | None:
-    """How far a thread calibrating ``key`` has got, or None when none is."""
+    """How far a thread calibrating ``key`` (the warm-up's) has got, or None when none is."""
     flight = disk_cache.in_flight("engine-calibration", key, MODULES, None)
-    thread = _threads.get(key)
-    if flight is None and (thread is None or not thread.is_alive() or key in _kept):
-        return None
-    fraction, label = flight or (0.0, "")  # a thread started behind the page that has not reported yet
-    return fraction, f"Calibrating the simulator: {label or 'waiting for the model to be free'}"
+    return None if flight is None else (flight[0], f"Calibrating the simulator: {flight[1]}")
+
+
+def calibrated_behind(key: CalibrationKey) -> Calibration | None:
+    """The calibration for ``key`` when this server has made it; else it is measured behind the page on the shared
+    model (:func:`ui.background.computed_behind`, a timing: the warm-up pauses) while a bar follows it (None). With
+    background work off it is measured here, under a progress bar. A failure is said on the page that follows it,
+    and the next view tries again."""
+    return background.computed_behind(("engine calibration", key), "Calibrating the simulator",
+                                      lambda: calibrated(key), lambda bar: calibrate(key, progress=bar), timing=True)
 
 
 def forget_calibrations() -> None:
@@ -216,7 +193,6 @@ def forget_calibrations() -> None:
     forget`; what is on disk stays): the next view measures afresh."""
     with _kept_lock:
         _kept.clear()
-        _failed.clear()
     disk_cache.forget()
 
 

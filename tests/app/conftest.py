@@ -51,14 +51,11 @@ def page() -> Callable[..., AppTest]:
 @pytest.fixture
 def behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Background work on (as on a server), with no warm-up started: only what the page starts runs behind it."""
-    from ui import background, engine_runs, warmup
+    from ui import background, warmup
 
     monkeypatch.setattr(background, "enabled", lambda: True)
     monkeypatch.setattr(warmup, "start", lambda: None)
     yield
-    for thread in list(engine_runs._threads.values()):
-        thread.join(timeout=300)
-    engine_runs._threads.clear()
     background.BEHIND.join()
 
 
