@@ -191,9 +191,11 @@ class CompileCheck:
 TILES = (("G", 4), ("D", 128), ("BLOCK_G", 16), ("BLOCK_D", 128), ("BLOCK_N", 64))
 COMPILE_CHECKS = [
     CompileCheck("paged-bf16-split-sm90", "paged_decode_kernel", "bfloat16", 90,
-                 (*TILES, ("SPLIT", True), ("DOT_F32", False))),
-    CompileCheck("int4-fp16-split-sm90", "quantized_paged_decode_kernel", "float16", 90,
-                 (*TILES, ("SPLIT", True), ("DOT_F32", False), ("BITS", 4), ("GROUP", 32), ("SYMMETRIC", False))),
+                 (*TILES, ("SPLIT", True), ("DOT_F32", False), ("QUANTIZED", False), ("BITS", 8), ("GROUP", 1),
+                  ("SYMMETRIC", False))),
+    CompileCheck("int4-fp16-split-sm90", "paged_decode_kernel", "float16", 90,
+                 (*TILES, ("SPLIT", True), ("DOT_F32", False), ("QUANTIZED", True), ("BITS", 4), ("GROUP", 32),
+                  ("SYMMETRIC", False))),
     CompileCheck("merge-bf16-sm90", "merge_splits_kernel", "bfloat16", 90, (("D", 128), ("BLOCK_S", 8),
                                                                             ("BLOCK_D", 128))),
 ]
@@ -203,6 +205,8 @@ TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 def compile_signature(arg_names: list[str], dtype: str, constexprs: dict) -> dict[str, str]:
     """Triton's type string of each argument of a kernel in :mod:`kvcore.kernels.triton_decode`."""
 
+    quantized = constexprs.get("QUANTIZED", False)
+
     def kind(name: str) -> str:
         if name in constexprs:
             return "constexpr"
@@ -210,9 +214,9 @@ def compile_signature(arg_names: list[str], dtype: str, constexprs: dict) -> dic
             return "*fp32"
         if name in ("table_ptr", "lens_ptr"):
             return "*i32"
-        if "codes" in name:
+        if quantized and name in ("k_ptr", "v_ptr"):  # the codes
             return "*u8"
-        if "scales" in name or "zeros" in name:
+        if quantized and ("scales" in name or "zeros" in name):
             return "*fp16"
         if name.endswith("_ptr"):
             return f"*{TRITON_TYPES[dtype]}"

@@ -163,10 +163,11 @@ def _tables(block_tables: torch.Tensor, seq_lens: torch.Tensor, device: torch.de
     return tables, seq_lens.to(device=device, dtype=torch.int32).contiguous()
 
 
-def _pools(cache: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, ...]:
-    """A float pool as it is, or a quantized pool's codes, scales and zeros (scales again when symmetric)."""
+def _pools(cache: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A quantized pool's codes, scales and zeros (scales again when symmetric); a float pool three times (the
+    kernel reads its scale and zero pointers only for a quantized pool)."""
     if not isinstance(cache, QuantizedTensor):
-        return (cache,)
+        return cache, cache, cache
     zeros = cache.scales if cache.zeros is None else cache.zeros
     return cache.codes.contiguous(), cache.scales.contiguous(), zeros.contiguous()
 
@@ -192,14 +193,12 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor | Quanti
     same = quantized or q.dtype == key_cache.dtype == value_cache.dtype
     dot_f32 = q.dtype == torch.float32 or not same or f32_dots(module, q.dtype)
     launch = Launch.of(q, Hkv, int(lens.max()) if max_len is None else max_len, dot_f32, split_tokens)
-    keys, values = _pools(key_cache), _pools(value_cache)  # plain: the pool; quantized: codes, scales, zeros
-    if quantized:
-        strides = (*keys[0].stride()[:3], *keys[1].stride()[:3])  # codes; scales and zeros share theirs
-        kernel, extra = module.quantized_paged_decode_kernel, {
-            "BITS": key_cache.bits, "GROUP": key_cache.group_size, "SYMMETRIC": key_cache.zeros is None}
-    else:
-        strides, kernel, extra = (*key_cache.stride(), *value_cache.stride()), module.paged_decode_kernel, {}
-    kernel[launch.grid(Hkv)](launch.out, launch.part_o, launch.part_lse, q, *keys, *values, tables, lens, scale,
-                             *strides, tables.stride(0), key_cache.shape[1], *launch.sizes(), **launch.constants,
-                             **extra, num_warps=NUM_WARPS)
+    keys, values = _pools(key_cache), _pools(value_cache)  # data (the pool or its codes), scales, zeros
+    quant = {"QUANTIZED": quantized, "BITS": key_cache.bits if quantized else 8,
+             "GROUP": key_cache.group_size if quantized else 1, "SYMMETRIC": quantized and key_cache.zeros is None}
+    scale_strides = keys[1].stride()[:3] if quantized else (0, 0, 0)  # K's and V's scales and zeros share theirs
+    module.paged_decode_kernel[launch.grid(Hkv)](
+        launch.out, launch.part_o, launch.part_lse, q, *keys, *values, tables, lens, scale, *keys[0].stride(),
+        *values[0].stride(), *scale_strides, tables.stride(0), key_cache.shape[1], *launch.sizes(),
+        **launch.constants, **quant, num_warps=NUM_WARPS)
     return launch.finish(module, lens)

@@ -63,50 +63,6 @@ def _store_split(out_ptr, part_o_ptr, part_lse_ptr, seq, heads, split, num_q_hea
 
 
 @triton.jit
-def paged_decode_kernel(
-        out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, scale,
-        stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd, stride_table,
-        block_size, split_tokens, num_q_heads, max_splits,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """Decode attention of one (sequence, KV head, split) over a plain pool; grid ``(B, Hkv, S)``.
-
-    q [B, Hq, D] contiguous; k/v pools [num_blocks, block_size, Hkv, D] (any strides); table int
-    [B, max_blocks]; lens int [B]; out [B, Hq, D] contiguous. Splits are ``split_tokens`` tokens each.
-    """
-    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(lens_ptr + seq)
-    start = split * split_tokens
-    if start >= seq_len:  # the grid covers the longest sequence; this one ends earlier
-        return
-    end = tl.minimum(start + split_tokens, seq_len)
-    g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-    row_mask, dim_mask = g < G, d < D
-    heads = kv_head * G + g  # [BLOCK_G] query heads reading this KV head
-    q_offsets = (seq * num_q_heads + heads).to(tl.int64)[:, None] * D + d[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    q = q.to(tl.float32) if DOT_F32 else q.to(k_ptr.dtype.element_ty)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for first in range(start, end, BLOCK_N):
-        tok = first + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
-        valid = tok < end
-        tile_mask = valid[:, None] & dim_mask[None, :]  # [BLOCK_N, BLOCK_D]
-        k_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_kb, stride_kt)
-        v_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_vb, stride_vt)
-        k = tl.load(k_ptr + k_rows[:, None] + kv_head * stride_kh + d[None, :] * stride_kd, mask=tile_mask,
-                    other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + v_rows[:, None] + kv_head * stride_vh + d[None, :] * stride_vd, mask=tile_mask,
-                    other=0.0)  # [BLOCK_N, BLOCK_D]
-        if DOT_F32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        m, l, acc = _softmax_step(q, k, v, valid, scale, m, l, acc, DOT_F32)
-    _store_split(out_ptr, part_o_ptr, part_lse_ptr, seq, heads, split, num_q_heads, max_splits, m, l, acc, d,
-                 row_mask, dim_mask, D, SPLIT)
-
-
-@triton.jit
 def _dequantize_tile(codes_ptr, scales_ptr, zeros_ptr, code_rows, scale_rows, d, mask,
                      BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr):
     """fp32 values [BLOCK_N, BLOCK_D] of a quantized tile, as ``QuantizedTensor.dequantize`` computes them.
@@ -127,49 +83,62 @@ def _dequantize_tile(codes_ptr, scales_ptr, zeros_ptr, code_rows, scale_rows, d,
 
 
 @triton.jit
-def quantized_paged_decode_kernel(
-        out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_codes_ptr, k_scales_ptr, k_zeros_ptr, v_codes_ptr,
-        v_scales_ptr, v_zeros_ptr, table_ptr, lens_ptr, scale,
-        stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh, stride_table,
-        block_size, split_tokens, num_q_heads, max_splits,
+def paged_decode_kernel(
+        out_ptr, part_o_ptr, part_lse_ptr, q_ptr, k_ptr, k_scales_ptr, k_zeros_ptr, v_ptr, v_scales_ptr, v_zeros_ptr,
+        table_ptr, lens_ptr, scale,
+        stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+        stride_sb, stride_st, stride_sh, stride_table, block_size, split_tokens, num_q_heads, max_splits,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-        SYMMETRIC: tl.constexpr):
-    """:func:`paged_decode_kernel` over quantized pools; grid ``(B, Hkv, S)``.
+        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, QUANTIZED: tl.constexpr, BITS: tl.constexpr,
+        GROUP: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Decode attention of one (sequence, KV head, split) over a pool; grid ``(B, Hkv, S)``.
 
-    codes uint8 [num_blocks, block_size, Hkv, D * BITS / 8] (strides ``stride_c*``); scales and zeros
-    [num_blocks, block_size, Hkv, num_groups] (strides ``stride_s*``, zeros unused when SYMMETRIC). K and
-    V pools share all strides.
+    q [B, Hq, D] contiguous; table int [B, max_blocks]; lens int [B]; out [B, Hq, D] contiguous; splits of
+    ``split_tokens`` tokens. A plain pool: k/v [num_blocks, block_size, Hkv, D] (any strides; the scale and zero
+    pointers and ``stride_s*`` unused). QUANTIZED: k/v are uint8 codes [num_blocks, block_size, Hkv, D * BITS / 8]
+    (bytes contiguous), scales and zeros [num_blocks, block_size, Hkv, num_groups] (strides ``stride_s*``, shared
+    by K and V; zeros unused when SYMMETRIC), dequantized in registers (:func:`_dequantize_tile`).
     """
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(lens_ptr + seq)
     start = split * split_tokens
-    if start >= seq_len:
+    if start >= seq_len:  # the grid covers the longest sequence; this one ends earlier
         return
     end = tl.minimum(start + split_tokens, seq_len)
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     row_mask, dim_mask = g < G, d < D
-    heads = kv_head * G + g
+    heads = kv_head * G + g  # [BLOCK_G] query heads reading this KV head
     q_offsets = (seq * num_q_heads + heads).to(tl.int64)[:, None] * D + d[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None] & dim_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    q = q.to(tl.float32) if DOT_F32 else q
+    if DOT_F32:
+        q = q.to(tl.float32)
+    elif not QUANTIZED:  # a 16-bit query over a pool of its dtype
+        q = q.to(k_ptr.dtype.element_ty)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for first in range(start, end, BLOCK_N):
-        tok = first + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        tok = first + tl.arange(0, BLOCK_N)  # [BLOCK_N] token positions
         valid = tok < end
-        tile_mask = valid[:, None] & dim_mask[None, :]
-        code_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_cb, stride_ct)
-        scale_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_sb, stride_st)
-        code_rows += kv_head * stride_ch
-        scale_rows += kv_head * stride_sh
-        k = _dequantize_tile(k_codes_ptr, k_scales_ptr, k_zeros_ptr, code_rows, scale_rows, d, tile_mask,
-                             BITS, GROUP, SYMMETRIC)  # [BLOCK_N, BLOCK_D] fp32
-        v = _dequantize_tile(v_codes_ptr, v_scales_ptr, v_zeros_ptr, code_rows, scale_rows, d, tile_mask,
-                             BITS, GROUP, SYMMETRIC)  # [BLOCK_N, BLOCK_D] fp32
-        if not DOT_F32:  # a 16-bit query: tensor-core dots in its dtype
-            k, v = k.to(q.dtype), v.to(q.dtype)
+        tile_mask = valid[:, None] & dim_mask[None, :]  # [BLOCK_N, BLOCK_D]
+        k_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_kb, stride_kt) \
+            + kv_head * stride_kh
+        v_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_vb, stride_vt) \
+            + kv_head * stride_vh
+        if QUANTIZED:
+            s_rows = _token_offsets(table_ptr, stride_table, seq, tok, valid, block_size, stride_sb, stride_st) \
+                + kv_head * stride_sh
+            k = _dequantize_tile(k_ptr, k_scales_ptr, k_zeros_ptr, k_rows, s_rows, d, tile_mask,
+                                 BITS, GROUP, SYMMETRIC)  # [BLOCK_N, BLOCK_D] fp32
+            v = _dequantize_tile(v_ptr, v_scales_ptr, v_zeros_ptr, v_rows, s_rows, d, tile_mask,
+                                 BITS, GROUP, SYMMETRIC)
+            if not DOT_F32:  # a 16-bit query: tensor-core dots in its dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        else:
+            k = tl.load(k_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=tile_mask, other=0.0)
+            v = tl.load(v_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=tile_mask, other=0.0)
+            if DOT_F32:
+                k, v = k.to(tl.float32), v.to(tl.float32)
         m, l, acc = _softmax_step(q, k, v, valid, scale, m, l, acc, DOT_F32)
     _store_split(out_ptr, part_o_ptr, part_lse_ptr, seq, heads, split, num_q_heads, max_splits, m, l, acc, d,
                  row_mask, dim_mask, D, SPLIT)
