@@ -19,6 +19,7 @@ import streamlit as st
 
 from kvcore.models.loader import HUB_MODELS, OFFLINE_MODELS, describe_model, load_model, model_name
 from ui import params
+from ui.background import PageFirstLock
 from ui.progress import progress_bar
 
 BUNDLED = "bundled"
@@ -31,12 +32,13 @@ CHOICE_HELP = ("bundled: the 5.8M-parameter toy trained on Python's docs (fast; 
 
 @dataclass(slots=True)
 class SharedModel:
-    """A loaded causal LM, its tokenizer, and the re-entrant lock every user of it holds."""
+    """A loaded causal LM, its tokenizer, and the re-entrant lock every user of it holds (a page first:
+    :class:`ui.background.PageFirstLock`)."""
 
     name: str
     model: Any
     tokenizer: Any
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: PageFirstLock = field(default_factory=PageFirstLock)
 
 
 @dataclass(slots=True)
