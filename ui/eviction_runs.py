@@ -219,10 +219,8 @@ def sweep(source: EvictionText, config: EvictionConfig, model: SharedModel | Non
         if gathered is None:
             return None
     else:
-        gathered = kept_summary(source, config)
-        if gathered is None:
-            with progress_bar() as bar:
-                gathered = summary(source, config, model, bar)
+        with progress_bar() as bar:  # drawn only when the summary is not kept (computed for more than a moment)
+            gathered = summary(source, config, model, bar)
     if model is not None:
         timed = time_runs(source, specs, model)
     else:
