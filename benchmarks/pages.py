@@ -7,8 +7,9 @@ slider step; with the load average of each measurement.
 Starts ``streamlit run app.py`` (headless) on a free port and drives Chromium (``/usr/bin/chromium`` or
 ``$KVLAB_CHROMIUM``) through Playwright. A wait ends with the server's last ``script_finished`` message after the
 action, once none has come for :data:`QUIET_MS`: a whole run's for a first view, a reload or a click (the page is
-complete; a section computed in the background may still show its progress bar), any run's for a slider step (a
-step player's slider reruns only its fragment). "Filled in" runs on from the first view until the sections that
+complete; a section computed in the background may still show its progress bar). A slider step of a step player
+runs until the player's title, drawn by Plotly in the browser, shows the new step (a server-side end would also
+count the polls of any bar still on the page). "Filled in" runs on from the first view until the sections that
 follow background work have filled in: no run of any kind (a waiting section polls every second) for
 :data:`FILLED_QUIET_MS`. The time runs from the navigation (first view, reload) or the key press or click.
 
@@ -147,20 +148,28 @@ def slider_thumb(page, label: str):
     return thumb
 
 
-def step_back(page, label: str) -> None:
-    """One step back on a step player's slider (its URL-bound Streamlit slider)."""
-    slider_thumb(page, label).press("ArrowLeft")
+def step_drawn(tab, label: str) -> float:
+    """Seconds from one step back on a step player's slider (its URL-bound Streamlit slider) until the player's
+    title shows that step in the browser (``step N: query at ...``, drawn by Plotly) and the URL carries it."""
+    thumb = slider_thumb(tab, label)
+    step = int(thumb.input_value()) - 1
+    title = tab.locator("svg text.gtitle").filter(has_text=f"step {step}: query at")
+    since = time.perf_counter()
+    thumb.press("ArrowLeft")
+    title.first.wait_for(state="visible", timeout=120_000)
+    drawn = time.perf_counter() - since
+    tab.wait_for_url(f"**step={step}**", timeout=30_000)
+    return drawn
 
 
-def measure(tab, watch: RunWatch, action: Callable[[], None], url_part: str | None = None,
-            fragment: bool = False) -> float:
-    """Seconds from ``action`` until the server finished the whole run it started (``fragment``: any run, a
-    fragment's too); the URL carries ``url_part`` first, when given."""
+def measure(tab, watch: RunWatch, action: Callable[[], None], url_part: str | None = None) -> float:
+    """Seconds from ``action`` until the server finished the whole run it started; the URL carries ``url_part``
+    first, when given."""
     since = time.perf_counter()
     action()
     if url_part:
         tab.wait_for_url(f"**{url_part}**", timeout=120_000)
-    return wait_finished(tab, watch.finished if fragment else watch.whole, since)
+    return wait_finished(tab, watch.whole, since)
 
 
 def time_page(browser, url: str, path: str, model: str | None = None) -> list[dict[str, object]]:
@@ -181,7 +190,7 @@ def time_page(browser, url: str, path: str, model: str | None = None) -> list[di
     row("filled in", wait_finished(tab, watch.finished, since, FILLED_QUIET_MS))
     row("reload", measure(tab, watch, tab.reload))
     if path in STEPS:
-        row("slider step", measure(tab, watch, lambda: step_back(tab, STEPS[path]), "step=", fragment=True))
+        row("slider step", step_drawn(tab, STEPS[path]))
     for click in CLICKS.get(path, []):
         measure(tab, watch, lambda: tab.goto(address))
         try:
@@ -230,8 +239,9 @@ def markdown(table: pd.DataFrame, started: str, load_start: tuple[float, ...], a
         f"Python {platform.python_version()}. **Load average** (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} "
         f"at the start, {'/'.join(f'{x:.2f}' for x in load_end)} at the end.", "",
         "Headless Chromium, one tab per page in the navigation's order; each time runs from the navigation, key "
-        "press or click until the server finished the whole run it started (a step player's slider: its fragment's "
-        "run), once nothing else ran for 0.9 s. `first view`: the page complete, a section that follows background "
+        "press or click until the server finished the whole run it started, once nothing else ran for 0.9 s; a step "
+        "player's slider step until the player's title shows the new step (drawn in the browser; the URL must carry "
+        "it too). `first view`: the page complete, a section that follows background "
         "work showing its progress bar; `filled in`: from the navigation until every such section filled in by "
         "itself (no run, not even a poll, for 3 s). `empty`: a fresh server with an empty results cache (the first "
         "visitor of a new deployment); `kept`: the server restarted on the cache the first pass filled. The "

@@ -434,9 +434,12 @@ def computed_behind(key: Hashable, what: str, kept: Callable[[], T | None],
     """A section's result: ``kept()`` when it is there; else ``work`` (which keeps it where ``kept`` finds it) runs
     behind the page (:data:`BEHIND`) while a bar here follows it and reruns the page when it is done (None). With
     background work off (:func:`enabled`), ``work`` runs here under a progress bar instead. A failure behind the page
-    is raised here, on the page that follows it (and the next view tries again)."""
+    is raised here, on the page that follows it (and the next view tries again). Every way holds one place on the
+    page (the bar's, or an empty element once the result is kept), so what follows keeps its place (why:
+    :mod:`ui.params`)."""
     result = kept()
     if result is not None:
+        st.empty()
         return result
     if not enabled():
         with progress_bar(show_after_s=0.0) as bar:

@@ -217,12 +217,13 @@ def needle_section() -> None:
     try:
         settings = NeedleSettings(model, NeedleConfig(**chosen))
         settings.check_cost()
-        view = needle_runs.kept(settings)
-        if view is None:
-            if not background.wait_for(_pending(settings), "Run the needle test now (about 40 s)", "nd_run",
-                                       OFF_NOTE):
-                return
-            view = needle_runs.shown(settings)
+        with st.container():  # one place whether the grid is kept, followed or computed here (why: ui.params)
+            view = needle_runs.kept(settings)
+            if view is None:
+                if not background.wait_for(_pending(settings), "Run the needle test now (about 40 s)", "nd_run",
+                                           OFF_NOTE):
+                    return
+                view = needle_runs.shown(settings)
     except USER_ERRORS as exc:
         st.error(f"Needle test: {exc}", icon=":material/error:")
         return

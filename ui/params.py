@@ -4,6 +4,14 @@ Every widget goes through :func:`widget` so that it carries ``bind="query-params
 the query parameter, Streamlit validates the value and drops a bad one, and the default is left
 out of the URL. State that is not a widget (a list of actions, say) is read with
 :func:`query_value`, which warns and falls back to the default on a bad value.
+
+A bound widget must never move up the page between two runs of one view. Streamlit's browser side writes a
+widget's value to the URL through a binding that the widget registers when it mounts and drops when it unmounts,
+keyed by the widget's id: a widget that moves up mounts at its new place while its old copy below is still
+shown, and when the run ends the old copy unmounts and drops the binding they share. From then on that widget no
+longer reaches the URL. So whatever comes and goes above a widget holds its place: a progress bar
+(:func:`ui.progress.progress_bar`), a section computed behind the page (:func:`ui.background.computed_behind`), the
+warning beside a widget (:func:`widget`).
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ def widget(factory: Callable[..., T], label: Any, *, key: str, **kwargs: Any) ->
     value = factory(label, key=key, bind="query-params", **kwargs)
     value = required.default if required is not None and value is None else value
     ignored = _ignored(raw, value, name, label, kwargs, dropped=dropped or key not in st.query_params)
+    warning = getattr(factory, "__self__", st).empty()  # held in every run (see the module's note)
     if ignored is not None:
-        getattr(factory, "__self__", st).warning(
+        warning.warning(
             f"URL parameter `{key}={_shown(ignored)}` was ignored: expected {allowed_values(name, label, kwargs)}. "
             f"Using {_shown(_as_text(value, name, label, kwargs))}.")
     return value

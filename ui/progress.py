@@ -36,29 +36,32 @@ def progress_bar(show_after_s: float = SHOW_AFTER_S) -> Iterator[Progress]:
     """A callback ``(fraction, label)`` that moves a progress bar drawn here, once the block has run
     ``show_after_s`` seconds (work served from a cache shows none); call it when a step starts, saying what
     it does. The bar goes when the block ends. Outside a page's run (a background thread warming caches) it
-    draws nothing."""
-    bar = None
+    draws nothing.
+
+    On a page the bar's place is held from the start (an empty element, which draws nothing) whether or not the
+    bar shows: the elements below keep their places between a run that computes and one served from a cache
+    (why: :mod:`ui.params`)."""
     on_page = get_script_run_ctx(suppress_warning=True) is not None
+    slot = st.empty() if on_page else None
+    shown = False
     start = time.monotonic()
 
     def update(fraction: float, label: str) -> None:
-        nonlocal bar
+        nonlocal shown
         fraction = min(max(float(fraction), 0.0), 1.0)
         if not on_page:
             timings.pause_point()  # the warm-up gives way to a timing measured behind a page
             return
         if time.monotonic() - start < show_after_s:
             return
-        if bar is None:
-            bar = st.progress(fraction, text=label)
-        else:
-            bar.progress(fraction, text=label)
+        slot.progress(fraction, text=label)
+        shown = True
 
     try:
         yield update
     finally:
-        if bar is not None:
-            bar.empty()
+        if shown:
+            slot.empty()
 
 
 def steps(progress: Progress, start: float, stop: float) -> Progress:

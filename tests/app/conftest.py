@@ -38,6 +38,29 @@ def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
+def bound_places(at: AppTest) -> dict[str, tuple[str | int, ...]]:
+    """Where each URL-bound widget is on the page: its query parameter -> its path of child indices from the main
+    area or the sidebar."""
+    def walk(node, path: tuple[str | int, ...]) -> dict[str, tuple[str | int, ...]]:
+        places = {}
+        for index, child in getattr(node, "children", {}).items():
+            key = getattr(getattr(child, "proto", None), "query_param_key", "")
+            if key:
+                places[key] = (*path, index)
+            places |= walk(child, (*path, index))
+        return places
+    return walk(at.main, ("main",)) | walk(at.sidebar, ("sidebar",))
+
+
+def assert_no_bound_widget_moved_up(before: AppTest, after: AppTest) -> None:
+    """Every URL-bound widget on both pages is at the same place or further down on ``after``: a widget that moves
+    up between two runs stops writing its value to the URL (why: ``ui.params``)."""
+    first, then = bound_places(before), bound_places(after)
+    assert first, "no URL-bound widget found"
+    moved = {key: (first[key], then[key]) for key in first.keys() & then.keys() if then[key] < first[key]}
+    assert not moved, f"moved up (before, after): {moved}"
+
+
 @pytest.fixture
 def page() -> Callable[..., AppTest]:
     """``page("home", {"tokens": "4096"})`` -> a rendered AppTest, asserted exception-free."""

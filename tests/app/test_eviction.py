@@ -10,6 +10,7 @@ import pytest
 from kvcore.eviction import DEFAULT_BUDGETS, DEFAULT_POLICIES
 from kvcore.eviction.evaluate import TIMED_STEPS
 from kvcore.models.loader import BUNDLED_DIR
+from tests.app.conftest import assert_no_bound_widget_moved_up
 from ui import background, eviction_runs
 from ui import step_figures as sf
 
@@ -91,9 +92,10 @@ def test_with_background_work_the_decode_steps_are_timed_behind_the_page(page, b
     assert len(texts) == 1, texts
     assert texts[0].startswith("Timing the decode steps of each run: "), texts
     background.BEHIND.join()
-    at = page("eviction", view)
-    assert (results(at)["decode_steps"] == TIMED_STEPS).all()
-    assert not at.get("progress")
+    filled = page("eviction", view)
+    assert (results(filled)["decode_steps"] == TIMED_STEPS).all()
+    assert not filled.get("progress")
+    assert_no_bound_widget_moved_up(at, filled)  # the step player's slider still writes the URL
 
 
 @needs_bundled

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kvcore.plans import cache_plans
+from tests.app.conftest import assert_no_bound_widget_moved_up
 from ui import background, live_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,10 +67,11 @@ def test_with_background_work_the_timing_fills_in_behind_the_page(page, behind):
     assert texts[0].startswith("Timing prefill and decode in interleaved rounds: "), texts
     assert not any(c.value.startswith("Timing (measured") for c in at.caption)
     background.BEHIND.join()
-    at = page("live_model", view)
-    assert metric(at, "Prefill").value.endswith(" ms")
-    assert any(c.value.startswith("Timing (measured") for c in at.caption)
-    assert not at.get("progress")
+    filled = page("live_model", view)
+    assert metric(filled, "Prefill").value.endswith(" ms")
+    assert any(c.value.startswith("Timing (measured") for c in filled.caption)
+    assert not filled.get("progress")
+    assert_no_bound_widget_moved_up(at, filled)
 
 
 def test_a_timing_that_fails_behind_the_page_says_why_and_is_tried_again(page, behind, monkeypatch):

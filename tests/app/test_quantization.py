@@ -7,6 +7,7 @@ import pytest
 
 from kvcore.models.loader import BUNDLED_DIR
 from kvcore.quant.methods import METHODS
+from tests.app.conftest import assert_no_bound_widget_moved_up
 from ui.format import signed_pct
 
 HAVE_MODEL = (BUNDLED_DIR / "model.safetensors").is_file()
@@ -247,8 +248,9 @@ def test_with_background_work_the_decode_fills_in_behind_the_page(page, behind):
     assert not premise["claim"].str.contains("per channel lose less").any()  # that half needs the decode
     assert any("k_top_ratio" in d.value.columns for d in at.dataframe)
     background.BEHIND.join()
-    at = page("quantization", view)
+    pending, at = at, page("quantization", view)
     assert not at.get("progress")
+    assert_no_bound_widget_moved_up(pending, at)
     done = metrics(at)
     assert done["Perplexity"] != "decoding..."
     assert {k: done[k] for k in ("Key error", "Value error", "Attention error")} == \

@@ -11,7 +11,7 @@ import pytest
 from kvcore.engine.experiment import EngineSettings
 from kvcore.engine.report import check_page_limits
 from kvcore.engine.workload import ServeWorkload
-from tests.app.conftest import Calls, assert_clean, open_page
+from tests.app.conftest import Calls, assert_clean, assert_no_bound_widget_moved_up, open_page
 from ui import background, disk_cache, engine_runs, warm_defaults
 from ui.models import private_model
 
@@ -106,9 +106,10 @@ def test_with_background_work_other_settings_calibrate_behind_the_page(page, cal
     assert texts[0] != "Calibrating the simulator: ", texts  # says what it is doing
     background.BEHIND.join()
     assert calibrations.count == 1
-    at = page("serving_engine", SETTINGS_BS8)
-    assert prediction_of(at) is not None
+    filled = page("serving_engine", SETTINGS_BS8)
+    assert prediction_of(filled) is not None
     assert calibrations.count == 1  # read back, never measured twice
+    assert_no_bound_widget_moved_up(at, filled)
 
 
 def test_a_calibration_that_fails_behind_the_page_says_why_then_the_next_view_tries_again(page, calibrations, behind,

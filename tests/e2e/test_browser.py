@@ -195,3 +195,24 @@ def test_each_page_writes_a_changed_setting_to_the_url(server, browser, path):
     assert page.locator("[data-testid='stException']").count() == 0
     shoot(page, f"{path}-changed")
     page.close()
+
+
+def test_a_bound_widget_still_writes_the_url_after_the_page_reran(server, browser):
+    """A view computed in this tab (its bars drawn), then a whole rerun that reads it back (a budget picked), then
+    the step player's slider: its step must still reach the URL. Before the pages held the places of their bars,
+    every widget below them moved up in that rerun and stopped writing the URL (``ui.params``)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/eviction?ntok=96")  # a view no other test computes on this server
+    settle(page)
+    box = page.get_by_label("Budget shown below (tokens)")
+    box.click()
+    box.press("ArrowDown")  # opens the list
+    page.get_by_role("option", name="64", exact=True).click()
+    page.wait_for_url("**at=64**", timeout=30_000)
+    settle(page)
+    thumb = page.locator("[data-testid='stSlider'] input[type='range'][aria-label='Step (query position)']")
+    thumb.focus()
+    thumb.press("ArrowLeft")
+    page.wait_for_url("**step=**", timeout=30_000)
+    assert "at=64" in page.url and "ntok=96" in page.url
+    page.close()
