@@ -159,43 +159,6 @@ static inline __attribute__((always_inline)) void add_rows(int R, int g, const f
     }
 }
 
-/* One span over fp32 pools, query subgroups of GS heads (R = 16 / GS tokens per register group). */
-static inline __attribute__((always_inline)) int span_f32(int GS, const Step *st, const int64_t *sp, float *q,
-                                                          float *s, float *m, float *l, float *o) {
-    const int R = LANES / GS;
-    int64_t heads = st->heads, G = st->group, d = st->dim, hg = heads * G, row = heads * d;
-    const int64_t *table = st->tables + sp[0] * st->table_stride;
-    const float *rows[LANES];
-    int64_t slot[LANES];
-    for (int64_t x = 0; x < hg * d; x++) q[x] = st->q[sp[0] * hg * d + x] * st->scale;
-    for (int64_t t0 = sp[1]; t0 < sp[1] + sp[2]; t0 += TILE) {
-        int64_t stop = sp[1] + sp[2] < t0 + TILE ? sp[1] + sp[2] : t0 + TILE, n = stop - t0;
-        for (int64_t t = t0; t < stop; t += R) {
-            group_slots(st, table, R, t, stop, slot);
-            for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) rows[r] = st->key + slot[r] * row + h * d;
-                for (int64_t j = 0; j < G; j += GS) {
-                    int g = G - j < GS ? (int)(G - j) : GS;
-                    dot_rows(R, g, rows, q + (h * G + j) * d, d, s + (t - t0) * hg + h * G + j, hg);
-                }
-            }
-        }
-        softmax_update(s, n, hg, d, m, l, o, NULL, 0, s + (TILE + LANES) * hg);
-        memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
-        for (int64_t t = t0; t < stop; t += R) {
-            group_slots(st, table, R, t, stop, slot);
-            for (int64_t h = 0; h < heads; h++) {
-                for (int r = 0; r < R; r++) rows[r] = st->value + slot[r] * row + h * d;
-                for (int64_t j = 0; j < G; j += GS) {
-                    int g = G - j < GS ? (int)(G - j) : GS;
-                    add_rows(R, g, rows, s + (t - t0) * hg + h * G + j, hg, o + (h * G + j) * d, d);
-                }
-            }
-        }
-    }
-    return 0;
-}
-
 /* ----------------------------------------------------------------------------------- quantized pools */
 /*
  * Codes are read plane by plane (bit field p of every byte), so q and o are in that "plane order"
@@ -304,47 +267,64 @@ static void plane_query(const Step *st, const float *src, float *q, float *qsum)
         }
 }
 
-static inline __attribute__((always_inline)) int span_quantized(int GS, const Step *st, const int64_t *sp, float *q,
-                                                                float *s, float *m, float *l, float *o) {
+/* ---------------------------------------------------------------------------------------- one span */
+
+/* One span, its query heads in subgroups of GS (R = 16 / GS tokens per register group); QUANT: quantized pools
+   (a compile-time choice: each caller's branch is the only one built). */
+static inline __attribute__((always_inline)) int span(int GS, int QUANT, const Step *st, const int64_t *sp, float *q,
+                                                      float *s, float *m, float *l, float *o) {
     const int R = LANES / GS;
-    int64_t heads = st->heads, G = st->group, d = st->dim, hg = heads * G, ng = st->groups;
+    int64_t heads = st->heads, G = st->group, d = st->dim, hg = heads * G, ng = st->groups, row = heads * d;
     const int64_t *table = st->tables + sp[0] * st->table_stride;
     float *work = s + (TILE + LANES) * hg, *zsum = work + 3 * hg + LANES, *qsum = zsum + hg * ng;
     float scale[LANES][MAX_GROUPS], zero[LANES][MAX_GROUPS];
-    const uint8_t *rows[LANES];
+    const float *rows[LANES];
+    const uint8_t *codes[LANES];
     int64_t slot[LANES];
-    plane_query(st, st->q + sp[0] * hg * d, q, qsum);
-    memset(zsum, 0, hg * ng * sizeof(float));
+    if (QUANT) {
+        plane_query(st, st->q + sp[0] * hg * d, q, qsum);
+        memset(zsum, 0, hg * ng * sizeof(float));
+    } else {
+        for (int64_t x = 0; x < hg * d; x++) q[x] = st->q[sp[0] * hg * d + x] * st->scale;
+    }
     for (int64_t t0 = sp[1]; t0 < sp[1] + sp[2]; t0 += TILE) {
         int64_t stop = sp[1] + sp[2] < t0 + TILE ? sp[1] + sp[2] : t0 + TILE, n = stop - t0;
-        for (int64_t t = t0; t < stop; t += R) {
+        for (int64_t t = t0; t < stop; t += R) { /* scores of keys */
             group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                quant_rows(st, st->kcodes, st->kscales, st->kzeros, R, slot, h, rows, scale, zero);
+                if (QUANT) quant_rows(st, st->kcodes, st->kscales, st->kzeros, R, slot, h, codes, scale, zero);
+                else for (int r = 0; r < R; r++) rows[r] = st->key + slot[r] * row + h * d;
                 for (int64_t j = 0; j < G; j += GS) {
                     int g = G - j < GS ? (int)(G - j) : GS;
-                    qdot_rows(R, g, st, rows, scale, zero, q + (h * G + j) * d, qsum + (h * G + j) * ng,
-                              s + (t - t0) * hg + h * G + j, hg);
+                    float *out = s + (t - t0) * hg + h * G + j;
+                    if (QUANT) qdot_rows(R, g, st, codes, scale, zero, q + (h * G + j) * d, qsum + (h * G + j) * ng,
+                                         out, hg);
+                    else dot_rows(R, g, rows, q + (h * G + j) * d, d, out, hg);
                 }
             }
         }
-        softmax_update(s, n, hg, d, m, l, o, zsum, ng, work);
+        softmax_update(s, n, hg, d, m, l, o, QUANT ? zsum : NULL, QUANT ? ng : 0, work);
         memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
-        for (int64_t t = t0; t < stop; t += R) {
+        for (int64_t t = t0; t < stop; t += R) { /* values, weighed */
             group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                quant_rows(st, st->vcodes, st->vscales, st->vzeros, R, slot, h, rows, scale, zero);
+                if (QUANT) quant_rows(st, st->vcodes, st->vscales, st->vzeros, R, slot, h, codes, scale, zero);
+                else for (int r = 0; r < R; r++) rows[r] = st->value + slot[r] * row + h * d;
                 for (int64_t j = 0; j < G; j += GS) {
                     int g = G - j < GS ? (int)(G - j) : GS;
-                    qadd_rows(R, g, st, rows, scale, zero, s + (t - t0) * hg + h * G + j, hg, o + (h * G + j) * d,
-                              zsum + (h * G + j) * ng);
+                    const float *p = s + (t - t0) * hg + h * G + j;
+                    if (QUANT) qadd_rows(R, g, st, codes, scale, zero, p, hg, o + (h * G + j) * d,
+                                         zsum + (h * G + j) * ng);
+                    else add_rows(R, g, rows, p, hg, o + (h * G + j) * d, d);
                 }
             }
         }
     }
-    int64_t rb = d * st->bits / 8, gb = rb / ng;
-    for (int64_t i = 0; i < hg; i++) /* the zero-point sums, onto each group's positions of every plane */
-        for (int64_t x = 0; x < d; x++) o[i * d + x] += zsum[i * ng + (x % rb) / gb];
+    if (QUANT) {
+        int64_t rb = d * st->bits / 8, gb = rb / ng;
+        for (int64_t i = 0; i < hg; i++) /* the zero-point sums, onto each group's positions of every plane */
+            for (int64_t x = 0; x < d; x++) o[i * d + x] += zsum[i * ng + (x % rb) / gb];
+    }
     return 0;
 }
 
@@ -352,12 +332,13 @@ static inline __attribute__((always_inline)) int span_quantized(int GS, const St
 
 /* The query heads of a KV head run in subgroups of GS (a compile-time register layout): 1 to 4 as they are,
    5-15 in subgroups of 4 or 8 (the last one smaller), 16 and more in subgroups of 16. */
-#define CASES(F, st, sp, q, s, m, l, o)                                                                       \
+#define CASES(Q, st, sp, q, s, m, l, o)                                                                       \
     switch ((st)->group) {                                                                                  \
-    case 1: F(1, st, sp, q, s, m, l, o); break;   case 2: F(2, st, sp, q, s, m, l, o); break;                 \
-    case 3: F(3, st, sp, q, s, m, l, o); break;   case 4: case 5: case 6: case 7: F(4, st, sp, q, s, m, l, o); break; \
+    case 1: span(1, Q, st, sp, q, s, m, l, o); break;   case 2: span(2, Q, st, sp, q, s, m, l, o); break;     \
+    case 3: span(3, Q, st, sp, q, s, m, l, o); break;                                                        \
+    case 4: case 5: case 6: case 7: span(4, Q, st, sp, q, s, m, l, o); break;                                \
     default:                                                                                                \
-        if ((st)->group < 16) F(8, st, sp, q, s, m, l, o); else F(16, st, sp, q, s, m, l, o);               \
+        if ((st)->group < 16) span(8, Q, st, sp, q, s, m, l, o); else span(16, Q, st, sp, q, s, m, l, o);     \
         break;                                                                                              \
     }
 
@@ -375,9 +356,9 @@ static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
         for (int64_t x = 0; x < hg; x++) { m[x] = -FLT_MAX; l[x] = 0.f; }
         memset(o, 0, hg * d * sizeof(float));
         if (quantized) {
-            CASES(span_quantized, st, sp, q, s, m, l, o)
+            CASES(1, st, sp, q, s, m, l, o)
         } else {
-            CASES(span_f32, st, sp, q, s, m, l, o)
+            CASES(0, st, sp, q, s, m, l, o)
         }
         if (st->out)
             for (int64_t x = 0; x < hg; x++) finish_row(o + x * d, l[x], d, st->order, st->out + (sp[0] * hg + x) * d);
