@@ -9,6 +9,7 @@ benchmarks/engine.py on a quiet machine, never asserted here (wall time).
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -107,6 +108,20 @@ def test_a_real_run_gives_every_step_its_work_and_time(bundled):
     assert steps["sequences"].max() == 4
     assert (steps["prefill_seqs"] <= steps["sequences"]).all()
     assert (steps["seconds"] >= 0).all()
+
+
+def test_a_real_run_calls_back_between_its_steps_off_its_clock(bundled):
+    """An app's background thread pauses between the run's steps while a page runs: the pause is no step's time."""
+    model, _ = bundled
+    paused = []
+
+    def pause() -> None:
+        paused.append(1)
+        time.sleep(0.02)
+
+    steps = time_engine_run(model, max_seqs=4, requests=12, between_steps=pause)
+    assert len(paused) == len(steps)  # once after every step
+    assert steps["seconds"].median() < 0.02
 
 
 def test_calibrated_once_the_simulator_predicts_a_run_it_never_saw(bundled):

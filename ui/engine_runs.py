@@ -114,17 +114,19 @@ def served(model: str, workload: ServeWorkload, settings: EngineSettings, transf
 
     With transformers beside the engine and the server working behind its pages, the interleaved runs of both
     systems (seconds on a real model) are measured on a thread while a bar follows them; meanwhile the page shows one
-    engine run, and the whole report once it is there. Otherwise :func:`report`, here."""
+    engine run, and the whole report once it is there. Otherwise :func:`report`, here. The page's engine run comes
+    first and the comparison's thread starts after it, so the page never waits for one of that thread's runs."""
     if not (transformers and background.enabled()):
         return report(model, workload, settings, transformers), False
     check_page_limits(shared_model(model).model, workload, settings, transformers)
     key = (model_name(model), workload, settings)
+    alone = report(model, workload, settings, False) if kept_comparison(key) is None else None
     compared = background.computed_behind(
         ("serving comparison", key), "Serving the same requests on transformers and the engine, interleaved",
         lambda: kept_comparison(key), lambda bar: _compare(key, bar), timing=True)
     if compared is not None:
         return compared, False
-    return report(model, workload, settings, False), True
+    return (alone if alone is not None else report(model, workload, settings, False)), True
 
 
 def _serve(shared: SharedModel, workload: ServeWorkload, settings: EngineSettings, transformers: bool,

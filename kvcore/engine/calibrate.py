@@ -87,16 +87,18 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     beyond the grid fit's model time is fitted to a per-step, per-token and per-sequence cost and added. The
     fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on grid steps held out
     of it; r2 is on every grid step. turn: entered around each grid step and around the engine run (an app's
-    shared model lock: other users of the model go between them).
+    shared model lock: other users of the model go between them). progress is also called between the engine run's
+    steps, off its clock (an app's background thread may pause there).
     """
     report = progress or (lambda fraction, label: None)
     steps = design(max_seqs, prefills=largest_chunks(sum(p.numel() for p in model.parameters())))
     grid = time_grid(model, steps, block_size, repeats, threads, progress=lambda f, label: report(0.85 * f, label),
                      turn=turn)
     runner, r2 = fit_nonnegative(_design_matrix(grid, GRID_FEATURES), grid["seconds"].to_numpy(float), relative=True)
-    report(0.85, "timing a real engine run: what a step costs beyond its model work")
+    label = "timing a real engine run: what a step costs beyond its model work"
+    report(0.85, label)
     with turn():
-        run = time_engine_run(model, block_size, max_seqs, threads)
+        run = time_engine_run(model, block_size, max_seqs, threads, between_steps=lambda: report(0.85, label))
     report(0.95, "fitting the step time")
     run = run[run["new_tokens"] > 0]
     beyond = run["seconds"].to_numpy(float) - _design_matrix(run, GRID_FEATURES) @ runner

@@ -130,11 +130,13 @@ def _chunks(step: GridStep, runner: ModelRunner, block_size: int, vocab: int, rn
 
 
 def time_engine_run(model, block_size: int = 16, max_seqs: int = 32, threads: int | None = None,
-                    requests: int = 96, seed: int = 0) -> pd.DataFrame:
+                    requests: int = 96, seed: int = 0, between_steps: Callable[[], None] | None = None
+                    ) -> pd.DataFrame:
     """A real engine run of ``requests`` random prompts (8-256 tokens, 4-48 outputs; fewer and shorter for a
     big model, whose steps take longer) as its timeline: one row per step with :data:`FEATURES` and
     ``seconds``. What a step costs beyond its model work (scheduling, blocks, sampling, Python's garbage
-    collector, caches that other steps left cold) shows here and nowhere in the grid."""
+    collector, caches that other steps left cold) shows here and nowhere in the grid. between_steps: called after
+    every step, off the run's clock (an app's background thread pauses there while a page runs)."""
     params = sum(p.numel() for p in model.parameters())
     scale = min(1.0, GRID_WORK / (512 * params))  # the bundled model: 1; SmolLM2: about a third
     requests, longest = max(8, int(requests * scale)), max(32, int(256 * scale))
@@ -145,7 +147,7 @@ def time_engine_run(model, block_size: int = 16, max_seqs: int = 32, threads: in
     vocab = engine.vocab_size
     prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(8, longest + 1, requests)]
     params_each = [SamplingParams(max_tokens=int(n), ignore_eos=True) for n in rng.integers(4, 49, requests)]
-    engine.generate(prompts, params_each)
+    engine.generate(prompts, params_each, on_step=None if between_steps is None else lambda _: between_steps())
     steps = engine.stats.timeline
     return pd.DataFrame({"new_tokens": steps["batch_tokens"], "sequences": steps["sequences"],
                          "prefill_seqs": steps["prefill_seqs"], "attn_pairs": steps["attn_pairs"],

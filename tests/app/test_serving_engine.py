@@ -135,6 +135,28 @@ def test_a_calibration_that_fails_behind_the_page_says_why_then_the_next_view_tr
     assert prediction_of(page("serving_engine", SETTINGS_BS8)) is not None
 
 
+def test_the_pages_engine_run_comes_before_the_comparison_behind_it(page, calibrations, behind, monkeypatch):
+    """The comparison's thread takes the model run by run: started first, it would make the page's own engine run
+    wait for one of them (on SmolLM2 about 2 s of a 5 s first view). The page runs first, then starts it."""
+    events = []
+    real_report, real_start = engine_runs.report, background.Behind.start
+
+    def report(*args, **kwargs):
+        events.append("page run starts")
+        out = real_report(*args, **kwargs)
+        events.append("page run ends")
+        return out
+
+    def start(self, key, *args, **kwargs):
+        events.append(f"{key[0]} starts")
+        return real_start(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(engine_runs, "report", report)
+    monkeypatch.setattr(background.Behind, "start", start)
+    page("serving_engine", {**SMALL, "eg_seed": "5"})
+    assert events[:3] == ["page run starts", "page run ends", "serving comparison starts"], events
+
+
 def test_with_background_work_transformers_runs_are_measured_behind_the_page(page, calibrations, behind):
     """On a real model the interleaved runs of both systems take seconds: the page shows one engine run at once, a
     bar follows the comparison, and the page's rerun shows both systems."""
