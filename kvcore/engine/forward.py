@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import DecodeBatch
 
-RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
 
 @dataclass(slots=True)
 class GatheredAttention:
@@ -89,45 +87,55 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 @dataclass(slots=True)
 class Projection:
-    """A linear layer as the step applies it: ``x @ W.T + b`` with torch's linear, or with oneDNN's on a weight
-    packed once for it (the blocked layout its GEMM reads; 2-3x faster at a few to hundreds of rows on the CPU
-    of benchmarks/RESULTS.md, the same fp32 math in another summation order). The packed copy takes the
-    weight's bytes again."""
+    """Linear layers that read the same rows, as the step applies them: ``x @ W.T + b`` for each, side by side
+    in one ``[T, sum of outputs]`` result (q/k/v as one, gate/up as one: vLLM's ``QKVParallelLinear`` and
+    ``MergedColumnParallelLinear``). With torch's linear per weight, or with one oneDNN GEMM on the weights
+    packed once, side by side (the blocked layout its GEMM reads; 2-3x faster at a few to hundreds of rows on
+    the CPU of benchmarks/RESULTS.md, the same fp32 math in another summation order). The packed copy takes
+    the weights' bytes again."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    sizes: tuple[int, ...]
     packed: torch.Tensor | None = None
+    packed_bias: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, module: torch.nn.Linear, pack: bool) -> Projection:
-        packed = None
-        if pack and can_pack(module.weight):
+    def of(cls, pack: bool, *modules: torch.nn.Linear) -> Projection:
+        weights = tuple(m.weight for m in modules)
+        biases = tuple(m.bias for m in modules)
+        packed = packed_bias = None
+        if pack and can_pack(weights[0]):
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 16)
-        return cls(module.weight, module.bias, packed)
+                packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights).detach(), 16)
+                if any(b is not None for b in biases):
+                    packed_bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b.detach()
+                                             for w, b in zip(weights, biases, strict=True)])
+        return cls(weights, biases, tuple(w.shape[0] for w in weights), packed, packed_bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if self.packed is None or rows < PACKED_MIN_ROWS:
-            return F.linear(x, self.weight, self.bias)
+            outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         pad = -rows % ROW_BUCKET  # a new row count costs a kernel build (0.5-1 ms) on its first call
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
-        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
         return out[:rows] if pad else out
 
 
 @dataclass(slots=True)
 class MLP:
-    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``)."""
+    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``), gate and up as one projection."""
 
-    gate: Projection
-    up: Projection
+    gate_up: Projection
     down: Projection
     act: Callable[[torch.Tensor], torch.Tensor]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).split(self.gate_up.sizes, dim=-1)
+        return self.down(self.act(gate) * up)
 
 
 @dataclass(slots=True)
@@ -136,9 +144,7 @@ class Layer:
 
     input_norm: torch.nn.Module
     post_norm: torch.nn.Module
-    q: Projection
-    k: Projection
-    v: Projection
+    qkv: Projection
     o: Projection
     q_norm: torch.nn.Module | None
     k_norm: torch.nn.Module | None
@@ -151,22 +157,22 @@ class Layer:
     def of(cls, layer: torch.nn.Module, window: int | None, pack: bool = False) -> Layer:
         """The layer's modules; pack: apply its projections with packed weights (:class:`Projection`)."""
         attn, mlp = layer.self_attn, layer.mlp
-        q, k, v, o = (Projection.of(m, pack) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        ffn = MLP(*(Projection.of(m, pack) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)), mlp.act_fn)
-        return cls(layer.input_layernorm, layer.post_attention_layernorm, q, k, v, o, getattr(attn, "q_norm", None),
-                   getattr(attn, "k_norm", None), ffn, attn.head_dim, attn.scaling, window)
+        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj), mlp.act_fn)
+        return cls(layer.input_layernorm, layer.post_attention_layernorm,
+                   Projection.of(pack, attn.q_proj, attn.k_proj, attn.v_proj), Projection.of(pack, attn.o_proj),
+                   getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), ffn, attn.head_dim, attn.scaling,
+                   window)
 
 
 @dataclass(slots=True)
 class ModelParts:
-    """The model's own modules the step calls, found once; rope: the modeling module's ``apply_rotary_pos_emb``."""
+    """The model's own modules the step calls, found once."""
 
     embed: torch.nn.Embedding
     layers: list[Layer]
     norm: torch.nn.Module
     rotary: torch.nn.Module
     lm_head: Projection
-    rope: RopeFn
 
     @property
     def windows(self) -> set[int | None]:
@@ -177,6 +183,14 @@ class ModelParts:
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Llama-style RMSNorm (``weight * x / rms(x)``, transformers' ``LlamaRMSNorm``) as one op."""
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (Su et al. 2021) as transformers' Llama ``apply_rotary_pos_emb`` applies it, ``x * cos +
+    rotate_half(x) * sin``, with the half rotation's sign moved into ``signed_sin`` (``[-sin1, sin2]``, built once
+    per step) so it is a roll: the same products, bit for bit, in 4 ops instead of 7. x ``[T, H, D]``; cos and
+    signed_sin ``[T, 1, D]``."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def attend(q: torch.Tensor, pools: KVPools, index: int, plan: AttentionPlan, scale: float) -> torch.Tensor:
@@ -212,14 +226,14 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
     """One decoder layer over the step's rows ``[T, hidden]`` (``LlamaDecoderLayer.forward``)."""
     layer = parts.layers[index]
     T, D = hidden.shape[0], layer.head_dim
+    Hq, Hkv = layer.qkv.sizes[0] // D, layer.qkv.sizes[1] // D
     x = rms_norm(layer.input_norm, hidden)  # [T, hidden]
-    q = layer.q(x).view(T, -1, D)  # [T, Hq, D]
-    k = layer.k(x).view(T, -1, D)  # [T, Hkv, D]
-    v = layer.v(x).view(T, -1, D)  # [T, Hkv, D]
+    qkv = layer.qkv(x).view(T, Hq + 2 * Hkv, D)
+    qk, v = qkv[:, :Hq + Hkv], qkv[:, Hq + Hkv:]  # [T, Hq + Hkv, D], [T, Hkv, D]
     if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's D channels, before RoPE
-        q, k = rms_norm(layer.q_norm, q), rms_norm(layer.k_norm, k)
-    cos, sin = rotary  # [T, D] each
-    q, k = parts.rope(q, k, cos, sin, unsqueeze_dim=1)  # heads on dim 1: cos/sin broadcast as [T, 1, D]
+        qk = torch.cat((rms_norm(layer.q_norm, qk[:, :Hq]), rms_norm(layer.k_norm, qk[:, Hq:])), dim=1)
+    qk = rotate(qk, *rotary)  # queries and keys rotated together
+    q, k = qk[:, :Hq], qk[:, Hq:]
     pools.write(index, step.slots, k, v)  # every row's K/V lands before any row attends
     out = attend(q, pools, index, step.plans[layer.window], layer.scale)  # [T, Hq, D]
     hidden = hidden + layer.o(out.reshape(T, -1))  # [T, hidden]
@@ -230,7 +244,9 @@ def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.T
     """Logits ``[R, vocab]`` (float32, the model's device) of the step's ``logits_rows``."""
     hidden = F.embedding(step.token_ids, parts.embed.weight)  # [T, hidden]
     cos, sin = parts.rotary(hidden[None], step.positions[None])  # [1, T, D] each, at the true positions
+    half = sin.shape[-1] // 2
+    rotary = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)  # [T, 1, D]
     for index in range(len(parts.layers)):
-        hidden = layer_forward(parts, index, hidden, (cos[0], sin[0]), pools, step)
+        hidden = layer_forward(parts, index, hidden, rotary, pools, step)
     last = rms_norm(parts.norm, hidden.index_select(0, step.logits_rows))  # [R, hidden]: norm is per token
     return parts.lm_head(last).float()  # [R, vocab]

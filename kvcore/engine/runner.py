@@ -21,7 +21,6 @@ prefill, so with quantized pools a token sees the same dequantized K/V whichever
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,8 +130,6 @@ def _rope_problem(model, model_type: str) -> str | None:
     attn = model.model.layers[0].self_attn
     if 2 * rotary.inv_freq.numel() != attn.head_dim:
         return f"{model_type} rotates {2 * rotary.inv_freq.numel()} of {attn.head_dim} head channels (partial rotary)"
-    if not hasattr(inspect.getmodule(type(attn)), "apply_rotary_pos_emb"):
-        return f"{model_type}: its modeling module has no apply_rotary_pos_emb"
     return None
 
 
@@ -155,11 +152,9 @@ def model_parts(model, sliding_window: int | None, pack: bool = False) -> ModelP
     """The weights :func:`kvcore.engine.forward.model_forward` applies, and each layer's window (pack: the
     projections' weights packed for oneDNN's GEMM, :class:`kvcore.engine.forward.Projection`)."""
     inner = model.model
-    attn_module = inspect.getmodule(type(inner.layers[0].self_attn))
     layers = [Layer.of(layer, window, pack) for layer, window in zip(inner.layers, layer_windows(model, sliding_window),
                                                                       strict=True)]
-    return ModelParts(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, Projection.of(model.lm_head, pack),
-                      attn_module.apply_rotary_pos_emb)
+    return ModelParts(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, Projection.of(pack, model.lm_head))
 
 
 class ModelRunner:
@@ -219,7 +214,7 @@ class ModelRunner:
         """
         with torch.inference_mode():
             if not chunks:
-                return torch.empty(0, self.parts.lm_head.weight.shape[0])
+                return torch.empty(0, self.parts.lm_head.sizes[0])
             return model_forward(self.parts, self.pools, self.plan(chunks)).cpu()
 
     def copy_block(self, src: int, dst: int) -> None:
