@@ -30,8 +30,7 @@ PARALLEL_WORK = 1 << 21  # query-key products (tokens x Hq x D) below which one 
 SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
 MIN_SPAN_TOKENS = 256
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {"kvlab_decode_f32": [_P] * 5 + [_I, _P] + [_I] * 5 + [_F] + [_P] * 4,
-              "kvlab_decode_quantized": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5,
+SIGNATURES = {"kvlab_decode": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5,
               "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2}
 
 
@@ -133,13 +132,13 @@ class NativePlan:
                                          torch.empty(slots, rows, dim))
         return self.buffers[(rows, dim)]
 
-    def run(self, name: str, pointers: tuple[int | None, ...], sizes: tuple[int, ...], scale: float,
-            query: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
-        """Every span through entry point ``name`` on :attr:`workers` threads, then the merge: ``[B, Hq, D]`` fp32.
+    def run(self, pointers: tuple[int | None, ...], sizes: tuple[int, ...], scale: float, query: torch.Tensor,
+            order: torch.Tensor | None = None) -> torch.Tensor:
+        """Every span through the kernel on :attr:`workers` threads, then the merge: ``[B, Hq, D]`` fp32.
 
-        pointers: the pools' data pointers; sizes: the entry point's shape arguments after the table stride;
-        order: for quantized pools, where each plane-order channel goes (None: channels are in order). When
-        every sequence is one span the kernel writes the output itself and there is nothing to merge.
+        pointers: the pools' six (key and value, then their scales and zeros; None for fp32 pools); sizes: the
+        kernel's shape arguments after the table stride; order: for quantized pools, where each plane-order channel
+        goes. When every sequence is one span the kernel writes the output itself and there is nothing to merge.
         """
         fns = functions()
         B, Hq, D = query.shape
@@ -148,18 +147,18 @@ class NativePlan:
         out = torch.empty(B, Hq, D)
         direct = len(self.spans) == B
         self.counter.zero_()
-        extra = (out.data_ptr() if direct else None,) + (() if name == "kvlab_decode_f32" else (
-            None if order is None else order.data_ptr(),))
+        order_ptr = None if order is None else order.data_ptr()
         args = (q.data_ptr(), *pointers, self.tables.data_ptr(), self.spans.data_ptr(), len(self.spans),
                 self.counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(), o.data_ptr(),
-                *extra)
-        helpers = [_pool(self.workers - 1).submit(fns[name], *args) for _ in range(self.workers - 1)]
-        statuses = [fns[name](*args), *(h.result() for h in helpers)]
+                out.data_ptr() if direct else None, order_ptr)
+        decode = fns["kvlab_decode"]
+        helpers = [_pool(self.workers - 1).submit(decode, *args) for _ in range(self.workers - 1)]
+        statuses = [decode(*args), *(h.result() for h in helpers)]
         if any(statuses):
             raise RuntimeError(f"paged_decode.c: {ERRORS.get(max(statuses), f'error {max(statuses)}')}")
         if not direct:
             fns["kvlab_merge"](m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(), self.count.data_ptr(),
-                               B, Hq, D, None if order is None else order.data_ptr(), out.data_ptr())
+                               B, Hq, D, order_ptr, out.data_ptr())
         return out
 
 
@@ -178,10 +177,9 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor | Quanti
     block_size, Hkv, D = key_cache.shape[1:]
     sizes = (block_size, Hkv, query.shape[1] // Hkv, D)
     if not isinstance(key_cache, QuantizedTensor):
-        pointers = (key_cache.data_ptr(), value_cache.data_ptr())
-        return plan.run("kvlab_decode_f32", pointers, sizes, scale, query).to(query.dtype)
-    pointers = tuple(None if t is None else t.data_ptr() for c in (key_cache, value_cache)
-                     for t in (c.codes, c.scales, c.zeros))
+        pointers = (key_cache.data_ptr(), value_cache.data_ptr(), None, None, None, None)
+        return plan.run(pointers, (*sizes, 0, 1), scale, query).to(query.dtype)
+    pointers = (key_cache.codes.data_ptr(), value_cache.codes.data_ptr(),
+                *(None if t is None else t.data_ptr() for c in (key_cache, value_cache) for t in (c.scales, c.zeros)))
     sizes += (key_cache.bits, key_cache.scales.shape[-1])
-    order = plane_order(D, key_cache.bits)
-    return plan.run("kvlab_decode_quantized", pointers, sizes, scale, query, order).to(query.dtype)
+    return plan.run(pointers, sizes, scale, query, plane_order(D, key_cache.bits)).to(query.dtype)

@@ -11,7 +11,6 @@ says in words why Triton cannot run a call (not installed, or CPU tensors withou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import cache
 from importlib.util import find_spec
 from types import ModuleType
@@ -66,74 +65,21 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@dataclass(slots=True, frozen=True)
-class SplitPlan:
-    """How a call's sequences are cut: ``split_tokens`` tokens per split, ``num_splits`` for the longest."""
+def split_length(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
+                 split_tokens: int | None = None) -> int:
+    """Tokens per split for a batch whose longest sequence has ``max_len`` tokens (whole tiles of :data:`BLOCK_N`).
 
-    split_tokens: int
-    num_splits: int
-
-    @classmethod
-    def of(cls, batch: int, num_kv_heads: int, max_len: int, device: torch.device,
-           split_tokens: int | None = None) -> SplitPlan:
-        """The plan for a batch whose longest sequence has ``max_len`` tokens.
-
-        split_tokens: forced split length (rounded up to whole tiles of :data:`BLOCK_N`); None picks one
-        so that ``batch x Hkv x splits`` reaches :data:`PROGRAMS_PER_SM` programs per SM on a GPU, with
-        splits of at least :data:`MIN_SPLIT_TOKENS` and at most :data:`MAX_SPLITS` of them; on CPU (the
-        interpreter) nothing is split.
-        """
-        if split_tokens is None:
-            wanted = 1
-            if device.type == "cuda":
-                programs = PROGRAMS_PER_SM * _multiprocessors(device.index or 0)
-                wanted = min(-(-programs // (batch * num_kv_heads)), max(1, max_len // MIN_SPLIT_TOKENS),
-                             MAX_SPLITS)
-            split_tokens = -(-max_len // wanted)
-        split_tokens = max(BLOCK_N, -(-split_tokens // BLOCK_N) * BLOCK_N)
-        return cls(split_tokens, -(-max_len // split_tokens))
-
-
-@dataclass(slots=True)
-class Launch:
-    """What both kernels share: the output, the split partials and the launch constants of one call."""
-
-    out: torch.Tensor  # [B, Hq, D] in the query's dtype
-    part_o: torch.Tensor  # [B, Hq, S, D] fp32 (not touched when S = 1)
-    part_lse: torch.Tensor  # [B, Hq, S] fp32 (not touched when S = 1)
-    plan: SplitPlan
-    constants: dict[str, int | bool]
-
-    @classmethod
-    def of(cls, query: torch.Tensor, num_kv_heads: int, max_len: int, dot_f32: bool,
-           split_tokens: int | None) -> Launch:
-        B, Hq, D = query.shape
-        plan = SplitPlan.of(B, num_kv_heads, max_len, query.device, split_tokens)
-        S = plan.num_splits
-        group = Hq // num_kv_heads
-        constants = {"G": group, "D": D, "BLOCK_G": max(16, triton_size(group)), "BLOCK_D": max(16, triton_size(D)),
-                     "BLOCK_N": BLOCK_N, "SPLIT": plan.num_splits > 1, "DOT_F32": dot_f32}
-        return cls(torch.empty(B, Hq, D, dtype=query.dtype, device=query.device),
-                   torch.empty(B, Hq, S, D, dtype=torch.float32, device=query.device),  # [B, Hq, S, D]
-                   torch.empty(B, Hq, S, dtype=torch.float32, device=query.device),  # [B, Hq, S]
-                   plan, constants)
-
-    def grid(self, num_kv_heads: int) -> tuple[int, int, int]:
-        """One program per (sequence, KV head, split)."""
-        return self.out.shape[0], num_kv_heads, self.plan.num_splits
-
-    def sizes(self) -> tuple[int, int, int]:
-        """``split_tokens, num_q_heads, max_splits`` as the kernels take them."""
-        return self.plan.split_tokens, self.out.shape[1], self.plan.num_splits
-
-    def finish(self, module: ModuleType, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Merge the split partials into ``out`` (nothing to do for one split); returns ``[B, Hq, D]``."""
-        if self.plan.num_splits > 1:
-            B, Hq, D = self.out.shape
-            module.merge_splits_kernel[(B, Hq)](self.out, self.part_o, self.part_lse, seq_lens, *self.sizes(), D=D,
-                                                BLOCK_S=min(MERGE_SPLITS, triton_size(self.plan.num_splits)),
-                                                BLOCK_D=max(16, triton_size(D)), num_warps=NUM_WARPS)
-        return self.out
+    split_tokens: forced (rounded up to whole tiles); None picks it so that ``batch x Hkv x splits`` reaches
+    :data:`PROGRAMS_PER_SM` programs per SM on a GPU, with splits of at least :data:`MIN_SPLIT_TOKENS` and at most
+    :data:`MAX_SPLITS` of them; on CPU (the interpreter) nothing is split.
+    """
+    if split_tokens is None:
+        wanted = 1
+        if device.type == "cuda":
+            programs = PROGRAMS_PER_SM * _multiprocessors(device.index or 0)
+            wanted = min(-(-programs // (batch * num_kv_heads)), max(1, max_len // MIN_SPLIT_TOKENS), MAX_SPLITS)
+        split_tokens = -(-max_len // wanted)
+    return max(BLOCK_N, -(-split_tokens // BLOCK_N) * BLOCK_N)
 
 
 def triton_size(n: int) -> int:
@@ -182,23 +128,35 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor | Quanti
     strides), or :func:`kvcore.kernels.quantize_paged_cache` pools (2/4/8 bits, dequantized in registers,
     KIVI's per-token layout); block_tables int ``[B, max_blocks]``; seq_lens int ``[B]``; scale: softmax
     scale; max_len: the longest sequence (given, no host read of ``seq_lens``); split_tokens: force the split
-    length (None: :meth:`SplitPlan.of`). Inputs are assumed valid and B >= 1. A 16-bit query uses 16-bit dot
+    length (None: :func:`split_length`). Inputs are assumed valid and B >= 1. A 16-bit query uses 16-bit dot
     products with fp32 accumulation over a pool of its dtype (or a quantized pool); any other mix runs in
     fp32. Returns ``[B, Hq, D]`` in the query's dtype.
     """
     module = _require(key_cache.device)
     device, Hkv, quantized = key_cache.device, key_cache.shape[2], isinstance(key_cache, QuantizedTensor)
     q = query.to(device).contiguous()  # [B, Hq, D]
+    B, Hq, D = q.shape
     tables, lens = _tables(block_tables, seq_lens, device)
     same = quantized or q.dtype == key_cache.dtype == value_cache.dtype
     dot_f32 = q.dtype == torch.float32 or not same or f32_dots(module, q.dtype)
-    launch = Launch.of(q, Hkv, int(lens.max()) if max_len is None else max_len, dot_f32, split_tokens)
+    max_len = int(lens.max()) if max_len is None else max_len
+    split = split_length(B, Hkv, max_len, device, split_tokens)
+    S = -(-max_len // split)  # splits of the longest sequence
+    out = torch.empty_like(q)
+    part_o = torch.empty(B, Hq, S, D, dtype=torch.float32, device=device)  # split partials (not touched when S = 1)
+    part_lse = torch.empty(B, Hq, S, dtype=torch.float32, device=device)
     keys, values = _pools(key_cache), _pools(value_cache)  # data (the pool or its codes), scales, zeros
     quant = {"QUANTIZED": quantized, "BITS": key_cache.bits if quantized else 8,
              "GROUP": key_cache.group_size if quantized else 1, "SYMMETRIC": quantized and key_cache.zeros is None}
     scale_strides = keys[1].stride()[:3] if quantized else (0, 0, 0)  # K's and V's scales and zeros share theirs
-    module.paged_decode_kernel[launch.grid(Hkv)](
-        launch.out, launch.part_o, launch.part_lse, q, *keys, *values, tables, lens, scale, *keys[0].stride(),
-        *values[0].stride(), *scale_strides, tables.stride(0), key_cache.shape[1], *launch.sizes(),
-        **launch.constants, **quant, num_warps=NUM_WARPS)
-    return launch.finish(module, lens)
+    block_d = max(16, triton_size(D))
+    module.paged_decode_kernel[(B, Hkv, S)](  # one program per (sequence, KV head, split)
+        out, part_o, part_lse, q, *keys, *values, tables, lens, scale, *keys[0].stride(), *values[0].stride(),
+        *scale_strides, tables.stride(0), key_cache.shape[1], split, Hq, S, G=Hq // Hkv, D=D,
+        BLOCK_G=max(16, triton_size(Hq // Hkv)), BLOCK_D=block_d, BLOCK_N=BLOCK_N, SPLIT=S > 1, DOT_F32=dot_f32,
+        **quant, num_warps=NUM_WARPS)
+    if S > 1:
+        module.merge_splits_kernel[(B, Hq)](out, part_o, part_lse, lens, split, Hq, S, D=D,
+                                            BLOCK_S=min(MERGE_SPLITS, triton_size(S)), BLOCK_D=block_d,
+                                            num_warps=NUM_WARPS)
+    return out

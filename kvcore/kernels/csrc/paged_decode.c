@@ -51,10 +51,9 @@ static inline vec reduce16(const vec *acc) {
     return pair_sum(c[0], c[1]);
 }
 
-/* A step's shared inputs. Quantized pools: codes != NULL; zeros NULL means symmetric codes. */
+/* A step's shared inputs. bits 0: fp32 pools; 2, 4, 8: key and value are codes (zeros NULL: symmetric). */
 typedef struct {
-    const float *key, *value;            /* fp32 pools */
-    const uint8_t *kcodes, *vcodes;      /* quantized pools */
+    const void *key, *value;
     const uint16_t *kscales, *kzeros, *vscales, *vzeros;
     const float *q;
     const int64_t *tables, *spans;
@@ -292,8 +291,8 @@ static inline __attribute__((always_inline)) int span(int GS, int QUANT, const S
         for (int64_t t = t0; t < stop; t += R) { /* scores of keys */
             group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                if (QUANT) quant_rows(st, st->kcodes, st->kscales, st->kzeros, R, slot, h, codes, scale, zero);
-                else for (int r = 0; r < R; r++) rows[r] = st->key + slot[r] * row + h * d;
+                if (QUANT) quant_rows(st, st->key, st->kscales, st->kzeros, R, slot, h, codes, scale, zero);
+                else for (int r = 0; r < R; r++) rows[r] = (const float *)st->key + slot[r] * row + h * d;
                 for (int64_t j = 0; j < G; j += GS) {
                     int g = G - j < GS ? (int)(G - j) : GS;
                     float *out = s + (t - t0) * hg + h * G + j;
@@ -308,8 +307,8 @@ static inline __attribute__((always_inline)) int span(int GS, int QUANT, const S
         for (int64_t t = t0; t < stop; t += R) { /* values, weighed */
             group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
-                if (QUANT) quant_rows(st, st->vcodes, st->vscales, st->vzeros, R, slot, h, codes, scale, zero);
-                else for (int r = 0; r < R; r++) rows[r] = st->value + slot[r] * row + h * d;
+                if (QUANT) quant_rows(st, st->value, st->vscales, st->vzeros, R, slot, h, codes, scale, zero);
+                else for (int r = 0; r < R; r++) rows[r] = (const float *)st->value + slot[r] * row + h * d;
                 for (int64_t j = 0; j < G; j += GS) {
                     int g = G - j < GS ? (int)(G - j) : GS;
                     const float *p = s + (t - t0) * hg + h * G + j;
@@ -343,7 +342,7 @@ static inline __attribute__((always_inline)) int span(int GS, int QUANT, const S
     }
 
 /* Take spans from the shared counter until none is left; each writes partial slot sp[3]. */
-static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
+static int work(Step *st, int64_t num_spans, int64_t *next) {
     int64_t hg = st->heads * st->group, d = st->dim, ng = st->groups;
     float *buf = malloc((hg * d + (TILE + LANES) * hg + 3 * hg + LANES + 2 * hg * ng) * sizeof(float));
     if (!buf) return 1;
@@ -355,7 +354,7 @@ static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
         float *m = st->m + sp[3] * hg, *l = st->l + sp[3] * hg, *o = st->o + sp[3] * hg * d;
         for (int64_t x = 0; x < hg; x++) { m[x] = -FLT_MAX; l[x] = 0.f; }
         memset(o, 0, hg * d * sizeof(float));
-        if (quantized) {
+        if (st->bits) {
             CASES(1, st, sp, q, s, m, l, o)
         } else {
             CASES(0, st, sp, q, s, m, l, o)
@@ -367,32 +366,22 @@ static int work(Step *st, int64_t num_spans, int64_t *next, int quantized) {
     return 0;
 }
 
-/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. spans [num_spans, 4]; out: NULL to
-   leave partials for kvlab_merge, or (every sequence one span) where the normalized rows go. */
-int kvlab_decode_f32(const float *q, const float *key, const float *value, const int64_t *tables,
-                     const int64_t *spans, int64_t num_spans, int64_t *next, int64_t table_stride,
-                     int64_t block_size, int64_t heads, int64_t group, int64_t dim, float scale, float *m, float *l,
-                     float *o, float *out) {
+/* Returns 0 on success, 1 if out of memory, 2 for an unsupported shape. bits 0: fp32 pools (key, value float; the
+   scale and zero pointers and groups unused); 2, 4, 8: key and value are codes with fp16 scales and zeros (zeros
+   NULL: symmetric), partials stay in plane order and out gets channels in order (order[x]: the channel at plane
+   position x). spans [num_spans, 4]; out: NULL to leave partials for kvlab_merge, or (every sequence one span)
+   where the normalized rows go. */
+int kvlab_decode(const float *q, const void *key, const void *value, const uint16_t *key_scales,
+                 const uint16_t *key_zeros, const uint16_t *value_scales, const uint16_t *value_zeros,
+                 const int64_t *tables, const int64_t *spans, int64_t num_spans, int64_t *next, int64_t table_stride,
+                 int64_t block_size, int64_t heads, int64_t group, int64_t dim, int64_t bits, int64_t groups,
+                 float scale, float *m, float *l, float *o, float *out, const int64_t *order) {
     if (dim % LANES != 0 || group < 1) return 2;
-    Step st = {key, value, NULL, NULL, NULL, NULL, NULL, NULL, q, tables, spans, table_stride, block_size, heads,
-               group, dim, 0, 1, scale, m, l, o, out, NULL};
-    return work(&st, num_spans, next, 0);
-}
-
-/* As kvlab_decode_f32 over quantized pools (zeros NULL: symmetric); partials stay in plane order, out gets
-   channels in order (order[x]: the channel at plane position x). */
-int kvlab_decode_quantized(const float *q, const uint8_t *key_codes, const uint16_t *key_scales,
-                           const uint16_t *key_zeros, const uint8_t *value_codes, const uint16_t *value_scales,
-                           const uint16_t *value_zeros, const int64_t *tables, const int64_t *spans,
-                           int64_t num_spans, int64_t *next, int64_t table_stride, int64_t block_size, int64_t heads,
-                           int64_t group, int64_t dim, int64_t bits, int64_t groups, float scale, float *m, float *l,
-                           float *o, float *out, const int64_t *order) {
-    if ((bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS || group < 1) return 2;
-    int64_t planes = 8 / bits;
-    if (dim % planes != 0 || (dim / planes) % groups != 0 || (dim / planes / groups) % LANES != 0) return 2;
-    Step st = {NULL, NULL, key_codes, value_codes, key_scales, key_zeros, value_scales, value_zeros, q, tables,
-               spans, table_stride, block_size, heads, group, dim, bits, groups, scale, m, l, o, out, order};
-    return work(&st, num_spans, next, 1);
+    if (bits && ((bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS ||
+                 (dim * bits / 8) % (groups * LANES) != 0)) return 2;
+    Step st = {key, value, key_scales, key_zeros, value_scales, value_zeros, q, tables, spans, table_stride,
+               block_size, heads, group, dim, bits, bits ? groups : 1, scale, m, l, o, out, order};
+    return work(&st, num_spans, next);
 }
 
 /* out[b] = merge of partial slots first[b] .. first[b] + count[b] - 1 (flash-decoding's reduction), rows of
