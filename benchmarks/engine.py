@@ -20,18 +20,26 @@ and transformers' ``generate`` steps (SDPA attention, its default), interleaved 
 with the median step time and its interquartile range, the torch ops and the host reads (``.item()``,
 ``.tolist()``, data-dependent shapes: a host-device sync on a GPU) of one step, and the ratio of the
 medians per repeat (median, min-max).
+
+    python benchmarks/engine.py --breakdown [--models bundled smollm2-135m] [--threads 1 2] [--repeats 3]
+
+times the engine's part of the same decode steps by section (projections, attention kernel, norms, RoPE, K/V
+writes, the rest of the forward, the step's plan, the step outside the model): microseconds per step, means.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import pandas as pd
 import torch
@@ -42,7 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvcore.device import torch_threads  # noqa: E402
-from kvcore.engine import LLMEngine  # noqa: E402
+from kvcore.engine import LLMEngine, forward  # noqa: E402
+from kvcore.engine import runner as runner_module  # noqa: E402
 from kvcore.engine.calibrate import (  # noqa: E402
     calibrate_engine,
     coefficients_table,
@@ -56,7 +65,10 @@ from kvcore.engine.experiment import (  # noqa: E402
     serve_transformers,
 )
 from kvcore.engine.params import SamplingParams  # noqa: E402
+from kvcore.engine.pools import KVPools  # noqa: E402
+from kvcore.engine.runner import ModelRunner  # noqa: E402
 from kvcore.engine.workload import ServeWorkload  # noqa: E402
+from kvcore.kernels import DecodeBatch  # noqa: E402
 from kvcore.models import load_model  # noqa: E402
 from kvcore.models.runtime import attention_implementation  # noqa: E402
 
@@ -188,8 +200,10 @@ def _prompts(vocab: int) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(0))
 
 
-def engine_decode_steps(model, prompts: torch.Tensor, threads: int) -> tuple[list[float], OpCounter]:
-    """Seconds of each pure decode step, and one mid-run decode step's op counts."""
+def engine_decode_steps(model, prompts: torch.Tensor, threads: int, after_prefill: Callable[[], None] | None = None
+                        ) -> tuple[list[float], OpCounter]:
+    """Seconds of each pure decode step, and one mid-run decode step's op counts (after_prefill: called once the
+    prefill step is done)."""
     engine = LLMEngine(model, num_blocks=prompts.shape[0] * 8 + 1, max_num_seqs=prompts.shape[0],
                        max_num_batched_tokens=2048, threads=threads)
     for p in prompts.tolist():
@@ -205,8 +219,68 @@ def engine_decode_steps(model, prompts: torch.Tensor, threads: int) -> tuple[lis
             engine.step()
         if step > 0:  # step 0 is the prefill
             times.append(time.perf_counter() - start)
+        elif after_prefill is not None:
+            after_prefill()
         step += 1
     return times, counter
+
+
+# Where a decode step's time goes: each of these is timed where the step calls it (nested in "model forward").
+SECTIONS = {"projections (packed GEMMs, lm_head included)": (forward.Projection, "__call__"),
+            "decode attention (C kernel)": (DecodeBatch, "attend"), "RMS norms": (forward, "rms_norm"),
+            "RoPE": (forward, "rotate"), "K/V writes into the pools": (KVPools, "write"),
+            "step plan (positions, slots, tables, spans)": (ModelRunner, "plan"),
+            "model forward": (runner_module, "model_forward")}
+
+
+def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.DataFrame:
+    """Microseconds per pure decode step in each of :data:`SECTIONS` (a timer around each call, about 1 us of its
+    own per call), what the forward does besides them, and what the step does outside the model (scheduling,
+    sampling, bookkeeping); means over ``repeats`` runs of the profile's decode steps."""
+    rows = []
+    for name in models:
+        model, _ = load_model(None if name == "bundled" else name)
+        prompts = _prompts(model.config.vocab_size)
+        for threads in thread_counts:
+            engine_decode_steps(model, prompts, threads)  # warm-up
+            live, spent, times = dict.fromkeys(SECTIONS, 0.0), dict.fromkeys(SECTIONS, 0.0), []
+            with contextlib.ExitStack() as stack:
+                for section, (owner, attribute) in SECTIONS.items():
+                    timed = _timed(getattr(owner, attribute), section, live)
+                    stack.enter_context(patch.object(owner, attribute, timed))
+                restart = functools.partial(_zero, live)  # decode steps only: clocks restart after the prefill
+                for _ in range(repeats):
+                    times += engine_decode_steps(model, prompts, threads, after_prefill=restart)[0]
+                    spent = {k: v + live[k] for k, v in spent.items()}
+            per_step = {k: v / len(times) * 1e6 for k, v in spent.items()}
+            forward_us = per_step.pop("model forward")
+            plan_us = per_step.pop("step plan (positions, slots, tables, spans)")
+            step_us = statistics.mean(times) * 1e6
+            rest = forward_us - sum(per_step.values())
+            parts = {**per_step, "rest of the forward (elementwise ops, views, Python)": rest,
+                     "step plan (positions, slots, tables, spans)": plan_us,
+                     "outside the model (schedule, sample, update)": step_us - forward_us - plan_us}
+            rows += [{"model": name, "threads": threads, "section": k, "us_per_step": v, "share": v / step_us}
+                     for k, v in parts.items()]
+            rows.append({"model": name, "threads": threads, "section": "whole step (mean)", "us_per_step": step_us,
+                         "share": 1.0})
+            print(pd.DataFrame(rows[-len(parts) - 1:]).round(3).to_string(index=False), flush=True)
+    return pd.DataFrame(rows)
+
+
+def _zero(clocks: dict[str, float]) -> None:
+    clocks.update(dict.fromkeys(clocks, 0.0))
+
+
+def _timed(fn: Callable, section: str, spent: dict[str, float]) -> Callable:
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[section] += time.perf_counter() - start
+    return timed
 
 
 class _GenerateClock(LogitsProcessor):
@@ -274,12 +348,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--csv", help="also write every row here")
     parser.add_argument("--profile", action="store_true", help="profile a pure decode step instead (see above)")
-    parser.add_argument("--models", nargs="+", default=["bundled", "smollm2-135m"], help="--profile's models")
+    parser.add_argument("--breakdown", action="store_true", help="where a pure decode step's time goes (see above)")
+    parser.add_argument("--models", nargs="+", default=["bundled", "smollm2-135m"],
+                        help="--profile's and --breakdown's models")
     parser.add_argument("--model", default="bundled", help="the model of the mixed benchmark")
     args = parser.parse_args()
-    if args.profile:
+    if args.profile or args.breakdown:
         print(f"pure decode step, batch {PROFILE['batch']}; {load()}")
-        table = profile(args.models, args.threads, args.repeats)
+        table = (profile if args.profile else breakdown)(args.models, args.threads, args.repeats)
         if args.csv:
             table.to_csv(args.csv, index=False)
         return

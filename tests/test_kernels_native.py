@@ -5,11 +5,12 @@ Its numbers are checked with every other backend in tests/test_kernels.py; here:
 128-token score tile, the calls it must leave to the torch path, and the build cache.
 """
 
+import sys
 
 import pytest
 import torch
 
-from kvcore.kernels import native, paged_decode_attention
+from kvcore.kernels import native, native_paged, paged_decode_attention
 from kvcore.kernels.native_paged import LIBRARY, unsupported
 from kvcore.paged.attention_check import contiguous_reference, make_paged_problem
 
@@ -93,6 +94,43 @@ def test_a_source_that_does_not_compile_gives_a_reason(fresh_loader, monkeypatch
     monkeypatch.setattr(native, "SOURCES", sources)
     assert native.load("broken") is None
     assert "did not compile" in native.unavailable_reason("broken")
+
+
+@pytest.fixture
+def fresh_functions():
+    """The kernel's entry points looked up again now, and again after the test."""
+    native_paged.functions.cache_clear()
+    yield
+    native_paged.functions.cache_clear()
+
+
+@needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's memory map")
+def test_the_kernel_runs_its_workers_on_the_openmp_runtime_torch_loaded(fresh_loader, fresh_functions):
+    """Built with OpenMP (its parallel region calls GOMP_parallel), and the process still holds one OpenMP runtime:
+    the kernel's worker threads are torch's own pool, not a second set fighting it for the cores."""
+    assert native.load(LIBRARY) is not None
+    (built,) = fresh_loader.glob(f"{LIBRARY}-*.so")
+    assert b"GOMP_parallel" in built.read_bytes()
+    p = make_paged_problem((300, 257, 40), 8, 8, 32, 16)
+    out = paged_decode_attention(*inputs(p), backend="native", workers=2)
+    torch.testing.assert_close(out, contiguous_reference(p), atol=1e-5, rtol=0)
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
+@needs_native
+def test_a_compiler_without_openmp_still_builds_the_kernel(fresh_loader, fresh_functions, monkeypatch):
+    """The OpenMP flag is refused (as Apple's clang refuses -fopenmp): the kernel is built without it and runs every
+    span on the calling thread, with the same result."""
+    monkeypatch.setattr(native, "OPENMP", "-fno-such-openmp-flag")
+    assert native.load(LIBRARY) is not None, native.unavailable_reason(LIBRARY)
+    (built,) = fresh_loader.glob(f"{LIBRARY}-*.so")
+    assert b"GOMP_parallel" not in built.read_bytes()
+    p = make_paged_problem((300, 257, 40), 8, 8, 32, 16)
+    out = paged_decode_attention(*inputs(p), backend="native", workers=2)
+    torch.testing.assert_close(out, contiguous_reference(p), atol=1e-5, rtol=0)
 
 
 @needs_native

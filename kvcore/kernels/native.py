@@ -4,10 +4,12 @@ The package stays pure Python: nothing is built at install time and every compil
 fallback. On first use a source is compiled with the system compiler (``$CC``, else ``cc``, ``gcc`` or
 ``clang``) for this CPU (``-march=native``) into a cache folder keyed by the source, the compiler, the
 flags and the CPU, so a shared home folder never hands one CPU another's build. Like vLLM's CPU backend,
-the kernels are plain C with vector extensions; ctypes releases the GIL during a call, so Python threads
-run them in parallel. ``KVLAB_NATIVE=0`` turns them off; :func:`unavailable_reason` says why one is not
-loaded. Compiling uses ``-ffast-math`` but linking does not, so loading a kernel never switches the process
-to flush-to-zero (GCC links ``crtfastmath.o``, which does that, into any shared object linked with it).
+the kernels are plain C with vector extensions and OpenMP (``-fopenmp`` where the compiler has it, else
+one thread); the OpenMP runtime is the one torch loaded, so kernels and torch ops share one pool of threads.
+ctypes releases the GIL during a call. ``KVLAB_NATIVE=0`` turns them off; :func:`unavailable_reason` says
+why one is not loaded. Compiling uses ``-ffast-math`` but linking does not, so loading a kernel never
+switches the process to flush-to-zero (GCC links ``crtfastmath.o``, which does that, into any shared
+object linked with it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ DISABLE_ENV = "KVLAB_NATIVE"  # "0": never build or load compiled kernels
 CACHE_ENV = "KVLAB_NATIVE_CACHE"  # folder for built libraries (default: ~/.cache/kv-cache-lab/native)
 SOURCES = Path(__file__).resolve().parent / "csrc"
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-std=gnu11")
+OPENMP = "-fopenmp"  # tried first; a compiler without OpenMP builds the kernels single-threaded
 BUILD_TIMEOUT_S = 120
 
 _lock = threading.Lock()
@@ -83,20 +86,27 @@ def library_path(name: str, cc: str) -> Path:
     """Where the build of ``csrc/<name>.c`` with compiler ``cc`` lives on this machine."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256()
-    for part in ((SOURCES / f"{name}.c").read_bytes(), version.encode(), " ".join(COMPILE_FLAGS).encode(),
+    for part in ((SOURCES / f"{name}.c").read_bytes(), version.encode(), " ".join((*COMPILE_FLAGS, OPENMP)).encode(),
                  _cpu_signature().encode()):
         key.update(part)
     return _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
 
 
 def _build(name: str, cc: str, target: Path) -> None:
-    """Compile, then link without -ffast-math, into a temporary file renamed into place (atomic)."""
+    """Compile (with OpenMP if the compiler can), then link without -ffast-math, into a temporary file renamed
+    into place (atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
         run = {"capture_output": True, "text": True, "timeout": BUILD_TIMEOUT_S, "check": True}
-        subprocess.run([cc, *COMPILE_FLAGS, "-c", str(SOURCES / f"{name}.c"), "-o", str(obj)], **run)
-        subprocess.run([cc, "-shared", str(obj), "-o", str(lib), "-lm"], **run)
+        for openmp in ((OPENMP,), ()):
+            try:
+                subprocess.run([cc, *COMPILE_FLAGS, *openmp, "-c", str(SOURCES / f"{name}.c"), "-o", str(obj)], **run)
+                subprocess.run([cc, "-shared", str(obj), "-o", str(lib), "-lm", *openmp], **run)
+                break
+            except subprocess.CalledProcessError:
+                if not openmp:
+                    raise
         os.replace(lib, target)
 
 

@@ -2,11 +2,11 @@
 
 Follows vLLM PagedAttention V2 (Kwon et al., SOSP 2023) and flash-decoding (Dao et al. 2023): a decode
 batch is cut once per step into spans (a sequence's run of tokens; long sequences split so that every
-worker has work), and every layer hands the same span list to the kernel. Each worker thread calls the
-kernel with the same arguments and takes the next span from a shared counter (ctypes releases the GIL, so
-the threads run in parallel); ``kvlab_merge`` then reduces each sequence's partial softmax states into its
-output. Small batches run on the calling thread alone: waking another core costs more than they take.
-No torch op runs inside a worker, so the caller's inference mode and thread settings never matter there.
+worker has work), and every layer hands the same span list to the kernel. The kernel runs its workers on
+OpenMP threads, the pool torch's own ops run on (as vLLM's CPU kernels do; a second pool of threads would
+fight torch's for the cores while those spin between ops), each taking the next span from a shared counter;
+``kvlab_merge`` then reduces each sequence's partial softmax states into its output. Small batches run on
+the calling thread alone.
 Supported: fp32 contiguous pools with head dim a multiple of 16 (any query heads per KV head), and
 2/4/8-bit pools of :func:`kvcore.kernels.quantize_paged_cache` whose scale groups cover whole 16-byte
 vectors of each bit plane; :func:`unsupported` says why a call is not.
@@ -15,7 +15,6 @@ vectors of each bit plane; :func:`unsupported` says why a call is not.
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -26,11 +25,11 @@ from kvcore.quant.integer import QuantizedTensor
 
 LIBRARY = "paged_decode"
 ERRORS = {1: "out of memory", 2: "unsupported shape"}
-PARALLEL_WORK = 1 << 21  # query-key products (tokens x Hq x D) below which one thread does the batch
+PARALLEL_WORK = 1 << 16  # query-key products (tokens x Hq x D) below which one thread does the batch
 SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
 MIN_SPAN_TOKENS = 256
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {"kvlab_decode": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5,
+SIGNATURES = {"kvlab_decode": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5 + [_I],
               "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2}
 
 
@@ -80,12 +79,6 @@ def _quantized_layout(key_cache: QuantizedTensor, value_cache: QuantizedTensor) 
         return (f"the C kernel needs scale groups that divide head_dim ({dim}), span a multiple of {16 * per_byte} "
                 f"channels and number at most 64, got group_size {group}")
     return ""
-
-
-@cache
-def _pool(helpers: int) -> ThreadPoolExecutor:
-    """A long-lived pool: starting threads per call cost 10-40% of a 1k-token call."""
-    return ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="kvcore-decode")
 
 
 @dataclass(slots=True)
@@ -150,12 +143,10 @@ class NativePlan:
         order_ptr = None if order is None else order.data_ptr()
         args = (q.data_ptr(), *pointers, self.tables.data_ptr(), self.spans.data_ptr(), len(self.spans),
                 self.counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(), o.data_ptr(),
-                out.data_ptr() if direct else None, order_ptr)
-        decode = fns["kvlab_decode"]
-        helpers = [_pool(self.workers - 1).submit(decode, *args) for _ in range(self.workers - 1)]
-        statuses = [decode(*args), *(h.result() for h in helpers)]
-        if any(statuses):
-            raise RuntimeError(f"paged_decode.c: {ERRORS.get(max(statuses), f'error {max(statuses)}')}")
+                out.data_ptr() if direct else None, order_ptr, self.workers)
+        status = fns["kvlab_decode"](*args)
+        if status:
+            raise RuntimeError(f"paged_decode.c: {ERRORS.get(status, f'error {status}')}")
         if not direct:
             fns["kvlab_merge"](m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(), self.count.data_ptr(),
                                B, Hq, D, order_ptr, out.data_ptr())

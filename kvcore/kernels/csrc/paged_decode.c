@@ -3,10 +3,11 @@
  *
  * Follows vLLM PagedAttention (Kwon et al., SOSP 2023) for the layout and flash-decoding (Dao et al.
  * 2023) for the split-K softmax. The caller plans a step's work once: a list of spans (sequence, first
- * token, tokens, partial slot); each worker thread calls an entry point with the same arguments and
- * takes the next span from a shared counter until none is left, leaving each span's partial softmax
- * state (m, l, o); kvlab_merge then reduces every sequence's partials into its output. K and V rows are
- * read once, straight from their blocks, into registers: no gathered copy, no score row per sequence.
+ * token, tokens, partial slot); each of `workers` OpenMP threads (the team torch's ops use, when built with
+ * -fopenmp; else the calling thread alone) takes the next span from a shared counter until none is left,
+ * leaving each span's partial softmax state (m, l, o); kvlab_merge then reduces every sequence's partials
+ * into its output. K and V rows are read once, straight from their blocks, into registers: no gathered copy,
+ * no score row per sequence.
  *
  * Layout: pools [num_blocks, block_size, Hkv, D] contiguous (quantized: codes [.., Hkv, D * bits / 8],
  * fp16 scales and zeros [.., Hkv, ng]); q [B, Hkv, G, D] unscaled; block tables int64 [B, table_stride];
@@ -370,18 +371,21 @@ static int work(Step *st, int64_t num_spans, int64_t *next) {
    scale and zero pointers and groups unused); 2, 4, 8: key and value are codes with fp16 scales and zeros (zeros
    NULL: symmetric), partials stay in plane order and out gets channels in order (order[x]: the channel at plane
    position x). spans [num_spans, 4]; out: NULL to leave partials for kvlab_merge, or (every sequence one span)
-   where the normalized rows go. */
+   where the normalized rows go; workers: threads that take spans (next: their shared counter, zeroed). */
 int kvlab_decode(const float *q, const void *key, const void *value, const uint16_t *key_scales,
                  const uint16_t *key_zeros, const uint16_t *value_scales, const uint16_t *value_zeros,
                  const int64_t *tables, const int64_t *spans, int64_t num_spans, int64_t *next, int64_t table_stride,
                  int64_t block_size, int64_t heads, int64_t group, int64_t dim, int64_t bits, int64_t groups,
-                 float scale, float *m, float *l, float *o, float *out, const int64_t *order) {
+                 float scale, float *m, float *l, float *o, float *out, const int64_t *order, int64_t workers) {
     if (dim % LANES != 0 || group < 1) return 2;
     if (bits && ((bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS ||
                  (dim * bits / 8) % (groups * LANES) != 0)) return 2;
     Step st = {key, value, key_scales, key_zeros, value_scales, value_zeros, q, tables, spans, table_stride,
                block_size, heads, group, dim, bits, bits ? groups : 1, scale, m, l, o, out, order};
-    return work(&st, num_spans, next);
+    int status = 0;
+#pragma omp parallel num_threads(workers) if (workers > 1) reduction(| : status)
+    status |= work(&st, num_spans, next);
+    return status;
 }
 
 /* out[b] = merge of partial slots first[b] .. first[b] + count[b] - 1 (flash-decoding's reduction), rows of
