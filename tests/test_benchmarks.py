@@ -28,3 +28,18 @@ def test_benchmark_runs_at_smoke_size(script, args, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(pd.read_csv(out)) >= 1
+
+
+def test_the_step_breakdown_times_every_section_and_adds_up(tmp_path):
+    """Each timer sits where the step calls it (a patched name the step never looks up would read 0), and the
+    sections with the forward's and the step's remainders make up the whole step."""
+    out = tmp_path / "breakdown.csv"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--breakdown", "--models", "bundled",
+                           "--threads", "1", "--repeats", "1", "--csv", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pd.read_csv(out).set_index("section")["us_per_step"]
+    whole = table.pop("whole step (mean)")
+    assert len(table) == 8
+    assert (table.drop("rest of the forward (elementwise ops, views, Python)") > 0).all(), table
+    assert table.sum() == pytest.approx(whole, rel=1e-9)

@@ -7,7 +7,7 @@ a real engine run of random prompts adds per step beyond the grid's model work (
 garbage collection, cold caches), and fits
 
     step time = a + b * new_tokens + c * sequences + d * prefill chunks + e * attention pairs + f * KV tokens read
-                + g * min(new_tokens, 8)        (small steps: torch's GEMM, costlier per row than the packed one)
+                + g * min(new_tokens, 8)        (a step's first rows: GEMMs over a few rows cost more per row)
 
 with every coefficient >= 0 (least squares on relative error, every subset of terms tried), checked on grid
 steps held out of the fit. The simulator then serves any workload with the engine's scheduler settings and

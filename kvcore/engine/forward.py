@@ -76,8 +76,8 @@ class StepBatch:
     plans: dict[int | None, AttentionPlan]
 
 
-PACKED_MIN_ROWS = 8  # below this many rows torch's own linear beats the packed one padded to 16 rows (measured)
-ROW_BUCKET = 16  # packed GEMMs see row counts rounded up to this: oneDNN builds its kernel once per row count
+ROW_BUCKET = 16  # packed GEMMs over more rows see them rounded up to a multiple of this: oneDNN builds its kernel
+# once per row count (0.5-1 ms), so a decode batch of 1-16 gets its own and longer steps share a few
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -90,9 +90,11 @@ class Projection:
     """Linear layers that read the same rows, as the step applies them: ``x @ W.T + b`` for each, side by side
     in one ``[T, sum of outputs]`` result (q/k/v as one, gate/up as one: vLLM's ``QKVParallelLinear`` and
     ``MergedColumnParallelLinear``). With torch's linear per weight, or with one oneDNN GEMM on the weights
-    packed once, side by side (the blocked layout its GEMM reads; 2-3x faster at a few to hundreds of rows on
-    the CPU of benchmarks/RESULTS.md, the same fp32 math in another summation order). The packed copy takes
-    the weights' bytes again."""
+    packed once, side by side (the blocked layout its GEMM reads; the same fp32 math in another summation order).
+    On the CPU of benchmarks/RESULTS.md the packed GEMM at the step's own row count is 1.4-2.8x faster than
+    torch's linear at 2 to 16 rows on the bundled model and 2.3-4.8x at 1 to 16 rows on SmolLM2 (at one row on the
+    bundled model 0.8x, 26 us); padding a few rows up to 16 would cost the bundled model up to 2x. The packed
+    copy takes the weights' bytes again."""
 
     weights: tuple[torch.Tensor, ...]
     biases: tuple[torch.Tensor | None, ...]
@@ -115,10 +117,10 @@ class Projection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.packed is None or rows < PACKED_MIN_ROWS:
+        if self.packed is None:
             outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        pad = -rows % ROW_BUCKET  # a new row count costs a kernel build (0.5-1 ms) on its first call
+        pad = -rows % ROW_BUCKET if rows > ROW_BUCKET else 0
         if pad:
             x = F.pad(x, (0, 0, 0, pad))
         out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")

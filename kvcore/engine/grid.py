@@ -23,13 +23,12 @@ import pandas as pd
 
 from kvcore.device import torch_threads
 from kvcore.engine.engine import LLMEngine
-from kvcore.engine.forward import PACKED_MIN_ROWS
 from kvcore.engine.params import SamplingParams
 from kvcore.engine.runner import ModelRunner, SequenceChunk
 from kvcore.sched.cost import prefill_pairs
 
 FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read", "small_tokens")
-SMALL_ROWS = PACKED_MIN_ROWS  # steps of fewer rows run torch's GEMM, costlier per row than the packed one
+SMALL_ROWS = 8  # a step's first rows: GEMMs over a few rows cost more per row (the fit may also give this term 0)
 PREFILLS = (8, 32, 128, 256, 512)
 GRID_WORK = 4e10  # parameters x tokens of the largest prefill chunk timed (512 tokens of a 78M-parameter model)
 Progress = Callable[[float, str], None]
