@@ -25,7 +25,8 @@ from kvcore.engine.calibrate import (
     simulate_engine,
 )
 from kvcore.engine.experiment import EngineSettings, serve_engine
-from kvcore.engine.grid import FEATURES, GridStep, design, largest_chunks, time_engine_run
+from kvcore.engine.grid import FEATURES, GridStep, design, largest_chunks, time_engine_run, time_grid
+from kvcore.engine.runner import ModelRunner
 from kvcore.engine.workload import ServeWorkload
 from kvcore.models import load_model
 from kvcore.sched.cost import FittedCost
@@ -135,7 +136,7 @@ def test_calibrated_once_the_simulator_predicts_a_run_it_never_saw(bundled):
         turns.append("out")
 
     cost = calibrate_engine(model, max_seqs=4, repeats=1, turn=turn)
-    assert turns == ["in", "out"] * (2 * len(design(4)) + 1)  # a warm-up and a timed round, then the engine run
+    assert turns == ["in", "out"] * (len(design(4)) + 1)  # one round of grid steps, then the engine run
     coefficients = [cost.intercept_s, cost.per_token_s, cost.per_seq_s, cost.per_prefill_s, cost.per_pair_s,
                     cost.per_kv_token_s]
     assert all(c >= 0 for c in coefficients)
@@ -152,3 +153,22 @@ def test_calibrated_once_the_simulator_predicts_a_run_it_never_saw(bundled):
     rows = prediction.set_index("metric")
     assert rows.loc["steps", "measured"] == rows.loc["steps", "predicted"]  # the scheduler is the same
     assert np.isfinite(rows["predicted"]).all()
+
+
+def test_a_grid_step_is_timed_right_after_a_like_step(bundled, monkeypatch):
+    """In a run a step follows one of nearly its shape, with the caches as that one left them: each grid step runs
+    twice in a row and only the second run is timed (no separate warm-up round)."""
+    model, _ = bundled
+    calls = []
+    real = ModelRunner.execute
+
+    def execute(self, chunks):
+        calls.append(tuple((c.start, len(c.token_ids)) for c in chunks))
+        return real(self, chunks)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    steps = design(2)
+    table = time_grid(model, steps, repeats=2)
+    assert len(calls) == 2 * 2 * len(steps)
+    assert calls[0::2] == calls[1::2]  # pairs: the like step, then the timed one
+    assert (table["repeats"] == 2).all()

@@ -82,7 +82,8 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     """Profile the engine on a designed grid of steps and fit the simulator's step time (Vidur-style).
 
     Grid: :func:`kvcore.engine.grid.design` up to ``max_seqs`` sequences, each step timed ``repeats`` times
-    in shuffled rounds on ``threads`` torch threads. Then one real engine run of random prompts
+    in shuffled rounds, each time right after a like step (:func:`kvcore.engine.grid.time_grid`), on ``threads``
+    torch threads. Then one real engine run of random prompts
     (:func:`kvcore.engine.grid.time_engine_run`, never a workload it will predict): each of its steps' time
     beyond the grid fit's model time is fitted to a per-step, per-token and per-sequence cost and added. The
     fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on grid steps held out

@@ -78,7 +78,10 @@ def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: i
               pool_bytes: float = 256e6, seed: int = 0, progress: Progress | None = None,
               turn: Callable[[], AbstractContextManager] = nullcontext) -> pd.DataFrame:
     """Each grid step's seconds on the model runner: median, quartiles and repeats; one row per step with its
-    :data:`FEATURES`. A first round, untimed, warms every step up; then ``repeats`` timed rounds. The pools take
+    :data:`FEATURES`. In each of ``repeats`` rounds every step runs twice in a row and the second run is timed: in
+    a real run a step follows one of nearly the same shape (the same sequences, one token on), so the caches hold
+    what the last step left, and for a small model all of its weights and K/V stay in the CPU's last-level cache
+    between such steps, where a step after an unlike one reads them from memory. The pools take
     at most ``pool_bytes`` (sequences beyond share blocks). turn: entered around each step (an app takes its
     shared model's lock there, so that other users of the model go between steps, never during one)."""
     per_block = block_bytes(model, block_size)
@@ -86,20 +89,19 @@ def time_grid(model, steps: Sequence[GridStep], block_size: int = 16, repeats: i
     rng, vocab = random.Random(seed), runner.parts.embed.num_embeddings
     times: list[list[float]] = [[] for _ in steps]
     with torch_threads(threads):
-        for r in range(repeats + 1):
+        for r in range(repeats):
             order = list(range(len(steps)))
             rng.shuffle(order)
             for done, i in enumerate(order):
                 chunks = _chunks(steps[i], runner, block_size, vocab, rng)
                 with turn():
+                    runner.execute(chunks)  # the like step before it (and, in round 1, the warm-up)
                     start = time.perf_counter()
                     runner.execute(chunks)
-                    seconds = time.perf_counter() - start
-                if r:  # round 0 warms up
-                    times[i].append(seconds)
+                    times[i].append(time.perf_counter() - start)
                 if progress is not None:
-                    progress((r * len(steps) + done + 1) / ((repeats + 1) * len(steps)),
-                             f"timing a grid of {len(steps)} engine steps (round {r + 1} of {repeats + 1})")
+                    progress((r * len(steps) + done + 1) / (repeats * len(steps)),
+                             f"timing a grid of {len(steps)} engine steps (round {r + 1} of {repeats})")
     rows = []
     for step, ts in zip(steps, times, strict=True):
         q1, median, q3 = np.percentile(ts, [25, 50, 75])
