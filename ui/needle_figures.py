@@ -21,7 +21,7 @@ from kvcore.needle import NeedleConfig, disagreements, join_perplexity, lessons,
 from kvcore.needle.lesson import FINE_LOST, PPL_TOLERANCE
 from kvcore.needle.tables import BASELINE, LOSES
 from ui import background, figures, needle_runs, params, tables
-from ui.guard import USER_ERRORS
+from ui.guard import user_errors
 from ui.needle_runs import PAGE_HAYSTACK_TOKENS, NeedleSettings, NeedleView
 
 MODELS = ["smollm2-135m", "bundled"]
@@ -214,19 +214,15 @@ def needle_section() -> None:
     if not chosen["lengths"] or not chosen["depths"]:
         st.info("Pick at least one haystack length and one needle depth.")
         return
-    try:
+    with user_errors("Needle test"):  # the page's last section: stopping here is returning
         settings = NeedleSettings(model, NeedleConfig(**chosen))
         settings.check_cost()
-        with st.container():  # one place whether the grid is kept, followed or computed here (why: ui.params)
-            view = needle_runs.kept(settings)
-            if view is None:
-                if not background.wait_for(_pending(settings), "Run the needle test now (about 40 s)", "nd_run",
-                                           OFF_NOTE):
-                    return
-                view = needle_runs.shown(settings)
-    except USER_ERRORS as exc:
-        st.error(f"Needle test: {exc}", icon=":material/error:")
-        return
+        view = needle_runs.kept(settings)
+        if view is None:
+            if not background.wait_for(_pending(settings), "Run the needle test now (about 40 s)", "nd_run",
+                                       OFF_NOTE):
+                return
+            view = needle_runs.shown(settings)
     _show(settings, view)
 
 
