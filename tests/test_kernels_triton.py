@@ -39,7 +39,7 @@ from kvcore.kernels import (
     quantized_paged_decode_attention,
 )
 from kvcore.kernels.native_paged import unsupported
-from kvcore.kernels.paged_triton import kernels, paged_attention_triton, split_length
+from kvcore.kernels.paged_triton import kernels, paged_attention_triton, split_plan
 from kvcore.paged.attention_check import DTYPES, contiguous_reference, make_paged_problem
 from kvcore.quant import QuantizedTensor
 
@@ -154,8 +154,8 @@ def run_case(case: Case, device: str) -> dict:
     else:
         out = paged_attention_triton(*args, scale=scale, split_tokens=case.split_tokens)
     seconds = time.perf_counter() - start
-    split = split_length(len(case.seq_lens), Hkv, max(case.seq_lens), torch.device(device), case.split_tokens)
-    return {"name": case.name, "dtype": case.dtype, "seconds": seconds, "splits": -(-max(case.seq_lens) // split),
+    _, splits = split_plan(len(case.seq_lens), Hkv, max(case.seq_lens), torch.device(device), case.split_tokens)
+    return {"name": case.name, "dtype": case.dtype, "seconds": seconds, "splits": splits,
             "out_dtype": str(out.dtype).removeprefix("torch."), "finite": bool(torch.isfinite(out).all()),
             "max_abs_err": float((out.cpu().float() - expected.float()).abs().max()),
             "kernel": choose_backend(*args[:3], backend="triton"), "default_kernel": choose_backend(*args[:3])}
@@ -400,24 +400,18 @@ def test_kvcore_kernels_work_without_triton():
     assert "backend 'triton' cannot run this call: triton is not installed" in proc.stdout
 
 
-def splits(batch, heads, max_len, device, split_tokens=None):
-    """(tokens per split, splits of the longest sequence)."""
-    split = split_length(batch, heads, max_len, device, split_tokens)
-    return split, -(-max_len // split)
-
-
 def test_split_plan_hand_counted(monkeypatch):
     cpu = torch.device("cpu")
-    assert splits(16, 8, 16384, cpu) == (16384, 1)  # the interpreter never splits by itself
-    assert splits(3, 2, 300, cpu, split_tokens=100) == (128, 3)  # whole 64-token tiles
+    assert split_plan(16, 8, 16384, cpu) == (16384, 1)  # the interpreter never splits by itself
+    assert split_plan(3, 2, 300, cpu, split_tokens=100) == (128, 3)  # whole 64-token tiles
     monkeypatch.setattr("kvcore.kernels.paged_triton._multiprocessors", lambda index: 132)  # an H100/H200
     gpu = torch.device("cuda", 0)
     # 4 x 132 = 528 programs wanted / (16 x 8) = 5 splits: 4096 / 5 = 820 -> 832 tokens (13 tiles)
-    assert splits(16, 8, 4096, gpu) == (832, 5)
-    assert splits(16, 8, 16384, gpu) == (3328, 5)
-    assert splits(1, 8, 300, gpu) == (320, 1)  # under 2 x 256 tokens: not worth a merge
-    assert splits(1, 1, 4096, gpu) == (256, 16)  # capped at 256-token splits
-    assert splits(1, 1, 65536, gpu) == (1024, 64)  # capped at 64 splits
+    assert split_plan(16, 8, 4096, gpu) == (832, 5)
+    assert split_plan(16, 8, 16384, gpu) == (3328, 5)
+    assert split_plan(1, 8, 300, gpu) == (320, 1)  # under 2 x 256 tokens: not worth a merge
+    assert split_plan(1, 1, 4096, gpu) == (256, 16)  # capped at 256-token splits
+    assert split_plan(1, 1, 65536, gpu) == (1024, 64)  # capped at 64 splits
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the whole check")
@@ -448,7 +442,7 @@ def test_cuda_triton_kernel_matches_contiguous_attention(case):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_cuda_long_contexts_are_split_by_the_planner(dtype):
     p = make_paged_problem((5000, 1200, 17), 32, 8, 128, 16, DTYPES[dtype], "cuda")
-    assert splits(3, 8, 5000, p.query.device)[1] > 1
+    assert split_plan(3, 8, 5000, p.query.device)[1] > 1
     out = paged_decode_attention(*inputs(p))
     expected = contiguous_reference(p)
     assert (out.float() - expected.float()).abs().max().item() <= TOLERANCE[dtype]

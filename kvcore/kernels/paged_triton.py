@@ -65,9 +65,10 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_length(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
-                 split_tokens: int | None = None) -> int:
-    """Tokens per split for a batch whose longest sequence has ``max_len`` tokens (whole tiles of :data:`BLOCK_N`).
+def split_plan(batch: int, num_kv_heads: int, max_len: int, device: torch.device,
+               split_tokens: int | None = None) -> tuple[int, int]:
+    """Tokens per split (whole tiles of :data:`BLOCK_N`) and splits of the longest sequence, for a batch whose longest
+    sequence has ``max_len`` tokens.
 
     split_tokens: forced (rounded up to whole tiles); None picks it so that ``batch x Hkv x splits`` reaches
     :data:`PROGRAMS_PER_SM` programs per SM on a GPU, with splits of at least :data:`MIN_SPLIT_TOKENS` and at most
@@ -79,7 +80,8 @@ def split_length(batch: int, num_kv_heads: int, max_len: int, device: torch.devi
             programs = PROGRAMS_PER_SM * _multiprocessors(device.index or 0)
             wanted = min(-(-programs // (batch * num_kv_heads)), max(1, max_len // MIN_SPLIT_TOKENS), MAX_SPLITS)
         split_tokens = -(-max_len // wanted)
-    return max(BLOCK_N, -(-split_tokens // BLOCK_N) * BLOCK_N)
+    split_tokens = max(BLOCK_N, -(-split_tokens // BLOCK_N) * BLOCK_N)
+    return split_tokens, -(-max_len // split_tokens)
 
 
 def triton_size(n: int) -> int:
@@ -128,7 +130,7 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor | Quanti
     strides), or :func:`kvcore.kernels.quantize_paged_cache` pools (2/4/8 bits, dequantized in registers,
     KIVI's per-token layout); block_tables int ``[B, max_blocks]``; seq_lens int ``[B]``; scale: softmax
     scale; max_len: the longest sequence (given, no host read of ``seq_lens``); split_tokens: force the split
-    length (None: :func:`split_length`). Inputs are assumed valid and B >= 1. A 16-bit query uses 16-bit dot
+    length (None: :func:`split_plan`). Inputs are assumed valid and B >= 1. A 16-bit query uses 16-bit dot
     products with fp32 accumulation over a pool of its dtype (or a quantized pool); any other mix runs in
     fp32. Returns ``[B, Hq, D]`` in the query's dtype.
     """
@@ -140,8 +142,7 @@ def paged_attention_triton(query: torch.Tensor, key_cache: torch.Tensor | Quanti
     same = quantized or q.dtype == key_cache.dtype == value_cache.dtype
     dot_f32 = q.dtype == torch.float32 or not same or f32_dots(module, q.dtype)
     max_len = int(lens.max()) if max_len is None else max_len
-    split = split_length(B, Hkv, max_len, device, split_tokens)
-    S = -(-max_len // split)  # splits of the longest sequence
+    split, S = split_plan(B, Hkv, max_len, device, split_tokens)
     out = torch.empty_like(q)
     part_o = torch.empty(B, Hq, S, D, dtype=torch.float32, device=device)  # split partials (not touched when S = 1)
     part_lse = torch.empty(B, Hq, S, dtype=torch.float32, device=device)
