@@ -225,12 +225,12 @@ def engine_decode_steps(model, prompts: torch.Tensor, threads: int, after_prefil
     return times, counter
 
 
-# Where a decode step's time goes: each of these is timed where the step calls it (nested in "model forward").
+# Where a decode step's time goes: each of these is timed where the step calls it (nested in FORWARD, but PLAN).
+PLAN, FORWARD = "step plan (positions, slots, tables, spans)", "model forward"
 SECTIONS = {"projections (packed GEMMs, lm_head included)": (forward.Projection, "__call__"),
             "decode attention (C kernel)": (DecodeBatch, "attend"), "RMS norms": (forward, "rms_norm"),
             "RoPE": (forward, "rotate"), "K/V writes into the pools": (KVPools, "write"),
-            "step plan (positions, slots, tables, spans)": (ModelRunner, "plan"),
-            "model forward": (runner_module, "model_forward")}
+            PLAN: (ModelRunner, "plan"), FORWARD: (runner_module, "model_forward")}
 
 
 def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.DataFrame:
@@ -253,12 +253,11 @@ def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.D
                     times += engine_decode_steps(model, prompts, threads, after_prefill=restart)[0]
                     spent = {k: v + live[k] for k, v in spent.items()}
             per_step = {k: v / len(times) * 1e6 for k, v in spent.items()}
-            forward_us = per_step.pop("model forward")
-            plan_us = per_step.pop("step plan (positions, slots, tables, spans)")
+            forward_us, plan_us = per_step.pop(FORWARD), per_step.pop(PLAN)
             step_us = statistics.mean(times) * 1e6
             rest = forward_us - sum(per_step.values())
             parts = {**per_step, "rest of the forward (elementwise ops, views, Python)": rest,
-                     "step plan (positions, slots, tables, spans)": plan_us,
+                     PLAN: plan_us,
                      "outside the model (schedule, sample, update)": step_us - forward_us - plan_us}
             rows += [{"model": name, "threads": threads, "section": k, "us_per_step": v, "share": v / step_us}
                      for k, v in parts.items()]
