@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import DecodeBatch
+from kvcore.kernels.native_linear import HalfWidthLinear
 
 
 @dataclass(slots=True)
@@ -76,6 +77,7 @@ class StepBatch:
     plans: dict[int | None, AttentionPlan]
 
 
+NARROW_ROWS = 32  # steps of up to this many rows use half-width weights where the model has them
 ROW_BUCKET = 16  # packed GEMMs over more rows see them rounded up to a multiple of this: oneDNN builds its kernel
 # once per row count (0.5-1 ms), so a decode batch of 1-16 gets its own and longer steps share a few
 
@@ -94,29 +96,36 @@ class Projection:
     On the CPU of benchmarks/RESULTS.md the packed GEMM at the step's own row count is 1.4-2.8x faster than
     torch's linear at 2 to 16 rows on the bundled model and 2.3-4.8x at 1 to 16 rows on SmolLM2 (at one row on the
     bundled model 0.8x, 26 us); padding a few rows up to 16 would cost the bundled model up to 2x. The packed
-    copy takes the weights' bytes again."""
+    copy takes the weights' bytes again. Weights that are all fp16 (or all bf16) values are also packed at that
+    width for steps of up to :data:`NARROW_ROWS` rows (:class:`kvcore.kernels.native_linear.HalfWidthLinear`: half
+    the bytes, the same fp32 weights in registers)."""
 
     weights: tuple[torch.Tensor, ...]
     biases: tuple[torch.Tensor | None, ...]
     sizes: tuple[int, ...]
     packed: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None
+    narrow: HalfWidthLinear | None = None
 
     @classmethod
     def of(cls, pack: bool, *modules: torch.nn.Linear) -> Projection:
         weights = tuple(m.weight for m in modules)
         biases = tuple(m.bias for m in modules)
-        packed = packed_bias = None
+        packed = packed_bias = narrow = None
         if pack and can_pack(weights[0]):
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights).detach(), 16)
+                weight = torch.cat(weights).detach()
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
                 if any(b is not None for b in biases):
                     packed_bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b.detach()
                                              for w, b in zip(weights, biases, strict=True)])
-        return cls(weights, biases, tuple(w.shape[0] for w in weights), packed, packed_bias)
+                narrow = HalfWidthLinear.of(weight, packed_bias)
+        return cls(weights, biases, tuple(w.shape[0] for w in weights), packed, packed_bias, narrow)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self.narrow is not None and rows <= NARROW_ROWS:
+            return self.narrow(x)
         if self.packed is None:
             outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
