@@ -150,7 +150,8 @@ def layer_windows(model, sliding_window: int | None) -> list[int | None]:
 
 def model_parts(model, sliding_window: int | None, pack: bool = False) -> ModelParts:
     """The weights :func:`kvcore.engine.forward.model_forward` applies, and each layer's window (pack: the
-    projections' weights packed for oneDNN's GEMM, :class:`kvcore.engine.forward.Projection`)."""
+    projections' weights packed for oneDNN's GEMM, and at half width where that is exact,
+    :class:`kvcore.engine.forward.Projection`)."""
     inner = model.model
     layers = [Layer.of(layer, window, pack) for layer, window in zip(inner.layers, layer_windows(model, sliding_window),
                                                                       strict=True)]
@@ -167,7 +168,8 @@ class ModelRunner:
     per scale, None = the whole head). sliding_window: tokens each query sees in every layer (None: the
     model config's windows, e.g. Mistral's ``sliding_window``). backend: the decode kernels' backend (None:
     the best for the device, :func:`kvcore.kernels.choose_backend`). packed_weights: run the projections with
-    oneDNN on weights packed once (a copy of them; fp32 on a CPU only); None: wherever it can.
+    oneDNN on weights packed once (a copy of them; fp32 on a CPU only), and small steps on an fp16 or bf16 copy where
+    every weight is such a value (:class:`kvcore.kernels.native_linear.HalfWidthLinear`); None: wherever it can.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, kv_bits: int | None = None,
