@@ -52,6 +52,42 @@ def test_every_row_count_equals_the_fp32_product(width, with_bias, workers, monk
 
 
 @needs_native
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("fused", ["norm", "gated", "residual", "norm+residual"])
+def test_what_the_step_does_around_a_projection_runs_in_the_same_pass(fused, workers, monkeypatch):
+    """RMSNorm of the rows (LlamaRMSNorm), SiLU(gate) * up of [gate | up] rows (LlamaMLP) and a residual added to the
+    outputs give what torch's ops around the projection give."""
+    monkeypatch.setattr(native_linear, "PARALLEL_WORK", 0 if workers > 1 else 1 << 62)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: workers)
+    w, b = weight_of(torch.float16), torch.randn(48)
+    layer = HalfWidthLinear.of(w, b)
+    norm, eps = torch.rand(40) + 0.5, 1e-5
+    for rows in ROWS:
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 80 if fused == "gated" else 40, generator=g) * 3
+        residual = torch.randn(rows, 48, generator=g) if "residual" in fused else None
+        if fused == "gated":
+            gate, up = x.chunk(2, dim=-1)
+            expected, got = reference(torch.nn.functional.silu(gate) * up, w, b), layer(x, gated=True)
+        else:
+            inputs = torch.nn.functional.rms_norm(x, (40,), norm, eps) if "norm" in fused else x
+            expected = reference(inputs, w, b) + (0 if residual is None else residual)
+            got = layer(x, *((norm, eps) if "norm" in fused else ()), residual=residual)
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5, msg=f"{rows} rows")
+
+
+@needs_native
+def test_rows_of_the_wrong_width_are_refused():
+    layer = HalfWidthLinear.of(weight_of(torch.float16))
+    with pytest.raises(ValueError, match="40 inputs"):
+        layer(torch.randn(2, 41))
+    with pytest.raises(ValueError, match="gated: twice"):
+        layer(torch.randn(2, 40), gated=True)
+    with pytest.raises(ValueError, match="stride"):
+        layer(torch.randn(40, 2).t())
+
+
+@needs_native
 def test_the_panels_hold_the_weights_exactly_at_half_the_bytes():
     w = weight_of(torch.float16, outputs=64, inputs=24)
     layer = HalfWidthLinear.of(w)
@@ -103,7 +139,8 @@ def test_the_bundled_models_decode_steps_run_on_half_width_weights(monkeypatch):
     projections = [p for layer in parts.layers for p in (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)]
     assert all(p.narrow is not None and p.narrow.panels.dtype == torch.float16 for p in [*projections, parts.lm_head])
     calls = []
-    monkeypatch.setattr(HalfWidthLinear, "__call__", lambda self, x: calls.append(len(x)) or torch.zeros(len(x), 1))
+    monkeypatch.setattr(HalfWidthLinear, "__call__",
+                        lambda self, x, *args, **kwargs: calls.append(len(x)) or torch.zeros(len(x), 1))
     qkv = parts.layers[0].qkv
     for rows in (1, forward.NARROW_ROWS, forward.NARROW_ROWS + 1):
         qkv(torch.randn(rows, 256))
@@ -112,16 +149,15 @@ def test_the_bundled_models_decode_steps_run_on_half_width_weights(monkeypatch):
     assert forward.Projection.of(True, linear).narrow is None
 
 
+@needs_native
 def test_the_kernel_signature_matches_its_c_definition():
-    """ctypes passes what the C function takes: 9 arguments, pointers where the source has pointers."""
+    """ctypes passes what the C function takes: pointers, floats and 64-bit integers where the source has them."""
     source = (native.SOURCES / f"{native_linear.LIBRARY}.c").read_text()
-    head = source[source.index("int kvlab_linear("):source.index(") {", source.index("int kvlab_linear("))]
-    params = [p.strip() for p in head[len("int kvlab_linear("):].split(",")]
-    assert len(params) == 9
-    if BUILDABLE:
-        fn = native_linear.kernel()
-        kinds = [ctypes.c_void_p if "*" in p else ctypes.c_int64 for p in params]
-        assert fn.argtypes == kinds
+    start = source.index("int kvlab_linear(")
+    params = [p.strip() for p in source[start + len("int kvlab_linear("):source.index(") {", start)].split(",")]
+    kinds = [ctypes.c_void_p if "*" in p else ctypes.c_float if p.startswith("float") else ctypes.c_int64
+             for p in params]
+    assert native_linear.kernel().argtypes == kinds
 
 
 @needs_native

@@ -29,10 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import SiLUActivation
 
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import DecodeBatch
 from kvcore.kernels.native_linear import HalfWidthLinear
+
+SILU = (torch.nn.SiLU, SiLUActivation)  # what LlamaMLP's "silu" act_fn is (transformers' own class, or torch's)
 
 
 @dataclass(slots=True)
@@ -122,10 +125,27 @@ class Projection:
                 narrow = HalfWidthLinear.of(weight, packed_bias)
         return cls(weights, biases, tuple(w.shape[0] for w in weights), packed, packed_bias, narrow)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, norm: torch.nn.Module | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``[residual +] proj(norm(x))``: norm, an RMSNorm applied to the rows first; on half-width weights both in
+        the kernel's pass."""
+        if self.narrow is not None and x.shape[0] <= NARROW_ROWS:
+            return self.narrow(x, *(() if norm is None else (norm.weight, norm.variance_epsilon)), residual=residual)
+        out = self.dense(x if norm is None else rms_norm(norm, x))
+        return out if residual is None else residual + out
+
+    def gated(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], silu: bool,
+              residual: torch.Tensor) -> torch.Tensor:
+        """``residual + proj(act(gate) * up)`` for ``x = [gate | up]`` (the MLP's down projection); on half-width
+        weights and with SiLU (silu: act is SiLU), in the kernel's pass."""
+        if silu and self.narrow is not None and x.shape[0] <= NARROW_ROWS:
+            return self.narrow(x, gated=True, residual=residual)
+        gate, up = x.chunk(2, dim=-1)
+        return residual + self.dense(act(gate) * up)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` with torch's linear, or oneDNN's GEMM on the packed fp32 copy."""
         rows = x.shape[0]
-        if self.narrow is not None and rows <= NARROW_ROWS:
-            return self.narrow(x)
         if self.packed is None:
             outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
@@ -138,15 +158,16 @@ class Projection:
 
 @dataclass(slots=True)
 class MLP:
-    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``), gate and up as one projection."""
+    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``), gate and up as one projection; silu: act is SiLU."""
 
     gate_up: Projection
     down: Projection
     act: Callable[[torch.Tensor], torch.Tensor]
+    silu: bool = False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.gate_up.sizes, dim=-1)
-        return self.down(self.act(gate) * up)
+    def __call__(self, hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+        """``hidden + mlp(norm(hidden))``: the decoder layer's second half."""
+        return self.down.gated(self.gate_up(hidden, norm), self.act, self.silu, residual=hidden)
 
 
 @dataclass(slots=True)
@@ -168,7 +189,8 @@ class Layer:
     def of(cls, layer: torch.nn.Module, window: int | None, pack: bool = False) -> Layer:
         """The layer's modules; pack: apply its projections with packed weights (:class:`Projection`)."""
         attn, mlp = layer.self_attn, layer.mlp
-        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj), mlp.act_fn)
+        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj), mlp.act_fn,
+                  isinstance(mlp.act_fn, SILU))
         return cls(layer.input_layernorm, layer.post_attention_layernorm,
                    Projection.of(pack, attn.q_proj, attn.k_proj, attn.v_proj), Projection.of(pack, attn.o_proj),
                    getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), ffn, attn.head_dim, attn.scaling,
@@ -238,8 +260,7 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
     layer = parts.layers[index]
     T, D = hidden.shape[0], layer.head_dim
     Hq, Hkv = layer.qkv.sizes[0] // D, layer.qkv.sizes[1] // D
-    x = rms_norm(layer.input_norm, hidden)  # [T, hidden]
-    qkv = layer.qkv(x).view(T, Hq + 2 * Hkv, D)
+    qkv = layer.qkv(hidden, layer.input_norm).view(T, Hq + 2 * Hkv, D)
     qk, v = qkv[:, :Hq + Hkv], qkv[:, Hq + Hkv:]  # [T, Hq + Hkv, D], [T, Hkv, D]
     if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's D channels, before RoPE
         qk = torch.cat((rms_norm(layer.q_norm, qk[:, :Hq]), rms_norm(layer.k_norm, qk[:, Hq:])), dim=1)
@@ -247,8 +268,8 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
     q, k = qk[:, :Hq], qk[:, Hq:]
     pools.write(index, step.slots, k, v)  # every row's K/V lands before any row attends
     out = attend(q, pools, index, step.plans[layer.window], layer.scale)  # [T, Hq, D]
-    hidden = hidden + layer.o(out.reshape(T, -1))  # [T, hidden]
-    return hidden + layer.mlp(rms_norm(layer.post_norm, hidden))  # [T, hidden]
+    hidden = layer.o(out.reshape(T, -1), residual=hidden)  # [T, hidden]
+    return layer.mlp(hidden, layer.post_norm)  # [T, hidden]
 
 
 def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.Tensor:
@@ -259,5 +280,5 @@ def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.T
     rotary = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)  # [T, 1, D]
     for index in range(len(parts.layers)):
         hidden = layer_forward(parts, index, hidden, rotary, pools, step)
-    last = rms_norm(parts.norm, hidden.index_select(0, step.logits_rows))  # [R, hidden]: norm is per token
-    return parts.lm_head(last).float()  # [R, vocab]
+    last = hidden.index_select(0, step.logits_rows)  # [R, hidden]: the norm is per token
+    return parts.lm_head(last, parts.norm).float()  # [R, vocab]

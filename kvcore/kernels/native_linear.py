@@ -31,8 +31,8 @@ def kernel() -> ctypes._CFuncPtr | None:
     if library is None:
         return None
     fn = library.kvlab_linear
-    P, I = ctypes.c_void_p, ctypes.c_int64
-    fn.restype, fn.argtypes = ctypes.c_int, [P, I, I, P, I, P, P, I, I]
+    P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn.restype, fn.argtypes = ctypes.c_int, [P, I, I, I, P, F, I, P, I, P, P, P, I, I]
     return fn
 
 
@@ -65,14 +65,24 @@ class HalfWidthLinear:
         panels = weight.reshape(N // PANEL, PANEL, K).transpose(1, 2).contiguous().to(width)  # [N / 16, K, 16]
         return cls(panels, None if bias is None else bias.detach().float().contiguous(), N)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``[M, N]`` fp32 for fp32 rows ``x [M, K]`` on the CPU."""
-        x = x.contiguous()
-        M, K = x.shape
+    def __call__(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``[M, N]`` fp32 for fp32 rows on the CPU, with what the step does around a projection done in the same pass
+        (vLLM fuses the same steps into its kernels): the rows ``x [M, K]``, or RMSNorm of them with weight ``norm
+        [K]`` and ``eps`` (transformers' ``LlamaRMSNorm``), or, gated, ``SiLU(gate) * up`` of ``x = [gate | up]``
+        ``[M, 2K]`` (``LlamaMLP``); plus ``residual [M, N]`` when given."""
+        M, K = x.shape[0], self.panels.shape[1]
+        if x.dtype != torch.float32 or x.stride(-1) != 1 or x.shape[1] != (2 * K if gated else K):
+            raise ValueError(f"{x.dtype} rows of {x.shape[1]} inputs (stride {x.stride(-1)}) for a layer of {K} inputs"
+                             f"{' (gated: twice that)' if gated else ''}")
         y = torch.empty(M, self.outputs)
         workers = torch.get_num_threads() if M * self.outputs * K >= PARALLEL_WORK else 1
-        status = kernel()(x.data_ptr(), M, K, self.panels.data_ptr(), int(self.panels.dtype == torch.float16),
-                          None if self.bias is None else self.bias.data_ptr(), y.data_ptr(), self.outputs, workers)
+        if residual is not None:
+            residual = residual.contiguous()
+        status = kernel()(x.data_ptr(), M, K, x.stride(0), None if norm is None else norm.data_ptr(), eps, int(gated),
+                          self.panels.data_ptr(), int(self.panels.dtype == torch.float16),
+                          None if self.bias is None else self.bias.data_ptr(),
+                          None if residual is None else residual.data_ptr(), y.data_ptr(), self.outputs, workers)
         if status:
             raise MemoryError("linear.c: out of memory")
         return y

@@ -10,6 +10,7 @@
  * rows, full chunks as two halves of 8) so the FMAs of a block are independent. `workers` OpenMP threads (the team
  * torch's ops use; one without -fopenmp) take contiguous runs of panels.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,12 +51,24 @@ static inline vec widen(int FP16, const uint16_t *p) {
     return (vec)(__builtin_convertvector(h, uvec) << 16);
 }
 
-/* y[r, p * 16 + j] (+)= sum_k xt[k * 16 + r] * panel_p[k, j] for M rows and P panels (bias: its 16 x P outputs). */
+/* What a block adds its products to: the outputs' bias and each row's residual (either NULL), offset to its panels. */
+typedef struct {
+    const float *bias, *residual;
+} Base;
+
+static inline Base shifted(Base b, int64_t outputs, int64_t rows) {
+    return (Base){b.bias ? b.bias + outputs : NULL, b.residual ? b.residual + rows + outputs : NULL};
+}
+
+/* y[r, p * 16 + j] = base + sum_k xt[k * 16 + r] * panel_p[k, j] for M rows and P panels. */
 static inline __attribute__((always_inline)) void block(int M, int P, int FP16, const float *xt, int64_t K,
-                                                        const uint16_t *w, const float *bias, float *y, int64_t N) {
+                                                        const uint16_t *w, Base base, float *y, int64_t N) {
     vec acc[LANES];
     for (int p = 0; p < P; p++)
-        for (int r = 0; r < M; r++) acc[p * M + r] = bias ? load(bias + p * LANES) : (vec){0};
+        for (int r = 0; r < M; r++) {
+            acc[p * M + r] = base.bias ? load(base.bias + p * LANES) : (vec){0};
+            if (base.residual) acc[p * M + r] += load(base.residual + r * N + p * LANES);
+        }
     for (int64_t k = 0; k < K; k++)
         for (int p = 0; p < P; p++) {
             vec wv = widen(FP16, w + (p * K + k) * LANES);
@@ -67,21 +80,19 @@ static inline __attribute__((always_inline)) void block(int M, int P, int FP16, 
 
 /* Panels [n, stop) for M rows, P of them per block. */
 static inline __attribute__((always_inline)) void rows(int M, int FP16, const float *xt, int64_t K, const uint16_t *w,
-                                                       const float *bias, float *y, int64_t N, int64_t n, int64_t stop) {
+                                                       Base base, float *y, int64_t N, int64_t n, int64_t stop) {
     const int P = M <= 4 ? 4 : M <= 8 ? 2 : 1;
     for (; n < stop; n += P) {
-        const uint16_t *panel = w + n * K * LANES;
-        const float *b = bias ? bias + n * LANES : NULL;
-        if (n + P <= stop) block(M, P, FP16, xt, K, panel, b, y + n * LANES, N);
-        else for (int64_t i = n; i < stop; i++) block(M, 1, FP16, xt, K, panel + (i - n) * K * LANES,
-                                                     b ? b + (i - n) * LANES : NULL, y + i * LANES, N);
+        if (n + P <= stop) block(M, P, FP16, xt, K, w + n * K * LANES, shifted(base, n * LANES, 0), y + n * LANES, N);
+        else for (int64_t i = n; i < stop; i++)
+            block(M, 1, FP16, xt, K, w + i * K * LANES, shifted(base, i * LANES, 0), y + i * LANES, N);
     }
 }
 
 /* One chunk of m <= 16 rows (m a compile-time constant in each case). */
-#define ROWS(M) case M: rows(M, FP16, xt, K, w, bias, y, N, n, stop); break;
+#define ROWS(M) case M: rows(M, FP16, xt, K, w, base, y, N, n, stop); break;
 static inline __attribute__((always_inline)) void chunk(int FP16, int m, const float *xt, int64_t K,
-                                                        const uint16_t *w, const float *bias, float *y, int64_t N,
+                                                        const uint16_t *w, Base base, float *y, int64_t N,
                                                         int64_t n, int64_t stop) {
     switch (m) {
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
@@ -89,22 +100,42 @@ static inline __attribute__((always_inline)) void chunk(int FP16, int m, const f
     default: /* two halves of 8 rows over each pair of panels, the pair read from memory once */
         for (int64_t pair = n; pair < stop; pair += 2) {
             int64_t end = pair + 2 < stop ? pair + 2 : stop;
-            rows(8, FP16, xt, K, w, bias, y, N, pair, end);
-            rows(8, FP16, xt + 8, K, w, bias, y + 8 * N, N, pair, end);
+            rows(8, FP16, xt, K, w, base, y, N, pair, end);
+            rows(8, FP16, xt + 8, K, w, shifted(base, 0, 8 * N), y + 8 * N, N, pair, end);
         }
     }
 }
 
-/* Returns 0, or 1 if out of memory. x [M, K] fp32; w: N / 16 panels [K, 16] of fp16 (fp16 = 1) or bf16 bits;
-   bias [N] fp32 or NULL; y [M, N] fp32; workers: threads that split the panels. */
-int kvlab_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t fp16, const float *bias, float *y,
-                 int64_t N, int64_t workers) {
+/* Row x of a layer's input as the step would have computed it first: x itself, RMSNorm(x) * norm (as transformers'
+   LlamaRMSNorm: norm * (x / sqrt(mean(x^2) + eps))), or, gated, SiLU(gate) * up of x = [gate | up] (LlamaMLP). */
+static void input_row(const float *x, int64_t K, const float *norm, float eps, int gated, float *out) {
+    if (gated) {
+        for (int64_t k = 0; k < K; k++) out[k] = x[k] / (1.f + expf(-x[k])) * x[K + k];
+    } else if (norm) {
+        float squares = 0.f;
+        for (int64_t k = 0; k < K; k++) squares += x[k] * x[k];
+        float inverse = 1.f / sqrtf(squares / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) out[k] = norm[k] * (x[k] * inverse);
+    } else {
+        memcpy(out, x, K * sizeof(float));
+    }
+}
+
+/* Returns 0, or 1 if out of memory. x [M, K] fp32 rows x_stride floats apart ([M, 2K] gate | up when gated), taken
+   through input_row (norm: the RMSNorm weight [K], or NULL); w: N / 16 panels [K, 16] of fp16 (fp16 = 1) or bf16
+   bits; bias [N] and residual [M, N] fp32, added to the products (either NULL); y [M, N] fp32; workers: threads that
+   split the panels. */
+int kvlab_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const float *norm, float eps, int64_t gated,
+                 const uint16_t *w, int64_t fp16, const float *bias, const float *residual, float *y, int64_t N,
+                 int64_t workers) {
     int64_t chunks = (M + LANES - 1) / LANES, panels = N / LANES;
-    float *xt = malloc(chunks * K * LANES * sizeof(float));
+    float *xt = malloc((chunks * LANES + 1) * K * sizeof(float)), *row = xt + chunks * LANES * K;
     if (!xt) return 1;
-    for (int64_t c = 0; c < chunks; c++) /* input k of row c * 16 + r at xt[(c * K + k) * 16 + r] */
-        for (int64_t r = 0; r < LANES && c * LANES + r < M; r++)
-            for (int64_t k = 0; k < K; k++) xt[(c * K + k) * LANES + r] = x[(c * LANES + r) * K + k];
+    for (int64_t r = 0; r < M; r++) { /* input k of row c * 16 + i at xt[(c * K + k) * 16 + i] */
+        float *dst = xt + (r / LANES) * K * LANES + r % LANES;
+        input_row(x + r * x_stride, K, norm, eps, (int)gated, row);
+        for (int64_t k = 0; k < K; k++) dst[k * LANES] = row[k];
+    }
 #pragma omp parallel num_threads(workers) if (workers > 1)
     {
 #ifdef _OPENMP
@@ -115,8 +146,9 @@ int kvlab_linear(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_
         int64_t n = panels * t / T, stop = panels * (t + 1) / T;
         for (int64_t c = 0; c < chunks; c++) {
             int m = M - c * LANES < LANES ? (int)(M - c * LANES) : LANES;
-            if (fp16) chunk(1, m, xt + c * K * LANES, K, w, bias, y + c * LANES * N, N, n, stop);
-            else chunk(0, m, xt + c * K * LANES, K, w, bias, y + c * LANES * N, N, n, stop);
+            Base base = {bias, residual ? residual + c * LANES * N : NULL};
+            if (fp16) chunk(1, m, xt + c * K * LANES, K, w, base, y + c * LANES * N, N, n, stop);
+            else chunk(0, m, xt + c * K * LANES, K, w, base, y + c * LANES * N, N, n, stop);
         }
     }
     free(xt);
