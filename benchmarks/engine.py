@@ -228,8 +228,9 @@ def engine_decode_steps(model, prompts: torch.Tensor, threads: int, after_prefil
 # Where a decode step's time goes: each of these is timed where the step calls it (nested in FORWARD, but PLAN).
 PLAN, FORWARD = "step plan (positions, slots, tables, spans)", "model forward"
 SECTIONS = {"projections (GEMMs, lm_head included)": (forward.Projection, "__call__"),
-            "decode attention (C kernel)": (DecodeBatch, "attend"), "RMS norms": (forward, "rms_norm"),
-            "RoPE": (forward, "rotate"), "K/V writes into the pools": (KVPools, "write"),
+            "decode attention (C kernel)": (DecodeBatch, "attend"),
+            "RMS norms (those not in a projection's pass)": (forward, "rms_norm"), "RoPE": (forward, "rotate"),
+            "K/V writes into the pools": (KVPools, "write"),
             PLAN: (ModelRunner, "plan"), FORWARD: (runner_module, "model_forward")}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kvcore.kernels import native as native_module
 from tests.conftest import ROOT
 
 SMOKE = [
@@ -30,16 +31,21 @@ def test_benchmark_runs_at_smoke_size(script, args, tmp_path):
     assert len(pd.read_csv(out)) >= 1
 
 
-def test_the_step_breakdown_times_every_section_and_adds_up(tmp_path):
+@pytest.mark.parametrize("native", ["1", "0"], ids=["c-kernels", "torch-only"])
+def test_the_step_breakdown_times_every_section_and_adds_up(tmp_path, native):
     """Each timer sits where the step calls it (a patched name the step never looks up would read 0), and the
-    sections with the forward's and the step's remainders make up the whole step."""
+    sections with the forward's and the step's remainders make up the whole step. With the C kernels the bundled
+    model's norms run inside its projections' kernel (that section reads exactly 0); without them, apart."""
     out = tmp_path / "breakdown.csv"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine.py"), "--breakdown", "--models", "bundled",
                            "--threads", "1", "--repeats", "1", "--csv", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, native_module.DISABLE_ENV: native})
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(out).set_index("section")["us_per_step"]
     whole = table.pop("whole step (mean)")
     assert len(table) == 8
+    norms = table.pop("RMS norms (those not in a projection's pass)")
+    assert (norms == 0) == (native == "1" and native_module.compiler() is not None), norms
     assert (table.drop("rest of the forward (elementwise ops, views, Python)") > 0).all(), table
-    assert table.sum() == pytest.approx(whole, rel=1e-9)
+    assert table.sum() + norms == pytest.approx(whole, rel=1e-9)

@@ -125,23 +125,21 @@ class Projection:
                 narrow = HalfWidthLinear.of(weight, packed_bias)
         return cls(weights, biases, tuple(w.shape[0] for w in weights), packed, packed_bias, narrow)
 
-    def __call__(self, x: torch.Tensor, norm: torch.nn.Module | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``[residual +] proj(norm(x))``: norm, an RMSNorm applied to the rows first; on half-width weights both in
-        the kernel's pass."""
-        if self.narrow is not None and x.shape[0] <= NARROW_ROWS:
-            return self.narrow(x, *(() if norm is None else (norm.weight, norm.variance_epsilon)), residual=residual)
-        out = self.dense(x if norm is None else rms_norm(norm, x))
+    def __call__(self, x: torch.Tensor, norm: torch.nn.Module | None = None, residual: torch.Tensor | None = None,
+                 act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``[residual +] proj(inputs)``, the inputs being ``norm(x)`` (norm: an RMSNorm module), or ``act(gate) *
+        up`` of ``x = [gate | up]`` (act: the MLP's activation), or ``x``. On half-width weights the norm, SiLU and
+        the residual run in the kernel's pass."""
+        if self.narrow is not None and x.shape[0] <= NARROW_ROWS and (act is None or isinstance(act, SILU)):
+            return self.narrow(x, *(() if norm is None else (norm.weight, norm.variance_epsilon)),
+                               gated=act is not None, residual=residual)
+        if norm is not None:
+            x = rms_norm(norm, x)
+        if act is not None:
+            gate, up = x.chunk(2, dim=-1)
+            x = act(gate) * up
+        out = self.dense(x)
         return out if residual is None else residual + out
-
-    def gated(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor], silu: bool,
-              residual: torch.Tensor) -> torch.Tensor:
-        """``residual + proj(act(gate) * up)`` for ``x = [gate | up]`` (the MLP's down projection); on half-width
-        weights and with SiLU (silu: act is SiLU), in the kernel's pass."""
-        if silu and self.narrow is not None and x.shape[0] <= NARROW_ROWS:
-            return self.narrow(x, gated=True, residual=residual)
-        gate, up = x.chunk(2, dim=-1)
-        return residual + self.dense(act(gate) * up)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with torch's linear, or oneDNN's GEMM on the packed fp32 copy."""
@@ -158,16 +156,15 @@ class Projection:
 
 @dataclass(slots=True)
 class MLP:
-    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``), gate and up as one projection; silu: act is SiLU."""
+    """``down(act(gate(x)) * up(x))`` (``LlamaMLP``), gate and up as one projection."""
 
     gate_up: Projection
     down: Projection
     act: Callable[[torch.Tensor], torch.Tensor]
-    silu: bool = False
 
     def __call__(self, hidden: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
         """``hidden + mlp(norm(hidden))``: the decoder layer's second half."""
-        return self.down.gated(self.gate_up(hidden, norm), self.act, self.silu, residual=hidden)
+        return self.down(self.gate_up(hidden, norm), residual=hidden, act=self.act)
 
 
 @dataclass(slots=True)
@@ -189,8 +186,7 @@ class Layer:
     def of(cls, layer: torch.nn.Module, window: int | None, pack: bool = False) -> Layer:
         """The layer's modules; pack: apply its projections with packed weights (:class:`Projection`)."""
         attn, mlp = layer.self_attn, layer.mlp
-        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj), mlp.act_fn,
-                  isinstance(mlp.act_fn, SILU))
+        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj), mlp.act_fn)
         return cls(layer.input_layernorm, layer.post_attention_layernorm,
                    Projection.of(pack, attn.q_proj, attn.k_proj, attn.v_proj), Projection.of(pack, attn.o_proj),
                    getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), ffn, attn.head_dim, attn.scaling,
