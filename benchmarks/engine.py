@@ -227,11 +227,12 @@ def engine_decode_steps(model, prompts: torch.Tensor, threads: int, after_prefil
 
 # Where a decode step's time goes: each of these is timed where the step calls it (nested in FORWARD, but PLAN).
 PLAN, FORWARD = "step plan (positions, slots, tables, spans)", "model forward"
-SECTIONS = {"projections (GEMMs, lm_head included)": (forward.Projection, "__call__"),
-            "decode attention (C kernel)": (DecodeBatch, "attend"),
-            "RMS norms (those not in a projection's pass)": (forward, "rms_norm"), "RoPE": (forward, "rotate"),
-            "K/V writes into the pools": (KVPools, "write"),
-            PLAN: (ModelRunner, "plan"), FORWARD: (runner_module, "model_forward")}
+SECTIONS = {"projections (GEMMs, lm_head included)": ((forward.Projection, "__call__"),),
+            "decode attention (C kernel)": ((DecodeBatch, "attend"),),
+            "RMS norms (those not in a projection's pass)": ((forward, "rms_norm"),),
+            "RoPE and K/V writes into the pools": ((KVPools, "rope_and_write"), (forward, "rotate"),
+                                                   (KVPools, "write")),
+            PLAN: ((ModelRunner, "plan"),), FORWARD: ((runner_module, "model_forward"),)}
 
 
 def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.DataFrame:
@@ -246,9 +247,10 @@ def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.D
             engine_decode_steps(model, prompts, threads)  # warm-up
             live, spent, times = dict.fromkeys(SECTIONS, 0.0), dict.fromkeys(SECTIONS, 0.0), []
             with contextlib.ExitStack() as stack:
-                for section, (owner, attribute) in SECTIONS.items():
-                    timed = _timed(getattr(owner, attribute), section, live)
-                    stack.enter_context(patch.object(owner, attribute, timed))
+                for section, targets in SECTIONS.items():
+                    for owner, attribute in targets:
+                        timed = _timed(getattr(owner, attribute), section, live)
+                        stack.enter_context(patch.object(owner, attribute, timed))
                 restart = functools.partial(_zero, live)  # decode steps only: clocks restart after the prefill
                 for _ in range(repeats):
                     times += engine_decode_steps(model, prompts, threads, after_prefill=restart)[0]

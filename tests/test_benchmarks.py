@@ -44,7 +44,7 @@ def test_the_step_breakdown_times_every_section_and_adds_up(tmp_path, native):
     assert done.returncode == 0, done.stderr[-2000:]
     table = pd.read_csv(out).set_index("section")["us_per_step"]
     whole = table.pop("whole step (mean)")
-    assert len(table) == 8
+    assert len(table) == 7
     norms = table.pop("RMS norms (those not in a projection's pass)")
     assert (norms == 0) == (native == "1" and native_module.compiler() is not None), norms
     assert (table.drop("rest of the forward (elementwise ops, views, Python)") > 0).all(), table

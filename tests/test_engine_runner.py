@@ -24,8 +24,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from kvcore.engine.pools import KVPools
 from kvcore.engine.runner import ModelRunner, SequenceChunk, unsupported
-from kvcore.kernels import DecodeBatch
+from kvcore.kernels import DecodeBatch, native
 from kvcore.models import load_model
 from kvcore.quant import QuantizedTensor
 
@@ -227,6 +228,18 @@ def test_decode_rows_share_one_kernel_call_per_layer(tiny_models, monkeypatch):
     assert calls == []  # prefill never goes through the decode kernel
     runner.execute([SequenceChunk(str(i), [7], 5, t) for i, t in enumerate(tables)])
     assert calls == [3, 3]  # one call per layer, the three decodes batched
+
+
+@pytest.mark.skipif(not (native.enabled() and native.compiler()), reason="no C compiler here (or KVLAB_NATIVE=0)")
+@pytest.mark.parametrize(("family", "fused"), [("llama-gqa", True), ("qwen2-bias", True), ("qwen3-qk-norm", False)])
+def test_rope_and_kv_writes_take_one_kernel_pass_on_fp32_pools(tiny_models, monkeypatch, family, fused):
+    """Every layer of every step rotates and stores K/V in the C kernel's one pass (the equality tests above then
+    hold for it); Qwen3, whose q/k norms come before RoPE, takes torch's ops."""
+    writes = []
+    real = KVPools.write
+    monkeypatch.setattr(KVPools, "write", lambda self, *args: writes.append(1) or real(self, *args))
+    assert max_diff_to_hf(tiny_models[family], (7, 5, 1)) < 1e-4
+    assert (writes == []) == fused
 
 
 # --- quantized pools ------------------------------------------------------------------------------------

@@ -157,3 +157,36 @@ def test_without_a_writable_home_builds_go_to_a_private_temp_folder(monkeypatch,
     folder.chmod(0o777)  # as if another user had made it open to all
     with pytest.raises(OSError, match="not private"):
         native._cache_dir()
+
+
+@needs_native
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(8, 8), (9, 3), (4, 1)])
+def test_rope_and_cache_equals_rotating_then_writing(q_heads, kv_heads):
+    """One pass of the C kernel gives what the engine's torch path gives: RoPE on queries and keys, then K/V rows
+    into their slots, other slots untouched."""
+    from kvcore.engine.forward import rotate
+
+    T, D, gen = 5, 32, torch.Generator().manual_seed(q_heads)
+    qkv = torch.randn(T, q_heads + 2 * kv_heads, D, generator=gen)
+    angles = torch.randn(T, 1, D // 2, generator=gen).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    signed_sin = torch.cat((-sin[..., :D // 2], sin[..., D // 2:]), dim=-1)
+    slots = torch.tensor([7, 0, 12, 3, 9])
+    keys, values = torch.full((4, 4, kv_heads, D), -1.0), torch.full((4, 4, kv_heads, D), -1.0)
+    expected_k, expected_v = keys.clone().view(16, kv_heads, D), values.clone().view(16, kv_heads, D)
+    rotated = rotate(qkv[:, :q_heads + kv_heads], cos, signed_sin)
+    expected_k[slots], expected_v[slots] = rotated[:, q_heads:], qkv[:, q_heads + kv_heads:]
+    assert native_paged.rope_and_cache(qkv, q_heads, cos, signed_sin, slots, keys, values)
+    torch.testing.assert_close(qkv[:, :q_heads], rotated[:, :q_heads], atol=1e-6, rtol=0)
+    torch.testing.assert_close(keys.view(16, kv_heads, D), expected_k, atol=1e-6, rtol=0)
+    torch.testing.assert_close(values.view(16, kv_heads, D), expected_v, atol=0, rtol=0)
+
+
+def test_rope_and_cache_leaves_what_it_cannot_take_to_torch():
+    qkv, cos = torch.randn(2, 3, 16), torch.ones(2, 1, 16)
+    slots, pool = torch.tensor([0, 1]), torch.zeros(1, 4, 1, 16)
+    assert not native_paged.rope_and_cache(qkv.half(), 1, cos, cos, slots, pool, pool)
+    assert not native_paged.rope_and_cache(qkv, 1, cos, cos, slots.int(), pool, pool)
+    assert not native_paged.rope_and_cache(torch.randn(2, 16, 3).transpose(1, 2), 1, cos, cos, slots, pool, pool)
+    with pytest.raises(ValueError, match="3 heads"):
+        native_paged.rope_and_cache(qkv, 2, cos, cos, slots, pool, pool)

@@ -257,12 +257,16 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
     T, D = hidden.shape[0], layer.head_dim
     Hq, Hkv = layer.qkv.sizes[0] // D, layer.qkv.sizes[1] // D
     qkv = layer.qkv(hidden, layer.input_norm).view(T, Hq + 2 * Hkv, D)
-    qk, v = qkv[:, :Hq + Hkv], qkv[:, Hq + Hkv:]  # [T, Hq + Hkv, D], [T, Hkv, D]
-    if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's D channels, before RoPE
-        qk = torch.cat((rms_norm(layer.q_norm, qk[:, :Hq]), rms_norm(layer.k_norm, qk[:, Hq:])), dim=1)
-    qk = rotate(qk, *rotary)  # queries and keys rotated together
-    q, k = qk[:, :Hq], qk[:, Hq:]
-    pools.write(index, step.slots, k, v)  # every row's K/V lands before any row attends
+    # every row's K/V lands before any row attends
+    if layer.q_norm is None and pools.rope_and_write(index, step.slots, qkv, Hq, *rotary):
+        q = qkv[:, :Hq]  # rotated in place
+    else:
+        qk, v = qkv[:, :Hq + Hkv], qkv[:, Hq + Hkv:]  # [T, Hq + Hkv, D], [T, Hkv, D]
+        if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's D channels, before RoPE
+            qk = torch.cat((rms_norm(layer.q_norm, qk[:, :Hq]), rms_norm(layer.k_norm, qk[:, Hq:])), dim=1)
+        qk = rotate(qk, *rotary)  # queries and keys rotated together
+        q, k = qk[:, :Hq], qk[:, Hq:]
+        pools.write(index, step.slots, k, v)
     out = attend(q, pools, index, step.plans[layer.window], layer.scale)  # [T, Hq, D]
     hidden = layer.o(out.reshape(T, -1), residual=hidden)  # [T, hidden]
     return layer.mlp(hidden, layer.post_norm)  # [T, hidden]

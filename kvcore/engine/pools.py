@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcore.kernels import quantize_paged_cache
+from kvcore.kernels.native_paged import rope_and_cache
 from kvcore.quant import QuantizedTensor, quantize
 from kvcore.tensors import tensor_bytes
 
@@ -94,6 +95,14 @@ class KVPools:
             for stored, new in ((pool.codes, q.codes), (pool.scales, q.scales), (pool.zeros, q.zeros)):
                 if stored is not None:  # codes [T, Hkv, D * bits / 8]; scales/zeros [T, Hkv, groups]
                     _slot_rows(stored).index_copy_(0, slots, new)
+
+    def rope_and_write(self, layer: int, slots: torch.Tensor, qkv: torch.Tensor, num_q_heads: int, cos: torch.Tensor,
+                       signed_sin: torch.Tensor) -> bool:
+        """RoPE on the queries and keys of ``qkv [T, Hq + 2 Hkv, D]`` in place and their K/V into ``slots`` in one pass
+        of the C kernel (:func:`kvcore.kernels.native_paged.rope_and_cache`); False, with nothing done, where it
+        cannot (quantized pools among them): the caller rotates and calls :meth:`write`."""
+        return self.kv_bits is None and rope_and_cache(qkv, num_q_heads, cos, signed_sin, slots, self.keys[layer],
+                                                       self.values[layer])
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` ``[L]`` (int64) of one layer as ``[L, Hkv, D]`` in the model's dtype."""

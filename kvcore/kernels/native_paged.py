@@ -30,7 +30,7 @@ SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up f
 MIN_SPAN_TOKENS = 256
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {"kvlab_decode": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5 + [_I],
-              "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2}
+              "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2, "kvlab_rope_write": [_P] + [_I] * 5 + [_P] * 5}
 
 
 @cache
@@ -174,3 +174,24 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor | Quanti
                 *(None if t is None else t.data_ptr() for c in (key_cache, value_cache) for t in (c.scales, c.zeros)))
     sizes += (key_cache.bits, key_cache.scales.shape[-1])
     return plan.run(pointers, sizes, scale, query, plane_order(D, key_cache.bits)).to(query.dtype)
+
+
+def rope_and_cache(qkv: torch.Tensor, num_q_heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
+                   slots: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> bool:
+    """RoPE on the queries and keys of ``qkv [T, Hq + 2 Hkv, D]`` in place, then keys and values into ``slots [T]`` of
+    fp32 pools ``[num_blocks, block_size, Hkv, D]``, with the C kernel (vLLM's ``rotary_embedding`` and
+    ``reshape_and_cache`` in one pass; cos and signed_sin ``[T, 1, D]`` as :func:`kvcore.engine.forward.rotate` takes
+    them). False, with nothing done, where the kernel cannot: other dtypes or devices, strided rows, no library."""
+    T, heads, D = qkv.shape
+    if heads != num_q_heads + 2 * key_cache.shape[2] or key_cache.shape[3] != D:
+        raise ValueError(f"qkv rows of {heads} heads of {D} do not hold {num_q_heads} query heads and K/V for pools "
+                         f"of {tuple(key_cache.shape)}")
+    tensors = (qkv, cos, signed_sin, key_cache, value_cache)
+    if (functions() is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
+            or slots.dtype != torch.int64 or not slots.is_contiguous() or qkv.stride(2) != 1 or qkv.stride(1) != D
+            or not all(t.is_contiguous() for t in tensors[1:])):
+        return False
+    functions()["kvlab_rope_write"](qkv.data_ptr(), T, qkv.stride(0), num_q_heads, key_cache.shape[2], D,
+                                    cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(), key_cache.data_ptr(),
+                                    value_cache.data_ptr())
+    return True

@@ -410,3 +410,26 @@ int kvlab_merge(const float *m, const float *l, const float *o, const int64_t *f
         }
     return 0;
 }
+
+/* RoPE on the queries and keys of T new tokens, in place, then their keys and values into their pool slots: vLLM's
+   rotary_embedding and reshape_and_cache in one pass (fp32 pools). qkv [T, hq + 2 * hkv, d] rows `stride` floats
+   apart; cos and signed_sin [T, d] (signed_sin: [-sin of the first half, sin of the second]), so channel i becomes
+   x_i cos_i + x_(i +- d/2) signed_sin_i, transformers' x * cos + rotate_half(x) * sin; pools [slots, hkv, d].
+   Returns 0. */
+int kvlab_rope_write(float *qkv, int64_t T, int64_t stride, int64_t hq, int64_t hkv, int64_t d, const float *cos,
+                      const float *signed_sin, const int64_t *slots, float *key, float *value) {
+    int64_t half = d / 2, row = hkv * d;
+    for (int64_t t = 0; t < T; t++) {
+        float *x = qkv + t * stride;
+        const float *c = cos + t * d, *s = signed_sin + t * d;
+        for (int64_t h = 0; h < hq + hkv; h++, x += d)
+            for (int64_t i = 0; i < half; i++) {
+                float a = x[i], b = x[i + half];
+                x[i] = a * c[i] + b * s[i];
+                x[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        memcpy(key + slots[t] * row, x - hkv * d, row * sizeof(float));
+        memcpy(value + slots[t] * row, x, row * sizeof(float));
+    }
+    return 0;
+}
