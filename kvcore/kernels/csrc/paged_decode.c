@@ -269,6 +269,18 @@ static void plane_query(const Step *st, const float *src, float *q, float *qsum)
 
 /* ---------------------------------------------------------------------------------------- one span */
 
+/* Ask for the fp32 rows of the register group at t while the current one is computed: they lie in a block
+   anywhere in the pool, which no hardware prefetcher can guess (bundled model, batch 16: attention 0.93 -> 0.74 ms
+   a step on one thread). */
+static inline void prefetch_group(const Step *st, const int64_t *table, int R, int64_t t, int64_t stop,
+                                  const void *pool, int64_t row_bytes) {
+    int64_t slot[LANES];
+    if (t >= stop) return;
+    group_slots(st, table, R, t, stop, slot);
+    for (int r = 0; r < R; r++)
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch((const char *)pool + slot[r] * row_bytes + b);
+}
+
 /* One span, its query heads in subgroups of GS (R = 16 / GS tokens per register group); QUANT: quantized pools
    (a compile-time choice: each caller's branch is the only one built). */
 static inline __attribute__((always_inline)) int span(int GS, int QUANT, const Step *st, const int64_t *sp, float *q,
@@ -290,6 +302,7 @@ static inline __attribute__((always_inline)) int span(int GS, int QUANT, const S
     for (int64_t t0 = sp[1]; t0 < sp[1] + sp[2]; t0 += TILE) {
         int64_t stop = sp[1] + sp[2] < t0 + TILE ? sp[1] + sp[2] : t0 + TILE, n = stop - t0;
         for (int64_t t = t0; t < stop; t += R) { /* scores of keys */
+            if (!QUANT) prefetch_group(st, table, R, t + R, stop, st->key, row * sizeof(float));
             group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
                 if (QUANT) quant_rows(st, st->key, st->kscales, st->kzeros, R, slot, h, codes, scale, zero);
@@ -306,6 +319,7 @@ static inline __attribute__((always_inline)) int span(int GS, int QUANT, const S
         softmax_update(s, n, hg, d, m, l, o, QUANT ? zsum : NULL, QUANT ? ng : 0, work);
         memset(s + n * hg, 0, ((n + R - 1) / R * R - n) * hg * sizeof(float)); /* padded rows weigh 0 */
         for (int64_t t = t0; t < stop; t += R) { /* values, weighed */
+            if (!QUANT) prefetch_group(st, table, R, t + R, stop, st->value, row * sizeof(float));
             group_slots(st, table, R, t, stop, slot);
             for (int64_t h = 0; h < heads; h++) {
                 if (QUANT) quant_rows(st, st->value, st->vscales, st->vzeros, R, slot, h, codes, scale, zero);
