@@ -237,8 +237,9 @@ SECTIONS = {"projections (GEMMs, lm_head included)": ((forward.Projection, "__ca
 
 def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.DataFrame:
     """Microseconds per pure decode step in each of :data:`SECTIONS` (a timer around each call, about 1 us of its
-    own per call), what the forward does besides them, and what the step does outside the model (scheduling,
-    sampling, bookkeeping); means over ``repeats`` runs of the profile's decode steps."""
+    own per call; a section called inside another counts for itself only), what the forward does besides them, and
+    what the step does outside the model (scheduling, sampling, bookkeeping); means over ``repeats`` runs of the
+    profile's decode steps."""
     rows = []
     for name in models:
         model, _ = load_model(None if name == "bundled" else name)
@@ -274,14 +275,24 @@ def _zero(clocks: dict[str, float]) -> None:
     clocks.update(dict.fromkeys(clocks, 0.0))
 
 
+_OPEN: list[float] = []  # for each timed call in progress, the time its timed callees took so far
+
+
 def _timed(fn: Callable, section: str, spent: dict[str, float]) -> Callable:
+    """fn, adding its time to spent[section]: without the time of timed calls inside it (a norm a projection calls
+    counts as a norm), except for the forward, the whole that the sections are taken out of."""
     @functools.wraps(fn)
     def timed(*args, **kwargs):
+        _OPEN.append(0.0)
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[section] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            inside = _OPEN.pop()
+            spent[section] += elapsed if section == FORWARD else elapsed - inside
+            if _OPEN:
+                _OPEN[-1] += elapsed
     return timed
 
 

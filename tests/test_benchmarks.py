@@ -47,5 +47,5 @@ def test_the_step_breakdown_times_every_section_and_adds_up(tmp_path, native):
     assert len(table) == 7
     norms = table.pop("RMS norms (those not in a projection's pass)")
     assert (norms == 0) == (native == "1" and native_module.compiler() is not None), norms
-    assert (table.drop("rest of the forward (elementwise ops, views, Python)") > 0).all(), table
+    assert (table > 0).all(), table  # the rest too: a section timed inside another is not counted twice
     assert table.sum() + norms == pytest.approx(whole, rel=1e-9)
