@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvcore.engine import grid
 from kvcore.engine.calibrate import (
     calibrate_engine,
     coefficients_table,
@@ -155,9 +156,11 @@ def test_calibrated_once_the_simulator_predicts_a_run_it_never_saw(bundled):
     assert np.isfinite(rows["predicted"]).all()
 
 
-def test_a_grid_step_is_timed_right_after_a_like_step(bundled, monkeypatch):
-    """In a run a step follows one of nearly its shape, with the caches as that one left them: each grid step runs
-    twice in a row and only the second run is timed (no separate warm-up round)."""
+@pytest.mark.parametrize(("like_s", "runs"), [(0.0, 2), (60.0, grid.LIKE_STEPS_MAX + 1)], ids=["short", "long"])
+def test_a_grid_step_is_timed_right_after_like_steps(bundled, monkeypatch, like_s, runs):
+    """In a run a step follows many of nearly its shape, with the caches as they left them: each grid step runs
+    again and again (at least once, for LIKE_STEPS_S, at most LIKE_STEPS_MAX times) before the timed run (no
+    separate warm-up round)."""
     model, _ = bundled
     calls = []
     real = ModelRunner.execute
@@ -167,8 +170,10 @@ def test_a_grid_step_is_timed_right_after_a_like_step(bundled, monkeypatch):
         return real(self, chunks)
 
     monkeypatch.setattr(ModelRunner, "execute", execute)
+    monkeypatch.setattr(grid, "LIKE_STEPS_S", like_s)
     steps = design(2)
     table = time_grid(model, steps, repeats=2)
-    assert len(calls) == 2 * 2 * len(steps)
-    assert calls[0::2] == calls[1::2]  # pairs: the like step, then the timed one
+    assert len(calls) == runs * 2 * len(steps)
+    groups = [calls[i:i + runs] for i in range(0, len(calls), runs)]
+    assert all(len(set(group)) == 1 for group in groups)  # like steps, then the timed one
     assert (table["repeats"] == 2).all()
