@@ -179,3 +179,10 @@ def test_cpus_without_avx512_widen_fp16_the_same(flags, monkeypatch, tmp_path):
             torch.testing.assert_close(layer(x), reference(x, w, None), atol=1e-5, rtol=1e-5)
     finally:
         native_linear.kernel.cache_clear()
+
+
+def test_only_silu_takes_the_gated_pass():
+    from transformers.activations import SiLUActivation
+
+    assert all(forward.is_silu(act) for act in (torch.nn.SiLU(), SiLUActivation(), torch.nn.functional.silu))
+    assert not any(forward.is_silu(act) for act in (torch.nn.GELU(), torch.nn.functional.gelu, torch.tanh))

@@ -29,13 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import SiLUActivation
 
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import DecodeBatch
 from kvcore.kernels.native_linear import HalfWidthLinear
-
-SILU = (torch.nn.SiLU, SiLUActivation)  # what LlamaMLP's "silu" act_fn is (transformers' own class, or torch's)
 
 
 @dataclass(slots=True)
@@ -130,7 +127,7 @@ class Projection:
         """``[residual +] proj(inputs)``, the inputs being ``norm(x)`` (norm: an RMSNorm module), or ``act(gate) *
         up`` of ``x = [gate | up]`` (act: the MLP's activation), or ``x``. On half-width weights the norm, SiLU and
         the residual run in the kernel's pass."""
-        if self.narrow is not None and x.shape[0] <= NARROW_ROWS and (act is None or isinstance(act, SILU)):
+        if self.narrow is not None and x.shape[0] <= NARROW_ROWS and (act is None or act is F.silu):
             return self.narrow(x, *(() if norm is None else (norm.weight, norm.variance_epsilon)),
                                gated=act is not None, residual=residual)
         if norm is not None:
@@ -186,7 +183,8 @@ class Layer:
     def of(cls, layer: torch.nn.Module, window: int | None, pack: bool = False) -> Layer:
         """The layer's modules; pack: apply its projections with packed weights (:class:`Projection`)."""
         attn, mlp = layer.self_attn, layer.mlp
-        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj), mlp.act_fn)
+        ffn = MLP(Projection.of(pack, mlp.gate_proj, mlp.up_proj), Projection.of(pack, mlp.down_proj),
+                  F.silu if is_silu(mlp.act_fn) else mlp.act_fn)
         return cls(layer.input_layernorm, layer.post_attention_layernorm,
                    Projection.of(pack, attn.q_proj, attn.k_proj, attn.v_proj), Projection.of(pack, attn.o_proj),
                    getattr(attn, "q_norm", None), getattr(attn, "k_norm", None), ffn, attn.head_dim, attn.scaling,
@@ -207,6 +205,14 @@ class ModelParts:
     def windows(self) -> set[int | None]:
         """The distinct sliding windows of the layers (None = full attention)."""
         return {layer.window for layer in self.layers}
+
+
+def is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether a model's MLP activation is SiLU: torch's module, transformers' own (what ``"silu"`` maps to), or the
+    function."""
+    from transformers.activations import SiLUActivation  # here, not at import: pages without a model never load it
+
+    return act is F.silu or isinstance(act, (torch.nn.SiLU, SiLUActivation))
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
