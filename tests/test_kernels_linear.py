@@ -132,21 +132,38 @@ def test_the_kernel_reports_running_out_of_memory(monkeypatch):
 
 
 @needs_native
-def test_the_bundled_models_decode_steps_run_on_half_width_weights(monkeypatch):
-    """The bundled model is stored in fp16: every projection packs at that width, steps of up to NARROW_ROWS rows
-    use it and longer ones oneDNN's fp32 GEMM; a model with fp32 weights never does."""
+def test_the_bundled_models_projections_run_on_half_width_weights_only(monkeypatch):
+    """The bundled model is stored in fp16: every projection is packed at that width, with no fp32 copy, and every
+    step, decode or prefill, multiplies it; a model with fp32 weights keeps oneDNN's packed copy."""
     parts = model_parts(load_model(None, "cpu")[0], None, pack=True)
     projections = [p for layer in parts.layers for p in (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)]
     assert all(p.narrow is not None and p.narrow.panels.dtype == torch.float16 for p in [*projections, parts.lm_head])
+    assert all(p.packed is None for p in [*projections, parts.lm_head])
     calls = []
     monkeypatch.setattr(HalfWidthLinear, "__call__",
                         lambda self, x, *args, **kwargs: calls.append(len(x)) or torch.zeros(len(x), 1))
-    qkv = parts.layers[0].qkv
-    for rows in (1, forward.NARROW_ROWS, forward.NARROW_ROWS + 1):
-        qkv(torch.randn(rows, 256))
-    assert calls == [1, forward.NARROW_ROWS]
-    linear = torch.nn.Linear(16, 32)
-    assert forward.Projection.of(True, linear).narrow is None
+    for rows in (1, 16, 33, 512):
+        parts.layers[0].qkv(torch.randn(rows, 256))
+    assert calls == [1, 16, 33, 512]
+    fp32 = forward.Projection.of(True, torch.nn.Linear(16, 32))
+    assert fp32.narrow is None
+    assert fp32.packed is not None
+
+
+@needs_native
+def test_an_activation_other_than_silu_is_applied_before_the_kernel():
+    """The kernel's gated pass is SiLU's; another activation (GELU here) runs in torch, then the plain kernel."""
+    w = weight_of(torch.float16, outputs=32, inputs=16)
+    linear = torch.nn.Linear(16, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    proj = forward.Projection.of(True, linear)
+    assert proj.narrow is not None
+    x, residual = torch.randn(3, 32), torch.randn(3, 32)
+    gate, up = x.chunk(2, dim=-1)
+    for act in (torch.nn.functional.gelu, torch.nn.functional.silu):
+        expected = residual + reference(act(gate) * up, w, None)
+        torch.testing.assert_close(proj(x, residual=residual, act=act), expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_native

@@ -77,7 +77,6 @@ class StepBatch:
     plans: dict[int | None, AttentionPlan]
 
 
-NARROW_ROWS = 32  # steps of up to this many rows use half-width weights where the model has them
 ROW_BUCKET = 16  # packed GEMMs over more rows see them rounded up to a multiple of this: oneDNN builds its kernel
 # once per row count (0.5-1 ms), so a decode batch of 1-16 gets its own and longer steps share a few
 
@@ -96,9 +95,9 @@ class Projection:
     On the CPU of benchmarks/RESULTS.md the packed GEMM at the step's own row count is 1.4-2.8x faster than
     torch's linear at 2 to 16 rows on the bundled model and 2.3-4.8x at 1 to 16 rows on SmolLM2 (at one row on the
     bundled model 0.8x, 26 us); padding a few rows up to 16 would cost the bundled model up to 2x. The packed
-    copy takes the weights' bytes again. Weights that are all fp16 (or all bf16) values are also packed at that
-    width for steps of up to :data:`NARROW_ROWS` rows (:class:`kvcore.kernels.native_linear.HalfWidthLinear`: half
-    the bytes, the same fp32 weights in registers)."""
+    copy takes the weights' bytes again. Weights that are all fp16 (or all bf16) values are packed at that width
+    instead (:class:`kvcore.kernels.native_linear.HalfWidthLinear`: half the bytes, the same fp32 weights in
+    registers; 1.6-3x oneDNN's speed at 1-16 rows, 0.9-0.95x at 512)."""
 
     weights: tuple[torch.Tensor, ...]
     biases: tuple[torch.Tensor | None, ...]
@@ -115,11 +114,12 @@ class Projection:
         if pack and can_pack(weights[0]):
             with torch.no_grad():
                 weight = torch.cat(weights).detach()
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
                 if any(b is not None for b in biases):
                     packed_bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b.detach()
                                              for w, b in zip(weights, biases, strict=True)])
                 narrow = HalfWidthLinear.of(weight, packed_bias)
+                if narrow is None:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
         return cls(weights, biases, tuple(w.shape[0] for w in weights), packed, packed_bias, narrow)
 
     def __call__(self, x: torch.Tensor, norm: torch.nn.Module | None = None, residual: torch.Tensor | None = None,
@@ -127,14 +127,14 @@ class Projection:
         """``[residual +] proj(inputs)``, the inputs being ``norm(x)`` (norm: an RMSNorm module), or ``act(gate) *
         up`` of ``x = [gate | up]`` (act: the MLP's activation), or ``x``. On half-width weights the norm, SiLU and
         the residual run in the kernel's pass."""
-        if self.narrow is not None and x.shape[0] <= NARROW_ROWS and (act is None or act is F.silu):
+        if norm is not None and self.narrow is None:
+            x, norm = rms_norm(norm, x), None
+        if act is not None and (self.narrow is None or act is not F.silu):
+            gate, up = x.chunk(2, dim=-1)
+            x, act = act(gate) * up, None
+        if self.narrow is not None:
             return self.narrow(x, *(() if norm is None else (norm.weight, norm.variance_epsilon)),
                                gated=act is not None, residual=residual)
-        if norm is not None:
-            x = rms_norm(norm, x)
-        if act is not None:
-            gate, up = x.chunk(2, dim=-1)
-            x = act(gate) * up
         out = self.dense(x)
         return out if residual is None else residual + out
 
