@@ -135,6 +135,20 @@ def load(name: str) -> ctypes.CDLL | None:
         return library
 
 
+def entry_points(name: str, signatures: dict[str, list]) -> dict[str, ctypes._CFuncPtr] | None:
+    """The functions of ``csrc/<name>.c`` named in ``signatures`` (name -> ctypes argument types), each typed to
+    return a C int; None when the library cannot be had (:func:`load`)."""
+    library = load(name)
+    if library is None:
+        return None
+    out = {}
+    for function, argtypes in signatures.items():
+        fn = getattr(library, function)
+        fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        out[function] = fn
+    return out
+
+
 def unavailable_reason(name: str) -> str:
     """Why :func:`load` returned None for ``name`` ("" if it loaded or was not tried)."""
     return _reasons.get(name, "")

@@ -24,18 +24,15 @@ LIBRARY = "linear"
 PANEL = 16  # outputs per panel: outputs must be a multiple of this
 PARALLEL_WORK = 1 << 18  # multiply-adds (rows x outputs x inputs) below which one thread runs a call
 WIDTHS = (torch.float16, torch.bfloat16)  # tried in this order; the first that holds every weight exactly
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {"kvlab_linear": [_P, _I, _I, _I, _P, _F, _I, _P, _I, _P, _P, _P, _I, _I]}
 
 
 @cache
 def kernel() -> ctypes._CFuncPtr | None:
     """``kvlab_linear``, typed; None when the library cannot be built or loaded (looked up once)."""
-    library = native.load(LIBRARY)
-    if library is None:
-        return None
-    fn = library.kvlab_linear
-    P, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.restype, fn.argtypes = ctypes.c_int, [P, I, I, I, P, F, I, P, I, P, P, P, I, I]
-    return fn
+    functions = native.entry_points(LIBRARY, SIGNATURES)
+    return None if functions is None else functions["kvlab_linear"]
 
 
 def exact_width(weight: torch.Tensor) -> torch.dtype | None:

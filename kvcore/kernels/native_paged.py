@@ -36,15 +36,7 @@ SIGNATURES = {"kvlab_decode": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5 +
 @cache
 def functions() -> dict[str, ctypes._CFuncPtr] | None:
     """The kernel's entry points, typed; None when the library cannot be built or loaded (looked up once)."""
-    library = native.load(LIBRARY)
-    if library is None:
-        return None
-    out = {}
-    for name, argtypes in SIGNATURES.items():
-        fn = getattr(library, name)
-        fn.restype, fn.argtypes = ctypes.c_int, argtypes
-        out[name] = fn
-    return out
+    return native.entry_points(LIBRARY, SIGNATURES)
 
 
 def unsupported(query: torch.Tensor, key_cache: torch.Tensor | QuantizedTensor,
