@@ -20,6 +20,17 @@ settings.register_profile(
 settings.load_profile("lab")
 
 
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """Compiled kernels built anew for the test: an empty load cache and a private build folder."""
+    from kvcore.kernels import native
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_reasons", {})
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
 class Forwards:
     """Forward passes of a causal LM's decoder (``model.model``) while the block runs, with the tokens each fed."""
 

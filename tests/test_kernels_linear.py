@@ -180,11 +180,8 @@ def test_the_kernel_signature_matches_its_c_definition():
 @needs_native
 @pytest.mark.skipif(platform.machine() not in {"x86_64", "AMD64"}, reason="x86 code paths")
 @pytest.mark.parametrize("flags", [("-mno-avx512f",), ("-mno-avx512f", "-mno-f16c")], ids=["f16c", "generic"])
-def test_cpus_without_avx512_widen_fp16_the_same(flags, monkeypatch, tmp_path):
+def test_cpus_without_avx512_widen_fp16_the_same(flags, monkeypatch, fresh_loader):
     """The fp16 widening has an AVX-512 path, an F16C one (AVX2 machines) and a generic one: each gives the same."""
-    monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_reasons", {})
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(native, "COMPILE_FLAGS", (*native.COMPILE_FLAGS, *flags))
     native_linear.kernel.cache_clear()
     try:

@@ -70,15 +70,6 @@ def test_loading_the_kernel_keeps_subnormal_floats():
     assert tiny.item() > 0
 
 
-@pytest.fixture
-def fresh_loader(monkeypatch, tmp_path):
-    """An empty load cache and a private build folder."""
-    monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_reasons", {})
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    return tmp_path
-
-
 def test_kvlab_native_0_turns_compiled_kernels_off(fresh_loader, monkeypatch):
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     assert native.load(LIBRARY) is None
