@@ -8,7 +8,9 @@
  * Register blocking as in Goto & van de Geijn (2008): x is transposed once per call so input k of 16 rows is one
  * vector; a block keeps at most 16 accumulators (rows x panels: 4 panels at 1-4 rows, 2 at 5-8, 1 at 9-16
  * rows, full chunks as two halves of 8) so the FMAs of a block are independent. `workers` OpenMP threads (the team
- * torch's ops use; one without -fopenmp) take contiguous runs of panels.
+ * torch's ops use; one without -fopenmp) take contiguous runs of panels. A block asks for the next block's weights
+ * while it computes: in a step the weights come from L3 or memory, and without it the bundled model's projections
+ * took 1.22-1.30 ms a step on one thread against 0.84 ms with every weight in L2 (with it: 0.88-0.93 ms).
  */
 #include <math.h>
 #include <stdint.h>
@@ -62,35 +64,40 @@ static inline Base shifted(Base b, int64_t outputs, int64_t rows) {
 
 /* y[r, p * 16 + j] = base + sum_k xt[k * 16 + r] * panel_p[k, j] for M rows and P panels. */
 static inline __attribute__((always_inline)) void block(int M, int P, int FP16, const float *xt, int64_t K,
-                                                        const uint16_t *w, Base base, float *y, int64_t N) {
+                                                        const uint16_t *w, Base base, float *y, int64_t N, int ahead) {
     vec acc[LANES];
     for (int p = 0; p < P; p++)
         for (int r = 0; r < M; r++) {
             acc[p * M + r] = base.bias ? load(base.bias + p * LANES) : (vec){0};
             if (base.residual) acc[p * M + r] += load(base.residual + r * N + p * LANES);
         }
-    for (int64_t k = 0; k < K; k++)
+    for (int64_t k = 0; k < K; k++) {
+        if (ahead) /* the next block's weights into L2, as far into them as this block has read */
+            for (int b = 0; b < P * LANES; b += 32) __builtin_prefetch(w + (P * K + k * P) * LANES + b, 0, 2);
         for (int p = 0; p < P; p++) {
             vec wv = widen(FP16, w + (p * K + k) * LANES);
             for (int r = 0; r < M; r++) acc[p * M + r] += xt[k * LANES + r] * wv;
         }
+    }
     for (int p = 0; p < P; p++)
         for (int r = 0; r < M; r++) store(y + r * N + p * LANES, acc[p * M + r]);
 }
 
 /* Panels [n, stop) for M rows, P of them per block. */
 static inline __attribute__((always_inline)) void rows(int M, int FP16, const float *xt, int64_t K, const uint16_t *w,
-                                                       Base base, float *y, int64_t N, int64_t n, int64_t stop) {
+                                                       Base base, float *y, int64_t N, int64_t n, int64_t stop,
+                                                       int ahead) {
     const int P = M <= 4 ? 4 : M <= 8 ? 2 : 1;
     for (; n < stop; n += P) {
-        if (n + P <= stop) block(M, P, FP16, xt, K, w + n * K * LANES, shifted(base, n * LANES, 0), y + n * LANES, N);
+        if (n + P <= stop) block(M, P, FP16, xt, K, w + n * K * LANES, shifted(base, n * LANES, 0), y + n * LANES, N,
+                                 ahead);
         else for (int64_t i = n; i < stop; i++)
-            block(M, 1, FP16, xt, K, w + i * K * LANES, shifted(base, i * LANES, 0), y + i * LANES, N);
+            block(M, 1, FP16, xt, K, w + i * K * LANES, shifted(base, i * LANES, 0), y + i * LANES, N, ahead);
     }
 }
 
 /* One chunk of m <= 16 rows (m a compile-time constant in each case). */
-#define ROWS(M) case M: rows(M, FP16, xt, K, w, base, y, N, n, stop); break;
+#define ROWS(M) case M: rows(M, FP16, xt, K, w, base, y, N, n, stop, 1); break;
 static inline __attribute__((always_inline)) void chunk(int FP16, int m, const float *xt, int64_t K,
                                                         const uint16_t *w, Base base, float *y, int64_t N,
                                                         int64_t n, int64_t stop) {
@@ -100,8 +107,8 @@ static inline __attribute__((always_inline)) void chunk(int FP16, int m, const f
     default: /* two halves of 8 rows over each pair of panels, the pair read from memory once */
         for (int64_t pair = n; pair < stop; pair += 2) {
             int64_t end = pair + 2 < stop ? pair + 2 : stop;
-            rows(8, FP16, xt, K, w, base, y, N, pair, end);
-            rows(8, FP16, xt + 8, K, w, shifted(base, 0, 8 * N), y + 8 * N, N, pair, end);
+            rows(8, FP16, xt, K, w, base, y, N, pair, end, 1);
+            rows(8, FP16, xt + 8, K, w, shifted(base, 0, 8 * N), y + 8 * N, N, pair, end, 0);
         }
     }
 }
