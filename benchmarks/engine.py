@@ -16,7 +16,8 @@ Every number is one run on a shared machine; the load average is printed next to
     python benchmarks/engine.py --profile [--models bundled smollm2-135m] [--threads 1 2] [--repeats 5]
 
 profiles a pure decode step instead (batch 16, 64-token prompts, 48 new tokens): the engine's decode steps
-and transformers' ``generate`` steps (SDPA attention, its default), interleaved ``--repeats`` times, each
+(replayed as a captured graph where the model allows, and eager), and transformers' ``generate`` steps (SDPA
+attention, its default), interleaved ``--repeats`` times, each
 with the median step time and its interquartile range, the torch ops and the host reads (``.item()``,
 ``.tolist()``, data-dependent shapes: a host-device sync on a GPU) of one step, and the ratio of the
 medians per repeat (median, min-max).
@@ -24,7 +25,8 @@ medians per repeat (median, min-max).
     python benchmarks/engine.py --breakdown [--models bundled smollm2-135m] [--threads 1 2] [--repeats 3]
 
 times the engine's part of the same decode steps by section (projections, attention kernel, norms, RoPE, K/V
-writes, the rest of the forward, the step's plan, the step outside the model): microseconds per step, means.
+writes, the rest of the forward, the step's plan, the step outside the model): microseconds per step, means. It
+times the eager step: a replayed graph makes the same kernel calls with no Python between them.
 """
 
 from __future__ import annotations
@@ -169,7 +171,8 @@ PROFILE = {"batch": 16, "prompt": 64, "new": 48}
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts torch ops and host reads (ops that need a value on the host, plus ``Tensor.tolist``)."""
+    """Counts torch ops and host reads (ops that need a value on the host, plus ``Tensor.tolist`` and
+    ``Tensor.numpy``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,18 +183,23 @@ class OpCounter(TorchDispatchMode):
         self.syncs += str(func.overloadpacket) in SYNC_OPS
         return func(*args, **(kwargs or {}))
 
+    READS = ("tolist", "numpy")
+
     def __enter__(self):
-        real, counter = torch.Tensor.tolist, self
-
-        def tolist(tensor):
-            counter.syncs += 1
-            return real(tensor)
-
-        self._real, torch.Tensor.tolist = real, tolist
+        self._real = {name: getattr(torch.Tensor, name) for name in self.READS}
+        for name, real in self._real.items():
+            setattr(torch.Tensor, name, self._counted(real))
         return super().__enter__()
 
+    def _counted(self, real: Callable) -> Callable:
+        def read(tensor, *args, **kwargs):
+            self.syncs += 1
+            return real(tensor, *args, **kwargs)
+        return read
+
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._real
+        for name, real in self._real.items():
+            setattr(torch.Tensor, name, real)
         return super().__exit__(*exc)
 
 
@@ -200,12 +208,12 @@ def _prompts(vocab: int) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(0))
 
 
-def engine_decode_steps(model, prompts: torch.Tensor, threads: int, after_prefill: Callable[[], None] | None = None
-                        ) -> tuple[list[float], OpCounter]:
+def engine_decode_steps(model, prompts: torch.Tensor, threads: int, after_prefill: Callable[[], None] | None = None,
+                        eager: bool = False) -> tuple[list[float], OpCounter]:
     """Seconds of each pure decode step, and one mid-run decode step's op counts (after_prefill: called once the
-    prefill step is done)."""
+    prefill step is done; eager: never replay a captured decode graph)."""
     engine = LLMEngine(model, num_blocks=prompts.shape[0] * 8 + 1, max_num_seqs=prompts.shape[0],
-                       max_num_batched_tokens=2048, threads=threads)
+                       max_num_batched_tokens=2048, threads=threads, enforce_eager=eager)
     for p in prompts.tolist():
         engine.add_request(p, SamplingParams(max_tokens=PROFILE["new"], ignore_eos=True))
     counter, times = OpCounter(), []
@@ -245,7 +253,7 @@ def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.D
         model, _ = load_model(None if name == "bundled" else name)
         prompts = _prompts(model.config.vocab_size)
         for threads in thread_counts:
-            engine_decode_steps(model, prompts, threads)  # warm-up
+            engine_decode_steps(model, prompts, threads, eager=True)  # warm-up
             live, spent, times = dict.fromkeys(SECTIONS, 0.0), dict.fromkeys(SECTIONS, 0.0), []
             with contextlib.ExitStack() as stack:
                 for section, targets in SECTIONS.items():
@@ -254,7 +262,7 @@ def breakdown(models: list[str], thread_counts: list[int], repeats: int) -> pd.D
                         stack.enter_context(patch.object(owner, attribute, timed))
                 restart = functools.partial(_zero, live)  # decode steps only: clocks restart after the prefill
                 for _ in range(repeats):
-                    times += engine_decode_steps(model, prompts, threads, after_prefill=restart)[0]
+                    times += engine_decode_steps(model, prompts, threads, after_prefill=restart, eager=True)[0]
                     spent = {k: v + live[k] for k, v in spent.items()}
             per_step = {k: v / len(times) * 1e6 for k, v in spent.items()}
             forward_us, plan_us = per_step.pop(FORWARD), per_step.pop(PLAN)
@@ -331,24 +339,29 @@ def profile(models: list[str], thread_counts: list[int], repeats: int) -> pd.Dat
         model, _ = load_model(None if name == "bundled" else name)
         prompts = _prompts(model.config.vocab_size)
         for threads in thread_counts:
-            runs = {"engine": [], "transformers": []}
-            _, counts = engine_decode_steps(model, prompts, threads)  # a warm-up run that also counts
-            engine_counts = (counts.ops, counts.syncs)
-            _, hf_counts = generate_decode_steps(model, prompts, threads, count=True)
+            engines = {"engine": False, "engine (eager)": True}  # system -> enforce_eager
+            counted, runs = {}, {system: [] for system in (*engines, "transformers")}
+            for system, eager in engines.items():  # warm-up runs that also count
+                counts = engine_decode_steps(model, prompts, threads, eager=eager)[1]
+                counted[system] = (counts.ops, counts.syncs)
+            counted["transformers"] = generate_decode_steps(model, prompts, threads, count=True)[1]
             for _ in range(repeats):
-                runs["engine"].append(engine_decode_steps(model, prompts, threads)[0])
+                for system, eager in engines.items():
+                    runs[system].append(engine_decode_steps(model, prompts, threads, eager=eager)[0])
                 runs["transformers"].append(generate_decode_steps(model, prompts, threads, count=False)[0])
-            ratios = [statistics.median(h) / statistics.median(e) for e, h in zip(*runs.values(), strict=True)]
-            for system, counted in (("engine", engine_counts), ("transformers", hf_counts)):
-                steps = [t for run in runs[system] for t in run]
+            for system, system_runs in runs.items():
+                steps = [t for run in system_runs for t in run]
                 q1, _, q3 = statistics.quantiles(steps, n=4)
                 rows.append({"model": name, "threads": threads, "system": system, "repeats": repeats,
                              "step_ms": statistics.median(steps) * 1e3, "step_ms_q1": q1 * 1e3,
-                             "step_ms_q3": q3 * 1e3, "ops_per_step": counted[0], "host_reads_per_step": counted[1],
-                             "load_1min": os.getloadavg()[0]})
-            rows[-2] |= {"speedup_median": statistics.median(ratios), "speedup_min": min(ratios),
-                         "speedup_max": max(ratios)}
-            print(pd.DataFrame(rows[-2:]).to_string(index=False), flush=True)
+                             "step_ms_q3": q3 * 1e3, "ops_per_step": counted[system][0],
+                             "host_reads_per_step": counted[system][1], "load_1min": os.getloadavg()[0]})
+                if system in engines:
+                    ratios = [statistics.median(h) / statistics.median(e)
+                              for e, h in zip(system_runs, runs["transformers"], strict=True)]
+                    rows[-1] |= {"speedup_median": statistics.median(ratios), "speedup_min": min(ratios),
+                                 "speedup_max": max(ratios)}
+            print(pd.DataFrame(rows[-len(runs):]).to_string(index=False), flush=True)
     return pd.DataFrame(rows)
 
 

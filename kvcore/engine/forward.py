@@ -281,10 +281,17 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
 def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.Tensor:
     """Logits ``[R, vocab]`` (float32, the model's device) of the step's ``logits_rows``."""
     hidden = F.embedding(step.token_ids, parts.embed.weight)  # [T, hidden]
-    cos, sin = parts.rotary(hidden[None], step.positions[None])  # [1, T, D] each, at the true positions
-    half = sin.shape[-1] // 2
-    rotary = cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)  # [T, 1, D]
+    rotary = rotary_tables(parts, hidden, step.positions)
     for index in range(len(parts.layers)):
         hidden = layer_forward(parts, index, hidden, rotary, pools, step)
     last = hidden.index_select(0, step.logits_rows)  # [R, hidden]: the norm is per token
     return parts.lm_head(last, parts.norm).float()  # [R, vocab]
+
+
+def rotary_tables(parts: ModelParts, hidden: torch.Tensor, positions: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed_sin ``[T, 1, D]`` at the true positions ``[T]`` from the model's own rotary module, as
+    :func:`rotate` takes them (hidden ``[T, hidden]``: their dtype and device)."""
+    cos, sin = parts.rotary(hidden[None], positions[None])  # [1, T, D] each
+    half = sin.shape[-1] // 2
+    return cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)

@@ -35,6 +35,7 @@ from kvcore.engine.forward import (
     StepBatch,
     model_forward,
 )
+from kvcore.engine.graph import DecodeGraphs, graph_problem
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import KERNEL_BITS, DecodeBatch, choose_backend
 from kvcore.models.runtime import model_device, num_kv_heads, text_config
@@ -170,11 +171,14 @@ class ModelRunner:
     the best for the device, :func:`kvcore.kernels.choose_backend`). packed_weights: run the projections with
     oneDNN on weights packed once (a copy of them; fp32 on a CPU only), and small steps on an fp16 or bf16 copy where
     every weight is such a value (:class:`kvcore.kernels.native_linear.HalfWidthLinear`); None: wherever it can.
+    enforce_eager: never replay a pure decode step as a captured graph (:mod:`kvcore.engine.graph`; vLLM's name);
+    ``graph_problem`` says why a model gets none anyway.
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, kv_bits: int | None = None,
                  sliding_window: int | None = None, kv_group_size: int | None = None,
-                 backend: str | None = None, packed_weights: bool | None = None) -> None:
+                 backend: str | None = None, packed_weights: bool | None = None, enforce_eager: bool = False
+                 ) -> None:
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(reason)
@@ -191,6 +195,9 @@ class ModelRunner:
         self.num_q_heads = text_config(model).num_attention_heads
         probe = torch.empty(1, self.num_q_heads, head_dim, dtype=self.parts.embed.weight.dtype, device=self.device)
         self.backend = choose_backend(probe, self.pools.keys[0], self.pools.values[0], backend)
+        self.graph_problem = "enforce_eager is set" if enforce_eager else graph_problem(self.parts, self.pools,
+                                                                                        self.backend)
+        self.graphs = None if self.graph_problem else DecodeGraphs(self.parts, self.pools)
 
     @property
     def num_blocks(self) -> int:
@@ -217,7 +224,9 @@ class ModelRunner:
         with torch.inference_mode():
             if not chunks:
                 return torch.empty(0, self.parts.lm_head.sizes[0])
-            return model_forward(self.parts, self.pools, self.plan(chunks)).cpu()
+            step = self.plan(chunks)
+            logits = None if self.graphs is None else self.graphs.replay(step)
+            return (model_forward(self.parts, self.pools, step) if logits is None else logits).cpu()
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: every layer's K and V of block ``src`` into block ``dst``."""

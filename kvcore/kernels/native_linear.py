@@ -70,18 +70,24 @@ class HalfWidthLinear:
         (vLLM fuses the same steps into its kernels): the rows ``x [M, K]``, or RMSNorm of them with weight ``norm
         [K]`` and ``eps`` (transformers' ``LlamaRMSNorm``), or, gated, ``SiLU(gate) * up`` of ``x = [gate | up]``
         ``[M, 2K]`` (``LlamaMLP``); plus ``residual [M, N]`` when given."""
+        y = torch.empty(x.shape[0], self.outputs)
+        if kernel()(*self.arguments(x, y, norm, eps, gated, None if residual is None else residual.contiguous())):
+            raise MemoryError("linear.c: out of memory")
+        return y
+
+    def arguments(self, x: torch.Tensor, y: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                  gated: bool = False, residual: torch.Tensor | None = None) -> tuple:
+        """``kvlab_linear``'s arguments for :meth:`__call__` into ``y [M, N]`` (contiguous; it may be ``residual``
+        itself: each output is read from it before it is written), checked here, once."""
         M, K = x.shape[0], self.panels.shape[1]
         if x.dtype != torch.float32 or x.stride(-1) != 1 or x.shape[1] != (2 * K if gated else K):
             raise ValueError(f"{x.dtype} rows of {x.shape[1]} inputs (stride {x.stride(-1)}) for a layer of {K} inputs"
                              f"{' (gated: twice that)' if gated else ''}")
-        y = torch.empty(M, self.outputs)
+        if y.shape != (M, self.outputs) or not y.is_contiguous() or (residual is not None and (
+                residual.shape != y.shape or not residual.is_contiguous())):
+            raise ValueError(f"outputs (and residual) must be contiguous [{M}, {self.outputs}]")
         workers = torch.get_num_threads() if M * self.outputs * K >= PARALLEL_WORK else 1
-        if residual is not None:
-            residual = residual.contiguous()
-        status = kernel()(x.data_ptr(), M, K, x.stride(0), None if norm is None else norm.data_ptr(), eps, int(gated),
-                          self.panels.data_ptr(), int(self.panels.dtype == torch.float16),
-                          None if self.bias is None else self.bias.data_ptr(),
-                          None if residual is None else residual.data_ptr(), y.data_ptr(), self.outputs, workers)
-        if status:
-            raise MemoryError("linear.c: out of memory")
-        return y
+        return (x.data_ptr(), M, K, x.stride(0), None if norm is None else norm.data_ptr(), eps, int(gated),
+                self.panels.data_ptr(), int(self.panels.dtype == torch.float16),
+                None if self.bias is None else self.bias.data_ptr(), None if residual is None else residual.data_ptr(),
+                y.data_ptr(), self.outputs, workers)

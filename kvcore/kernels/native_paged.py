@@ -29,8 +29,9 @@ PARALLEL_WORK = 1 << 16  # query-key products (tokens x Hq x D) below which one 
 SPANS_PER_WORKER = 4  # more spans than workers, so a slowed worker is made up for by the others
 MIN_SPAN_TOKENS = 256
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-SIGNATURES = {"kvlab_decode": [_P] * 9 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5 + [_I],
+SIGNATURES = {"kvlab_decode": [_P, _I] + [_P] * 8 + [_I, _P] + [_I] * 7 + [_F] + [_P] * 5 + [_I],
               "kvlab_merge": [_P] * 5 + [_I] * 3 + [_P] * 2, "kvlab_rope_write": [_P] + [_I] * 5 + [_P] * 5}
+Call = tuple[ctypes._CFuncPtr, tuple]  # a compiled function and its arguments
 
 
 @cache
@@ -117,32 +118,37 @@ class NativePlan:
                                          torch.empty(slots, rows, dim))
         return self.buffers[(rows, dim)]
 
-    def run(self, pointers: tuple[int | None, ...], sizes: tuple[int, ...], scale: float, query: torch.Tensor,
-            order: torch.Tensor | None = None) -> torch.Tensor:
-        """Every span through the kernel on :attr:`workers` threads, then the merge: ``[B, Hq, D]`` fp32.
+    def calls(self, pointers: tuple[int | None, ...], sizes: tuple[int, ...], scale: float, query: torch.Tensor,
+              out: torch.Tensor, counter: torch.Tensor, order: torch.Tensor | None = None) -> list[Call]:
+        """The kernel's call over every span on :attr:`workers` threads, then the merge's: fp32 ``query [B, Hq, D]``
+        (rows any stride apart, heads contiguous) into ``out [B, Hq, D]``.
 
         pointers: the pools' six (key and value, then their scales and zeros; None for fp32 pools); sizes: the
-        kernel's shape arguments after the table stride; order: for quantized pools, where each plane-order channel
-        goes. When every sequence is one span the kernel writes the output itself and there is nothing to merge.
+        kernel's shape arguments after the table stride; counter: the workers' shared int64 counter, zeroed before
+        each run; order: for quantized pools, where each plane-order channel goes. When every sequence is one span the
+        kernel writes the output itself and there is no merge.
         """
         fns = functions()
         B, Hq, D = query.shape
         m, l, o = self.partials(Hq, D)
-        q = query.float().contiguous()
-        out = torch.empty(B, Hq, D)
         direct = len(self.spans) == B
-        self.counter.zero_()
         order_ptr = None if order is None else order.data_ptr()
-        args = (q.data_ptr(), *pointers, self.tables.data_ptr(), self.spans.data_ptr(), len(self.spans),
-                self.counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(), o.data_ptr(),
-                out.data_ptr() if direct else None, order_ptr, self.workers)
-        status = fns["kvlab_decode"](*args)
+        decode = (fns["kvlab_decode"], (
+            query.data_ptr(), query.stride(0), *pointers, self.tables.data_ptr(), self.spans.data_ptr(),
+            len(self.spans), counter.data_ptr(), self.tables.stride(0), *sizes, scale, m.data_ptr(), l.data_ptr(),
+            o.data_ptr(), out.data_ptr() if direct else None, order_ptr, self.workers))
+        if direct:
+            return [decode]
+        return [decode, (fns["kvlab_merge"], (m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(),
+                                              self.count.data_ptr(), B, Hq, D, order_ptr, out.data_ptr()))]
+
+
+def run(calls: list[Call]) -> None:
+    """Each call in turn; a kernel's non-zero status raises."""
+    for fn, args in calls:
+        status = fn(*args)
         if status:
-            raise RuntimeError(f"paged_decode.c: {ERRORS.get(status, f'error {status}')}")
-        if not direct:
-            fns["kvlab_merge"](m.data_ptr(), l.data_ptr(), o.data_ptr(), self.first.data_ptr(), self.count.data_ptr(),
-                               B, Hq, D, order_ptr, out.data_ptr())
-        return out
+            raise RuntimeError(f"{fn.__name__}: {ERRORS.get(status, f'error {status}')}")
 
 
 @cache
@@ -157,15 +163,28 @@ def paged_attention_native(query: torch.Tensor, key_cache: torch.Tensor | Quanti
                            ) -> torch.Tensor:
     """Decode attention with the C kernel over fp32 pools, or quantized ones whose codes it unpacks in
     registers (KIVI-style folding of scales and zeros); ``[B, Hq, D]`` in the query's dtype (valid inputs)."""
+    q = query.float()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    out = torch.empty(q.shape)
+    plan.counter.zero_()
+    run(decode_calls(q, key_cache, value_cache, plan, scale, out, plan.counter))
+    return out.to(query.dtype)
+
+
+def decode_calls(query: torch.Tensor, key_cache: torch.Tensor | QuantizedTensor,
+                 value_cache: torch.Tensor | QuantizedTensor, plan: NativePlan, scale: float, out: torch.Tensor,
+                 counter: torch.Tensor) -> list[Call]:
+    """:meth:`NativePlan.calls` for fp32 ``query [B, Hq, D]`` (heads contiguous) over these pools into ``out``."""
     block_size, Hkv, D = key_cache.shape[1:]
     sizes = (block_size, Hkv, query.shape[1] // Hkv, D)
     if not isinstance(key_cache, QuantizedTensor):
         pointers = (key_cache.data_ptr(), value_cache.data_ptr(), None, None, None, None)
-        return plan.run(pointers, (*sizes, 0, 1), scale, query).to(query.dtype)
+        return plan.calls(pointers, (*sizes, 0, 1), scale, query, out, counter)
     pointers = (key_cache.codes.data_ptr(), value_cache.codes.data_ptr(),
                 *(None if t is None else t.data_ptr() for c in (key_cache, value_cache) for t in (c.scales, c.zeros)))
     sizes += (key_cache.bits, key_cache.scales.shape[-1])
-    return plan.run(pointers, sizes, scale, query, plane_order(D, key_cache.bits)).to(query.dtype)
+    return plan.calls(pointers, sizes, scale, query, out, counter, plane_order(D, key_cache.bits))
 
 
 def rope_and_cache(qkv: torch.Tensor, num_q_heads: int, cos: torch.Tensor, signed_sin: torch.Tensor,
@@ -174,6 +193,15 @@ def rope_and_cache(qkv: torch.Tensor, num_q_heads: int, cos: torch.Tensor, signe
     fp32 pools ``[num_blocks, block_size, Hkv, D]``, with the C kernel (vLLM's ``rotary_embedding`` and
     ``reshape_and_cache`` in one pass; cos and signed_sin ``[T, 1, D]`` as :func:`kvcore.engine.forward.rotate` takes
     them). False, with nothing done, where the kernel cannot: other dtypes or devices, strided rows, no library."""
+    call = rope_call(qkv, num_q_heads, cos, signed_sin, slots, key_cache, value_cache)
+    if call is not None:
+        run([call])
+    return call is not None
+
+
+def rope_call(qkv: torch.Tensor, num_q_heads: int, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor,
+              key_cache: torch.Tensor, value_cache: torch.Tensor) -> Call | None:
+    """:func:`rope_and_cache`'s call, or None where the kernel cannot make it."""
     T, heads, D = qkv.shape
     if heads != num_q_heads + 2 * key_cache.shape[2] or key_cache.shape[3] != D:
         raise ValueError(f"qkv rows of {heads} heads of {D} do not hold {num_q_heads} query heads and K/V for pools "
@@ -182,8 +210,7 @@ def rope_and_cache(qkv: torch.Tensor, num_q_heads: int, cos: torch.Tensor, signe
     if (functions() is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
             or slots.dtype != torch.int64 or not slots.is_contiguous() or qkv.stride(2) != 1 or qkv.stride(1) != D
             or not all(t.is_contiguous() for t in tensors[1:])):
-        return False
-    functions()["kvlab_rope_write"](qkv.data_ptr(), T, qkv.stride(0), num_q_heads, key_cache.shape[2], D,
-                                    cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(), key_cache.data_ptr(),
-                                    value_cache.data_ptr())
-    return True
+        return None
+    return functions()["kvlab_rope_write"], (qkv.data_ptr(), T, qkv.stride(0), num_q_heads, key_cache.shape[2], D,
+                                             cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(),
+                                             key_cache.data_ptr(), value_cache.data_ptr())

@@ -10,8 +10,8 @@
  * no score row per sequence.
  *
  * Layout: pools [num_blocks, block_size, Hkv, D] contiguous (quantized: codes [.., Hkv, D * bits / 8],
- * fp16 scales and zeros [.., Hkv, ng]); q [B, Hkv, G, D] unscaled; block tables int64 [B, table_stride];
- * partials m, l [slots, Hkv * G] and o [slots, Hkv * G, D].
+ * fp16 scales and zeros [.., Hkv, ng]); q [B, Hkv, G, D] unscaled, rows q_stride floats apart; block tables int64
+ * [B, table_stride]; partials m, l [slots, Hkv * G] and o [slots, Hkv * G, D].
  *
  * Register blocking: R = 16 / G' tokens of one KV head against G' of its query heads make at most 16 dot
  * products, summed by one shuffle tree; any G runs (3 for SmolLM2, 7 for Qwen2.5), in subgroups of G'
@@ -58,7 +58,7 @@ typedef struct {
     const uint16_t *kscales, *kzeros, *vscales, *vzeros;
     const float *q;
     const int64_t *tables, *spans;
-    int64_t table_stride, block_size, heads, group, dim, bits, groups;
+    int64_t q_stride, table_stride, block_size, heads, group, dim, bits, groups;
     float scale;
     float *m, *l, *o;
     float *out;           /* every sequence has one span: write its normalized rows here (else partials) */
@@ -294,10 +294,10 @@ static inline __attribute__((always_inline)) int span(int GS, int QUANT, const S
     const uint8_t *codes[LANES];
     int64_t slot[LANES];
     if (QUANT) {
-        plane_query(st, st->q + sp[0] * hg * d, q, qsum);
+        plane_query(st, st->q + sp[0] * st->q_stride, q, qsum);
         memset(zsum, 0, hg * ng * sizeof(float));
     } else {
-        for (int64_t x = 0; x < hg * d; x++) q[x] = st->q[sp[0] * hg * d + x] * st->scale;
+        for (int64_t x = 0; x < hg * d; x++) q[x] = st->q[sp[0] * st->q_stride + x] * st->scale;
     }
     for (int64_t t0 = sp[1]; t0 < sp[1] + sp[2]; t0 += TILE) {
         int64_t stop = sp[1] + sp[2] < t0 + TILE ? sp[1] + sp[2] : t0 + TILE, n = stop - t0;
@@ -386,7 +386,7 @@ static int work(Step *st, int64_t num_spans, int64_t *next) {
    NULL: symmetric), partials stay in plane order and out gets channels in order (order[x]: the channel at plane
    position x). spans [num_spans, 4]; out: NULL to leave partials for kvlab_merge, or (every sequence one span)
    where the normalized rows go; workers: threads that take spans (next: their shared counter, zeroed). */
-int kvlab_decode(const float *q, const void *key, const void *value, const uint16_t *key_scales,
+int kvlab_decode(const float *q, int64_t q_stride, const void *key, const void *value, const uint16_t *key_scales,
                  const uint16_t *key_zeros, const uint16_t *value_scales, const uint16_t *value_zeros,
                  const int64_t *tables, const int64_t *spans, int64_t num_spans, int64_t *next, int64_t table_stride,
                  int64_t block_size, int64_t heads, int64_t group, int64_t dim, int64_t bits, int64_t groups,
@@ -394,7 +394,7 @@ int kvlab_decode(const float *q, const void *key, const void *value, const uint1
     if (dim % LANES != 0 || group < 1) return 2;
     if (bits && ((bits != 2 && bits != 4 && bits != 8) || groups < 1 || groups > MAX_GROUPS ||
                  (dim * bits / 8) % (groups * LANES) != 0)) return 2;
-    Step st = {key, value, key_scales, key_zeros, value_scales, value_zeros, q, tables, spans, table_stride,
+    Step st = {key, value, key_scales, key_zeros, value_scales, value_zeros, q, tables, spans, q_stride, table_stride,
                block_size, heads, group, dim, bits, bits ? groups : 1, scale, m, l, o, out, order};
     int status = 0;
 #pragma omp parallel num_threads(workers) if (workers > 1) reduction(| : status)
