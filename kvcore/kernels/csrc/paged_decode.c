@@ -65,15 +65,15 @@ typedef struct {
     const int64_t *order; /* output channel of each plane-order position (quantized), or NULL */
 } Step;
 
-/* Pool slot (block * block_size + offset) of position pos of a sequence. */
-static inline int64_t slot_of(const Step *st, const int64_t *table, int64_t pos) {
-    return table[pos / st->block_size] * st->block_size + pos % st->block_size;
-}
-
-/* Slots of the R tokens of the register group at position t (rows past stop repeat t: read, then weighed 0). */
+/* Slots (block * block_size + offset) of the R tokens of the register group at position t; rows past stop repeat t
+   (read, then weighed 0). One division per group: the positions are consecutive. */
 static inline void group_slots(const Step *st, const int64_t *table, int R, int64_t t, int64_t stop,
                                int64_t *slot) {
-    for (int r = 0; r < R; r++) slot[r] = slot_of(st, table, t + r < stop ? t + r : t);
+    int64_t bs = st->block_size, block = t / bs, offset = t % bs;
+    for (int r = 0; r < R; r++) {
+        slot[r] = t + r < stop ? table[block] * bs + offset : slot[0];
+        if (++offset == bs) { offset = 0; block++; }
+    }
 }
 
 typedef int32_t ivec __attribute__((vector_size(LANES * sizeof(int32_t))));
