@@ -48,8 +48,11 @@ def test_a_step_counts_its_work_as_the_simulator_does():
         "attn_pairs": 2 * 257 + 64 * 65 // 2 + 8 * 100 + 36,
         "kv_tokens_read": 256 + 256 + 0 + 100,
         "small_tokens": 8,  # the first 8 rows: GEMMs over a few rows cost more per row
+        "eager_steps": 1,  # a step with a prefill chunk is no pure decode step: no captured graph replays it
     }
-    assert GridStep("decode", ((40, 1),) * 3).features()["small_tokens"] == 3
+    decode = GridStep("decode", ((40, 1),) * 3).features()
+    assert decode["small_tokens"] == 3
+    assert decode["eager_steps"] == 0
 
 
 def test_a_bigger_model_times_smaller_prefill_chunks():
@@ -94,9 +97,12 @@ def test_held_out_steps_of_an_exactly_linear_grid_are_predicted_exactly():
 
 def test_a_fitted_step_time_adds_every_term():
     cost = FittedCost("hand", 1e-3, per_token_s=1e-4, per_pair_s=1e-8, per_kv_token_s=1e-7, per_seq_s=2e-4,
-                      per_prefill_s=5e-4, per_small_token_s=3e-5, small_rows=8)
-    # 20 new tokens, 300 pairs, 1000 tokens read, 5 sequences of which 1 a prefill chunk; 8 small-step rows
-    assert cost.step_time(20, 300, 1000, 5, 1) == pytest.approx(1e-3 + 2e-3 + 3e-6 + 1e-4 + 1e-3 + 5e-4 + 2.4e-4)
+                      per_prefill_s=5e-4, per_small_token_s=3e-5, small_rows=8, per_eager_step_s=7e-4)
+    # 20 new tokens, 300 pairs, 1000 tokens read, 5 sequences of which 1 a prefill chunk (an eager step); 8 small rows
+    assert cost.step_time(20, 300, 1000, 5, 1) == pytest.approx(
+        1e-3 + 2e-3 + 3e-6 + 1e-4 + 1e-3 + 5e-4 + 2.4e-4 + 7e-4)
+    assert cost.step_time(20, 300, 1000, 5, 2) == pytest.approx(  # two chunks: one eager step still
+        1e-3 + 2e-3 + 3e-6 + 1e-4 + 1e-3 + 2 * 5e-4 + 2.4e-4 + 7e-4)
     assert cost.step_time(3, 3, 0, 3, 0) == pytest.approx(1e-3 + 3e-4 + 3e-8 + 6e-4 + 9e-5)  # 3 small rows
     assert cost.step_time(0, 0, 0, 0, 0) == 0.0
     with pytest.raises(ValueError, match=">= 0"):

@@ -8,6 +8,7 @@ garbage collection, cold caches), and fits
 
     step time = a + b * new_tokens + c * sequences + d * prefill chunks + e * attention pairs + f * KV tokens read
                 + g * min(new_tokens, 8)        (a step's first rows: GEMMs over a few rows cost more per row)
+                + h * (1 if any prefill chunk)  (pure decode steps replay a captured graph, the others run eagerly)
 
 with every coefficient >= 0 (least squares on relative error, every subset of terms tried), checked on grid
 steps held out of the fit. The simulator then serves any workload with the engine's scheduler settings and
@@ -36,15 +37,17 @@ from kvcore.sched.workload import Workload
 
 FEATURES = ("batch_tokens", "attn_pairs", "kv_tokens_read")  # the simulator's cost inputs, per step
 COMPARED = ("output_tok_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "makespan_s", "steps")
-OVERHEAD_FEATURES = ("new_tokens", "sequences")
+OVERHEAD_FEATURES = ("new_tokens", "sequences", "eager_steps")
 FOLDS = 4  # held-out check: each grid step is predicted by a fit on the other three quarters
 
 
-def fit_nonnegative(X: np.ndarray, y: np.ndarray, relative: bool = False) -> tuple[np.ndarray, float]:
+def fit_nonnegative(X: np.ndarray, y: np.ndarray, relative: bool = False, scale: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, float]:
     """Least squares ``X @ coef ~ y`` with every coefficient >= 0, by trying every subset of columns (a
     non-negative least squares by enumeration; a handful of columns). relative: minimize errors relative to
-    ``y`` (a 2 ms decode step counts as much as a 200 ms prefill). Returns (coef, r2 on these rows)."""
-    w = 1.0 / y if relative else np.ones_like(y)
+    ``y`` (a 2 ms decode step counts as much as a 200 ms prefill); scale: relative to these values instead. Returns
+    (coef, r2 on these rows)."""
+    w = 1.0 / scale if scale is not None else 1.0 / y if relative else np.ones_like(y)
     best, best_err = np.zeros(X.shape[1]), np.inf
     for size in range(1, X.shape[1] + 1):
         for columns in itertools.combinations(range(X.shape[1]), size):
@@ -85,7 +88,8 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     in shuffled rounds, each time right after a like step (:func:`kvcore.engine.grid.time_grid`), on ``threads``
     torch threads. Then one real engine run of random prompts
     (:func:`kvcore.engine.grid.time_engine_run`, never a workload it will predict): each of its steps' time
-    beyond the grid fit's model time is fitted to a per-step, per-token and per-sequence cost and added. The
+    beyond the grid fit's model time is fitted, relative to the step's time, to a per-step, per-token, per-sequence
+    and per-eager-step cost and added. The
     fit's :attr:`~kvcore.sched.FittedCost.held_out_error` is the median relative error on grid steps held out
     of it; r2 is on every grid step. turn: entered around each grid step and around the engine run (an app's
     shared model lock: other users of the model go between them). progress is also called between the engine run's
@@ -103,17 +107,19 @@ def calibrate_engine(model, *, block_size: int = 16, threads: int | None = None,
     report(0.95, "fitting the step time")
     run = run[run["new_tokens"] > 0]
     beyond = run["seconds"].to_numpy(float) - _design_matrix(run, GRID_FEATURES) @ runner
-    around, _ = fit_nonnegative(_design_matrix(run, OVERHEAD_FEATURES), beyond)
+    # relative to each step's time: a few steps that a garbage collection or a load spike made 10 ms longer would
+    # otherwise set the per-step term of every step
+    around, _ = fit_nonnegative(_design_matrix(run, OVERHEAD_FEATURES), beyond, scale=run["seconds"].to_numpy(float))
     terms = dict(zip(("intercept", *GRID_FEATURES), runner, strict=True))
-    terms["intercept"] += around[0]
-    terms["new_tokens"] += around[1]
-    terms["sequences"] += around[2]
+    for term, value in zip(("intercept", *OVERHEAD_FEATURES), around, strict=True):
+        terms[term] += value
     report(1.0, "calibrated")
     return FittedCost(name, terms["intercept"], terms["new_tokens"], terms["attn_pairs"], terms["kv_tokens_read"],
                       r2=r2, kv_bytes_per_token=block_bytes(model, block_size) / block_size,
                       per_seq_s=terms["sequences"], per_prefill_s=terms["prefill_seqs"],
                       held_out_error=float(np.median(np.abs(held_out_errors(grid)))), grid_steps=len(grid),
-                      per_small_token_s=terms["small_tokens"], small_rows=SMALL_ROWS)
+                      per_small_token_s=terms["small_tokens"], small_rows=SMALL_ROWS,
+                      per_eager_step_s=terms["eager_steps"])
 
 
 def fit_step_time(timeline: pd.DataFrame, name: str = "fitted to this run") -> FittedCost:
@@ -154,5 +160,6 @@ def coefficients_table(cost: FittedCost, num_steps: int | None = None) -> pd.Dat
                           "per_sequence_us": cost.per_seq_s * 1e6, "per_prefill_chunk_us": cost.per_prefill_s * 1e6,
                           "per_attention_pair_ns": cost.per_pair_s * 1e9,
                           "per_kv_token_read_ns": cost.per_kv_token_s * 1e9,
-                          "per_small_step_token_us": cost.per_small_token_s * 1e6, "r2": cost.r2,
+                          "per_small_step_token_us": cost.per_small_token_s * 1e6,
+                          "per_eager_step_us": cost.per_eager_step_s * 1e6, "r2": cost.r2,
                           "held_out_error_pct": cost.held_out_error * 100}])

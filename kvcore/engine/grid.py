@@ -27,7 +27,7 @@ from kvcore.engine.params import SamplingParams
 from kvcore.engine.runner import ModelRunner, SequenceChunk
 from kvcore.sched.cost import prefill_pairs
 
-FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read", "small_tokens")
+FEATURES = ("new_tokens", "sequences", "prefill_seqs", "attn_pairs", "kv_tokens_read", "small_tokens", "eager_steps")
 SMALL_ROWS = 8  # a step's first rows: GEMMs over a few rows cost more per row (the fit may also give this term 0)
 PREFILLS = (8, 32, 128, 256, 512)
 LIKE_STEPS_S, LIKE_STEPS_MAX = 8e-3, 10  # like steps before a timed one: for this long, at least one, at most 10
@@ -48,7 +48,8 @@ class GridStep:
         new = sum(n for _, n in self.chunks)
         return {"new_tokens": new, "sequences": len(self.chunks), "prefill_seqs": len(prefill),
                 "attn_pairs": sum(prefill_pairs(n, c) for c, n in self.chunks),
-                "kv_tokens_read": sum(c for c, _ in self.chunks), "small_tokens": min(new, SMALL_ROWS)}
+                "kv_tokens_read": sum(c for c, _ in self.chunks), "small_tokens": min(new, SMALL_ROWS),
+                "eager_steps": int(bool(prefill))}
 
 
 def largest_chunks(num_params: int, prefills: Sequence[int] = PREFILLS) -> tuple[int, ...]:
@@ -165,4 +166,5 @@ def time_engine_run(model, block_size: int = 16, max_seqs: int = 32, threads: in
     return pd.DataFrame({"new_tokens": steps["batch_tokens"], "sequences": steps["sequences"],
                          "prefill_seqs": steps["prefill_seqs"], "attn_pairs": steps["attn_pairs"],
                          "kv_tokens_read": steps["kv_tokens_read"],
-                         "small_tokens": steps["batch_tokens"].clip(upper=SMALL_ROWS), "seconds": steps["step_s"]})
+                         "small_tokens": steps["batch_tokens"].clip(upper=SMALL_ROWS),
+                         "eager_steps": (steps["prefill_seqs"] > 0).astype(int), "seconds": steps["step_s"]})

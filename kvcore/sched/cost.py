@@ -131,12 +131,15 @@ class FittedCost:
 
     time = intercept_s + per_token_s * new_tokens + per_pair_s * attn_pairs + per_kv_token_s * kv_tokens_read
            + per_seq_s * sequences + per_prefill_s * prefill chunks + per_small_token_s * min(new_tokens, small_rows)
+           + per_eager_step_s * (1 if any prefill chunk else 0)
     for a step with work, 0 for an empty one. name: where the fit comes from (shown in tables). r2: the fit's
     coefficient of determination on its own steps (NaN when not fitted). kv_bytes_per_token,
     host_link_bandwidth: what a swap moves and how fast (swap preemption only). held_out_error: median
     absolute error (fraction) on measured steps the fit did not see; grid_steps: steps it was fitted on
     (both from :func:`kvcore.engine.calibrate_engine`). per_small_token_s: what each of the first
     ``small_rows`` tokens adds on top (an engine whose small steps run another, costlier-per-row GEMM).
+    per_eager_step_s: what a step with any prefill chunk adds once (an engine that replays pure decode steps as a
+    captured graph, as vLLM does with CUDA graphs, runs the others eagerly).
     """
 
     name: str
@@ -153,10 +156,11 @@ class FittedCost:
     grid_steps: int = 0
     per_small_token_s: float = 0.0
     small_rows: int = 0
+    per_eager_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         values = (self.intercept_s, self.per_token_s, self.per_pair_s, self.per_kv_token_s, self.per_seq_s,
-                  self.per_prefill_s, self.per_small_token_s)
+                  self.per_prefill_s, self.per_small_token_s, self.per_eager_step_s)
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise ValueError(f"a fitted step time needs finite coefficients >= 0, got {values}")
 
@@ -172,4 +176,5 @@ class FittedCost:
             return 0.0
         return (self.intercept_s + self.per_token_s * new_tokens + self.per_pair_s * attn_pairs
                 + self.per_kv_token_s * kv_tokens_read + self.per_seq_s * num_seqs + self.per_prefill_s * prefill_seqs
-                + self.per_small_token_s * min(new_tokens, self.small_rows))
+                + self.per_small_token_s * min(new_tokens, self.small_rows)
+                + self.per_eager_step_s * (prefill_seqs > 0))
