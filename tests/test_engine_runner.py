@@ -24,6 +24,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from kvcore.engine.forward import RotaryTable
 from kvcore.engine.pools import KVPools
 from kvcore.engine.runner import ModelRunner, SequenceChunk, unsupported
 from kvcore.kernels import DecodeBatch, native
@@ -331,3 +332,19 @@ def test_bad_steps_raise_value_errors_naming_the_problem(tiny_models):
     with pytest.raises(ValueError, match="kv_bits"):
         ModelRunner(tiny_models["llama-gqa"], NUM_BLOCKS, kv_bits=3)
     assert runner.execute([]).shape == (0, VOCAB)
+
+
+def test_the_rotary_table_is_the_models_rotary_and_grows_when_a_step_reaches_past_it(bundled):
+    module = bundled.model.rotary_emb
+    table = RotaryTable(module)
+    like = torch.empty(3, bundled.config.hidden_size)
+    positions = torch.tensor([0, 7, 255])
+    cos, signed_sin = table(positions, 256, like)
+    assert len(table.cos) == 256  # the first step sizes it: at least 256 positions
+    expected_cos, sin = module(like[None], positions[None])  # [1, 3, D]
+    half = sin.shape[-1] // 2
+    assert torch.allclose(cos[:, 0], expected_cos[0], atol=1e-6)
+    assert torch.allclose(signed_sin[:, 0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1), atol=1e-6)
+    table(torch.tensor([300]), 301, like)
+    assert len(table.cos) == 512  # twice as long once a step reaches past it
+    assert torch.equal(table(positions, 256, like)[0], cos)

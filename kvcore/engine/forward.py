@@ -67,7 +67,7 @@ class StepBatch:
 
     token_ids/positions/slots: ``[T]`` int64 (the slot each new token's K/V is written to); logits_rows:
     ``[R]`` rows whose logits are returned, in the order the caller asked; plans: one :class:`AttentionPlan`
-    per distinct layer window.
+    per distinct layer window; end: one past the step's largest position.
     """
 
     token_ids: torch.Tensor
@@ -75,6 +75,7 @@ class StepBatch:
     slots: torch.Tensor
     logits_rows: torch.Tensor
     plans: dict[int | None, AttentionPlan]
+    end: int
 
 
 ROW_BUCKET = 16  # packed GEMMs over more rows see them rounded up to a multiple of this: oneDNN builds its kernel
@@ -192,13 +193,36 @@ class Layer:
 
 
 @dataclass(slots=True)
+class RotaryTable:
+    """cos and signed_sin ``[P, 1, D]`` (as :func:`rotate` takes them) of positions 0 .. P - 1 from the model's own
+    rotary module, computed for the first step and again, twice as long, for a step that reaches past them: a step
+    looks its rows up (two ops) instead of running the module (about ten; 33 us of a bundled-model decode step). Every
+    RoPE type the engine takes fixes the frequencies per position (``kvcore.engine.runner.ROPE_TYPES``)."""
+
+    module: torch.nn.Module
+    cos: torch.Tensor | None = None
+    signed_sin: torch.Tensor | None = None
+
+    def __call__(self, positions: torch.Tensor, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed_sin ``[T, 1, D]`` at ``positions [T]`` (all below ``end``), in the dtype and on the device
+        of ``like``."""
+        if self.cos is None or end > len(self.cos):
+            size = max(end, 256, 0 if self.cos is None else 2 * len(self.cos))
+            cos, sin = self.module(like[None], torch.arange(size, device=like.device)[None])  # [1, P, D] each
+            half = sin.shape[-1] // 2
+            self.cos = cos[0, :, None]
+            self.signed_sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+        return self.cos.index_select(0, positions), self.signed_sin.index_select(0, positions)
+
+
+@dataclass(slots=True)
 class ModelParts:
     """The model's own modules the step calls, found once."""
 
     embed: torch.nn.Embedding
     layers: list[Layer]
     norm: torch.nn.Module
-    rotary: torch.nn.Module
+    rotary: RotaryTable
     lm_head: Projection
 
     @property
@@ -281,17 +305,9 @@ def layer_forward(parts: ModelParts, index: int, hidden: torch.Tensor, rotary: t
 def model_forward(parts: ModelParts, pools: KVPools, step: StepBatch) -> torch.Tensor:
     """Logits ``[R, vocab]`` (float32, the model's device) of the step's ``logits_rows``."""
     hidden = F.embedding(step.token_ids, parts.embed.weight)  # [T, hidden]
-    rotary = rotary_tables(parts, hidden, step.positions)
+    rotary = parts.rotary(step.positions, step.end, hidden)
     for index in range(len(parts.layers)):
         hidden = layer_forward(parts, index, hidden, rotary, pools, step)
     last = hidden.index_select(0, step.logits_rows)  # [R, hidden]: the norm is per token
     return parts.lm_head(last, parts.norm).float()  # [R, vocab]
 
-
-def rotary_tables(parts: ModelParts, hidden: torch.Tensor, positions: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed_sin ``[T, 1, D]`` at the true positions ``[T]`` from the model's own rotary module, as
-    :func:`rotate` takes them (hidden ``[T, hidden]``: their dtype and device)."""
-    cos, sin = parts.rotary(hidden[None], positions[None])  # [1, T, D] each
-    half = sin.shape[-1] // 2
-    return cos[0, :, None], torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)

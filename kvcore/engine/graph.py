@@ -3,7 +3,8 @@
 vLLM captures the decode step once per batch size as a CUDA graph whose inputs are static buffers, and replays it
 with each step's inputs copied in (``CUDAGraphRunner``; nano-vllm's ``capture_cudagraph``), so a step pays for one
 launch instead of hundreds. On a CPU the cost a graph removes is Python's: the eager step (:mod:`kvcore.engine.forward`)
-checks and wraps each of its C calls, six per layer, and on the bundled model that was 0.3-0.4 ms of a 2.4 ms step.
+checks and wraps each of its C calls, six per layer, and allocates their outputs: on the bundled model a replayed
+batch-16 step takes 2.20 ms on one thread where the eager one takes 2.58 (benchmarks/RESULTS.md).
 A :class:`DecodeGraph` makes those calls' arguments once, pointing at buffers it owns (the step's rows, its slots,
 block tables and spans, every layer's activations); a replay copies the step's inputs in and makes the calls. The
 kernels, their inputs and their order are the eager step's, so the logits are too, bit for bit (tested).
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvcore.engine.forward import ModelParts, StepBatch, rotary_tables
+from kvcore.engine.forward import ModelParts, StepBatch
 from kvcore.engine.pools import KVPools
 from kvcore.kernels import native_linear
 from kvcore.kernels.native_paged import Call, NativePlan, decode_calls, rope_call, run
@@ -108,9 +109,10 @@ class DecodeGraph:
         """The step's logits ``[B, vocab]`` (a new tensor), its K/V written into the pools: ``step``'s rows and
         ``plan``'s spans and tables copied into the graph's buffers, then its calls."""
         torch.index_select(parts.embed.weight, 0, step.token_ids, out=self.hidden)
-        cos, signed_sin = rotary_tables(parts, self.hidden, step.positions)
-        self.cos.copy_(cos)
-        self.signed_sin.copy_(signed_sin)
+        table = parts.rotary
+        table(step.positions, step.end, self.hidden)  # computed (or grown) on first need
+        torch.index_select(table.cos, 0, step.positions, out=self.cos)
+        torch.index_select(table.signed_sin, 0, step.positions, out=self.signed_sin)
         self.slots.copy_(step.slots)
         static = self.plan
         for mine, theirs in ((static.spans, plan.spans), (static.first, plan.first), (static.count, plan.count)):

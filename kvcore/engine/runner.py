@@ -32,6 +32,7 @@ from kvcore.engine.forward import (
     Layer,
     ModelParts,
     Projection,
+    RotaryTable,
     StepBatch,
     model_forward,
 )
@@ -156,7 +157,8 @@ def model_parts(model, sliding_window: int | None, pack: bool = False) -> ModelP
     inner = model.model
     layers = [Layer.of(layer, window, pack) for layer, window in zip(inner.layers, layer_windows(model, sliding_window),
                                                                       strict=True)]
-    return ModelParts(inner.embed_tokens, layers, inner.norm, inner.rotary_emb, Projection.of(pack, model.lm_head))
+    return ModelParts(inner.embed_tokens, layers, inner.norm, RotaryTable(inner.rotary_emb),
+                      Projection.of(pack, model.lm_head))
 
 
 class ModelRunner:
@@ -264,7 +266,7 @@ class ModelRunner:
         plans = {w: self._attention_plan(chunks, order, len(decodes), offsets, w) for w in windows}
         long = {"dtype": torch.long, "device": self.device}
         return StepBatch(torch.tensor(ids, **long), torch.tensor(positions, **long), torch.tensor(slots, **long),
-                         torch.tensor(logits_rows, **long), plans)
+                         torch.tensor(logits_rows, **long), plans, max(positions) + 1)
 
     def _check_chunks(self, chunks: Sequence[SequenceChunk]) -> None:
         seen, vocab, bs = set(), self.parts.embed.num_embeddings, self.block_size
