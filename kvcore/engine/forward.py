@@ -206,13 +206,17 @@ class RotaryTable:
     def __call__(self, positions: torch.Tensor, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed_sin ``[T, 1, D]`` at ``positions [T]`` (all below ``end``), in the dtype and on the device
         of ``like``."""
+        self.cover(end, like)
+        return self.cos.index_select(0, positions), self.signed_sin.index_select(0, positions)
+
+    def cover(self, end: int, like: torch.Tensor) -> None:
+        """Make the table hold positions 0 .. end - 1 (computed in the dtype and on the device of ``like``)."""
         if self.cos is None or end > len(self.cos):
             size = max(end, 256, 0 if self.cos is None else 2 * len(self.cos))
             cos, sin = self.module(like[None], torch.arange(size, device=like.device)[None])  # [1, P, D] each
             half = sin.shape[-1] // 2
             self.cos = cos[0, :, None]
             self.signed_sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
-        return self.cos.index_select(0, positions), self.signed_sin.index_select(0, positions)
 
 
 @dataclass(slots=True)

@@ -110,7 +110,7 @@ class DecodeGraph:
         ``plan``'s spans and tables copied into the graph's buffers, then its calls."""
         torch.index_select(parts.embed.weight, 0, step.token_ids, out=self.hidden)
         table = parts.rotary
-        table(step.positions, step.end, self.hidden)  # computed (or grown) on first need
+        table.cover(step.end, self.hidden)
         torch.index_select(table.cos, 0, step.positions, out=self.cos)
         torch.index_select(table.signed_sin, 0, step.positions, out=self.signed_sin)
         self.slots.copy_(step.slots)
